@@ -1,0 +1,22 @@
+//! The `persys.agent.v1` contract and the workload object model.
+//!
+//! - [`v1`]: the generated protobuf types and the tonic client and server of
+//!   `AgentService`. The messages the Persys scheduler uses keep their names
+//!   and field numbers; the object model (`Workload`, `ObjectMeta`,
+//!   `ObjectStatus`, `Condition`, `Event`, `WatchEvent`) is defined there too,
+//!   so the stored form, the Watch stream and the CLI speak one language.
+//! - [`model`]: behaviour of those types — spec hashes, derived revisions,
+//!   conditions, and the flattening into the scheduler's `WorkloadStatus`.
+
+pub mod model;
+
+pub mod v1 {
+    #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+    tonic::include_proto!("persys.agent.v1");
+
+    /// Encoded `FileDescriptorSet`, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("persys_agent_v1_descriptor");
+}
+
+pub use model::*;

@@ -1,0 +1,324 @@
+//! The controller runtime: drives a [`Reconciler`] from informer changes,
+//! runtime triggers and a periodic resync, through a [`WorkQueue`].
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use persys_api::v1::{Workload, WorkloadType};
+use tokio::sync::{Semaphore, broadcast};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::{Backoff, KeyedBackoff};
+use crate::informer::Informer;
+use crate::queue::WorkQueue;
+use crate::source::WorkloadWriter;
+
+/// What to do after a successful reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Action {
+    /// Reconcile again after this long even if nothing changes.
+    pub requeue_after: Option<Duration>,
+}
+
+impl Action {
+    /// Wait for the next change or resync.
+    pub fn await_change() -> Self {
+        Action::default()
+    }
+
+    pub fn requeue(after: Duration) -> Self {
+        Action {
+            requeue_after: Some(after),
+        }
+    }
+}
+
+/// The outcome of tearing a deleted workload's runtime objects down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Everything is gone: the finalizer may be removed.
+    Done,
+    /// Still in progress (a VM shutting down…): look again after this long.
+    RequeueAfter(Duration),
+}
+
+/// One runtime's convergence logic. Every method is level-triggered: it reads
+/// the desired object and the runtime's actual state, acts on the difference,
+/// and is harmless to run twice.
+pub trait Reconciler: Send + Sync + 'static {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Short name for logs and metrics: "docker", "compose", "vm".
+    fn name(&self) -> &'static str;
+
+    /// The workload type this controller owns.
+    fn workload_type(&self) -> WorkloadType;
+
+    /// Makes the runtime match a live workload.
+    fn reconcile(
+        &self,
+        workload: Arc<Workload>,
+    ) -> impl Future<Output = Result<Action, Self::Error>> + Send;
+
+    /// Tears down the runtime objects of a deleted workload.
+    fn cleanup(
+        &self,
+        workload: Arc<Workload>,
+    ) -> impl Future<Output = Result<Cleanup, Self::Error>> + Send;
+
+    /// A key with no workload in the cache: a runtime object whose workload is
+    /// gone, or a deletion that already completed.
+    fn reconcile_missing(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Action, Self::Error>> + Send {
+        let _ = id;
+        async { Ok(Action::await_change()) }
+    }
+}
+
+/// How a controller runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Reconciles of different keys running at once.
+    pub concurrency: usize,
+    /// Every key of the type is queued this often (the safety net).
+    pub resync_interval: Option<Duration>,
+    /// Delay before retrying a key whose reconcile failed.
+    pub error_backoff: Backoff,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            concurrency: 4,
+            resync_interval: Some(Duration::from_secs(30)),
+            error_backoff: Backoff::ERRORS,
+        }
+    }
+}
+
+/// Drives one [`Reconciler`].
+pub struct Controller<R: Reconciler> {
+    reconciler: Arc<R>,
+    informer: Informer,
+    writer: Arc<dyn WorkloadWriter>,
+    queue: Arc<WorkQueue>,
+    triggers: Vec<BoxStream<'static, String>>,
+    config: ControllerConfig,
+}
+
+/// What every reconcile task shares.
+struct Shared<R: Reconciler> {
+    reconciler: Arc<R>,
+    informer: Informer,
+    writer: Arc<dyn WorkloadWriter>,
+    queue: Arc<WorkQueue>,
+    /// A std mutex: held only to count a result, never across an await.
+    backoff: Mutex<KeyedBackoff>,
+}
+
+impl<R: Reconciler> Controller<R> {
+    pub fn new(
+        reconciler: Arc<R>,
+        informer: Informer,
+        writer: Arc<dyn WorkloadWriter>,
+        config: ControllerConfig,
+    ) -> Self {
+        Controller {
+            reconciler,
+            informer,
+            writer,
+            queue: Arc::new(WorkQueue::new()),
+            triggers: Vec::new(),
+            config,
+        }
+    }
+
+    /// Adds a stream of workload ids to reconcile (runtime events).
+    pub fn with_trigger(mut self, trigger: BoxStream<'static, String>) -> Self {
+        self.triggers.push(trigger);
+        self
+    }
+
+    /// The controller's queue, so other parts can nudge a key.
+    pub fn queue(&self) -> Arc<WorkQueue> {
+        self.queue.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled, then lets running reconciles finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let kind = self.reconciler.workload_type();
+        let name = self.reconciler.name();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.informer.wait_until_synced() => {}
+        }
+        tracing::info!(controller = name, "controller started");
+
+        let mut feeders = JoinSet::new();
+        let notifications = self.informer.subscribe();
+        for id in self.informer.cache().ids_of_type(kind) {
+            self.queue.add(&id);
+        }
+        feeders.spawn(follow_informer(
+            notifications,
+            self.informer.clone(),
+            self.queue.clone(),
+            kind,
+        ));
+        for trigger in self.triggers {
+            let queue = self.queue.clone();
+            feeders.spawn(async move {
+                let mut trigger = trigger;
+                while let Some(id) = trigger.next().await {
+                    queue.add(&id);
+                }
+            });
+        }
+        if let Some(interval) = self.config.resync_interval {
+            let queue = self.queue.clone();
+            let cache = self.informer.cache();
+            feeders.spawn(async move {
+                let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                loop {
+                    ticker.tick().await;
+                    for id in cache.ids_of_type(kind) {
+                        queue.add(&id);
+                    }
+                }
+            });
+        }
+
+        let shared = Arc::new(Shared {
+            reconciler: self.reconciler,
+            informer: self.informer,
+            writer: self.writer,
+            queue: self.queue.clone(),
+            backoff: Mutex::new(KeyedBackoff::new(self.config.error_backoff)),
+        });
+        let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let mut running = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let key = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                key = self.queue.next() => match key {
+                    Some(key) => key,
+                    None => break,
+                },
+            };
+            let shared = shared.clone();
+            running.spawn(async move {
+                shared.process(&key).await;
+                shared.queue.done(&key);
+                drop(permit);
+            });
+            // Reap finished tasks so the set does not grow.
+            while running.try_join_next().is_some() {}
+        }
+        self.queue.shut_down();
+        feeders.abort_all();
+        while running.join_next().await.is_some() {}
+        tracing::info!(controller = name, "controller stopped");
+    }
+}
+
+/// Queues the ids of changes that concern this controller: any change of
+/// its type except a change of status alone.
+async fn follow_informer(
+    mut notifications: broadcast::Receiver<Arc<crate::informer::Notification>>,
+    informer: Informer,
+    queue: Arc<WorkQueue>,
+    kind: WorkloadType,
+) {
+    loop {
+        match notifications.recv().await {
+            Ok(n) => {
+                if n.workload_type() == kind && n.changes_intent() {
+                    queue.add(n.id());
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "controller fell behind the informer; resyncing");
+                for id in informer.cache().ids_of_type(kind) {
+                    queue.add(&id);
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl<R: Reconciler> Shared<R> {
+    fn backoff(&self) -> std::sync::MutexGuard<'_, KeyedBackoff> {
+        self.backoff.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn process(&self, key: &str) {
+        let name = self.reconciler.name();
+        let workload = self.informer.cache().get(key);
+        let generation = workload.as_ref().map(|w| w.generation()).unwrap_or(0);
+        let span = tracing::info_span!("reconcile", controller = name, workload_id = key, generation);
+        let outcome = async {
+            match workload {
+                None => self.reconciler.reconcile_missing(key).await,
+                Some(w) if w.workload_type() != self.reconciler.workload_type() => {
+                    Ok(Action::await_change())
+                }
+                Some(w) if w.is_deleting() => self.finalize(w).await,
+                Some(w) => self.reconciler.reconcile(w).await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let _entered = span.enter();
+        match outcome {
+            Ok(action) => {
+                self.backoff().succeeded(key);
+                if let Some(after) = action.requeue_after {
+                    self.queue.add_after(key, after);
+                }
+            }
+            Err(error) => {
+                let delay = self.backoff().failed(key);
+                tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
+                self.queue.add_after(key, delay);
+            }
+        }
+    }
+
+    async fn finalize(&self, workload: Arc<Workload>) -> Result<Action, R::Error> {
+        let Some(finalizer) = self.reconciler.workload_type().finalizer() else {
+            return Ok(Action::await_change());
+        };
+        if !workload.has_finalizer(finalizer) {
+            return Ok(Action::await_change());
+        }
+        match self.reconciler.cleanup(workload.clone()).await? {
+            Cleanup::RequeueAfter(after) => Ok(Action::requeue(after)),
+            Cleanup::Done => {
+                if let Err(error) = self
+                    .writer
+                    .remove_finalizer(workload.id().to_string(), finalizer.to_string())
+                    .await
+                {
+                    tracing::warn!(%error, "removing finalizer failed");
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                Ok(Action::await_change())
+            }
+        }
+    }
+}

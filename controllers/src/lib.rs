@@ -1,0 +1,23 @@
+//! The engine every runtime controller of persys-agent stands on.
+//!
+//! - [`source`]: the two small traits through which controllers see the
+//!   store: a list + watch source of workload changes, and a writer for
+//!   status, finalizers and events.
+//! - [`informer`]: lists, then follows the change log into one shared cache
+//!   ([`informer::Cache`]) and fans changes out to every subscriber.
+//! - [`queue`]: the work queue — deduplicating, one reconcile per key at a
+//!   time, with delayed re-adds.
+//! - [`backoff`]: exponential backoff with jitter, per key.
+//! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
+//!   drives one from informer changes, runtime triggers and a periodic resync.
+
+pub mod backoff;
+pub mod controller;
+pub mod informer;
+pub mod queue;
+pub mod source;
+
+pub use controller::{Action, Cleanup, Controller, ControllerConfig, Reconciler};
+pub use informer::{Cache, Informer, Notification};
+pub use queue::WorkQueue;
+pub use source::{Change, ChangeKind, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError};

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the agent and its tests need. Idempotent: only
+# missing packages are installed.
+set -euo pipefail
+
+packages=(
+  docker.io docker-compose busybox-static
+  libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils genisoimage protobuf-compiler pkg-config
+  iproute2 procps
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "hack/deps.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Installing qemu-system-x86 can replace a backported qemu-utils.
+if ! command -v qemu-img >/dev/null; then
+  apt-get install -y -qq --reinstall qemu-utils >/dev/null
+fi

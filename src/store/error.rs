@@ -1,0 +1,55 @@
+use std::path::PathBuf;
+
+/// Everything a store operation can refuse or fail with. Each variant says
+/// whether trying again can help (`is_retryable`).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("workload {id}: revision {revision} is already applied with a different spec")]
+    RevisionConflict { id: String, revision: String },
+    #[error("workload {id} exists with type {existing}; delete it before applying type {requested}")]
+    TypeMismatch {
+        id: String,
+        existing: String,
+        requested: String,
+    },
+    #[error("workload {id} is being deleted")]
+    BeingDeleted { id: String },
+    #[error("workload {id} changed (resource version {actual}, expected {expected})")]
+    Conflict {
+        id: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("workload {0} not found")]
+    NotFound(String),
+    #[error(
+        "resource version {requested} is expired (the log was compacted through {compacted_through}); list again"
+    )]
+    Expired {
+        requested: u64,
+        compacted_through: u64,
+    },
+    #[error("state directory {path} is in use by another persys-agent process")]
+    Locked { path: PathBuf },
+    #[error("state directory {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store write failed: {0}")]
+    Io(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// True when the same call may succeed later without any change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io(_) | StoreError::Conflict { .. })
+    }
+}
+
+impl From<fjall::Error> for StoreError {
+    fn from(error: fjall::Error) -> Self {
+        StoreError::Io(error.to_string())
+    }
+}

@@ -1,0 +1,447 @@
+//! The durable event log: every workload write, in order, on fjall.
+//!
+//! Keyspaces:
+//! - `objects`: id → current [`Workload`];
+//! - `log`: resource version (big-endian u64) → [`LogRecord`], the ordered
+//!   change log that watches replay;
+//! - `events`: `<id> 0x00 <fold>` → [`Event`];
+//! - `meta`: schema version, last resource version, compacted-through.
+//!
+//! Writes go through the [`committer`] (one thread, group commit, fsync
+//! before acknowledging); reads go straight to fjall and see every
+//! acknowledged write. [`Store::watch`] replays the log, then follows live.
+
+mod committer;
+mod error;
+mod record;
+mod source;
+mod watch;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
+use persys_api::v1::{EventType, Event, ObjectStatus, Workload, WorkloadType};
+use persys_controllers::{Change, Listing};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+pub use committer::{ApplyOutcome, ApplyRequest, DeleteOutcome};
+use committer::{Committer, Op};
+pub use error::StoreError;
+pub use record::LogRecord;
+use record::*;
+
+/// Events kept per workload; the least recently seen go first.
+pub const MAX_EVENTS_PER_WORKLOAD: usize = 50;
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The state directory; created if missing.
+    pub path: PathBuf,
+    /// Writes committed by one sync at most. 1 disables group commit.
+    pub max_group: usize,
+    /// The log keeps about this many entries…
+    pub max_log_entries: u64,
+    /// …and nothing older than this (the newest entry always stays).
+    pub max_log_age: Duration,
+}
+
+impl StoreConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        StoreConfig {
+            path: path.into(),
+            max_group: 1024,
+            max_log_entries: 100_000,
+            max_log_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Counters the store keeps about itself (exported as metrics).
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    /// Batches committed (each one sync).
+    pub commits: AtomicU64,
+    /// Changes written (each one resource version).
+    pub changes: AtomicU64,
+    pub compactions: AtomicU64,
+    /// Total time spent committing, in microseconds.
+    pub commit_micros: AtomicU64,
+}
+
+impl StoreMetrics {
+    fn observe_commit(&self, took: Duration, changes: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.changes.fetch_add(changes as u64, Ordering::Relaxed);
+        self.commit_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// What the committer and every reader share.
+pub(crate) struct Inner {
+    db: Database,
+    objects: Keyspace,
+    log: Keyspace,
+    events: Keyspace,
+    meta: Keyspace,
+    /// Committed changes, published after their sync, for live watches.
+    changes: broadcast::Sender<Arc<Change>>,
+    /// The last committed resource version.
+    last_resource_version: AtomicU64,
+    /// The log holds nothing at or below this version.
+    compacted_through: AtomicU64,
+    metrics: StoreMetrics,
+    path: PathBuf,
+    /// Held for the life of the store: one process per state directory.
+    _lock: File,
+}
+
+/// A handle to the store; cheap to clone. The committer stops when the last
+/// handle is dropped or [`Store::close`] is called.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+    /// Writes to the committer. Bounded, so a flood of writers waits rather
+    /// than growing memory without limit.
+    ops: mpsc::Sender<Op>,
+    committer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+/// Live changes buffered per watcher before it must catch up from the log.
+const LIVE_BUFFER: usize = 8192;
+
+impl Store {
+    /// Opens (or creates) the store in `config.path`, recovering what the
+    /// last run acknowledged.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let path = config.path.clone();
+        let open_error = |message: String| StoreError::Open {
+            path: path.clone(),
+            message,
+        };
+        std::fs::create_dir_all(&path).map_err(|e| open_error(e.to_string()))?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("persys.lock"))
+            .map_err(|e| open_error(e.to_string()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked { path: path.clone() });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(open_error(e.to_string())),
+        }
+        let db = Database::builder(path.join("db"))
+            .open()
+            .map_err(|e| open_error(e.to_string()))?;
+        let keyspace = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| open_error(e.to_string()))
+        };
+        let objects = keyspace("objects")?;
+        let log = keyspace("log")?;
+        let events = keyspace("events")?;
+        let meta = keyspace("meta")?;
+
+        let read_meta = |key: &[u8]| -> Result<Option<u64>, StoreError> {
+            match meta.get(key)? {
+                Some(v) => decode_u64(&v)
+                    .map(Some)
+                    .ok_or_else(|| StoreError::Corrupt(format!("meta key {:?}", key))),
+                None => Ok(None),
+            }
+        };
+        match read_meta(META_SCHEMA_VERSION)? {
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => {
+                return Err(open_error(format!(
+                    "schema version {other} is not supported (this agent reads {SCHEMA_VERSION})"
+                )));
+            }
+            None => meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes())?,
+        }
+        let compacted_through = read_meta(META_COMPACTED_THROUGH)?.unwrap_or(0);
+        // The log's last key and the meta record are written in one batch;
+        // take the larger to be safe against either being absent.
+        let log_last = match log.last_key_value() {
+            Some(guard) => decode_u64(&guard.key()?).unwrap_or(0),
+            None => 0,
+        };
+        let last_resource_version = read_meta(META_LAST_RESOURCE_VERSION)?
+            .unwrap_or(0)
+            .max(log_last)
+            .max(compacted_through);
+
+        let mut current = HashMap::new();
+        for guard in objects.iter() {
+            let (key, value) = guard.into_inner()?;
+            let object = Workload::decode(&*value)
+                .map_err(|e| StoreError::Corrupt(format!("object {:?}: {e}", key)))?;
+            current.insert(object.id().to_string(), Arc::new(object));
+        }
+        let mut stored_events: HashMap<String, Vec<([u8; 8], Event)>> = HashMap::new();
+        for guard in events.iter() {
+            let (key, value) = guard.into_inner()?;
+            let event = Event::decode(&*value)
+                .map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+            let fold: [u8; 8] = key[key.len().saturating_sub(8)..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("event key".into()))?;
+            stored_events
+                .entry(event.workload_id.clone())
+                .or_default()
+                .push((fold, event));
+        }
+
+        let (changes, _) = broadcast::channel(LIVE_BUFFER);
+        let inner = Arc::new(Inner {
+            db,
+            objects,
+            log,
+            events,
+            meta,
+            changes,
+            last_resource_version: AtomicU64::new(last_resource_version),
+            compacted_through: AtomicU64::new(compacted_through),
+            metrics: StoreMetrics::default(),
+            path: path.clone(),
+            _lock: lock,
+        });
+        let committer = Committer {
+            inner: inner.clone(),
+            objects: current,
+            events: stored_events,
+            last_resource_version,
+            compacted_through,
+            max_group: config.max_group.max(1),
+            max_log_entries: config.max_log_entries.max(1),
+            max_log_age_ms: config.max_log_age.as_millis() as i64,
+            last_age_check_ms: 0,
+        };
+        let (ops, rx) = mpsc::channel(4096);
+        let handle = std::thread::Builder::new()
+            .name("persys-store-committer".into())
+            .spawn(move || committer.run(rx))
+            .map_err(|e| open_error(format!("starting the committer: {e}")))?;
+        tracing::info!(
+            path = %path.display(),
+            resource_version = last_resource_version,
+            "store opened"
+        );
+        Ok(Store {
+            inner,
+            ops,
+            committer: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.inner.metrics
+    }
+
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops
+            .send(op(tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Creates or updates a workload's desired state; durable when it returns.
+    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyOutcome, StoreError> {
+        self.submit(|tx| Op::Apply(request, tx)).await
+    }
+
+    /// Requests deletion: the object stays until its finalizers are removed.
+    pub async fn delete(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
+        self.submit(|tx| Op::Delete(id.to_string(), tx)).await
+    }
+
+    /// Replaces the status if the object is still at `expected_resource_version`.
+    pub async fn update_status(
+        &self,
+        id: &str,
+        expected_resource_version: u64,
+        status: ObjectStatus,
+    ) -> Result<Arc<Workload>, StoreError> {
+        self.submit(|reply| Op::UpdateStatus {
+            id: id.to_string(),
+            expected_resource_version,
+            status,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn remove_finalizer(&self, id: &str, finalizer: &str) -> Result<(), StoreError> {
+        self.submit(|reply| Op::RemoveFinalizer {
+            id: id.to_string(),
+            finalizer: finalizer.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn record_event(
+        &self,
+        id: &str,
+        kind: EventType,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| Op::RecordEvent {
+            id: id.to_string(),
+            kind,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// The current object, as of the last acknowledged write.
+    pub fn get(&self, id: &str) -> Result<Option<Workload>, StoreError> {
+        match self.inner.objects.get(id.as_bytes())? {
+            Some(bytes) => Workload::decode(&*bytes)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("object {id}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every object, optionally of one type, ordered by id.
+    pub fn list(&self, kind: Option<WorkloadType>) -> Result<Vec<Workload>, StoreError> {
+        Ok(self
+            .snapshot()?
+            .objects
+            .into_iter()
+            .filter(|w| kind.is_none_or(|k| w.workload_type() == k))
+            .map(Arc::unwrap_or_clone)
+            .collect())
+    }
+
+    /// Every object and the resource version they are consistent at.
+    pub fn snapshot(&self) -> Result<Listing, StoreError> {
+        let snapshot = self.inner.db.snapshot();
+        let resource_version = match snapshot.get(&self.inner.meta, META_LAST_RESOURCE_VERSION)? {
+            Some(v) => decode_u64(&v).unwrap_or(0),
+            None => 0,
+        };
+        let mut objects = Vec::new();
+        for guard in snapshot.iter(&self.inner.objects) {
+            let (_, value) = guard.into_inner()?;
+            let object = Workload::decode(&*value)
+                .map_err(|e| StoreError::Corrupt(format!("object: {e}")))?;
+            objects.push(Arc::new(object));
+        }
+        Ok(Listing {
+            objects,
+            resource_version,
+        })
+    }
+
+    /// The events of a workload, most recent first.
+    pub fn events(&self, id: &str) -> Result<Vec<Event>, StoreError> {
+        let mut events = Vec::new();
+        for guard in self.inner.events.prefix(event_prefix(id)) {
+            let value = guard.value()?;
+            events.push(
+                Event::decode(&*value).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?,
+            );
+        }
+        events.sort_by_key(|e| std::cmp::Reverse(e.last_seen_ms));
+        Ok(events)
+    }
+
+    /// Log records, newest first when `newest_first`, stopping after `limit`
+    /// records that `keep` accepts.
+    pub fn log_records(
+        &self,
+        newest_first: bool,
+        limit: usize,
+        mut keep: impl FnMut(&LogRecord) -> bool,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let mut records = Vec::new();
+        let mut take = |guard: fjall::Guard| -> Result<bool, StoreError> {
+            let value = guard.value()?;
+            let record =
+                LogRecord::decode(&*value).map_err(|e| StoreError::Corrupt(format!("log: {e}")))?;
+            if keep(&record) {
+                records.push(record);
+            }
+            Ok(records.len() < limit)
+        };
+        if newest_first {
+            for guard in self.inner.log.iter().rev() {
+                if !take(guard)? {
+                    break;
+                }
+            }
+        } else {
+            for guard in self.inner.log.iter() {
+                if !take(guard)? {
+                    break;
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// The last committed resource version.
+    pub fn resource_version(&self) -> u64 {
+        self.inner.last_resource_version.load(Ordering::Acquire)
+    }
+
+    /// The log holds nothing at or below this version.
+    pub fn compacted_through(&self) -> u64 {
+        self.inner.compacted_through.load(Ordering::Acquire)
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn disk_space(&self) -> u64 {
+        self.inner.db.disk_space().unwrap_or(0)
+    }
+
+    /// Entries the log holds.
+    pub fn log_len(&self) -> u64 {
+        self.resource_version() - self.compacted_through()
+    }
+
+    /// True when a write can be made: the committer is running.
+    pub fn is_writable(&self) -> bool {
+        !self.ops.is_closed()
+    }
+
+    /// Stops the committer after the writes already queued, syncs, and
+    /// waits for it. Later writes through any handle get
+    /// [`StoreError::Closed`]; the directory is released when the last handle
+    /// is dropped.
+    pub async fn close(&self) {
+        let handle = self
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = self.ops.send(Op::Close).await;
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The stored forms: keys, and the change-log record.
+
+use persys_api::v1::{WatchEventType, Workload};
+
+/// One change-log entry, keyed by its resource version (big-endian u64).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LogRecord {
+    #[prost(enumeration = "WatchEventType", tag = "1")]
+    pub kind: i32,
+    #[prost(uint64, tag = "2")]
+    pub resource_version: u64,
+    #[prost(message, optional, tag = "3")]
+    pub object: Option<Workload>,
+    /// What caused the write: apply, delete, status, finalize.
+    #[prost(string, tag = "4")]
+    pub action: String,
+    #[prost(int64, tag = "5")]
+    pub at_ms: i64,
+}
+
+pub const ACTION_APPLY: &str = "apply";
+pub const ACTION_DELETE: &str = "delete";
+pub const ACTION_RECONCILE: &str = "reconcile";
+pub const ACTION_FINALIZE: &str = "finalize";
+
+/// Keys of the `meta` keyspace.
+pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+pub const META_LAST_RESOURCE_VERSION: &[u8] = b"last_resource_version";
+pub const META_COMPACTED_THROUGH: &[u8] = b"compacted_through";
+pub const SCHEMA_VERSION: u64 = 1;
+
+pub fn log_key(resource_version: u64) -> [u8; 8] {
+    resource_version.to_be_bytes()
+}
+
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Events of a workload are keyed `<id> 0x00 <fold hash>`: ids never contain
+/// a NUL, so a prefix scan of `<id> 0x00` finds exactly that workload's.
+pub fn event_prefix(id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 1);
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key
+}
+
+pub fn event_key(id: &str, fold: &[u8; 8]) -> Vec<u8> {
+    let mut key = event_prefix(id);
+    key.extend_from_slice(fold);
+    key
+}
