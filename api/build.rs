@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")
-        .type_attribute("persys.agent.v1.WorkloadSpec.spec", "#[serde(rename_all = \"snake_case\")]")
+        .type_attribute(
+            "persys.agent.v1.WorkloadSpec.spec",
+            "#[serde(rename_all = \"snake_case\")]",
+        )
         .file_descriptor_set_path(out_dir.join("persys_agent_v1_descriptor.bin"))
         .compile_protos(&[proto], &["proto"])?;
     Ok(())

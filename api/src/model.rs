@@ -131,7 +131,10 @@ impl Workload {
     }
 
     pub fn resource_version(&self) -> u64 {
-        self.metadata.as_ref().map(|m| m.resource_version).unwrap_or(0)
+        self.metadata
+            .as_ref()
+            .map(|m| m.resource_version)
+            .unwrap_or(0)
     }
 
     pub fn uid(&self) -> &str {
@@ -326,14 +329,23 @@ mod tests {
     fn condition_transition_time_moves_only_when_status_changes() {
         let mut status = ObjectStatus::default();
         status.set_condition(CONDITION_READY, false, "Creating", "");
-        let first = status.condition(CONDITION_READY).unwrap().last_transition_ms;
+        let first = status
+            .condition(CONDITION_READY)
+            .unwrap()
+            .last_transition_ms;
         status.conditions[0].last_transition_ms = first - 5000;
         status.set_condition(CONDITION_READY, false, "Pulling", "image");
         let cond = status.condition(CONDITION_READY).unwrap();
         assert_eq!(cond.last_transition_ms, first - 5000);
         assert_eq!(cond.reason, "Pulling");
         status.set_condition(CONDITION_READY, true, "Running", "");
-        assert!(status.condition(CONDITION_READY).unwrap().last_transition_ms >= first);
+        assert!(
+            status
+                .condition(CONDITION_READY)
+                .unwrap()
+                .last_transition_ms
+                >= first
+        );
     }
 
     #[test]

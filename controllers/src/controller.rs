@@ -185,7 +185,8 @@ impl<R: Reconciler> Controller<R> {
             let queue = self.queue.clone();
             let cache = self.informer.cache();
             feeders.spawn(async move {
-                let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                let mut ticker =
+                    tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                 loop {
                     ticker.tick().await;
                     for id in cache.ids_of_type(kind) {
@@ -270,7 +271,12 @@ impl<R: Reconciler> Shared<R> {
         let name = self.reconciler.name();
         let workload = self.informer.cache().get(key);
         let generation = workload.as_ref().map(|w| w.generation()).unwrap_or(0);
-        let span = tracing::info_span!("reconcile", controller = name, workload_id = key, generation);
+        let span = tracing::info_span!(
+            "reconcile",
+            controller = name,
+            workload_id = key,
+            generation
+        );
         let outcome = async {
             match workload {
                 None => self.reconciler.reconcile_missing(key).await,

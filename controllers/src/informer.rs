@@ -126,7 +126,11 @@ impl Cache {
         state
             .by_type
             .get(&kind)
-            .map(|ids| ids.iter().filter_map(|id| state.objects.get(id).cloned()).collect())
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| state.objects.get(id).cloned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -20,4 +20,6 @@ pub mod source;
 pub use controller::{Action, Cleanup, Controller, ControllerConfig, Reconciler};
 pub use informer::{Cache, Informer, Notification};
 pub use queue::WorkQueue;
-pub use source::{Change, ChangeKind, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError};
+pub use source::{
+    Change, ChangeKind, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError,
+};

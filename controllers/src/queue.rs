@@ -75,7 +75,9 @@ impl WorkQueue {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues `key` now.
@@ -209,7 +211,11 @@ mod tests {
         queue.add("a");
         assert_eq!(next_now(&queue).await, None, "a is still processing");
         queue.done(&key);
-        assert_eq!(next_now(&queue).await.as_deref(), Some("a"), "one pending run");
+        assert_eq!(
+            next_now(&queue).await.as_deref(),
+            Some("a"),
+            "one pending run"
+        );
         queue.done("a");
         assert_eq!(next_now(&queue).await, None, "and only one");
     }

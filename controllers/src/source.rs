@@ -84,8 +84,11 @@ pub trait WorkloadWriter: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Arc<Workload>, WriteError>>;
 
     /// Removes a finalizer; a deleted object with none left leaves the store.
-    fn remove_finalizer(&self, id: String, finalizer: String)
-    -> BoxFuture<'_, Result<(), WriteError>>;
+    fn remove_finalizer(
+        &self,
+        id: String,
+        finalizer: String,
+    ) -> BoxFuture<'_, Result<(), WriteError>>;
 
     /// Records a Kubernetes-style event; repeats fold into a count.
     fn record_event(

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 
 use fjall::PersistMode;
 use persys_api::v1::{
-    DesiredState, Event, EventType, ObjectMeta, ObjectSpec, ObjectStatus, WatchEventType,
-    Workload, WorkloadSpec, WorkloadType,
+    DesiredState, Event, EventType, ObjectMeta, ObjectSpec, ObjectStatus, WatchEventType, Workload,
+    WorkloadSpec, WorkloadType,
 };
 use persys_api::{derived_revision, now_ms};
 use persys_controllers::{Change, ChangeKind};
@@ -73,7 +73,10 @@ pub enum DeleteOutcome {
 pub(super) enum Op {
     /// Finish the writes queued before this, sync, and stop.
     Close,
-    Apply(ApplyRequest, oneshot::Sender<Result<ApplyOutcome, StoreError>>),
+    Apply(
+        ApplyRequest,
+        oneshot::Sender<Result<ApplyOutcome, StoreError>>,
+    ),
     Delete(String, oneshot::Sender<Result<DeleteOutcome, StoreError>>),
     UpdateStatus {
         id: String,
@@ -97,10 +100,22 @@ pub(super) enum Op {
 
 /// A reply waiting for the group's sync.
 enum Reply {
-    Apply(oneshot::Sender<Result<ApplyOutcome, StoreError>>, Result<ApplyOutcome, StoreError>),
-    Delete(oneshot::Sender<Result<DeleteOutcome, StoreError>>, Result<DeleteOutcome, StoreError>),
-    Status(oneshot::Sender<Result<Arc<Workload>, StoreError>>, Result<Arc<Workload>, StoreError>),
-    Unit(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Apply(
+        oneshot::Sender<Result<ApplyOutcome, StoreError>>,
+        Result<ApplyOutcome, StoreError>,
+    ),
+    Delete(
+        oneshot::Sender<Result<DeleteOutcome, StoreError>>,
+        Result<DeleteOutcome, StoreError>,
+    ),
+    Status(
+        oneshot::Sender<Result<Arc<Workload>, StoreError>>,
+        Result<Arc<Workload>, StoreError>,
+    ),
+    Unit(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
 }
 
 impl Reply {
@@ -194,18 +209,28 @@ impl Committer {
             return;
         }
         let rv = group.next_resource_version;
-        batch.insert(&self.inner.meta, META_LAST_RESOURCE_VERSION, &rv.to_be_bytes()[..]);
+        batch.insert(
+            &self.inner.meta,
+            META_LAST_RESOURCE_VERSION,
+            &rv.to_be_bytes()[..],
+        );
         let compact_to = self.compaction_target(rv);
         if let Some(to) = compact_to {
             for version in self.compacted_through + 1..=to {
                 batch.remove(&self.inner.log, log_key(version));
             }
-            batch.insert(&self.inner.meta, META_COMPACTED_THROUGH, &to.to_be_bytes()[..]);
+            batch.insert(
+                &self.inner.meta,
+                META_COMPACTED_THROUGH,
+                &to.to_be_bytes()[..],
+            );
         }
         let started = std::time::Instant::now();
         match batch.commit() {
             Ok(()) => {
-                self.inner.metrics.observe_commit(started.elapsed(), group.changes.len());
+                self.inner
+                    .metrics
+                    .observe_commit(started.elapsed(), group.changes.len());
                 for (id, object) in group.objects {
                     match object {
                         Some(o) => self.objects.insert(id, o),
@@ -223,9 +248,14 @@ impl Committer {
                 if let Some(to) = compact_to {
                     self.compacted_through = to;
                     self.inner.compacted_through.store(to, Ordering::Release);
-                    self.inner.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .metrics
+                        .compactions
+                        .fetch_add(1, Ordering::Relaxed);
                 }
-                self.inner.last_resource_version.store(rv, Ordering::Release);
+                self.inner
+                    .last_resource_version
+                    .store(rv, Ordering::Release);
                 group.replies.into_iter().for_each(Reply::send);
                 for change in group.changes {
                     let _ = self.inner.changes.send(change);
@@ -306,7 +336,10 @@ impl Committer {
                 reason,
                 message,
                 reply,
-            } => Reply::Unit(reply, self.record_event(&id, kind, reason, message, group, batch)),
+            } => Reply::Unit(
+                reply,
+                self.record_event(&id, kind, reason, message, group, batch),
+            ),
         };
         group.replies.push(reply);
     }
@@ -548,7 +581,11 @@ impl Committer {
             Some((_, event)) => {
                 event.count = event.count.saturating_add(1);
                 event.last_seen_ms = now;
-                batch.insert(&self.inner.events, event_key(id, &fold), event.encode_to_vec());
+                batch.insert(
+                    &self.inner.events,
+                    event_key(id, &fold),
+                    event.encode_to_vec(),
+                );
             }
             None => {
                 let event = Event {
@@ -560,7 +597,11 @@ impl Committer {
                     first_seen_ms: now,
                     last_seen_ms: now,
                 };
-                batch.insert(&self.inner.events, event_key(id, &fold), event.encode_to_vec());
+                batch.insert(
+                    &self.inner.events,
+                    event_key(id, &fold),
+                    event.encode_to_vec(),
+                );
                 events.push((fold, event));
                 if events.len() > MAX_EVENTS_PER_WORKLOAD {
                     events.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_seen_ms));

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 pub enum StoreError {
     #[error("workload {id}: revision {revision} is already applied with a different spec")]
     RevisionConflict { id: String, revision: String },
-    #[error("workload {id} exists with type {existing}; delete it before applying type {requested}")]
+    #[error(
+        "workload {id} exists with type {existing}; delete it before applying type {requested}"
+    )]
     TypeMismatch {
         id: String,
         existing: String,

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
-use persys_api::v1::{EventType, Event, ObjectStatus, Workload, WorkloadType};
+use persys_api::v1::{Event, EventType, ObjectStatus, Workload, WorkloadType};
 use persys_controllers::{Change, Listing};
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -191,8 +191,8 @@ impl Store {
         let mut stored_events: HashMap<String, Vec<([u8; 8], Event)>> = HashMap::new();
         for guard in events.iter() {
             let (key, value) = guard.into_inner()?;
-            let event = Event::decode(&*value)
-                .map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+            let event =
+                Event::decode(&*value).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
             let fold: [u8; 8] = key[key.len().saturating_sub(8)..]
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("event key".into()))?;

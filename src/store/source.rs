@@ -6,7 +6,9 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use persys_api::v1::{EventType, ObjectStatus, Workload};
-use persys_controllers::{Change, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError};
+use persys_controllers::{
+    Change, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError,
+};
 
 use super::{Store, StoreError};
 

@@ -1,0 +1,406 @@
+//! The controller runtime's rules, under paused time.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use persys_api::v1::{ActualState, ObjectStatus, Workload, WorkloadType};
+use persys_controllers::{
+    Action, Cleanup, Controller, ControllerConfig, Informer, Reconciler, WorkloadWriter,
+};
+use support::MemoryLog;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TestError(String);
+
+/// Records every call; behaviour per id is scripted.
+struct Recorder {
+    writer: Arc<MemoryLog>,
+    calls: Mutex<Vec<(String, Instant)>>,
+    cleanups: Mutex<Vec<String>>,
+    running: AtomicUsize,
+    max_parallel_per_key: Mutex<HashMap<String, usize>>,
+    in_flight: Mutex<HashMap<String, usize>>,
+    /// Ids whose reconcile fails this many more times.
+    failures: Mutex<HashMap<String, usize>>,
+    /// When set, each reconcile waits for a permit.
+    gate: Option<Arc<Semaphore>>,
+    requeue: Option<Duration>,
+    write_status: bool,
+}
+
+impl Recorder {
+    fn new(writer: Arc<MemoryLog>) -> Self {
+        Recorder {
+            writer,
+            calls: Mutex::default(),
+            cleanups: Mutex::default(),
+            running: AtomicUsize::new(0),
+            max_parallel_per_key: Mutex::default(),
+            in_flight: Mutex::default(),
+            failures: Mutex::default(),
+            gate: None,
+            requeue: None,
+            write_status: false,
+        }
+    }
+
+    fn calls_of(&self, id: &str) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k == id)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+}
+
+impl Reconciler for Recorder {
+    type Error = TestError;
+
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    fn workload_type(&self) -> WorkloadType {
+        WorkloadType::Container
+    }
+
+    async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, TestError> {
+        let id = workload.id().to_string();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((id.clone(), Instant::now()));
+        {
+            let mut in_flight = self.in_flight.lock().unwrap();
+            let n = in_flight.entry(id.clone()).or_default();
+            *n += 1;
+            let mut max = self.max_parallel_per_key.lock().unwrap();
+            let m = max.entry(id.clone()).or_default();
+            *m = (*m).max(*n);
+        }
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        *self.in_flight.lock().unwrap().get_mut(&id).unwrap() -= 1;
+        {
+            let mut failures = self.failures.lock().unwrap();
+            if let Some(n) = failures.get_mut(&id)
+                && *n > 0
+            {
+                *n -= 1;
+                return Err(TestError(format!("{id} failed")));
+            }
+        }
+        if self.write_status {
+            let status = ObjectStatus {
+                actual_state: ActualState::Running as i32,
+                observed_generation: workload.generation(),
+                ..Default::default()
+            };
+            self.writer
+                .update_status(id, workload.resource_version(), status)
+                .await
+                .map_err(|e| TestError(e.to_string()))?;
+        }
+        Ok(match self.requeue {
+            Some(after) => Action::requeue(after),
+            None => Action::await_change(),
+        })
+    }
+
+    async fn cleanup(&self, workload: Arc<Workload>) -> Result<Cleanup, TestError> {
+        self.cleanups
+            .lock()
+            .unwrap()
+            .push(workload.id().to_string());
+        Ok(Cleanup::Done)
+    }
+}
+
+struct Harness {
+    recorder: Arc<Recorder>,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn config(resync: Option<Duration>) -> ControllerConfig {
+    ControllerConfig {
+        concurrency: 4,
+        resync_interval: resync,
+        error_backoff: persys_controllers::backoff::Backoff {
+            jitter: 0.0,
+            ..persys_controllers::backoff::Backoff::ERRORS
+        },
+    }
+}
+
+async fn start(
+    log: Arc<MemoryLog>,
+    recorder: Recorder,
+    config: ControllerConfig,
+    trigger: Option<futures::stream::BoxStream<'static, String>>,
+) -> Harness {
+    let recorder = Arc::new(recorder);
+    let informer = Informer::new(log.clone());
+    let shutdown = CancellationToken::new();
+    let mut controller = Controller::new(recorder.clone(), informer.clone(), log.clone(), config);
+    if let Some(trigger) = trigger {
+        controller = controller.with_trigger(trigger);
+    }
+    let tasks = vec![
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { informer.run(shutdown).await }
+        }),
+        tokio::spawn(controller.run(shutdown.clone())),
+    ];
+    Harness {
+        recorder,
+        shutdown,
+        tasks,
+    }
+}
+
+/// Lets every runnable task run (time is paused and only advances when all
+/// tasks are idle).
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+impl Harness {
+    async fn stop(self) -> Arc<Recorder> {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.recorder
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_reconciles_each_workload_of_its_type_after_sync() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    log.apply("b", WorkloadType::Container, "x:1");
+    log.apply("vm", WorkloadType::Vm, "x:1");
+    let h = start(log.clone(), Recorder::new(log.clone()), config(None), None).await;
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 1);
+    assert_eq!(h.recorder.calls_of("b").len(), 1);
+    assert_eq!(
+        h.recorder.calls_of("vm").len(),
+        0,
+        "another controller's type"
+    );
+    log.apply("c", WorkloadType::Container, "x:1");
+    settle().await;
+    assert_eq!(h.recorder.calls_of("c").len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_is_not_retriggered_by_its_own_status_write() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let mut recorder = Recorder::new(log.clone());
+    recorder.write_status = true;
+    let h = start(log.clone(), recorder, config(None), None).await;
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(h.recorder.calls_of("a").len(), 1);
+    assert_eq!(
+        log.get("a")
+            .unwrap()
+            .status
+            .as_ref()
+            .unwrap()
+            .actual_state(),
+        ActualState::Running
+    );
+    // A spec change (new generation) does trigger it.
+    log.apply("a", WorkloadType::Container, "x:2");
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_never_runs_two_reconciles_of_one_key_at_once() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let gate = Arc::new(Semaphore::new(0));
+    let mut recorder = Recorder::new(log.clone());
+    recorder.gate = Some(gate.clone());
+    let h = start(log.clone(), recorder, config(None), None).await;
+    settle().await;
+    assert_eq!(h.recorder.running.load(Ordering::SeqCst), 1);
+    // Five changes while the first reconcile is blocked…
+    for i in 2..7 {
+        log.apply("a", WorkloadType::Container, &format!("x:{i}"));
+    }
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 1, "nothing runs beside it");
+    gate.add_permits(100);
+    settle().await;
+    // …make exactly one more run, with the latest object.
+    assert_eq!(h.recorder.calls_of("a").len(), 2);
+    assert_eq!(h.recorder.max_parallel_per_key.lock().unwrap()["a"], 1);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_backs_errors_off_exponentially_and_resets_after_success() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let recorder = Recorder::new(log.clone());
+    recorder.failures.lock().unwrap().insert("a".into(), 4);
+    let started = Instant::now();
+    let h = start(log.clone(), recorder, config(None), None).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let offsets: Vec<u64> = h
+        .recorder
+        .calls_of("a")
+        .iter()
+        .map(|t| (*t - started).as_secs())
+        .collect();
+    // Fails at 0, retried after 1, 2, 4, 8 s; the fifth run succeeds.
+    assert_eq!(offsets, [0, 1, 3, 7, 15]);
+    // After a success the next failure starts from 1 s again.
+    h.recorder.failures.lock().unwrap().insert("a".into(), 1);
+    let before = Instant::now();
+    log.apply("a", WorkloadType::Container, "x:2");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after: Vec<u64> = h
+        .recorder
+        .calls_of("a")
+        .iter()
+        .filter(|t| **t >= before)
+        .map(|t| (*t - before).as_secs())
+        .collect();
+    assert_eq!(after, [0, 1]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_error_backoff_is_capped_at_five_minutes() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let recorder = Recorder::new(log.clone());
+    recorder.failures.lock().unwrap().insert("a".into(), 1000);
+    let h = start(log.clone(), recorder, config(None), None).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let calls = h.recorder.calls_of("a");
+    let gaps: Vec<u64> = calls.windows(2).map(|w| (w[1] - w[0]).as_secs()).collect();
+    assert_eq!(&gaps[..9], [1, 2, 4, 8, 16, 32, 64, 128, 256]);
+    assert!(gaps[9..].iter().all(|g| *g == 300), "{gaps:?}");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_resyncs_every_key_each_interval() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    log.apply("b", WorkloadType::Container, "x:1");
+    let h = start(
+        log.clone(),
+        Recorder::new(log.clone()),
+        config(Some(Duration::from_secs(30))),
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(95)).await;
+    assert_eq!(h.recorder.calls_of("a").len(), 4, "start + 30, 60, 90 s");
+    assert_eq!(h.recorder.calls_of("b").len(), 4);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_honours_requeue_after() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let mut recorder = Recorder::new(log.clone());
+    recorder.requeue = Some(Duration::from_secs(7));
+    let started = Instant::now();
+    let h = start(log.clone(), recorder, config(None), None).await;
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let offsets: Vec<u64> = h
+        .recorder
+        .calls_of("a")
+        .iter()
+        .map(|t| (*t - started).as_secs())
+        .collect();
+    assert_eq!(offsets, [0, 7, 14, 21]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_reconciles_keys_from_trigger_streams() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let trigger = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    let h = start(
+        log.clone(),
+        Recorder::new(log.clone()),
+        config(None),
+        Some(trigger),
+    )
+    .await;
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 1);
+    tx.send("a".into()).unwrap();
+    settle().await;
+    assert_eq!(
+        h.recorder.calls_of("a").len(),
+        2,
+        "a runtime event reconciles"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_cleans_up_a_deleted_workload_then_removes_its_finalizer() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let h = start(log.clone(), Recorder::new(log.clone()), config(None), None).await;
+    settle().await;
+    log.delete("a");
+    settle().await;
+    assert_eq!(*h.recorder.cleanups.lock().unwrap(), ["a"]);
+    assert!(log.get("a").is_none(), "finalizer removed, object gone");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_shutdown_lets_a_running_reconcile_finish() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let gate = Arc::new(Semaphore::new(0));
+    let mut recorder = Recorder::new(log.clone());
+    recorder.gate = Some(gate.clone());
+    let h = start(log.clone(), recorder, config(None), None).await;
+    settle().await;
+    let recorder = h.recorder.clone();
+    h.shutdown.cancel();
+    settle().await;
+    assert_eq!(recorder.running.load(Ordering::SeqCst), 1, "still running");
+    gate.add_permits(1);
+    for t in h.tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(recorder.running.load(Ordering::SeqCst), 0);
+}
