@@ -7,7 +7,7 @@ packages=(
   docker.io docker-compose busybox-static
   libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils genisoimage protobuf-compiler pkg-config
-  iproute2 procps
+  iproute2 procps openssl
 )
 
 missing=()

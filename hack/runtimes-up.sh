@@ -15,7 +15,7 @@ TEST_IMAGE=${PERSYS_TEST_IMAGE:-persys-test/busybox:latest}
 DOCKERD_LOG=${PERSYS_DOCKERD_LOG:-/var/log/persys-dockerd.log}
 LIBVIRTD_LOG=${PERSYS_LIBVIRTD_LOG:-/var/log/persys-libvirtd.log}
 VIRTLOGD_LOG=${PERSYS_VIRTLOGD_LOG:-/var/log/persys-virtlogd.log}
-DEADLINE=${PERSYS_RUNTIME_DEADLINE:-30}   # seconds per daemon
+DEADLINE=${PERSYS_RUNTIME_DEADLINE:-60}   # seconds per daemon (libvirtd probes qemu on its first start)
 LIBVIRT_URI=qemu:///system
 QEMU_CONF=/etc/libvirt/qemu.conf
 

@@ -201,6 +201,18 @@ impl Committer {
         if let Err(error) = self.inner.db.persist(PersistMode::SyncAll) {
             tracing::error!(%error, "final store sync failed");
         }
+        // Flush memtables to tables, so the next open does not replay the
+        // journal (a crash still recovers from it).
+        for keyspace in [
+            &self.inner.objects,
+            &self.inner.log,
+            &self.inner.events,
+            &self.inner.meta,
+        ] {
+            if let Err(error) = keyspace.rotate_memtable_and_wait() {
+                tracing::warn!(%error, "flushing the store on close failed");
+            }
+        }
     }
 
     fn finish(&mut self, group: Group, mut batch: fjall::OwnedWriteBatch) {

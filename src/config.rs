@@ -1,0 +1,214 @@
+//! Configuration: every setting is an environment variable (the original
+//! agent's names) and a flag of the same meaning.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{CommandFactory, Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value.trim()).map_err(|e| format!("{e} (examples: 30s, 5m, 1h30m)"))
+}
+
+/// persys-agent: runs the containers, compose projects and VMs declared for
+/// this node, and keeps them that way.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "persys-agent", version, about, long_about = None)]
+pub struct Config {
+    /// gRPC bind address.
+    #[arg(long, env = "PERSYS_GRPC_ADDR", default_value = "0.0.0.0")]
+    pub grpc_addr: IpAddr,
+
+    /// gRPC port.
+    #[arg(long, env = "PERSYS_GRPC_PORT", default_value_t = 50051)]
+    pub grpc_port: u16,
+
+    /// Require mutual TLS. When false, gRPC is served in plaintext (for
+    /// development only).
+    #[arg(long, env = "PERSYS_TLS_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub tls_enabled: bool,
+
+    /// Server certificate (PEM). Reloaded when it changes on disk.
+    #[arg(long, env = "PERSYS_TLS_CERT", default_value = "/etc/persys/certs/agent.crt")]
+    pub tls_cert: PathBuf,
+
+    /// Server private key (PEM).
+    #[arg(long, env = "PERSYS_TLS_KEY", default_value = "/etc/persys/certs/agent.key")]
+    pub tls_key: PathBuf,
+
+    /// CA that client certificates must chain to (PEM).
+    #[arg(long, env = "PERSYS_TLS_CA", default_value = "/etc/persys/certs/ca.crt")]
+    pub tls_ca: PathBuf,
+
+    /// State directory (the event log).
+    #[arg(long, env = "PERSYS_STATE_PATH", default_value = "/var/lib/persys/state")]
+    pub state_path: PathBuf,
+
+    /// Run Docker containers.
+    #[arg(long, env = "PERSYS_DOCKER_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub docker_enabled: bool,
+
+    /// Docker Engine endpoint.
+    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    pub docker_host: String,
+
+    /// Run Docker Compose projects.
+    #[arg(long, env = "PERSYS_COMPOSE_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub compose_enabled: bool,
+
+    /// Compose binary; detected (`docker compose`, then `docker-compose`) when unset.
+    #[arg(long, env = "PERSYS_COMPOSE_BINARY")]
+    pub compose_binary: Option<String>,
+
+    /// Run libvirt virtual machines.
+    #[arg(long, env = "PERSYS_VM_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub vm_enabled: bool,
+
+    /// libvirt connection URI.
+    #[arg(long, env = "PERSYS_LIBVIRT_URI", default_value = "qemu:///system")]
+    pub libvirt_uri: String,
+
+    /// Resync every workload periodically (the safety net behind events).
+    #[arg(long, env = "PERSYS_RECONCILE_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub reconcile_enabled: bool,
+
+    /// How often every workload is resynced.
+    #[arg(long, env = "PERSYS_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
+    #[arg(long, env = "PERSYS_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "PERSYS_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Node identifier (default: the host name).
+    #[arg(long, env = "PERSYS_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Version reported by HealthCheck (default: the build's version).
+    #[arg(long, env = "PERSYS_VERSION")]
+    pub version: Option<String>,
+
+    /// Port of the metrics and health HTTP endpoint.
+    #[arg(long, env = "PERSYS_METRICS_PORT", default_value_t = 8089)]
+    pub metrics_port: u16,
+
+    /// Bind mounts must lie under one of these prefixes (comma-separated;
+    /// empty: anywhere but the host's critical paths).
+    #[arg(long, env = "PERSYS_ALLOWED_HOST_PATHS", value_delimiter = ',')]
+    pub allowed_host_paths: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Parses flags and environment; on a bad value prints which variable
+    /// is wrong and exits non-zero.
+    pub fn load() -> Config {
+        match Config::try_parse() {
+            Ok(config) => config,
+            Err(error) => exit_with(error),
+        }
+    }
+
+    pub fn try_parse_from_iter<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Config::try_parse_from(args)
+    }
+
+    pub fn grpc_socket(&self) -> SocketAddr {
+        SocketAddr::new(self.grpc_addr, self.grpc_port)
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(hostname)
+    }
+
+    pub fn agent_version(&self) -> String {
+        self.version
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+    }
+}
+
+/// The environment variable behind a flag named in a clap error, if any.
+pub fn env_of_error(error: &clap::Error) -> Option<String> {
+    let invalid = error.get(clap::error::ContextKind::InvalidArg)?.to_string();
+    let long = invalid.split_whitespace().next()?.trim_start_matches("--");
+    Config::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+}
+
+fn exit_with(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => error.exit(),
+        _ => {
+            let detail = error.render().to_string();
+            let detail = detail.trim().trim_start_matches("error: ");
+            match env_of_error(&error) {
+                Some(var) => eprintln!("persys-agent: invalid configuration: {var}: {detail}"),
+                None => eprintln!("persys-agent: invalid configuration: {detail}"),
+            }
+            std::process::exit(2);
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_original_agent() {
+        let config = Config::try_parse_from_iter(["persys-agent"]).unwrap();
+        assert_eq!(config.grpc_socket().to_string(), "0.0.0.0:50051");
+        assert!(config.tls_enabled);
+        assert_eq!(config.state_path, PathBuf::from("/var/lib/persys/state"));
+        assert_eq!(config.reconcile_interval, Duration::from_secs(30));
+        assert_eq!(config.libvirt_uri, "qemu:///system");
+        assert_eq!(config.metrics_port, 8089);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let error = Config::try_parse_from_iter(["persys-agent", "--grpc-port", "http"]).unwrap_err();
+        assert_eq!(env_of_error(&error).as_deref(), Some("PERSYS_GRPC_PORT"));
+        let error =
+            Config::try_parse_from_iter(["persys-agent", "--reconcile-interval", "soon"]).unwrap_err();
+        assert_eq!(env_of_error(&error).as_deref(), Some("PERSYS_RECONCILE_INTERVAL"));
+    }
+
+    #[test]
+    fn booleans_accept_the_usual_spellings() {
+        for (value, expected) in [("false", false), ("0", false), ("no", false), ("true", true), ("1", true)] {
+            let config =
+                Config::try_parse_from_iter(["persys-agent", "--tls-enabled", value]).unwrap();
+            assert_eq!(config.tls_enabled, expected, "{value}");
+        }
+    }
+}
