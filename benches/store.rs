@@ -103,14 +103,19 @@ async fn applies_per_second(writers: usize, max_group: usize, window: Duration) 
         total += t.await.unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let commits = store.metrics().commits.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let commits = store
+        .metrics()
+        .commits
+        .load(std::sync::atomic::Ordering::Relaxed) as f64;
     store.close().await;
     (total as f64 / elapsed, total as f64 / commits.max(1.0))
 }
 
 async fn bench_applies() {
     println!("## Durable applies (each acknowledged write fsynced)");
-    println!("| writers | group commit (applies/s) | writes per sync | one fsync per write (applies/s) | speed-up |");
+    println!(
+        "| writers | group commit (applies/s) | writes per sync | one fsync per write (applies/s) | speed-up |"
+    );
     println!("|---:|---:|---:|---:|---:|");
     let window = Duration::from_secs(3);
     for writers in [1, 8, 64] {
@@ -154,10 +159,10 @@ async fn bench_watch_fanout() {
             .apply(request(format!("w{i}"), "persys-test/busybox:latest"))
             .await
             .unwrap();
-        acked
-            .lock()
-            .unwrap()
-            .insert(outcome.workload().resource_version(), (submitted, Instant::now()));
+        acked.lock().unwrap().insert(
+            outcome.workload().resource_version(),
+            (submitted, Instant::now()),
+        );
     }
     let mut end_to_end = Vec::new();
     let mut after_ack = Vec::new();
@@ -310,10 +315,22 @@ async fn bench_open_and_sync() {
 
     println!("| step | time |");
     println!("|---|---:|");
-    println!("| store open (recovery, {log_len} log entries kept) | {:.1} ms |", opened.as_secs_f64() * 1e3);
-    println!("| informer list + sync | {:.1} ms |", synced.as_secs_f64() * 1e3);
-    println!("| **open + sync** | **{:.1} ms** |", (opened + synced).as_secs_f64() * 1e3);
-    println!("| raw fjall open + scan + decode (no store) | {:.1} ms |", raw.as_secs_f64() * 1e3);
+    println!(
+        "| store open (recovery, {log_len} log entries kept) | {:.1} ms |",
+        opened.as_secs_f64() * 1e3
+    );
+    println!(
+        "| informer list + sync | {:.1} ms |",
+        synced.as_secs_f64() * 1e3
+    );
+    println!(
+        "| **open + sync** | **{:.1} ms** |",
+        (opened + synced).as_secs_f64() * 1e3
+    );
+    println!(
+        "| raw fjall open + scan + decode (no store) | {:.1} ms |",
+        raw.as_secs_f64() * 1e3
+    );
     println!(
         "\ninformer cache for {OBJECTS} objects: {:.1} MiB resident (RSS growth during sync)\n",
         rss_after.saturating_sub(rss_before) as f64 / (1024.0 * 1024.0)
@@ -322,7 +339,10 @@ async fn bench_open_and_sync() {
 
 fn main() {
     // `cargo bench` passes `--bench`; any other argument filters by name.
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

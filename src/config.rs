@@ -37,27 +37,56 @@ pub struct Config {
     pub tls_enabled: bool,
 
     /// Server certificate (PEM). Reloaded when it changes on disk.
-    #[arg(long, env = "PERSYS_TLS_CERT", default_value = "/etc/persys/certs/agent.crt")]
+    #[arg(
+        long,
+        env = "PERSYS_TLS_CERT",
+        default_value = "/etc/persys/certs/agent.crt"
+    )]
     pub tls_cert: PathBuf,
 
     /// Server private key (PEM).
-    #[arg(long, env = "PERSYS_TLS_KEY", default_value = "/etc/persys/certs/agent.key")]
+    #[arg(
+        long,
+        env = "PERSYS_TLS_KEY",
+        default_value = "/etc/persys/certs/agent.key"
+    )]
     pub tls_key: PathBuf,
 
     /// CA that client certificates must chain to (PEM).
-    #[arg(long, env = "PERSYS_TLS_CA", default_value = "/etc/persys/certs/ca.crt")]
+    #[arg(
+        long,
+        env = "PERSYS_TLS_CA",
+        default_value = "/etc/persys/certs/ca.crt"
+    )]
     pub tls_ca: PathBuf,
 
     /// State directory (the event log).
-    #[arg(long, env = "PERSYS_STATE_PATH", default_value = "/var/lib/persys/state")]
+    #[arg(
+        long,
+        env = "PERSYS_STATE_PATH",
+        default_value = "/var/lib/persys/state"
+    )]
     pub state_path: PathBuf,
+
+    /// The change log keeps about this many entries (watches from older
+    /// versions must list again).
+    #[arg(long, env = "PERSYS_LOG_MAX_ENTRIES", default_value_t = 100_000)]
+    pub log_max_entries: u64,
+
+    /// The change log keeps nothing older than this (the newest entry stays).
+    #[arg(long, env = "PERSYS_LOG_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
+    pub log_max_age: Duration,
 
     /// Run Docker containers.
     #[arg(long, env = "PERSYS_DOCKER_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub docker_enabled: bool,
 
     /// Docker Engine endpoint.
-    #[arg(long, env = "DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
     pub docker_host: String,
 
     /// Run Docker Compose projects.
@@ -97,8 +126,8 @@ pub struct Config {
     pub node_id: Option<String>,
 
     /// Version reported by HealthCheck (default: the build's version).
-    #[arg(long, env = "PERSYS_VERSION")]
-    pub version: Option<String>,
+    #[arg(long = "reported-version", env = "PERSYS_VERSION")]
+    pub reported_version: Option<String>,
 
     /// Port of the metrics and health HTTP endpoint.
     #[arg(long, env = "PERSYS_METRICS_PORT", default_value_t = 8089)]
@@ -137,7 +166,7 @@ impl Config {
     }
 
     pub fn agent_version(&self) -> String {
-        self.version
+        self.reported_version
             .clone()
             .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
     }
@@ -196,16 +225,26 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_variable() {
-        let error = Config::try_parse_from_iter(["persys-agent", "--grpc-port", "http"]).unwrap_err();
-        assert_eq!(env_of_error(&error).as_deref(), Some("PERSYS_GRPC_PORT"));
         let error =
-            Config::try_parse_from_iter(["persys-agent", "--reconcile-interval", "soon"]).unwrap_err();
-        assert_eq!(env_of_error(&error).as_deref(), Some("PERSYS_RECONCILE_INTERVAL"));
+            Config::try_parse_from_iter(["persys-agent", "--grpc-port", "http"]).unwrap_err();
+        assert_eq!(env_of_error(&error).as_deref(), Some("PERSYS_GRPC_PORT"));
+        let error = Config::try_parse_from_iter(["persys-agent", "--reconcile-interval", "soon"])
+            .unwrap_err();
+        assert_eq!(
+            env_of_error(&error).as_deref(),
+            Some("PERSYS_RECONCILE_INTERVAL")
+        );
     }
 
     #[test]
     fn booleans_accept_the_usual_spellings() {
-        for (value, expected) in [("false", false), ("0", false), ("no", false), ("true", true), ("1", true)] {
+        for (value, expected) in [
+            ("false", false),
+            ("0", false),
+            ("no", false),
+            ("true", true),
+            ("1", true),
+        ] {
             let config =
                 Config::try_parse_from_iter(["persys-agent", "--tls-enabled", value]).unwrap();
             assert_eq!(config.tls_enabled, expected, "{value}");

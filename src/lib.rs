@@ -6,4 +6,9 @@
 //!   `persys-controllers` crate and sees the store only through its
 //!   `WorkloadSource` and `WorkloadWriter` traits.
 
+pub mod agent;
+pub mod config;
+pub mod node;
+pub mod runtimes;
+pub mod server;
 pub mod store;

@@ -37,6 +37,27 @@ pub fn spec_hash(spec: &WorkloadSpec) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The text of a compose file sent as base64 (what the scheduler sends) or
+/// as plain YAML. A compose file always holds a `:`, which base64 never does,
+/// so the two cannot be confused.
+pub fn compose_file_text(compose_yaml: &str) -> Result<String, String> {
+    use base64::Engine;
+    let trimmed = compose_yaml.trim();
+    if trimmed.is_empty() {
+        return Err("is empty".into());
+    }
+    if trimmed.contains(':') {
+        return Ok(compose_yaml.to_string());
+    }
+    let compact: String = trimmed.split_whitespace().collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.as_bytes()))
+        .map_err(|e| format!("is neither YAML nor valid base64 ({e})"))?;
+    String::from_utf8(bytes)
+        .map_err(|_| "decodes from base64 to something that is not UTF-8 text".into())
+}
+
 /// The revision used when a request carries none: a short hash of the spec.
 pub fn derived_revision(spec: &WorkloadSpec) -> String {
     spec_hash(spec)[..12].to_string()
@@ -323,6 +344,16 @@ mod tests {
         let a = container("nginx:1", &[("A", "1")]);
         let b = container("nginx:1", &[("A", "2")]);
         assert_ne!(spec_hash(&a), spec_hash(&b));
+    }
+
+    #[test]
+    fn compose_files_are_accepted_as_base64_or_plain_yaml() {
+        let yaml = "services:\n  web:\n    image: nginx\n";
+        assert_eq!(compose_file_text(yaml).unwrap(), yaml);
+        let encoded = "c2VydmljZXM6CiAgd2ViOgogICAgaW1hZ2U6IG5naW54Cg==";
+        assert_eq!(compose_file_text(encoded).unwrap(), yaml);
+        assert!(compose_file_text("!!!not base64").is_err());
+        assert!(compose_file_text("  ").is_err());
     }
 
     #[test]

@@ -33,8 +33,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 pub use committer::{ApplyOutcome, ApplyRequest, DeleteOutcome};
 use committer::{Committer, Op};
 pub use error::StoreError;
-pub use record::LogRecord;
 use record::*;
+pub use record::{ACTION_APPLY, ACTION_DELETE, ACTION_FINALIZE, ACTION_RECONCILE, LogRecord};
 
 /// Events kept per workload; the least recently seen go first.
 pub const MAX_EVENTS_PER_WORKLOAD: usize = 50;

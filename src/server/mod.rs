@@ -1,0 +1,384 @@
+//! The `persys.agent.v1.AgentService` gRPC server.
+//!
+//! Every RPC answers from the store (reads see every acknowledged write) or
+//! the informer cache; none waits on a runtime. Applies and deletes only
+//! append to the log — the controllers do the work.
+
+pub mod tls;
+pub mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use persys_api::v1::agent_service_server::AgentService;
+use persys_api::v1::{
+    AgentAction, ApplyWorkloadRequest, ApplyWorkloadResponse, DeleteWorkloadRequest,
+    DeleteWorkloadResponse, DescribeWorkloadRequest, DescribeWorkloadResponse,
+    GetWorkloadStatusRequest, GetWorkloadStatusResponse, HealthCheckRequest, HealthCheckResponse,
+    ListActionsRequest, ListActionsResponse, ListWorkloadsRequest, ListWorkloadsResponse,
+    WatchEvent, WatchEventType, WatchRequest, Workload, WorkloadStatus, WorkloadType,
+    WorkloadUsageSnapshot,
+};
+use persys_controllers::{ChangeKind, Informer};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::node::NodeSampler;
+use crate::runtimes::RuntimeBoard;
+use crate::store::{ApplyOutcome, DeleteOutcome, LogRecord, Store, StoreError};
+use validate::Limits;
+
+/// Largest request accepted (bytes).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Latest resource usage per workload id, filled by the runtime samplers.
+pub type UsageLookup = Arc<dyn Fn(&str) -> Option<WorkloadUsageSnapshot> + Send + Sync>;
+
+/// The AgentService implementation and what it reads from.
+#[derive(Clone)]
+pub struct Agent {
+    pub store: Store,
+    pub informer: Informer,
+    pub limits: Arc<Limits>,
+    /// Workload types whose runtime is enabled on this node, with the
+    /// variable that disables each.
+    pub enabled: Arc<BTreeSet<i32>>,
+    pub runtimes: RuntimeBoard,
+    pub node: NodeSampler,
+    pub version: String,
+    pub usage: Option<UsageLookup>,
+    /// Ends Watch streams when the agent shuts down.
+    pub shutdown: CancellationToken,
+}
+
+fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::RevisionConflict { .. }
+        | StoreError::TypeMismatch { .. }
+        | StoreError::BeingDeleted { .. }
+        | StoreError::Conflict { .. } => Status::failed_precondition(error.to_string()),
+        StoreError::NotFound(_) => Status::not_found(error.to_string()),
+        StoreError::Expired { .. } => Status::failed_precondition(format!("expired: {error}")),
+        StoreError::Corrupt(_) => Status::internal(error.to_string()),
+        StoreError::Closed
+        | StoreError::Io(_)
+        | StoreError::Locked { .. }
+        | StoreError::Open { .. } => Status::unavailable(error.to_string()),
+    }
+}
+
+fn disabled_variable(kind: WorkloadType) -> &'static str {
+    match kind {
+        WorkloadType::Compose => "PERSYS_COMPOSE_ENABLED",
+        WorkloadType::Vm => "PERSYS_VM_ENABLED",
+        _ => "PERSYS_DOCKER_ENABLED",
+    }
+}
+
+impl Agent {
+    fn wire_status(&self, workload: &Workload) -> WorkloadStatus {
+        let mut status = workload.to_wire_status();
+        if let Some(usage) = &self.usage {
+            status.usage = usage(workload.id());
+        }
+        status
+    }
+
+    fn action_of(record: &LogRecord) -> AgentAction {
+        let object = record.object.clone().unwrap_or_default();
+        let status = object.status.clone().unwrap_or_default();
+        let failed = record.action == crate::store::ACTION_RECONCILE
+            && (status.actual_state() == persys_api::v1::ActualState::Failed
+                || !status.last_error.is_empty());
+        let at = record.at_ms / 1000;
+        AgentAction {
+            task_id: record.resource_version.to_string(),
+            workload_id: object.id().to_string(),
+            action_type: record.action.clone(),
+            status: if failed { "failed" } else { "succeeded" }.to_string(),
+            error: if failed {
+                status.last_error.clone()
+            } else {
+                String::new()
+            },
+            created_at: at,
+            started_at: at,
+            ended_at: at,
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Agent {
+    async fn apply_workload(
+        &self,
+        request: Request<ApplyWorkloadRequest>,
+    ) -> Result<Response<ApplyWorkloadResponse>, Status> {
+        let apply = validate::apply_request(request.into_inner(), &self.limits)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !self.enabled.contains(&(apply.workload_type as i32)) {
+            return Err(Status::failed_precondition(format!(
+                "{} workloads are disabled on this node ({}=false)",
+                apply.workload_type.short_name(),
+                disabled_variable(apply.workload_type)
+            )));
+        }
+        let id = apply.id.clone();
+        let outcome = self.store.apply(apply).await.map_err(store_status)?;
+        let (applied, skipped, message) = match &outcome {
+            ApplyOutcome::Created(w) => (
+                true,
+                false,
+                format!("workload {id} created at revision {}", w.revision_id()),
+            ),
+            ApplyOutcome::Updated(w) => (
+                true,
+                false,
+                format!(
+                    "workload {id} updated to revision {} (generation {})",
+                    w.revision_id(),
+                    w.generation()
+                ),
+            ),
+            ApplyOutcome::Unchanged(w) => (
+                false,
+                true,
+                format!("workload {id} already at revision {}", w.revision_id()),
+            ),
+        };
+        tracing::info!(workload_id = %id, applied, skipped, "apply");
+        Ok(Response::new(ApplyWorkloadResponse {
+            applied,
+            skipped,
+            message,
+            status: Some(self.wire_status(outcome.workload())),
+        }))
+    }
+
+    async fn delete_workload(
+        &self,
+        request: Request<DeleteWorkloadRequest>,
+    ) -> Result<Response<DeleteWorkloadResponse>, Status> {
+        let id = request.into_inner().id;
+        validate::validate_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let message = match self.store.delete(&id).await.map_err(store_status)? {
+            DeleteOutcome::NotFound => format!("workload {id} not found; nothing to delete"),
+            DeleteOutcome::Deleting(_) => format!("workload {id} is being deleted"),
+            DeleteOutcome::Deleted(_) => format!("workload {id} deleted"),
+        };
+        tracing::info!(workload_id = %id, "delete");
+        Ok(Response::new(DeleteWorkloadResponse {
+            success: true,
+            message,
+        }))
+    }
+
+    async fn get_workload_status(
+        &self,
+        request: Request<GetWorkloadStatusRequest>,
+    ) -> Result<Response<GetWorkloadStatusResponse>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("id: is required"));
+        }
+        match self.store.get(&id).map_err(store_status)? {
+            Some(workload) => Ok(Response::new(GetWorkloadStatusResponse {
+                status: Some(self.wire_status(&workload)),
+            })),
+            None => Err(Status::not_found(format!("workload {id} not found"))),
+        }
+    }
+
+    async fn list_workloads(
+        &self,
+        request: Request<ListWorkloadsRequest>,
+    ) -> Result<Response<ListWorkloadsResponse>, Status> {
+        let filter = match WorkloadType::try_from(request.into_inner().r#type) {
+            Ok(WorkloadType::Unspecified) => None,
+            Ok(kind) => Some(kind),
+            Err(_) => return Err(Status::invalid_argument("type: unknown value")),
+        };
+        let workloads = self
+            .store
+            .list(filter)
+            .map_err(store_status)?
+            .iter()
+            .map(|w| self.wire_status(w))
+            .collect();
+        Ok(Response::new(ListWorkloadsResponse { workloads }))
+    }
+
+    async fn health_check(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let node = self.node.latest();
+        let mut runtime_status: BTreeMap<String, String> = self.runtimes.snapshot();
+        if !self.store.is_writable() {
+            runtime_status.insert("store".into(), "not writable".into());
+        }
+        if !self.informer.is_synced() {
+            runtime_status.insert("informer".into(), "not synced".into());
+        }
+        Ok(Response::new(HealthCheckResponse {
+            healthy: self.store.is_writable() && self.informer.is_synced(),
+            version: self.version.clone(),
+            runtime_status,
+            memory_utilization: node.memory,
+            cpu_utilization: node.cpu,
+            disk_utilization: node.disk,
+        }))
+    }
+
+    async fn list_actions(
+        &self,
+        request: Request<ListActionsRequest>,
+    ) -> Result<Response<ListActionsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = match request.limit {
+            n if n < 0 => return Err(Status::invalid_argument("limit: must not be negative")),
+            0 => 100,
+            n => (n as usize).min(10_000),
+        };
+        let store = self.store.clone();
+        let records = tokio::task::spawn_blocking(move || {
+            store.log_records(request.newest_first, limit, |record| {
+                let action = Agent::action_of(record);
+                (request.workload_id.is_empty() || action.workload_id == request.workload_id)
+                    && (request.action_type.is_empty() || action.action_type == request.action_type)
+                    && (request.status.is_empty() || action.status == request.status)
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(store_status)?;
+        Ok(Response::new(ListActionsResponse {
+            actions: records.iter().map(Agent::action_of).collect(),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let request = request.into_inner();
+        let type_filter = match WorkloadType::try_from(request.r#type) {
+            Ok(WorkloadType::Unspecified) => None,
+            Ok(kind) => Some(kind as i32),
+            Err(_) => return Err(Status::invalid_argument("type: unknown value")),
+        };
+        let id_filter = (!request.id.is_empty()).then_some(request.id.clone());
+        let matches = move |w: &Workload| {
+            type_filter.is_none_or(|t| w.workload_type() as i32 == t)
+                && id_filter.as_deref().is_none_or(|id| w.id() == id)
+        };
+        // From 0: the current objects first, as ADDED, then what follows.
+        let (initial, from) = if request.resource_version == 0 {
+            let (objects, rv) = self.informer.cache().snapshot();
+            let initial: Vec<WatchEvent> = objects
+                .into_iter()
+                .filter(|w| matches(w))
+                .map(|w| WatchEvent {
+                    r#type: WatchEventType::Added as i32,
+                    resource_version: w.resource_version(),
+                    object: Some((*w).clone()),
+                })
+                .collect();
+            (initial, rv)
+        } else {
+            if request.resource_version < self.store.compacted_through() {
+                return Err(store_status(StoreError::Expired {
+                    requested: request.resource_version,
+                    compacted_through: self.store.compacted_through(),
+                }));
+            }
+            (Vec::new(), request.resource_version)
+        };
+        let bookmark_every = Duration::from_secs(match request.bookmark_interval_seconds {
+            0 => 30,
+            n => n.into(),
+        });
+        let mut changes = Box::pin(self.store.watch(from));
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchEvent, Status>>(256);
+        tokio::spawn(async move {
+            for event in initial {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            let mut last = from;
+            let mut bookmark = tokio::time::interval_at(
+                tokio::time::Instant::now() + bookmark_every,
+                bookmark_every,
+            );
+            loop {
+                let item = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = bookmark.tick() => {
+                        let event = WatchEvent {
+                            r#type: WatchEventType::Bookmark as i32,
+                            resource_version: last,
+                            object: None,
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    item = changes.next() => item,
+                };
+                match item {
+                    Some(Ok(change)) => {
+                        last = change.resource_version;
+                        if !matches(&change.object) {
+                            continue;
+                        }
+                        bookmark.reset();
+                        let event = WatchEvent {
+                            r#type: match change.kind {
+                                ChangeKind::Added => WatchEventType::Added,
+                                ChangeKind::Modified => WatchEventType::Modified,
+                                ChangeKind::Deleted => WatchEventType::Deleted,
+                            } as i32,
+                            resource_version: change.resource_version,
+                            object: Some((*change.object).clone()),
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        let _ = tx.send(Err(store_status(error))).await;
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn describe_workload(
+        &self,
+        request: Request<DescribeWorkloadRequest>,
+    ) -> Result<Response<DescribeWorkloadResponse>, Status> {
+        let id = request.into_inner().id;
+        let Some(workload) = self.store.get(&id).map_err(store_status)? else {
+            return Err(Status::not_found(format!("workload {id} not found")));
+        };
+        let events = self.store.events(&id).map_err(store_status)?;
+        Ok(Response::new(DescribeWorkloadResponse {
+            status: Some(self.wire_status(&workload)),
+            workload: Some(workload),
+            events,
+        }))
+    }
+}
