@@ -55,7 +55,10 @@ async fn run(agent: &AgentProcess, certs: &Arc<Certs>, apply: bool) -> (f64, Vec
             while started.elapsed() < WINDOW {
                 let t = Instant::now();
                 if apply {
-                    let response = client.apply_workload(request(format!("c{c}-{i}"))).await.unwrap();
+                    let response = client
+                        .apply_workload(request(format!("c{c}-{i}")))
+                        .await
+                        .unwrap();
                     assert!(response.get_ref().applied);
                 } else {
                     client.health_check(HealthCheckRequest {}).await.unwrap();
@@ -76,7 +79,10 @@ async fn run(agent: &AgentProcess, certs: &Arc<Certs>, apply: bool) -> (f64, Vec
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-scratch/grpc");
         let _ = std::fs::remove_dir_all(&dir);
