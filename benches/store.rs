@@ -103,10 +103,7 @@ async fn applies_per_second(writers: usize, max_group: usize, window: Duration) 
         total += t.await.unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let commits = store
-        .metrics()
-        .commits
-        .load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let commits = store.metrics().commits.get() as f64;
     store.close().await;
     (total as f64 / elapsed, total as f64 / commits.max(1.0))
 }

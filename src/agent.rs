@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::node::NodeSampler;
 use crate::runtimes::RuntimeBoard;
+use crate::server::grpc_metrics::GrpcMetricsLayer;
 use crate::server::tls::{self, ReloadingConfig, TlsFiles};
 use crate::server::validate::Limits;
 use crate::server::{Agent, MAX_REQUEST_BYTES};
@@ -68,13 +70,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     if config.vm_enabled {
         enabled.insert(WorkloadType::Vm as i32);
     }
+    let metrics = Metrics::new(&store);
     let controllers = crate::runtimes::start_controllers(
         &config,
         &store,
         &informer,
         &runtimes,
+        Arc::new(metrics.clone()),
         background.clone(),
     );
+    let metrics_addr = std::net::SocketAddr::new(config.grpc_addr, config.metrics_port);
+    let metrics_listener =
+        TcpListener::bind(metrics_addr)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: metrics_addr,
+                source,
+            })?;
+    tracing::info!(
+        addr = %metrics_listener.local_addr().unwrap_or(metrics_addr),
+        "serving /metrics, /healthz, /readyz"
+    );
+    let metrics_task = tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        store.clone(),
+        informer.clone(),
+        runtimes.clone(),
+        background.clone(),
+    ));
 
     let node = NodeSampler::start(
         config.state_path.clone(),
@@ -97,6 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         node,
         version: config.agent_version(),
         usage: controllers.usage.clone(),
+        metrics: metrics.clone(),
         shutdown: background.clone(),
     };
 
@@ -135,6 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(64 * 1024 * 1024);
     let router = tonic::transport::Server::builder()
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);
@@ -176,6 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         let _ = task.await;
     }
     let _ = informer_task.await;
+    let _ = metrics_task.await;
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())

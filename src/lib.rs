@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod runtimes;
 pub mod server;

@@ -58,6 +58,7 @@ pub fn start_controllers(
     _store: &crate::store::Store,
     _informer: &persys_controllers::Informer,
     board: &RuntimeBoard,
+    _observer: Arc<dyn persys_controllers::ControllerObserver>,
     _shutdown: tokio_util::sync::CancellationToken,
 ) -> Controllers {
     let controllers = Controllers::default();

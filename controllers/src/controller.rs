@@ -82,8 +82,33 @@ pub trait Reconciler: Send + Sync + 'static {
     }
 }
 
+/// Where a controller reports what it does (metrics). Every method has a
+/// no-op default.
+pub trait ControllerObserver: Send + Sync + 'static {
+    /// A reconcile (or cleanup) finished: `result` is "success" or "error".
+    fn reconciled(&self, controller: &'static str, result: &'static str, took: Duration) {
+        let _ = (controller, result, took);
+    }
+
+    /// A key was scheduled for a retry after an error.
+    fn retried(&self, controller: &'static str) {
+        let _ = controller;
+    }
+
+    /// Keys waiting to run now.
+    fn queue_depth(&self, controller: &'static str, depth: usize) {
+        let _ = (controller, depth);
+    }
+}
+
+/// Observes nothing.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl ControllerObserver for NoObserver {}
+
 /// How a controller runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControllerConfig {
     /// Reconciles of different keys running at once.
     pub concurrency: usize,
@@ -91,6 +116,18 @@ pub struct ControllerConfig {
     pub resync_interval: Option<Duration>,
     /// Delay before retrying a key whose reconcile failed.
     pub error_backoff: Backoff,
+    /// Receives reconcile outcomes and queue depth.
+    pub observer: Arc<dyn ControllerObserver>,
+}
+
+impl std::fmt::Debug for ControllerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerConfig")
+            .field("concurrency", &self.concurrency)
+            .field("resync_interval", &self.resync_interval)
+            .field("error_backoff", &self.error_backoff)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ControllerConfig {
@@ -99,6 +136,7 @@ impl Default for ControllerConfig {
             concurrency: 4,
             resync_interval: Some(Duration::from_secs(30)),
             error_backoff: Backoff::ERRORS,
+            observer: Arc::new(NoObserver),
         }
     }
 }
@@ -121,6 +159,7 @@ struct Shared<R: Reconciler> {
     queue: Arc<WorkQueue>,
     /// A std mutex: held only to count a result, never across an await.
     backoff: Mutex<KeyedBackoff>,
+    observer: Arc<dyn ControllerObserver>,
 }
 
 impl<R: Reconciler> Controller<R> {
@@ -202,6 +241,7 @@ impl<R: Reconciler> Controller<R> {
             writer: self.writer,
             queue: self.queue.clone(),
             backoff: Mutex::new(KeyedBackoff::new(self.config.error_backoff)),
+            observer: self.config.observer.clone(),
         });
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut running = JoinSet::new();
@@ -220,6 +260,7 @@ impl<R: Reconciler> Controller<R> {
                     None => break,
                 },
             };
+            shared.observer.queue_depth(name, self.queue.len());
             let shared = shared.clone();
             running.spawn(async move {
                 shared.process(&key).await;
@@ -277,6 +318,7 @@ impl<R: Reconciler> Shared<R> {
             workload_id = key,
             generation
         );
+        let started = tokio::time::Instant::now();
         let outcome = async {
             match workload {
                 None => self.reconciler.reconcile_missing(key).await,
@@ -290,6 +332,8 @@ impl<R: Reconciler> Shared<R> {
         .instrument(span.clone())
         .await;
         let _entered = span.enter();
+        let result = if outcome.is_ok() { "success" } else { "error" };
+        self.observer.reconciled(name, result, started.elapsed());
         match outcome {
             Ok(action) => {
                 self.backoff().succeeded(key);
@@ -300,6 +344,7 @@ impl<R: Reconciler> Shared<R> {
             Err(error) => {
                 let delay = self.backoff().failed(key);
                 tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
+                self.observer.retried(name);
                 self.queue.add_after(key, delay);
             }
         }

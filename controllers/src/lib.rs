@@ -17,7 +17,9 @@ pub mod informer;
 pub mod queue;
 pub mod source;
 
-pub use controller::{Action, Cleanup, Controller, ControllerConfig, Reconciler};
+pub use controller::{
+    Action, Cleanup, Controller, ControllerConfig, ControllerObserver, NoObserver, Reconciler,
+};
 pub use informer::{Cache, Informer, Notification};
 pub use queue::WorkQueue;
 pub use source::{

@@ -143,6 +143,7 @@ fn config(resync: Option<Duration>) -> ControllerConfig {
             jitter: 0.0,
             ..persys_controllers::backoff::Backoff::ERRORS
         },
+        ..ControllerConfig::default()
     }
 }
 
@@ -403,4 +404,40 @@ async fn controller_shutdown_lets_a_running_reconcile_finish() {
         t.await.unwrap();
     }
     assert_eq!(recorder.running.load(Ordering::SeqCst), 0);
+}
+
+#[derive(Default)]
+struct Counting {
+    outcomes: Mutex<Vec<&'static str>>,
+    retries: AtomicUsize,
+}
+
+impl persys_controllers::ControllerObserver for Counting {
+    fn reconciled(&self, controller: &'static str, result: &'static str, _took: Duration) {
+        assert_eq!(controller, "test");
+        self.outcomes.lock().unwrap().push(result);
+    }
+
+    fn retried(&self, _controller: &'static str) {
+        self.retries.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_reports_outcomes_and_retries_to_its_observer() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    let recorder = Recorder::new(log.clone());
+    recorder.failures.lock().unwrap().insert("a".into(), 2);
+    let observer = Arc::new(Counting::default());
+    let mut config = config(None);
+    config.observer = observer.clone();
+    let h = start(log.clone(), recorder, config, None).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        *observer.outcomes.lock().unwrap(),
+        ["error", "error", "success"]
+    );
+    assert_eq!(observer.retries.load(Ordering::SeqCst), 2);
+    h.stop().await;
 }

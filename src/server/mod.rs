@@ -4,6 +4,7 @@
 //! the informer cache; none waits on a runtime. Applies and deletes only
 //! append to the log — the controllers do the work.
 
+pub mod grpc_metrics;
 pub mod tls;
 pub mod validate;
 
@@ -50,6 +51,7 @@ pub struct Agent {
     pub node: NodeSampler,
     pub version: String,
     pub usage: Option<UsageLookup>,
+    pub metrics: crate::metrics::Metrics,
     /// Ends Watch streams when the agent shuts down.
     pub shutdown: CancellationToken,
 }
@@ -119,9 +121,12 @@ impl AgentService for Agent {
         &self,
         request: Request<ApplyWorkloadRequest>,
     ) -> Result<Response<ApplyWorkloadResponse>, Status> {
-        let apply = validate::apply_request(request.into_inner(), &self.limits)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let apply = validate::apply_request(request.into_inner(), &self.limits).map_err(|e| {
+            self.metrics.apply("invalid");
+            Status::invalid_argument(e.to_string())
+        })?;
         if !self.enabled.contains(&(apply.workload_type as i32)) {
+            self.metrics.apply("refused");
             return Err(Status::failed_precondition(format!(
                 "{} workloads are disabled on this node ({}=false)",
                 apply.workload_type.short_name(),
@@ -129,7 +134,24 @@ impl AgentService for Agent {
             )));
         }
         let id = apply.id.clone();
-        let outcome = self.store.apply(apply).await.map_err(store_status)?;
+        let outcome = match self.store.apply(apply).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.metrics.apply(
+                    if error.is_retryable() || matches!(error, StoreError::Closed) {
+                        "error"
+                    } else {
+                        "refused"
+                    },
+                );
+                return Err(store_status(error));
+            }
+        };
+        self.metrics.apply(match &outcome {
+            ApplyOutcome::Created(_) => "created",
+            ApplyOutcome::Updated(_) => "updated",
+            ApplyOutcome::Unchanged(_) => "unchanged",
+        });
         let (applied, skipped, message) = match &outcome {
             ApplyOutcome::Created(w) => (
                 true,
@@ -166,11 +188,19 @@ impl AgentService for Agent {
     ) -> Result<Response<DeleteWorkloadResponse>, Status> {
         let id = request.into_inner().id;
         validate::validate_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let message = match self.store.delete(&id).await.map_err(store_status)? {
-            DeleteOutcome::NotFound => format!("workload {id} not found; nothing to delete"),
-            DeleteOutcome::Deleting(_) => format!("workload {id} is being deleted"),
-            DeleteOutcome::Deleted(_) => format!("workload {id} deleted"),
+        let outcome = self.store.delete(&id).await.map_err(|e| {
+            self.metrics.delete("error");
+            store_status(e)
+        })?;
+        let (label, message) = match outcome {
+            DeleteOutcome::NotFound => (
+                "not_found",
+                format!("workload {id} not found; nothing to delete"),
+            ),
+            DeleteOutcome::Deleting(_) => ("deleting", format!("workload {id} is being deleted")),
+            DeleteOutcome::Deleted(_) => ("deleted", format!("workload {id} deleted")),
         };
+        self.metrics.delete(label);
         tracing::info!(workload_id = %id, "delete");
         Ok(Response::new(DeleteWorkloadResponse {
             success: true,
@@ -305,7 +335,9 @@ impl AgentService for Agent {
         let mut changes = Box::pin(self.store.watch(from));
         let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchEvent, Status>>(256);
+        let open = crate::metrics::OpenStream::new(&self.metrics.watch_streams);
         tokio::spawn(async move {
+            let _open = open;
             for event in initial {
                 if tx.send(Ok(event)).await.is_err() {
                     return;

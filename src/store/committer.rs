@@ -260,10 +260,7 @@ impl Committer {
                 if let Some(to) = compact_to {
                     self.compacted_through = to;
                     self.inner.compacted_through.store(to, Ordering::Release);
-                    self.inner
-                        .metrics
-                        .compactions
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.inner.metrics.compactions.inc();
                 }
                 self.inner
                     .last_resource_version

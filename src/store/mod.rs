@@ -27,6 +27,8 @@ use std::time::Duration;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
 use persys_api::v1::{Event, EventType, ObjectStatus, Workload, WorkloadType};
 use persys_controllers::{Change, Listing};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -63,24 +65,35 @@ impl StoreConfig {
     }
 }
 
-/// Counters the store keeps about itself (exported as metrics).
-#[derive(Debug, Default)]
+/// What the store measures about itself (exported as metrics).
+#[derive(Debug, Clone)]
 pub struct StoreMetrics {
     /// Batches committed (each one sync).
-    pub commits: AtomicU64,
+    pub commits: Counter,
     /// Changes written (each one resource version).
-    pub changes: AtomicU64,
-    pub compactions: AtomicU64,
-    /// Total time spent committing, in microseconds.
-    pub commit_micros: AtomicU64,
+    pub changes: Counter,
+    pub compactions: Counter,
+    /// Time to commit and sync one group.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            commits: Counter::default(),
+            changes: Counter::default(),
+            compactions: Counter::default(),
+            // 50 µs … ~100 ms
+            commit_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 12)),
+        }
+    }
 }
 
 impl StoreMetrics {
     fn observe_commit(&self, took: Duration, changes: usize) {
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.changes.fetch_add(changes as u64, Ordering::Relaxed);
-        self.commit_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.commits.inc();
+        self.changes.inc_by(changes as u64);
+        self.commit_seconds.observe(took.as_secs_f64());
     }
 }
 

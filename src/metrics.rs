@@ -1,0 +1,355 @@
+//! Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness
+//! (`/readyz`) on `PERSYS_METRICS_PORT`.
+//!
+//! Counters and histograms are updated where things happen (the store's
+//! committer, the gRPC layer, the controller runtime); gauges that describe
+//! current state (workloads by type and state, runtime up, log size) are
+//! read from their source at scrape time, so they cannot go stale.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use persys_api::v1::ActualState;
+use persys_controllers::{ControllerObserver, Informer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::runtimes::RuntimeBoard;
+use crate::store::Store;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    pub workload_type: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuntimeLabels {
+    pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~26 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every metric of the agent. Cheap to clone (each metric is an `Arc`).
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub workloads: Family<WorkloadLabels, Gauge>,
+    pub applies: Family<OutcomeLabels, Counter>,
+    pub deletes: Family<OutcomeLabels, Counter>,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_seconds: Family<ReconcileLabels, Histogram>,
+    pub queue_depth: Family<ControllerLabels, Gauge>,
+    pub queue_retries: Family<ControllerLabels, Counter>,
+    pub log_entries: Gauge,
+    pub watch_streams: Gauge,
+    pub runtime_up: Family<RuntimeLabels, Gauge>,
+    pub grpc_requests: Family<GrpcLabels, Counter>,
+    pub grpc_seconds: Family<MethodLabels, Histogram>,
+    registry: Arc<Registry>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric; the store's own counters and
+    /// commit latency are registered from `store`.
+    pub fn new(store: &Store) -> Metrics {
+        let mut registry = Registry::with_prefix("persys_agent");
+        let workloads = Family::<WorkloadLabels, Gauge>::default();
+        let applies = Family::<OutcomeLabels, Counter>::default();
+        let deletes = Family::<OutcomeLabels, Counter>::default();
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let reconcile_seconds = Family::<ReconcileLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let queue_depth = Family::<ControllerLabels, Gauge>::default();
+        let queue_retries = Family::<ControllerLabels, Counter>::default();
+        let log_entries = Gauge::default();
+        let watch_streams = Gauge::default();
+        let runtime_up = Family::<RuntimeLabels, Gauge>::default();
+        let grpc_requests = Family::<GrpcLabels, Counter>::default();
+        let grpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+
+        registry.register(
+            "workloads",
+            "Workloads by type and actual state",
+            workloads.clone(),
+        );
+        registry.register("applies", "ApplyWorkload calls by outcome", applies.clone());
+        registry.register(
+            "deletes",
+            "DeleteWorkload calls by outcome",
+            deletes.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            reconciles.clone(),
+        );
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Reconcile duration by controller and result",
+            Unit::Seconds,
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "workqueue_depth",
+            "Keys waiting to be reconciled now",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "workqueue_retries",
+            "Keys requeued after a failed reconcile",
+            queue_retries.clone(),
+        );
+        let store_metrics = store.metrics();
+        registry.register_with_unit(
+            "store_commit_duration",
+            "Time to commit and fsync one group of writes",
+            Unit::Seconds,
+            store_metrics.commit_seconds.clone(),
+        );
+        registry.register(
+            "store_commits",
+            "Group commits (one fsync each)",
+            store_metrics.commits.clone(),
+        );
+        registry.register(
+            "store_writes",
+            "Changes written to the log",
+            store_metrics.changes.clone(),
+        );
+        registry.register(
+            "store_compactions",
+            "Log compactions",
+            store_metrics.compactions.clone(),
+        );
+        registry.register(
+            "store_log_entries",
+            "Entries in the change log",
+            log_entries.clone(),
+        );
+        registry.register("watch_streams", "Watch streams open", watch_streams.clone());
+        registry.register(
+            "runtime_up",
+            "1 when the runtime is reachable and healthy",
+            runtime_up.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "gRPC requests by method and status code",
+            grpc_requests.clone(),
+        );
+        registry.register_with_unit(
+            "grpc_request_duration",
+            "gRPC request latency by method",
+            Unit::Seconds,
+            grpc_seconds.clone(),
+        );
+        Metrics {
+            workloads,
+            applies,
+            deletes,
+            reconciles,
+            reconcile_seconds,
+            queue_depth,
+            queue_retries,
+            log_entries,
+            watch_streams,
+            runtime_up,
+            grpc_requests,
+            grpc_seconds,
+            registry: Arc::new(registry),
+        }
+    }
+
+    pub fn apply(&self, outcome: &str) {
+        self.applies
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn delete(&self, outcome: &str) {
+        self.deletes
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Reads the current-state gauges from their sources, then encodes
+    /// everything in the Prometheus text format.
+    pub fn render(&self, store: &Store, informer: &Informer, runtimes: &RuntimeBoard) -> String {
+        self.workloads.clear();
+        for kind in ["container", "compose", "vm"] {
+            for state in ["Pending", "Running", "Stopped", "Failed", "Unknown"] {
+                self.workloads
+                    .get_or_create(&WorkloadLabels {
+                        workload_type: kind.into(),
+                        state: state.into(),
+                    })
+                    .set(0);
+            }
+        }
+        for workload in informer.cache().list() {
+            let state = match workload.status.as_ref().map(|s| s.actual_state()) {
+                None | Some(ActualState::Unspecified) => ActualState::Pending,
+                Some(state) => state,
+            };
+            self.workloads
+                .get_or_create(&WorkloadLabels {
+                    workload_type: workload.workload_type().short_name().into(),
+                    state: state.short_name().into(),
+                })
+                .inc();
+        }
+        self.log_entries.set(store.log_len() as i64);
+        for (runtime, status) in runtimes.snapshot() {
+            self.runtime_up
+                .get_or_create(&RuntimeLabels { runtime })
+                .set(i64::from(status == crate::runtimes::HEALTHY));
+        }
+        let mut text = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+impl ControllerObserver for Metrics {
+    fn reconciled(&self, controller: &'static str, result: &'static str, took: Duration) {
+        let labels = ReconcileLabels {
+            controller: controller.into(),
+            result: result.into(),
+        };
+        self.reconciles.get_or_create(&labels).inc();
+        self.reconcile_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    fn retried(&self, controller: &'static str) {
+        self.queue_retries
+            .get_or_create(&ControllerLabels {
+                controller: controller.into(),
+            })
+            .inc();
+    }
+
+    fn queue_depth(&self, controller: &'static str, depth: usize) {
+        self.queue_depth
+            .get_or_create(&ControllerLabels {
+                controller: controller.into(),
+            })
+            .set(depth as i64);
+    }
+}
+
+/// Counts a Watch stream as open for as long as it lives.
+pub struct OpenStream(Gauge);
+
+impl OpenStream {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        OpenStream(gauge.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    store: Store,
+    informer: Informer,
+    runtimes: RuntimeBoard,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    let ready = {
+        let store = store.clone();
+        let informer = informer.clone();
+        move || {
+            let store = store.clone();
+            let informer = informer.clone();
+            async move {
+                if store.is_writable() && informer.is_synced() {
+                    (StatusCode::OK, "ready\n")
+                } else if !store.is_writable() {
+                    (StatusCode::SERVICE_UNAVAILABLE, "store not writable\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "informer not synced\n")
+                }
+            }
+        }
+    };
+    let render = move || {
+        let metrics = metrics.clone();
+        let store = store.clone();
+        let informer = informer.clone();
+        let runtimes = runtimes.clone();
+        async move {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                metrics.render(&store, &informer, &runtimes),
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready));
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}

@@ -1,0 +1,144 @@
+//! /metrics, /healthz and /readyz of a running agent: the counters move
+//! where things happen.
+
+mod common;
+
+use common::{AgentProcess, Certs, client, http_get, sample};
+use persys_api::v1::*;
+
+fn container(id: &str, image: &str) -> ApplyWorkloadRequest {
+    ApplyWorkloadRequest {
+        id: id.into(),
+        r#type: WorkloadType::Container as i32,
+        revision_id: String::new(),
+        desired_state: DesiredState::Running as i32,
+        spec: Some(WorkloadSpec {
+            spec: Some(workload_spec::Spec::Container(ContainerSpec {
+                image: image.into(),
+                ..Default::default()
+            })),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn metrics_move_after_applies_and_probes_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(&dir.path().join("certs"));
+    let agent = AgentProcess::start(
+        &dir.path().join("state"),
+        &certs,
+        &[
+            ("PERSYS_DOCKER_ENABLED", "true"),
+            ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+        ],
+    )
+    .await;
+    let port = agent.metrics_port;
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    assert_eq!(http_get(port, "/readyz"), (200, "ready\n".to_string()));
+
+    let (status, before) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&before, r#"persys_agent_applies_total{outcome="created"}"#),
+        None
+    );
+
+    let mut client = client(agent.port, &certs).await.unwrap();
+    client
+        .apply_workload(container("web", "nginx:1"))
+        .await
+        .unwrap();
+    client
+        .apply_workload(container("web", "nginx:1"))
+        .await
+        .unwrap();
+    client
+        .apply_workload(container("db", "postgres:16"))
+        .await
+        .unwrap();
+    client
+        .apply_workload(container("bad id", "nginx"))
+        .await
+        .unwrap_err();
+    client
+        .delete_workload(DeleteWorkloadRequest { id: "nope".into() })
+        .await
+        .unwrap();
+
+    let (_, after) = http_get(port, "/metrics");
+    let value = |series: &str| {
+        sample(&after, series).unwrap_or_else(|| panic!("{series} missing:\n{after}"))
+    };
+    assert_eq!(
+        value(r#"persys_agent_applies_total{outcome="created"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"persys_agent_applies_total{outcome="unchanged"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"persys_agent_applies_total{outcome="invalid"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"persys_agent_deletes_total{outcome="not_found"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"persys_agent_workloads{workload_type="container",state="Pending"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"persys_agent_workloads{workload_type="vm",state="Running"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(
+            r#"persys_agent_grpc_requests_total{method="persys.agent.v1.AgentService/ApplyWorkload",code="OK"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            r#"persys_agent_grpc_requests_total{method="persys.agent.v1.AgentService/ApplyWorkload",code="InvalidArgument"}"#
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            r#"persys_agent_grpc_request_duration_seconds_count{method="persys.agent.v1.AgentService/ApplyWorkload"}"#
+        ) >= 4.0
+    );
+    assert!(value("persys_agent_store_commits_total") >= 2.0);
+    assert!(value("persys_agent_store_writes_total") >= 2.0);
+    assert!(value("persys_agent_store_commit_duration_seconds_count") >= 2.0);
+    assert!(value("persys_agent_store_log_entries") >= 2.0);
+    assert_eq!(
+        value(r#"persys_agent_runtime_up{runtime="docker"}"#),
+        0.0,
+        "docker is unreachable"
+    );
+
+    // A Watch stream is counted while it is open.
+    let stream = client
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, text) = http_get(port, "/metrics");
+        if sample(&text, "persys_agent_watch_streams") == Some(1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch stream not counted:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(stream);
+}
