@@ -173,7 +173,7 @@ impl AgentService for Agent {
                 format!("workload {id} already at revision {}", w.revision_id()),
             ),
         };
-        tracing::info!(workload_id = %id, applied, skipped, "apply");
+        tracing::debug!(workload_id = %id, applied, skipped, "apply");
         Ok(Response::new(ApplyWorkloadResponse {
             applied,
             skipped,
@@ -201,7 +201,7 @@ impl AgentService for Agent {
             DeleteOutcome::Deleted(_) => ("deleted", format!("workload {id} deleted")),
         };
         self.metrics.delete(label);
-        tracing::info!(workload_id = %id, "delete");
+        tracing::info!(workload_id = %id, "delete requested");
         Ok(Response::new(DeleteWorkloadResponse {
             success: true,
             message,
