@@ -109,8 +109,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         store: store.clone(),
         informer: informer.clone(),
         limits: Arc::new(Limits {
-            state_path: config.state_path.clone(),
-            allowed_host_paths: config.allowed_host_paths.clone(),
+            host_paths: crate::runtimes::host_path_policy(&config),
             vm_disk_roots: vec![
                 "/var/lib/libvirt/images".into(),
                 config.state_path.join("vm"),

@@ -2,6 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use persys_controllers::docker::{DockerConfig, DockerController, HostPathPolicy};
+use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::store::Store;
 
 /// `runtime name → "healthy" or the reason it is not`. Written by the
 /// runtime probes, read by HealthCheck and metrics.
@@ -50,20 +58,82 @@ pub struct Controllers {
     pub usage: Option<crate::server::UsageLookup>,
 }
 
+/// How often each runtime's health is probed for HealthCheck and metrics.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The Docker controller's settings from the agent's configuration.
+pub fn docker_config(config: &Config) -> DockerConfig {
+    DockerConfig {
+        host: Some(config.docker_host.clone()),
+        host_paths: host_path_policy(config),
+        ..DockerConfig::default()
+    }
+}
+
+/// Which host paths containers may bind-mount on this node.
+pub fn host_path_policy(config: &Config) -> HostPathPolicy {
+    HostPathPolicy::new(Some(&config.state_path), config.allowed_host_paths.clone())
+}
+
+fn controller_config(config: &Config, observer: Arc<dyn ControllerObserver>) -> ControllerConfig {
+    ControllerConfig {
+        resync_interval: config
+            .reconcile_enabled
+            .then_some(config.reconcile_interval),
+        observer,
+        ..ControllerConfig::default()
+    }
+}
+
 /// Starts the controller of every enabled runtime. A runtime that cannot be
 /// reached does not stop the agent: its controller keeps retrying and the
 /// board says why it is unhealthy.
 pub fn start_controllers(
-    config: &crate::config::Config,
-    _store: &crate::store::Store,
-    _informer: &persys_controllers::Informer,
+    config: &Config,
+    store: &Store,
+    informer: &Informer,
     board: &RuntimeBoard,
-    _observer: Arc<dyn persys_controllers::ControllerObserver>,
-    _shutdown: tokio_util::sync::CancellationToken,
+    observer: Arc<dyn ControllerObserver>,
+    shutdown: CancellationToken,
 ) -> Controllers {
-    let controllers = Controllers::default();
+    let mut controllers = Controllers::default();
+    if config.docker_enabled {
+        let docker = Arc::new(DockerController::new(
+            docker_config(config),
+            Arc::new(store.clone()),
+        ));
+        let controller = Controller::new(
+            docker.clone(),
+            informer.clone(),
+            Arc::new(store.clone()),
+            controller_config(config, observer.clone()),
+        )
+        .with_trigger(docker.trigger(informer.cache()));
+        controllers
+            .tasks
+            .push(tokio::spawn(controller.run(shutdown.clone())));
+        controllers
+            .tasks
+            .push(tokio::spawn(docker.usage_sampler().run(shutdown.clone())));
+        let usage = docker.usage();
+        controllers.usage = Some(Arc::new(move |id: &str| usage.get(id)));
+        let board = board.clone();
+        let stop = shutdown.clone();
+        controllers.tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                match docker.ping().await {
+                    Ok(_) => board.set("docker", HEALTHY),
+                    Err(error) => board.set("docker", format!("unreachable: {error}")),
+                }
+            }
+        }));
+    }
     for (enabled, name) in [
-        (config.docker_enabled, "docker"),
         (config.compose_enabled, "compose"),
         (config.vm_enabled, "vm"),
     ] {

@@ -10,9 +10,11 @@
 //! - [`backoff`]: exponential backoff with jitter, per key.
 //! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
 //!   drives one from informer changes, runtime triggers and a periodic resync.
+//! - [`docker`]: the Docker controller — container workloads.
 
 pub mod backoff;
 pub mod controller;
+pub mod docker;
 pub mod informer;
 pub mod queue;
 pub mod source;

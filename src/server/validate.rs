@@ -1,13 +1,14 @@
 //! Validation of an ApplyWorkload request: every refusal names the field,
 //! and nothing is stored.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use persys_api::v1::{
     ApplyWorkloadRequest, ComposeSpec, ContainerSpec, DesiredState, VmSpec, WorkloadType,
     workload_spec,
 };
+
+use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
 
 use crate::store::ApplyRequest;
 
@@ -29,28 +30,12 @@ fn refuse<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, 
 /// What validation needs to know about this node.
 #[derive(Debug, Clone, Default)]
 pub struct Limits {
-    /// The agent's state directory: never mountable.
-    pub state_path: PathBuf,
-    /// When not empty, bind mounts must lie under one of these.
-    pub allowed_host_paths: Vec<PathBuf>,
+    /// Which host paths containers may bind-mount (never the host's critical
+    /// paths nor the agent's state; within PERSYS_ALLOWED_HOST_PATHS).
+    pub host_paths: HostPathPolicy,
     /// Roots VM disk files must lie under.
     pub vm_disk_roots: Vec<PathBuf>,
 }
-
-/// Host paths a container may never mount, nor any folder holding them.
-const CRITICAL_HOST_PATHS: &[&str] = &[
-    "/",
-    "/etc",
-    "/proc",
-    "/sys",
-    "/dev",
-    "/boot",
-    "/root",
-    "/run",
-    "/var/run",
-    "/var/run/docker.sock",
-    "/run/docker.sock",
-];
 
 /// Checks a request and turns it into a store apply. Unspecified type is
 /// taken from the spec (container when there is none); unspecified desired
@@ -137,90 +122,6 @@ pub fn validate_id(id: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-/// A Docker image reference: `[host[:port]/]path[:tag][@digest]`.
-pub fn validate_image(field: &str, image: &str) -> Result<(), FieldError> {
-    if image.is_empty() {
-        return refuse(field, "is required");
-    }
-    let bad = |why: &str| {
-        refuse(
-            field,
-            format!("{image:?} is not a valid image reference: {why}"),
-        )
-    };
-    if image.len() > 512 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return bad("no whitespace, at most 512 characters");
-    }
-    let (name_tag, digest) = match image.split_once('@') {
-        Some((n, d)) => (n, Some(d)),
-        None => (image, None),
-    };
-    if let Some(digest) = digest {
-        let Some((algorithm, hex)) = digest.split_once(':') else {
-            return bad("a digest is algorithm:hex");
-        };
-        let algorithm_ok = !algorithm.is_empty()
-            && algorithm
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-_".contains(c));
-        if !algorithm_ok || hex.len() < 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return bad("malformed digest");
-        }
-    }
-    // A tag follows the last ':' after the last '/'.
-    let last_slash = name_tag.rfind('/').map(|i| i + 1).unwrap_or(0);
-    let (name, tag) = match name_tag[last_slash..].rfind(':') {
-        Some(i) => (
-            &name_tag[..last_slash + i],
-            Some(&name_tag[last_slash + i + 1..]),
-        ),
-        None => (name_tag, None),
-    };
-    if let Some(tag) = tag {
-        let mut chars = tag.chars();
-        let ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-            && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-            && tag.len() <= 128;
-        if !ok {
-            return bad("malformed tag");
-        }
-    }
-    let mut components: Vec<&str> = name.split('/').collect();
-    if components.len() > 1 {
-        let first = components[0];
-        let is_host = first.contains('.') || first.contains(':') || first == "localhost";
-        if is_host {
-            let (host, port) = match first.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (first, None),
-            };
-            let host_ok = !host.is_empty()
-                && host.split('.').all(|l| {
-                    !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-                });
-            let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok());
-            if !host_ok || !port_ok {
-                return bad("malformed registry host");
-            }
-            components.remove(0);
-        }
-    }
-    for component in components {
-        let ok = !component.is_empty()
-            && component
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
-            && component.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && component.ends_with(|c: char| c.is_ascii_alphanumeric());
-        if !ok {
-            return bad("repository names are lowercase letters, digits and separators");
-        }
-    }
-    Ok(())
-}
-
 fn validate_env(
     field: &str,
     env: &std::collections::BTreeMap<String, String>,
@@ -281,168 +182,13 @@ fn normalise(path: &Path) -> PathBuf {
     out
 }
 
-/// Refuses bind mounts of the host's critical paths, of any folder holding
-/// one, of the agent's state, and (with an allow-list) of anything outside it.
-pub fn validate_host_path(field: &str, host_path: &str, limits: &Limits) -> Result<(), FieldError> {
-    if host_path.is_empty() {
-        return refuse(field, "is required");
-    }
-    if !host_path.starts_with('/') {
-        return refuse(field, format!("{host_path:?} must be an absolute path"));
-    }
-    let path = canonical_host_path(Path::new(host_path));
-    let mut forbidden: Vec<PathBuf> = CRITICAL_HOST_PATHS.iter().map(PathBuf::from).collect();
-    if !limits.state_path.as_os_str().is_empty() {
-        forbidden.push(canonical_host_path(&limits.state_path));
-    }
-    for critical in &forbidden {
-        // The critical path itself, anything under it (but `/`), or a folder holding it.
-        let is_or_under =
-            path == *critical || (critical != Path::new("/") && path.starts_with(critical));
-        if is_or_under || critical.starts_with(&path) {
-            return refuse(
-                field,
-                format!(
-                    "{host_path:?} (resolved to {}) exposes the host's {} and cannot be mounted",
-                    path.display(),
-                    critical.display()
-                ),
-            );
-        }
-    }
-    if !limits.allowed_host_paths.is_empty()
-        && !limits
-            .allowed_host_paths
-            .iter()
-            .any(|prefix| path.starts_with(canonical_host_path(prefix)))
-    {
-        return refuse(
-            field,
-            format!("{host_path:?} is outside the allowed host paths (PERSYS_ALLOWED_HOST_PATHS)"),
-        );
-    }
-    Ok(())
-}
-
+/// The Docker controller's own checks, run at apply time so a bad spec is
+/// refused with INVALID_ARGUMENT instead of failing later.
 fn validate_container(spec: &ContainerSpec, limits: &Limits) -> Result<(), FieldError> {
-    validate_image("spec.container.image", &spec.image)?;
-    validate_env("spec.container.env", &spec.env)?;
-    for (i, volume) in spec.volumes.iter().enumerate() {
-        validate_host_path(
-            &format!("spec.container.volumes[{i}].host_path"),
-            &volume.host_path,
-            limits,
-        )?;
-        if !volume.container_path.starts_with('/') {
-            return refuse(
-                format!("spec.container.volumes[{i}].container_path"),
-                "must be an absolute path",
-            );
-        }
-    }
-    let mut bound = BTreeSet::new();
-    for (i, port) in spec.ports.iter().enumerate() {
-        let field = format!("spec.container.ports[{i}]");
-        if !(1..=65535).contains(&port.container_port) {
-            return refuse(format!("{field}.container_port"), "must be 1-65535");
-        }
-        if !(0..=65535).contains(&port.host_port) {
-            return refuse(
-                format!("{field}.host_port"),
-                "must be 0-65535 (0: not published)",
-            );
-        }
-        let protocol = if port.protocol.is_empty() {
-            "tcp"
-        } else {
-            port.protocol.as_str()
-        };
-        if protocol != "tcp" && protocol != "udp" {
-            return refuse(
-                format!("{field}.protocol"),
-                format!("{:?} is not tcp or udp", port.protocol),
-            );
-        }
-        if port.host_port != 0 && !bound.insert((port.host_port, protocol.to_string())) {
-            return refuse(
-                format!("{field}.host_port"),
-                format!("{}/{protocol} is published twice", port.host_port),
-            );
-        }
-    }
-    if let Some(r) = &spec.resources {
-        for (name, value) in [
-            ("cpu_shares", r.cpu_shares),
-            ("memory_bytes", r.memory_bytes),
-            ("memory_swap_bytes", r.memory_swap_bytes),
-        ] {
-            if value < 0 && !(name == "memory_swap_bytes" && value == -1) {
-                return refuse(
-                    format!("spec.container.resources.{name}"),
-                    "must not be negative",
-                );
-            }
-        }
-        if r.memory_bytes > 0 && r.memory_bytes < 6 * 1024 * 1024 {
-            return refuse(
-                "spec.container.resources.memory_bytes",
-                "must be at least 6 MiB (Docker's minimum)",
-            );
-        }
-        if r.memory_swap_bytes > 0 && r.memory_bytes > 0 && r.memory_swap_bytes < r.memory_bytes {
-            return refuse(
-                "spec.container.resources.memory_swap_bytes",
-                "is memory plus swap, so it cannot be below memory_bytes",
-            );
-        }
-    }
-    if let Some(policy) = &spec.restart_policy {
-        if !matches!(
-            policy.policy.as_str(),
-            "" | "no" | "always" | "on-failure" | "unless-stopped"
-        ) {
-            return refuse(
-                "spec.container.restart_policy.policy",
-                format!(
-                    "{:?} is not one of no, always, on-failure, unless-stopped",
-                    policy.policy
-                ),
-            );
-        }
-        if policy.max_retry_count < 0 {
-            return refuse(
-                "spec.container.restart_policy.max_retry_count",
-                "must not be negative",
-            );
-        }
-    }
-    if !matches!(
-        spec.image_pull_policy.as_str(),
-        "" | "IfNotPresent" | "Always" | "Never"
-    ) {
-        return refuse(
-            "spec.container.image_pull_policy",
-            format!(
-                "{:?} is not one of IfNotPresent, Always, Never",
-                spec.image_pull_policy
-            ),
-        );
-    }
-    if spec.stop_grace_period_seconds < 0 {
-        return refuse(
-            "spec.container.stop_grace_period_seconds",
-            "must not be negative",
-        );
-    }
-    for key in spec.labels.keys() {
-        if key.starts_with("persys.") || key.starts_with("com.docker.compose.") {
-            return refuse(
-                format!("spec.container.labels[{key:?}]"),
-                "is reserved for the agent",
-            );
-        }
-    }
-    Ok(())
+    validate_container_spec(spec, &limits.host_paths).map_err(|e| FieldError {
+        field: e.field,
+        message: e.message,
+    })
 }
 
 /// Compose's project-name rule: lowercase letters, digits, `-` and `_`,
@@ -564,85 +310,6 @@ mod tests {
         ] {
             assert_eq!(validate_id(bad).unwrap_err().field, "id", "{bad}");
         }
-    }
-
-    #[test]
-    fn image_references_are_checked() {
-        for good in [
-            "nginx",
-            "nginx:1.25",
-            "library/nginx:latest",
-            "persys-test/busybox:latest",
-            "localhost:5000/team/app:v1.2-rc_3",
-            "registry.example.com/a/b",
-            "ghcr.io/org/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-        ] {
-            assert!(validate_image("image", good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            "Nginx",
-            "nginx:",
-            "nginx::1",
-            "a b",
-            "nginx@sha256:xyz",
-            "-nginx",
-            "reg:99999/app",
-            "a//b",
-        ] {
-            assert!(validate_image("image", bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn critical_host_paths_are_refused() {
-        let limits = Limits {
-            state_path: PathBuf::from("/var/lib/persys/state"),
-            ..Default::default()
-        };
-        for bad in [
-            "/",
-            "/etc",
-            "/etc/",
-            "/etc/passwd",
-            "/proc/1",
-            "/sys",
-            "/dev/sda",
-            "/boot",
-            "/root/.ssh",
-            "/run",
-            "/var/run/docker.sock",
-            "/var/lib/persys",
-            "/var/lib/persys/state/db",
-            "/tmp/../etc",
-            "relative/path",
-        ] {
-            assert!(validate_host_path("v", bad, &limits).is_err(), "{bad}");
-        }
-        for good in ["/srv/data", "/var/lib/app", "/tmp/x", "/home/user/data"] {
-            assert!(validate_host_path("v", good, &limits).is_ok(), "{good}");
-        }
-    }
-
-    #[test]
-    fn a_symlink_to_a_critical_path_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let link = dir.path().join("innocent");
-        std::os::unix::fs::symlink("/etc", &link).unwrap();
-        let error =
-            validate_host_path("v", link.to_str().unwrap(), &Limits::default()).unwrap_err();
-        assert!(error.message.contains("/etc"), "{error}");
-    }
-
-    #[test]
-    fn an_allow_list_confines_bind_mounts() {
-        let limits = Limits {
-            allowed_host_paths: vec![PathBuf::from("/srv")],
-            ..Default::default()
-        };
-        assert!(validate_host_path("v", "/srv/data", &limits).is_ok());
-        assert!(validate_host_path("v", "/srv/../home", &limits).is_err());
-        assert!(validate_host_path("v", "/home/data", &limits).is_err());
     }
 
     #[test]

@@ -1,0 +1,74 @@
+//! How the Docker controller is set up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::restart::CrashLoopPolicy;
+use super::validate::HostPathPolicy;
+use crate::backoff::Backoff;
+
+/// The scope an agent labels its containers with unless told otherwise.
+pub const DEFAULT_SCOPE: &str = "default";
+
+/// Settings of a [`super::DockerController`].
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`);
+    /// none: `DOCKER_HOST`, else the default socket.
+    pub host: Option<String>,
+    /// Value of the `persys.scope` label: an agent adopts, watches and
+    /// collects only containers of its own scope, so two agents (or
+    /// parallel test runs) sharing an engine leave each other alone.
+    pub scope: String,
+    /// A managed container whose workload is gone is removed after this
+    /// long. Longer than the scheduler's 300 s re-list, so an agent that lost
+    /// its state gets the workload re-applied and adopts the container
+    /// instead of recreating it.
+    pub orphan_grace: Duration,
+    /// Crash-loop back-off (kubelet: 10 s doubling to 5 min, reset after
+    /// 10 min of running).
+    pub crash_loop: CrashLoopPolicy,
+    /// Back-off between pulls of an image that failed to pull (kubelet's
+    /// ImagePullBackOff: 10 s doubling to 5 min).
+    pub pull_backoff: Backoff,
+    /// A docker `config.json` with registry credentials (`auths`); none:
+    /// anonymous pulls.
+    pub registry_auth_file: Option<PathBuf>,
+    /// Which host paths containers may bind-mount.
+    pub host_paths: HostPathPolicy,
+    /// Log lines put into `last_error` when a container fails.
+    pub log_tail_lines: usize,
+    /// Reconnect back-off of the `/events` stream after the engine went away.
+    pub events_backoff: Backoff,
+    /// How often running containers' usage is sampled.
+    pub usage_interval: Duration,
+    /// Stats requests in flight at once (each takes about a second: the
+    /// engine samples twice to compute CPU use).
+    pub usage_concurrency: usize,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            host: None,
+            scope: DEFAULT_SCOPE.to_string(),
+            orphan_grace: Duration::from_secs(600),
+            crash_loop: CrashLoopPolicy::default(),
+            pull_backoff: Backoff {
+                base: Duration::from_secs(10),
+                cap: Duration::from_secs(300),
+                jitter: 0.0,
+            },
+            registry_auth_file: None,
+            host_paths: HostPathPolicy::default(),
+            log_tail_lines: 20,
+            events_backoff: Backoff {
+                base: Duration::from_millis(250),
+                cap: Duration::from_secs(5),
+                jitter: 0.2,
+            },
+            usage_interval: Duration::from_secs(15),
+            usage_concurrency: 4,
+        }
+    }
+}

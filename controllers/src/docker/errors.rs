@@ -1,0 +1,410 @@
+//! What went wrong, classified from the engine's typed errors.
+
+use std::fmt;
+
+use bollard::errors::Error as EngineError;
+
+use super::validate::SpecError;
+use crate::source::WriteError;
+
+/// An engine operation, for classification and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Connect,
+    List,
+    Inspect,
+    InspectImage,
+    Pull,
+    CreateVolume,
+    RemoveVolume,
+    Create,
+    Start,
+    Stop,
+    Remove,
+    Unpause,
+    Logs,
+    Stats,
+    Ping,
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operation::Connect => "connect",
+            Operation::List => "list containers",
+            Operation::Inspect => "inspect the container",
+            Operation::InspectImage => "inspect the image",
+            Operation::Pull => "pull the image",
+            Operation::CreateVolume => "create a volume",
+            Operation::RemoveVolume => "remove a volume",
+            Operation::Create => "create the container",
+            Operation::Start => "start the container",
+            Operation::Stop => "stop the container",
+            Operation::Remove => "remove the container",
+            Operation::Unpause => "unpause the container",
+            Operation::Logs => "read the container log",
+            Operation::Stats => "read container stats",
+            Operation::Ping => "ping the engine",
+        })
+    }
+}
+
+/// Why a workload is not running as declared: the codes status carries in
+/// `failure_reason` (DESIGN §5), plus the two that describe the container
+/// itself rather than an engine error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// The registry could not be reached, refused the credentials, or the
+    /// pull broke off. Retried with back-off.
+    ImagePullFailed,
+    /// The image does not exist (in the registry, or locally under the
+    /// `Never` pull policy). Retried with back-off: a tag can be pushed later.
+    ImageNotFound,
+    /// The engine refused the spec (HTTP 400: a bad entrypoint, a limit
+    /// below the minimum…) or it failed validation. Terminal.
+    InvalidSpec,
+    /// A published host port is taken. Retried with back-off.
+    PortBindConflict,
+    /// The node is out of memory or disk. Retried with back-off.
+    InsufficientResources,
+    /// Anything else the engine failed at, and an unreachable engine.
+    RuntimeError,
+    /// The container keeps exiting; restarts are spaced out.
+    CrashLoopBackOff,
+    /// The container exited and its restart policy does not restart it.
+    /// Terminal until the spec changes.
+    ContainerExited,
+}
+
+impl FailureReason {
+    /// The code in `status.failure_reason`.
+    pub fn code(self) -> &'static str {
+        match self {
+            FailureReason::ImagePullFailed => "IMAGE_PULL_FAILED",
+            FailureReason::ImageNotFound => "IMAGE_NOT_FOUND",
+            FailureReason::InvalidSpec => "INVALID_SPEC",
+            FailureReason::PortBindConflict => "PORT_BIND_CONFLICT",
+            FailureReason::InsufficientResources => "INSUFFICIENT_RESOURCES",
+            FailureReason::RuntimeError => "RUNTIME_ERROR",
+            FailureReason::CrashLoopBackOff => "CRASH_LOOP_BACKOFF",
+            FailureReason::ContainerExited => "CONTAINER_EXITED",
+        }
+    }
+
+    /// The code the Persys scheduler knows for this reason (WIRE.md), where
+    /// it has one: `INVALID_SPECIFICATION` and `PORT_BIND_CONFLICT` stop it
+    /// from re-applying.
+    pub fn scheduler_code(self) -> &'static str {
+        match self {
+            FailureReason::InvalidSpec => "INVALID_SPECIFICATION",
+            other => other.code(),
+        }
+    }
+
+    /// True when retrying cannot help until the spec changes
+    /// (`status.retry_terminal`).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            FailureReason::InvalidSpec | FailureReason::ContainerExited
+        )
+    }
+
+    /// The `Ready` condition's reason, in the CamelCase of conditions.
+    pub fn condition_reason(self) -> &'static str {
+        match self {
+            FailureReason::ImagePullFailed | FailureReason::ImageNotFound => "ImagePullBackOff",
+            FailureReason::InvalidSpec => "InvalidSpec",
+            FailureReason::PortBindConflict => "PortBindConflict",
+            FailureReason::InsufficientResources => "InsufficientResources",
+            FailureReason::RuntimeError => "RuntimeError",
+            FailureReason::CrashLoopBackOff => "CrashLoopBackOff",
+            FailureReason::ContainerExited => "Exited",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// True when `error` means the engine did not answer at all (no socket,
+/// connection refused or reset, timeout), as opposed to an answer that
+/// refused the request.
+pub fn is_unreachable(error: &EngineError) -> bool {
+    matches!(
+        error,
+        EngineError::HyperLegacyError { .. }
+            | EngineError::HyperResponseError { .. }
+            | EngineError::IOError { .. }
+            | EngineError::SocketNotFoundError(_)
+            | EngineError::RequestTimeoutError
+    )
+}
+
+/// Classifies an engine error by the operation and the HTTP status the
+/// engine answered. The engine reports a taken port or an exhausted node
+/// only as a 500 with a message, so those two are recognised by their
+/// message here, and nowhere else.
+pub fn classify(operation: Operation, error: &EngineError) -> FailureReason {
+    match error {
+        EngineError::DockerResponseServerError {
+            status_code,
+            message,
+        } => match (operation, *status_code) {
+            (Operation::Pull, 404) => FailureReason::ImageNotFound,
+            (Operation::Pull, _) => FailureReason::ImagePullFailed,
+            (Operation::InspectImage | Operation::Create, 404) => FailureReason::ImageNotFound,
+            (Operation::Create | Operation::Start | Operation::CreateVolume, 400) => {
+                FailureReason::InvalidSpec
+            }
+            (_, 500) if is_port_conflict(message) => FailureReason::PortBindConflict,
+            (_, 500) if is_resource_exhaustion(message) => FailureReason::InsufficientResources,
+            _ => FailureReason::RuntimeError,
+        },
+        EngineError::DockerStreamError { .. } if operation == Operation::Pull => {
+            FailureReason::ImagePullFailed
+        }
+        _ => FailureReason::RuntimeError,
+    }
+}
+
+fn is_port_conflict(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("port is already allocated") || message.contains("address already in use")
+}
+
+fn is_resource_exhaustion(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("no space left on device")
+        || message.contains("cannot allocate memory")
+        || message.contains("out of memory")
+}
+
+/// An error of the Docker controller, with the workload and what was being
+/// done.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    /// The engine did not answer; retry with back-off.
+    #[error("workload {id}: docker engine unreachable while trying to {operation}: {source}")]
+    Unreachable {
+        id: String,
+        operation: Operation,
+        #[source]
+        source: EngineError,
+    },
+    /// The engine answered with an error.
+    #[error("workload {id}: docker could not {operation} ({reason}): {source}")]
+    Engine {
+        id: String,
+        operation: Operation,
+        reason: FailureReason,
+        #[source]
+        source: EngineError,
+    },
+    /// The spec cannot be run as it is.
+    #[error("workload {id}: invalid spec: {source}")]
+    InvalidSpec {
+        id: String,
+        #[source]
+        source: SpecError,
+    },
+    /// The status or an event could not be written.
+    #[error("workload {id}: writing status: {source}")]
+    Store {
+        id: String,
+        #[source]
+        source: WriteError,
+    },
+}
+
+impl DockerError {
+    /// Wraps an engine error, telling an unreachable engine from a refusal.
+    pub fn engine(id: &str, operation: Operation, source: EngineError) -> DockerError {
+        if is_unreachable(&source) {
+            DockerError::Unreachable {
+                id: id.to_string(),
+                operation,
+                source,
+            }
+        } else {
+            DockerError::Engine {
+                id: id.to_string(),
+                operation,
+                reason: classify(operation, &source),
+                source,
+            }
+        }
+    }
+
+    /// True when the same call may succeed later without a spec change.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            DockerError::Unreachable { .. } => true,
+            DockerError::Engine { reason, .. } => !reason.is_terminal(),
+            DockerError::InvalidSpec { .. } => false,
+            DockerError::Store { source, .. } => !matches!(source, WriteError::NotFound(_)),
+        }
+    }
+
+    /// The failure reason this error is reported under.
+    pub fn reason(&self) -> FailureReason {
+        match self {
+            DockerError::Unreachable { .. } | DockerError::Store { .. } => {
+                FailureReason::RuntimeError
+            }
+            DockerError::Engine { reason, .. } => *reason,
+            DockerError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+        }
+    }
+
+    /// The engine's own words, without the workload prefix: for status.
+    pub fn detail(&self) -> String {
+        match self {
+            DockerError::Unreachable {
+                operation, source, ..
+            } => format!("docker engine unreachable while trying to {operation}: {source}"),
+            DockerError::Engine {
+                operation, source, ..
+            } => match source {
+                EngineError::DockerResponseServerError { message, .. } => {
+                    format!("could not {operation}: {message}")
+                }
+                other => format!("could not {operation}: {other}"),
+            },
+            DockerError::InvalidSpec { source, .. } => source.to_string(),
+            DockerError::Store { source, .. } => source.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(status_code: u16, message: &str) -> EngineError {
+        EngineError::DockerResponseServerError {
+            status_code,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn classification_follows_the_status_code_and_operation() {
+        let cases = [
+            (
+                Operation::Pull,
+                server(
+                    500,
+                    "Get \"https://registry.invalid/v2/\": dial tcp: lookup registry.invalid: no such host",
+                ),
+                FailureReason::ImagePullFailed,
+            ),
+            (
+                Operation::Pull,
+                server(
+                    404,
+                    "pull access denied for nope, repository does not exist",
+                ),
+                FailureReason::ImageNotFound,
+            ),
+            (
+                Operation::Pull,
+                EngineError::DockerStreamError {
+                    error: "unauthorized".into(),
+                },
+                FailureReason::ImagePullFailed,
+            ),
+            (
+                Operation::InspectImage,
+                server(404, "No such image: a:1"),
+                FailureReason::ImageNotFound,
+            ),
+            (
+                Operation::Create,
+                server(404, "No such image: a:1"),
+                FailureReason::ImageNotFound,
+            ),
+            (
+                Operation::Create,
+                server(400, "Minimum memory limit allowed is 6MB"),
+                FailureReason::InvalidSpec,
+            ),
+            (
+                Operation::Start,
+                server(
+                    400,
+                    "OCI runtime create failed: exec: \"/nope\": no such file or directory",
+                ),
+                FailureReason::InvalidSpec,
+            ),
+            (
+                Operation::Start,
+                server(
+                    500,
+                    "driver failed programming external connectivity on endpoint x: Bind for 0.0.0.0:8080 failed: port is already allocated",
+                ),
+                FailureReason::PortBindConflict,
+            ),
+            (
+                Operation::Start,
+                server(500, "listen tcp4 0.0.0.0:80: bind: address already in use"),
+                FailureReason::PortBindConflict,
+            ),
+            (
+                Operation::Create,
+                server(500, "write /var/lib/docker/x: no space left on device"),
+                FailureReason::InsufficientResources,
+            ),
+            (
+                Operation::Create,
+                server(
+                    409,
+                    "Conflict. The container name \"/web\" is already in use",
+                ),
+                FailureReason::RuntimeError,
+            ),
+            (
+                Operation::Stop,
+                server(500, "port is already allocated"),
+                FailureReason::PortBindConflict,
+            ),
+        ];
+        for (operation, error, expected) in cases {
+            assert_eq!(
+                classify(operation, &error),
+                expected,
+                "{operation}: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn unreachable_engines_are_retryable_and_not_classified_as_refusals() {
+        let error = DockerError::engine(
+            "w",
+            Operation::Start,
+            EngineError::SocketNotFoundError("/nope.sock".into()),
+        );
+        assert!(matches!(error, DockerError::Unreachable { .. }));
+        assert!(error.is_retryable());
+        let refused = DockerError::engine("w", Operation::Create, server(400, "bad"));
+        assert_eq!(refused.reason(), FailureReason::InvalidSpec);
+        assert!(!refused.is_retryable());
+        assert!(refused.to_string().contains("workload w"));
+    }
+
+    #[test]
+    fn terminal_reasons_are_the_ones_a_retry_cannot_fix() {
+        assert!(FailureReason::InvalidSpec.is_terminal());
+        assert!(FailureReason::ContainerExited.is_terminal());
+        assert!(!FailureReason::PortBindConflict.is_terminal());
+        assert!(!FailureReason::ImagePullFailed.is_terminal());
+        assert_eq!(
+            FailureReason::InvalidSpec.scheduler_code(),
+            "INVALID_SPECIFICATION"
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! The Docker controller: container workloads as Docker containers.
+//!
+//! - [`reconciler`]: [`DockerController`], the [`crate::Reconciler`] for
+//!   `WorkloadType::Container` — observe by labels, act on the difference,
+//!   write status; cleanup on delete; orphan collection.
+//! - [`events`]: the engine's `/events` as the controller's trigger, so drift
+//!   is repaired within about a second; reconnects after an engine restart.
+//! - [`spec`]: a `ContainerSpec` as the engine's create request.
+//! - [`labels`]: the `persys.*` marks by which containers are adopted.
+//! - [`restart`]: restart policies and kubelet's crash-loop back-off.
+//! - [`errors`]: typed errors and the failure reasons reported in status.
+//! - [`status`]: what a reconcile found, as the workload's status.
+//! - [`validate`], [`image`]: checks the API server also runs at apply time.
+//! - [`usage`]: the stats sampler behind `WorkloadStatus.usage`.
+//! - [`engine`], [`container`], [`credentials`]: the engine connection, the
+//!   calls made on it, and registry credentials for pulls.
+//!
+//! Wiring, in the agent:
+//!
+//! ```ignore
+//! let docker = Arc::new(DockerController::new(config, store.clone()));
+//! let controller = Controller::new(docker.clone(), informer.clone(), store, ControllerConfig::default())
+//!     .with_trigger(docker.trigger(informer.cache()));
+//! tokio::spawn(controller.run(shutdown.clone()));
+//! tokio::spawn(docker.usage_sampler().run(shutdown));
+//! ```
+
+pub mod config;
+pub mod container;
+pub mod credentials;
+pub mod engine;
+pub mod errors;
+pub mod events;
+pub mod image;
+pub mod labels;
+pub mod reconciler;
+pub mod restart;
+pub mod spec;
+pub mod status;
+pub mod usage;
+pub mod validate;
+
+pub use config::DockerConfig;
+pub use engine::{Engine, EngineVersion};
+pub use errors::{DockerError, FailureReason};
+pub use image::{ImageReference, PullPolicy};
+pub use reconciler::DockerController;
+pub use restart::CrashLoopPolicy;
+pub use usage::{UsageSampler, UsageSnapshots};
+pub use validate::{
+    HostPathPolicy, SpecError, validate_container_spec, validate_host_path,
+    validate_image_reference,
+};

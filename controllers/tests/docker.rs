@@ -1,0 +1,744 @@
+//! The Docker controller against the real engine, the real fjall store and
+//! the real controller runtime. The resync is ten minutes, so whatever is
+//! repaired here is repaired by engine events, requeues and back-offs.
+//!
+//! Needs a Docker engine and the offline test image (hack/runtimes-up.sh).
+//! Outside CI a test without them is skipped with a loud message; in CI
+//! (`CI=true`) it fails.
+
+mod docker_support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum};
+use bollard::query_parameters::{
+    CreateContainerOptions, InspectContainerOptions, KillContainerOptions, ListVolumesOptions,
+    StartContainerOptions,
+};
+use docker_support::*;
+use persys_api::CONDITION_READY;
+use persys_api::v1::{
+    ActualState, ContainerSpec, DesiredState, ManagedVolumeSpec, PortMapping, VolumeMount,
+};
+use persys_controllers::docker::{HostPathPolicy, labels, validate_host_path};
+use tokio::time::Instant;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn running(w: &persys_api::v1::Workload) -> bool {
+    w.status.as_ref().is_some_and(|s| {
+        s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
+    })
+}
+
+fn status(w: &persys_api::v1::Workload) -> persys_api::v1::ObjectStatus {
+    w.status.clone().unwrap_or_default()
+}
+
+async fn inspect(bed: &TestBed, container: &str) -> bollard::models::ContainerInspectResponse {
+    bed.docker
+        .inspect_container(container, None::<InspectContainerOptions>)
+        .await
+        .expect("inspect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_converges_to_running_and_reports_its_facts() {
+    let Some(bed) = TestBed::new("converge").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("converge");
+    let port = free_port();
+    let spec = ContainerSpec {
+        env: [("GREETING".to_string(), "hello".to_string())].into(),
+        ports: vec![PortMapping {
+            host_port: port as i32,
+            container_port: 80,
+            protocol: "tcp".into(),
+        }],
+        ..shell_spec("exec sleep 3600")
+    };
+    let applied = agent.apply(&id, "r1", DesiredState::Running, spec).await;
+
+    let w = agent.wait_for(&id, CONVERGE, "running", running).await;
+    let s = status(&w);
+    assert_eq!(
+        s.condition(CONDITION_READY).map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert!(s.failure_reason.is_empty(), "{s:?}");
+
+    let found = inspect(&bed, &id).await;
+    assert_eq!(
+        found.id.as_deref(),
+        Some(s.runtime_ref.as_str()),
+        "runtime_ref is the container id"
+    );
+    let config = found.config.expect("config");
+    let container_labels = config.labels.expect("labels");
+    assert_eq!(container_labels[labels::MANAGED], "true");
+    assert_eq!(container_labels[labels::WORKLOAD_ID], id);
+    assert_eq!(container_labels[labels::SPEC_HASH], applied.spec_hash());
+    assert_eq!(container_labels[labels::REVISION], "r1");
+    assert_eq!(container_labels[labels::GENERATION], "1");
+    assert!(
+        config
+            .env
+            .unwrap_or_default()
+            .contains(&"GREETING=hello".to_string())
+    );
+    let restart = found
+        .host_config
+        .and_then(|h| h.restart_policy)
+        .and_then(|p| p.name);
+    assert_eq!(
+        restart.map(|n| n.to_string()).as_deref(),
+        Some("no"),
+        "restarts are the agent's job"
+    );
+    assert!(
+        s.facts["container.ports"].contains(&format!(":{port}->80/tcp")),
+        "{:?}",
+        s.facts
+    );
+    assert!(!s.facts["container.ip"].is_empty());
+    assert_eq!(s.facts["container.image"], test_image());
+    assert!(agent.event(&id, "Created").is_some());
+    assert!(agent.event(&id, "Started").is_some());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_container_is_restarted_by_engine_events_within_seconds() {
+    let Some(bed) = TestBed::new("kill").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("kill");
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await;
+    let before = agent.wait_for(&id, CONVERGE, "running", running).await;
+    let started_before = status(&before).facts["container.started_at"].clone();
+
+    bed.docker
+        .kill_container(&id, None::<KillContainerOptions>)
+        .await
+        .expect("kill");
+    let killed_at = Instant::now();
+    let after = agent
+        .wait_for(&id, Duration::from_secs(5), "restarted", |w| {
+            let s = status(w);
+            running(w)
+                && s.restart_count == 1
+                && s.facts.get("container.started_at") != Some(&started_before)
+        })
+        .await;
+    let repaired_in = killed_at.elapsed();
+    assert_eq!(
+        status(&after).runtime_ref,
+        status(&before).runtime_ref,
+        "the same container restarts"
+    );
+    let found = inspect(&bed, &id).await;
+    assert_eq!(found.state.and_then(|s| s.running), Some(true));
+    eprintln!("drift repaired in {repaired_in:?}");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_stopped_then_running_stops_and_starts_the_same_container() {
+    let Some(bed) = TestBed::new("stopstart").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("stopstart");
+    let spec = shell_spec("exec sleep 3600");
+
+    agent
+        .apply(&id, "r1", DesiredState::Stopped, spec.clone())
+        .await;
+    agent
+        .wait_for(&id, CONVERGE, "stopped", |w| {
+            status(w).actual_state() == ActualState::Stopped
+                && status(w).observed_generation == w.generation()
+        })
+        .await;
+    assert!(
+        containers_of(&bed.docker, &bed.scope, &id).await.is_empty(),
+        "nothing is created to stay stopped"
+    );
+
+    agent
+        .apply(&id, "r1", DesiredState::Running, spec.clone())
+        .await;
+    let first = agent.wait_for(&id, CONVERGE, "running", running).await;
+
+    agent
+        .apply(&id, "r1", DesiredState::Stopped, spec.clone())
+        .await;
+    let stopped = agent
+        .wait_for(&id, CONVERGE, "stopped", |w| {
+            status(w).actual_state() == ActualState::Stopped
+                && status(w).observed_generation == w.generation()
+        })
+        .await;
+    let found = inspect(&bed, &id).await;
+    assert_eq!(found.state.and_then(|s| s.running), Some(false));
+    assert_eq!(
+        status(&stopped).restart_count,
+        0,
+        "a requested stop is not a restart"
+    );
+
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let again = agent
+        .wait_for(&id, CONVERGE, "running again", running)
+        .await;
+    assert_eq!(
+        status(&again).runtime_ref,
+        status(&first).runtime_ref,
+        "the container is started, not recreated"
+    );
+    assert_eq!(containers_of(&bed.docker, &bed.scope, &id).await.len(), 1);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_revision_replaces_the_container_with_the_new_env() {
+    let Some(bed) = TestBed::new("revision").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("revision");
+    let spec = |value: &str| ContainerSpec {
+        env: [("VERSION".to_string(), value.to_string())].into(),
+        ..shell_spec("exec sleep 3600")
+    };
+    agent
+        .apply(&id, "r1", DesiredState::Running, spec("1"))
+        .await;
+    let first = agent.wait_for(&id, CONVERGE, "running r1", running).await;
+
+    let second = agent
+        .apply(&id, "r2", DesiredState::Running, spec("2"))
+        .await;
+    assert_eq!(second.generation(), 2);
+    let replaced = agent
+        .wait_for(&id, CONVERGE, "running r2", |w| {
+            running(w) && status(w).runtime_ref != status(&first).runtime_ref
+        })
+        .await;
+    let found = inspect(&bed, &status(&replaced).runtime_ref).await;
+    let config = found.config.expect("config");
+    assert!(
+        config
+            .env
+            .unwrap_or_default()
+            .contains(&"VERSION=2".to_string())
+    );
+    assert_eq!(config.labels.expect("labels")[labels::REVISION], "r2");
+    let all = containers_of(&bed.docker, &bed.scope, &id).await;
+    assert_eq!(all.len(), 1, "the old container is gone: {all:?}");
+    assert!(agent.event(&id, "Replacing").is_some());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_the_existing_container() {
+    let Some(bed) = TestBed::new("adopt").await else {
+        return;
+    };
+    let id = unique("adopt");
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await;
+    let before = agent.wait_for(&id, CONVERGE, "running", running).await;
+    agent.stop().await;
+
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    eventually(CONVERGE, "the new agent adopts the container", || async {
+        agent.event(&id, "Adopted").is_some()
+    })
+    .await;
+    let all = containers_of(&bed.docker, &bed.scope, &id).await;
+    assert_eq!(all.len(), 1, "exactly one container: {all:?}");
+    assert_eq!(
+        all[0].id.as_deref(),
+        Some(status(&before).runtime_ref.as_str())
+    );
+    assert_eq!(all[0].state, Some(ContainerSummaryStateEnum::RUNNING));
+    let after = agent.store.get(&id).unwrap().unwrap();
+    assert!(running(&after));
+    assert!(
+        agent.event(&id, "Created").is_some_and(|e| e.count == 1),
+        "created once, ever"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_container_is_removed_after_the_grace_period_and_nothing_else_is() {
+    let Some(bed) = TestBed::new("orphan").await else {
+        return;
+    };
+    let other_scope = unique("test-orphan-other");
+    let _other_sweep = Sweep {
+        scope: other_scope.clone(),
+    };
+    let plant = |name: String, container_labels: HashMap<String, String>| {
+        let docker = bed.docker.clone();
+        async move {
+            let created = docker
+                .create_container(
+                    Some(CreateContainerOptions {
+                        name: Some(name),
+                        ..Default::default()
+                    }),
+                    ContainerCreateBody {
+                        image: Some(test_image()),
+                        cmd: Some(vec!["sleep".into(), "3600".into()]),
+                        labels: Some(container_labels),
+                        stop_timeout: Some(1),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("create");
+            docker
+                .start_container(&created.id, None::<StartContainerOptions>)
+                .await
+                .expect("start");
+            created.id
+        }
+    };
+    let managed = |scope: &str, workload: &str| {
+        HashMap::from([
+            (labels::MANAGED.to_string(), "true".to_string()),
+            (labels::WORKLOAD_ID.to_string(), workload.to_string()),
+            (labels::SPEC_HASH.to_string(), "0".to_string()),
+            (labels::SCOPE.to_string(), scope.to_string()),
+        ])
+    };
+    let orphan_id = unique("orphan");
+    let orphan = plant(orphan_id.clone(), managed(&bed.scope, &orphan_id)).await;
+    let foreign_id = unique("orphan-foreign");
+    let foreign = plant(foreign_id.clone(), managed(&other_scope, &foreign_id)).await;
+    let unmanaged_name = unique("orphan-unmanaged");
+    let mut unmanaged_labels = managed(&bed.scope, &unmanaged_name);
+    unmanaged_labels.remove(labels::MANAGED);
+    let unmanaged = plant(unmanaged_name, unmanaged_labels).await;
+
+    let started = Instant::now();
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let docker = bed.docker.clone();
+    eventually(CONVERGE, "the orphan is removed", || {
+        let docker = docker.clone();
+        let orphan = orphan.clone();
+        async move {
+            docker
+                .inspect_container(&orphan, None::<InspectContainerOptions>)
+                .await
+                .is_err()
+        }
+    })
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= bed.config().orphan_grace,
+        "removed after {waited:?}, before the {:?} grace",
+        bed.config().orphan_grace
+    );
+    for (what, container) in [("another scope's", &foreign), ("an unmanaged", &unmanaged)] {
+        let found = bed
+            .docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+            .unwrap_or_else(|e| panic!("{what} container was removed: {e}"));
+        assert_eq!(
+            found.state.and_then(|s| s.running),
+            Some(true),
+            "{what} container was stopped"
+        );
+    }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_workload_removes_its_container_and_volumes_then_the_workload() {
+    let Some(bed) = TestBed::new("delete").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("delete");
+    let spec = ContainerSpec {
+        managed_volumes: vec![ManagedVolumeSpec {
+            name: "data".into(),
+            mount_path: "/data".into(),
+            ..Default::default()
+        }],
+        ..shell_spec("echo persisted > /data/file; exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    let volume = labels::volume_name(&id, "data");
+    bed.docker
+        .inspect_volume(&volume)
+        .await
+        .expect("the managed volume exists");
+
+    agent.store.delete(&id).await.expect("delete");
+    agent.wait_gone(&id, CONVERGE).await;
+    assert!(containers_of(&bed.docker, &bed.scope, &id).await.is_empty());
+    let volumes = bed
+        .docker
+        .list_volumes(Some(ListVolumesOptions {
+            filters: Some(labels::filter(&bed.scope, Some(&id))),
+        }))
+        .await
+        .expect("list volumes");
+    assert!(
+        volumes.volumes.unwrap_or_default().is_empty(),
+        "the managed volume is removed"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_looping_container_restarts_with_growing_gaps() {
+    let Some(bed) = TestBed::new("crashloop").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("crashloop");
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("echo crashing now; exit 3"),
+        )
+        .await;
+
+    // Record when each restart shows up, following every status write.
+    let mut restarts: Vec<(i32, Instant)> = Vec::new();
+    let mut saw_backoff = None;
+    let deadline = Duration::from_secs(30);
+    agent
+        .wait_for(&id, deadline, "restarted four times", |w| {
+            let s = status(w);
+            if restarts.last().map(|(n, _)| *n) != Some(s.restart_count) && s.restart_count > 0 {
+                restarts.push((s.restart_count, Instant::now()));
+            }
+            if s.failure_reason == "CRASH_LOOP_BACKOFF" && saw_backoff.is_none() {
+                saw_backoff = Some(s.clone());
+            }
+            s.restart_count >= 4
+        })
+        .await;
+    let times: Vec<Instant> = restarts.iter().map(|(_, t)| *t).collect();
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!(
+        "restarts {:?}, gaps {gaps:?}",
+        restarts.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    assert!(gaps.len() >= 3, "{restarts:?}");
+    // Back-off 1 s, 2 s, 4 s between restarts (base 1 s in tests).
+    assert!(gaps[0] >= Duration::from_millis(800), "{gaps:?}");
+    assert!(gaps[1] > gaps[0].mul_f64(1.5), "gaps must grow: {gaps:?}");
+    assert!(gaps[2] > gaps[1].mul_f64(1.5), "gaps must grow: {gaps:?}");
+
+    let backoff = saw_backoff.expect("a CrashLoopBackOff status was reported");
+    assert_eq!(backoff.actual_state(), ActualState::Failed);
+    assert!(!backoff.retry_terminal);
+    assert!(backoff.next_retry_at_ms > 0);
+    assert!(backoff.message.contains("back-off"), "{}", backoff.message);
+    assert!(
+        backoff.last_error.contains("crashing now"),
+        "the log tail is in last_error: {}",
+        backoff.last_error
+    );
+    assert_eq!(
+        backoff
+            .condition(CONDITION_READY)
+            .map(|c| c.reason.as_str()),
+        Some("CrashLoopBackOff")
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpullable_image_reports_image_pull_failed_and_backs_off() {
+    let Some(bed) = TestBed::new("pull").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("pull");
+    let spec = ContainerSpec {
+        image: "registry.invalid/persys/nope:1".into(),
+        ..shell_spec("true")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+
+    // Each failed pull schedules the next: record when a new retry time
+    // appears.
+    let mut attempts: Vec<(i64, Instant)> = Vec::new();
+    let w = agent
+        .wait_for(
+            &id,
+            Duration::from_secs(30),
+            "failing to pull three times",
+            |w| {
+                let s = status(w);
+                if s.failure_reason == "IMAGE_PULL_FAILED"
+                    && s.next_retry_at_ms > 0
+                    && attempts.last().map(|(at, _)| *at) != Some(s.next_retry_at_ms)
+                {
+                    attempts.push((s.next_retry_at_ms, Instant::now()));
+                }
+                attempts.len() >= 3
+            },
+        )
+        .await;
+    let s = status(&w);
+    assert_eq!(s.actual_state(), ActualState::Failed);
+    assert!(!s.retry_terminal, "a pull may succeed later");
+    assert!(
+        s.last_error.contains("registry.invalid"),
+        "{}",
+        s.last_error
+    );
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    eprintln!("pull retries scheduled {gaps:?} apart");
+    assert!(gaps[0] >= Duration::from_millis(800), "{gaps:?}");
+    assert!(
+        gaps[1] > gaps[0].mul_f64(1.5),
+        "pull back-off must grow: {gaps:?}"
+    );
+    let pulls = agent
+        .event(&id, "Pulling")
+        .expect("pull attempts are recorded");
+    assert!(
+        (3..=4).contains(&pulls.count),
+        "{} pulls in {:?}: not backing off",
+        pulls.count,
+        attempts[0].1.elapsed() + gaps[0]
+    );
+    assert!(containers_of(&bed.docker, &bed.scope, &id).await.is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_workload_on_a_taken_host_port_gets_port_bind_conflict() {
+    let Some(bed) = TestBed::new("port").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let port = free_port();
+    let spec = ContainerSpec {
+        ports: vec![PortMapping {
+            host_port: port as i32,
+            container_port: 80,
+            protocol: "tcp".into(),
+        }],
+        ..shell_spec("exec sleep 3600")
+    };
+    let first = unique("port-a");
+    let second = unique("port-b");
+    agent
+        .apply(&first, "r1", DesiredState::Running, spec.clone())
+        .await;
+    agent.wait_for(&first, CONVERGE, "running", running).await;
+
+    agent
+        .apply(&second, "r1", DesiredState::Running, spec)
+        .await;
+    let conflicted = agent
+        .wait_for(&second, CONVERGE, "in a port conflict", |w| {
+            status(w).failure_reason == "PORT_BIND_CONFLICT"
+        })
+        .await;
+    let s = status(&conflicted);
+    assert_eq!(s.actual_state(), ActualState::Failed);
+    assert!(s.next_retry_at_ms > 0, "retried with back-off");
+    assert!(s.last_error.contains(&port.to_string()), "{}", s.last_error);
+    assert!(
+        running(&agent.store.get(&first).unwrap().unwrap()),
+        "the first keeps running"
+    );
+
+    // Once the port is free the retry succeeds.
+    agent.store.delete(&first).await.expect("delete");
+    agent
+        .wait_for(&second, CONVERGE, "running once the port is free", running)
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_host_path_is_refused_before_anything_runs() {
+    let policy = HostPathPolicy::new(Some(std::path::Path::new("/var/lib/persys")), Vec::new());
+    for path in [
+        "/etc",
+        "/var/run/docker.sock",
+        "/var/lib/persys/db",
+        "/tmp/../proc",
+    ] {
+        let error = validate_host_path("spec.container.volumes[0].host_path", path, &policy)
+            .expect_err(path);
+        assert_eq!(error.field, "spec.container.volumes[0].host_path");
+    }
+
+    let Some(bed) = TestBed::new("hostpath").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("hostpath");
+    let spec = ContainerSpec {
+        volumes: vec![VolumeMount {
+            host_path: "/etc".into(),
+            container_path: "/host-etc".into(),
+            read_only: true,
+        }],
+        ..shell_spec("exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let refused = agent
+        .wait_for(&id, CONVERGE, "refused", |w| {
+            status(w).failure_reason == "INVALID_SPEC"
+        })
+        .await;
+    let s = status(&refused);
+    assert!(s.retry_terminal);
+    assert_eq!(s.actual_state(), ActualState::Failed);
+    assert!(
+        s.message.contains("spec.container.volumes[0].host_path"),
+        "{}",
+        s.message
+    );
+    assert!(containers_of(&bed.docker, &bed.scope, &id).await.is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_a_running_container_is_sampled() {
+    let Some(bed) = TestBed::new("usage").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("usage");
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    let sampled = agent
+        .controller
+        .usage_sampler()
+        .sample_once()
+        .await
+        .expect("sample");
+    assert_eq!(sampled, 1);
+    let usage = agent.controller.usage().get(&id).expect("a sample");
+    assert_eq!(usage.workload_id, id);
+    assert!(usage.memory_bytes > 0, "{usage:?}");
+    assert!(usage.collected_at > 0);
+    assert_eq!(usage.source, "docker");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted() {
+    let Some(bed) = TestBed::new("outage").await else {
+        return;
+    };
+    // The controller reaches the engine through a proxy socket this test
+    // can take away and bring back, without disturbing the real engine
+    // that other tests are using.
+    let proxy = EngineProxy::new(bed.dir.path().join("docker.sock"));
+    proxy.start().await;
+    let config = persys_controllers::docker::DockerConfig {
+        host: Some(format!("unix://{}", proxy.path().display())),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let id = unique("outage");
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+
+    proxy.stop().await;
+    // Drift the agent cannot see: the container is killed meanwhile.
+    bed.docker
+        .kill_container(&id, None::<KillContainerOptions>)
+        .await
+        .expect("kill");
+    let late = unique("outage-late");
+    let spec = shell_spec("exec sleep 3600");
+    agent
+        .apply(&late, "r1", DesiredState::Running, spec.clone())
+        .await;
+    let unknown = agent
+        .wait_for(&late, CONVERGE, "unknown", |w| {
+            status(w).actual_state() == ActualState::Unknown
+        })
+        .await;
+    let s = status(&unknown);
+    assert!(s.message.contains("unreachable"), "{}", s.message);
+    assert_eq!(
+        s.condition(CONDITION_READY).map(|c| c.reason.as_str()),
+        Some("RuntimeUnreachable")
+    );
+    assert_eq!(
+        unknown.desired_state(),
+        DesiredState::Running,
+        "desired state is untouched"
+    );
+    assert_eq!(unknown.generation(), 1);
+
+    proxy.start().await;
+    let back = Instant::now();
+    agent
+        .wait_for(&id, CONVERGE, "restarted after the engine came back", |w| {
+            running(w) && status(w).restart_count == 1
+        })
+        .await;
+    agent
+        .wait_for(
+            &late,
+            CONVERGE,
+            "created after the engine came back",
+            running,
+        )
+        .await;
+    eprintln!("recovered {:?} after the engine came back", back.elapsed());
+    assert!(
+        back.elapsed() < Duration::from_secs(15),
+        "recovery must not wait for a resync"
+    );
+    agent.stop().await;
+    proxy.stop().await;
+}

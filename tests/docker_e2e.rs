@@ -1,0 +1,168 @@
+//! The agent binary driving the real Docker engine end to end: converge,
+//! repair drift, survive its own SIGKILL by adopting, delete.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{AgentProcess, Certs, client};
+use persys_api::v1::agent_service_client::AgentServiceClient;
+use persys_api::v1::*;
+use tonic::transport::Channel;
+
+fn test_image() -> String {
+    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
+}
+
+/// True when a Docker engine answers; in CI its absence fails the test.
+fn docker_available() -> bool {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", &test_image()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI=true but no Docker engine with {} (run hack/runtimes-up.sh)",
+            test_image()
+        );
+        eprintln!(
+            "SKIPPED: no Docker engine with {} (run hack/runtimes-up.sh)",
+            test_image()
+        );
+    }
+    ok
+}
+
+fn containers_of(id: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--no-trunc",
+            "--filter",
+            &format!("label=persys.workload-id={id}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn sleeper(id: &str) -> ApplyWorkloadRequest {
+    ApplyWorkloadRequest {
+        id: id.into(),
+        r#type: WorkloadType::Container as i32,
+        revision_id: String::new(),
+        desired_state: DesiredState::Running as i32,
+        spec: Some(WorkloadSpec {
+            spec: Some(workload_spec::Spec::Container(ContainerSpec {
+                image: test_image(),
+                command: vec!["sleep".into()],
+                args: vec!["3600".into()],
+                stop_grace_period_seconds: 1,
+                ..Default::default()
+            })),
+        }),
+    }
+}
+
+async fn wait_for(
+    client: &mut AgentServiceClient<Channel>,
+    id: &str,
+    what: &str,
+    condition: impl Fn(&WorkloadStatus) -> bool,
+) -> WorkloadStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(status) = client
+            .get_workload_status(GetWorkloadStatusRequest { id: id.into() })
+            .await
+            && let Some(status) = status.into_inner().status
+            && condition(&status)
+        {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{id}: not {what} within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_container_converges_heals_is_adopted_after_sigkill_and_is_deleted() {
+    if !docker_available() {
+        return;
+    }
+    let id = format!("e2e-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(&dir.path().join("certs"));
+    let state = dir.path().join("state");
+    // A long resync: drift must be repaired because of Docker's events.
+    let env = [
+        ("PERSYS_DOCKER_ENABLED", "true"),
+        ("PERSYS_RECONCILE_INTERVAL", "10m"),
+    ];
+    let mut agent = AgentProcess::start(&state, &certs, &env).await;
+    let mut api = client(agent.port, &certs).await.unwrap();
+    api.apply_workload(sleeper(&id)).await.unwrap();
+    let running = wait_for(&mut api, &id, "running", |s| {
+        s.actual_state() == ActualState::Running
+    })
+    .await;
+    let container = running.metadata["runtime_ref"].clone();
+    assert_eq!(containers_of(&id), [container.clone()]);
+
+    // Drift: killed out of band, restarted by the agent.
+    assert!(
+        Command::new("docker")
+            .args(["kill", &container])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(&mut api, &id, "restarted", |s| {
+        s.actual_state() == ActualState::Running && s.metadata["restart_count"] != "0"
+    })
+    .await;
+
+    // The agent dies; a new one on the same state adopts the container.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    drop(agent);
+    let agent = AgentProcess::start(&state, &certs, &env).await;
+    let mut api = client(agent.port, &certs).await.unwrap();
+    let adopted = wait_for(&mut api, &id, "running after restart", |s| {
+        s.actual_state() == ActualState::Running
+    })
+    .await;
+    assert_eq!(
+        adopted.metadata["runtime_ref"], container,
+        "the same container"
+    );
+    assert_eq!(containers_of(&id).len(), 1, "never duplicated");
+
+    // Delete: the container goes, then the workload.
+    api.delete_workload(DeleteWorkloadRequest { id: id.clone() })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let gone = api
+            .get_workload_status(GetWorkloadStatusRequest { id: id.clone() })
+            .await
+            .is_err_and(|e| e.code() == tonic::Code::NotFound);
+        if gone {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workload not deleted within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(containers_of(&id).is_empty(), "container removed");
+}
