@@ -4,7 +4,7 @@
 # Docker engine and libvirt. Exits non-zero if any step fails.
 #
 # Setup steps (deps, runtimes) stop the run when they fail. The check steps
-# (fmt, clippy, test) all run so one CI log shows every problem; the script
+# (fmt, clippy, test, helm chart) all run so one CI log shows every problem; the script
 # then exits non-zero if any of them failed. PERSYS_TEST_FAIL_FAST=1 stops at
 # the first failing check instead.
 set -euo pipefail
@@ -63,6 +63,7 @@ check() {
 check "cargo fmt --check" "$CARGO" fmt --all -- --check
 check "cargo clippy" "$CARGO" clippy --workspace --all-targets -- -D warnings
 check "cargo test" "$CARGO" test --workspace
+check "helm chart" bash "$root/hack/chart-check.sh"
 
 step "summary"
 if ((${#failed[@]})); then

@@ -456,10 +456,23 @@ async fn a_crash_looping_container_restarts_with_growing_gaps() {
         restarts.iter().map(|(n, _)| n).collect::<Vec<_>>()
     );
     assert!(gaps.len() >= 3, "{restarts:?}");
-    // Back-off 1 s, 2 s, 4 s between restarts (base 1 s in tests).
-    assert!(gaps[0] >= Duration::from_millis(800), "{gaps:?}");
-    assert!(gaps[1] > gaps[0].mul_f64(1.5), "gaps must grow: {gaps:?}");
-    assert!(gaps[2] > gaps[1].mul_f64(1.5), "gaps must grow: {gaps:?}");
+    // Back-off 1 s, 2 s, 4 s between restarts (base 1 s in tests). Each gap
+    // also holds a container start, which a loaded machine stretches, so
+    // the gaps are checked against the nominal back-off, not each other's
+    // ratio.
+    assert!(gaps[0] >= Duration::from_millis(900), "{gaps:?}");
+    assert!(
+        gaps[1] >= Duration::from_millis(1800),
+        "gaps must grow: {gaps:?}"
+    );
+    assert!(
+        gaps[2] >= Duration::from_millis(3600),
+        "gaps must grow: {gaps:?}"
+    );
+    assert!(
+        gaps[0] < gaps[1] && gaps[1] < gaps[2],
+        "gaps must grow: {gaps:?}"
+    );
 
     let backoff = saw_backoff.expect("a CrashLoopBackOff status was reported");
     assert_eq!(backoff.actual_state(), ActualState::Failed);

@@ -109,6 +109,39 @@ impl AgentProcess {
     /// Starts the agent with mTLS on a free port, state in `state`, and
     /// `env` on top, and waits until it answers HealthCheck healthy.
     pub async fn start(state: &Path, certs: &Certs, env: &[(&str, &str)]) -> AgentProcess {
+        let mut agent = AgentProcess::spawn(state, Some(certs), env);
+        agent.wait_healthy(certs).await;
+        agent
+    }
+
+    /// Starts the agent serving plaintext gRPC (PERSYS_TLS_ENABLED=false)
+    /// with `env` on top, and waits until it answers HealthCheck healthy.
+    pub async fn start_plaintext(state: &Path, env: &[(&str, &str)]) -> AgentProcess {
+        let mut env = env.to_vec();
+        env.push(("PERSYS_TLS_ENABLED", "false"));
+        let mut agent = AgentProcess::spawn(state, None, &env);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!("agent exited early ({status}):\n{}", agent.log_text());
+            }
+            if let Ok(mut client) = plaintext_client(agent.port).await
+                && let Ok(health) = client.health_check(HealthCheckRequest {}).await
+                && health.get_ref().healthy
+            {
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not healthy within 60 s:\n{}",
+                agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Spawns the agent on free ports; with `certs`, pointed at their files.
+    fn spawn(state: &Path, certs: Option<&Certs>, env: &[(&str, &str)]) -> AgentProcess {
         let port = free_port();
         let metrics_port = free_port();
         let log = state.with_extension("log");
@@ -121,13 +154,16 @@ impl AgentProcess {
             .env("PERSYS_GRPC_PORT", port.to_string())
             .env("PERSYS_METRICS_PORT", metrics_port.to_string())
             .env("PERSYS_STATE_PATH", state)
-            .env("PERSYS_TLS_CERT", certs.dir.join("agent.crt"))
-            .env("PERSYS_TLS_KEY", certs.dir.join("agent.key"))
-            .env("PERSYS_TLS_CA", certs.dir.join("ca.crt"))
             .env("PERSYS_LOG_LEVEL", "info")
             .env("PERSYS_DOCKER_ENABLED", "false")
             .env("PERSYS_COMPOSE_ENABLED", "false")
             .env("PERSYS_VM_ENABLED", "false");
+        if let Some(certs) = certs {
+            command
+                .env("PERSYS_TLS_CERT", certs.dir.join("agent.crt"))
+                .env("PERSYS_TLS_KEY", certs.dir.join("agent.key"))
+                .env("PERSYS_TLS_CA", certs.dir.join("ca.crt"));
+        }
         if let Ok(host) = std::env::var("DOCKER_HOST") {
             command.env("DOCKER_HOST", host);
         }
@@ -140,16 +176,14 @@ impl AgentProcess {
             .stderr(log_file)
             .spawn()
             .unwrap();
-        let mut agent = AgentProcess {
+        AgentProcess {
             child,
             port,
             metrics_port,
             state: state.to_path_buf(),
-            certs: certs.dir.clone(),
+            certs: certs.map(|c| c.dir.clone()).unwrap_or_default(),
             log,
-        };
-        agent.wait_healthy(certs).await;
-        agent
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -273,4 +307,17 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         let (name, value) = line.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok()).flatten()
     })
+}
+
+/// A plaintext client, for an agent run with PERSYS_TLS_ENABLED=false.
+pub async fn plaintext_client(
+    port: u16,
+) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(AgentServiceClient::new(channel))
 }

@@ -1,0 +1,326 @@
+//! `persysctl describe ID`: everything about one workload, laid out like
+//! `kubectl describe`.
+
+use std::time::Duration;
+
+use persys_api::v1::{
+    DescribeWorkloadResponse, ObjectMeta, ObjectStatus, WorkloadType, workload_spec,
+};
+use serde_json::Value;
+
+use crate::cli::DescribeArgs;
+use crate::connection::Agent;
+use crate::error::CliError;
+use crate::get::actual_word;
+use crate::output::{
+    self, Cell, Palette, Table, age, event_type_name, human_duration, print, state_style,
+    timestamp_and_age, until,
+};
+
+pub async fn run(agent: &Agent, args: DescribeArgs, palette: Palette) -> Result<(), CliError> {
+    let described = agent
+        .describe(&args.id)
+        .await?
+        .ok_or_else(|| CliError::not_found(&args.id))?;
+    print(&render(&described, palette, output::now_ms()))
+}
+
+/// Label column width: labels and values line up under each other.
+const LABEL_WIDTH: usize = 19;
+
+/// Builds the text, section by section.
+struct Page {
+    text: String,
+    palette: Palette,
+}
+
+impl Page {
+    /// "Label:   value" at `indent` spaces.
+    fn field(&mut self, indent: usize, label: &str, value: impl AsRef<str>) {
+        let label = format!("{}{label}:", " ".repeat(indent));
+        let pad = LABEL_WIDTH.saturating_sub(label.chars().count()).max(1);
+        let label = if indent == 0 {
+            self.palette.bold(&label)
+        } else {
+            label
+        };
+        self.text
+            .push_str(&format!("{label}{}{}\n", " ".repeat(pad), value.as_ref()));
+    }
+
+    /// A section title on its own line.
+    fn section(&mut self, title: &str) {
+        self.text
+            .push_str(&format!("{}\n", self.palette.bold(&format!("{title}:"))));
+    }
+
+    /// Lines indented under the last section.
+    fn block(&mut self, text: &str) {
+        for line in text.lines() {
+            self.text.push_str(&format!("  {line}\n"));
+        }
+    }
+}
+
+pub fn render(described: &DescribeWorkloadResponse, palette: Palette, now: i64) -> String {
+    let workload = described.workload.clone().unwrap_or_default();
+    let meta = workload.metadata.clone().unwrap_or_default();
+    let status = workload.status.clone().unwrap_or_default();
+    let wire = described
+        .status
+        .clone()
+        .unwrap_or_else(|| workload.to_wire_status());
+    let mut page = Page {
+        text: String::new(),
+        palette,
+    };
+
+    metadata(&mut page, &meta, &status, now);
+    page.field(0, "Desired State", workload.desired_state().short_name());
+
+    page.section("Spec");
+    page.block(&spec_yaml(workload.workload_spec()));
+
+    page.section("Status");
+    let actual = actual_word(&wire);
+    let since = if status.last_transition_ms > 0 {
+        format!(
+            " since {}",
+            timestamp_and_age(status.last_transition_ms, now)
+        )
+    } else {
+        String::new()
+    };
+    page.field(
+        2,
+        "Actual State",
+        format!("{}{since}", palette.paint(state_style(actual), actual)),
+    );
+    page.field(2, "Restarts", status.restart_count.to_string());
+    if !status.message.is_empty() {
+        page.field(2, "Message", &status.message);
+    }
+    if !status.last_error.is_empty() {
+        page.field(2, "Last Error", &status.last_error);
+    }
+    if !status.failure_reason.is_empty() {
+        let terminal = if status.retry_terminal {
+            " (terminal: retrying cannot help until the spec changes)"
+        } else {
+            ""
+        };
+        page.field(
+            2,
+            "Failure Reason",
+            format!("{}{terminal}", status.failure_reason),
+        );
+    }
+    if status.next_retry_at_ms > 0 {
+        page.field(2, "Next Retry", until(status.next_retry_at_ms, now));
+    }
+
+    page.section("Conditions");
+    page.block(&conditions(&status, palette, now));
+
+    page.section("Runtime");
+    page.block(&runtime(meta.r#type(), &status, &wire.usage));
+
+    page.section("Events");
+    page.block(&events(described, palette, now));
+    page.text.trim_end().to_string()
+}
+
+fn metadata(page: &mut Page, meta: &ObjectMeta, status: &ObjectStatus, now: i64) {
+    page.field(0, "ID", &meta.id);
+    page.field(0, "Type", meta.r#type().short_name());
+    page.field(0, "UID", &meta.uid);
+    page.field(0, "Revision", &meta.revision_id);
+    page.field(
+        0,
+        "Generation",
+        format!(
+            "{} (observed {})",
+            meta.generation, status.observed_generation
+        ),
+    );
+    page.field(0, "Resource Version", meta.resource_version.to_string());
+    page.field(0, "Created", timestamp_and_age(meta.created_at_ms, now));
+    page.field(0, "Updated", timestamp_and_age(meta.updated_at_ms, now));
+    if meta.deletion_timestamp_ms > 0 {
+        page.field(
+            0,
+            "Deletion Requested",
+            timestamp_and_age(meta.deletion_timestamp_ms, now),
+        );
+    }
+    page.field(0, "Finalizers", list_or_none(&meta.finalizers));
+    let labels: Vec<String> = meta
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    page.field(0, "Labels", list_or_none(&labels));
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "<none>".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// The spec as YAML without its empty fields; a compose file is shown as
+/// text rather than base64.
+fn spec_yaml(spec: Option<&workload_spec::Spec>) -> String {
+    let Some(spec) = spec else {
+        return "<none>".into();
+    };
+    let mut value = match spec {
+        workload_spec::Spec::Container(c) => serde_json::to_value(c),
+        workload_spec::Spec::Compose(c) => serde_json::to_value(c),
+        workload_spec::Spec::Vm(v) => serde_json::to_value(v),
+    }
+    .unwrap_or(Value::Null);
+    if let workload_spec::Spec::Compose(compose) = spec
+        && let Ok(text) = persys_api::compose_file_text(&compose.compose_yaml)
+    {
+        value["compose_yaml"] = Value::String(text);
+    }
+    match output::prune(value) {
+        Some(value) => output::to_yaml(&value),
+        None => "<empty>".into(),
+    }
+}
+
+fn conditions(status: &ObjectStatus, palette: Palette, now: i64) -> String {
+    if status.conditions.is_empty() {
+        return "<none>".into();
+    }
+    let rows: Vec<Vec<Cell>> = status
+        .conditions
+        .iter()
+        .map(|c| {
+            vec![
+                Cell::plain(&c.r#type),
+                Cell::styled(&c.status, state_style(&c.status)),
+                Cell::plain(&c.reason),
+                Cell::plain(age(c.last_transition_ms, now)),
+                Cell::plain(output::one_line(&c.message)),
+            ]
+        })
+        .collect();
+    Table::new(vec!["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]).render(&rows, palette)
+}
+
+/// What the runtime object is called, and what the controller learnt of it.
+fn runtime(
+    kind: WorkloadType,
+    status: &ObjectStatus,
+    usage: &Option<persys_api::v1::WorkloadUsageSnapshot>,
+) -> String {
+    let mut lines = Vec::new();
+    let label = match kind {
+        WorkloadType::Container => "Container ID",
+        WorkloadType::Compose => "Compose Project",
+        WorkloadType::Vm => "Domain UUID",
+        WorkloadType::Unspecified => "Runtime Ref",
+    };
+    let reference = if status.runtime_ref.is_empty() {
+        "<none>"
+    } else {
+        &status.runtime_ref
+    };
+    lines.push(format!("{label}: {reference}"));
+    for (key, value) in &status.facts {
+        lines.push(format!("{key}: {value}"));
+    }
+    if let Some(usage) = usage
+        && usage.collected_at > 0
+    {
+        lines.push(format!(
+            "Usage: cpu {:.1}%, memory {}, net rx/tx {}/{}",
+            usage.cpu_percent,
+            bytes(usage.memory_bytes),
+            bytes(usage.net_rx_bytes),
+            bytes(usage.net_tx_bytes)
+        ));
+    }
+    lines.join("\n")
+}
+
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n.max(0) as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
+    }
+}
+
+/// Newest last, as kubectl lists them; a folded event reads
+/// "10s (3x over 2m)".
+fn events(described: &DescribeWorkloadResponse, palette: Palette, now: i64) -> String {
+    if described.events.is_empty() {
+        return "<none>".into();
+    }
+    let mut events = described.events.clone();
+    events.sort_by_key(|e| e.last_seen_ms);
+    let rows: Vec<Vec<Cell>> = events
+        .iter()
+        .map(|e| {
+            let kind = event_type_name(e.r#type);
+            let mut when = age(e.last_seen_ms, now);
+            if e.count > 1 {
+                let over = Duration::from_millis(
+                    e.last_seen_ms.saturating_sub(e.first_seen_ms).max(0) as u64,
+                );
+                when.push_str(&format!(" ({}x over {})", e.count, human_duration(over)));
+            }
+            vec![
+                Cell::styled(kind, state_style(kind)),
+                Cell::plain(&e.reason),
+                Cell::plain(when),
+                Cell::plain(output::one_line(&e.message)),
+            ]
+        })
+        .collect();
+    Table::new(vec!["TYPE", "REASON", "AGE", "MESSAGE"]).render(&rows, palette)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use persys_api::v1::{Event, EventType, Workload};
+
+    #[test]
+    fn folded_events_say_how_often_and_over_how_long() {
+        let now = 1_000_000_000;
+        let described = DescribeWorkloadResponse {
+            workload: Some(Workload::default()),
+            status: None,
+            events: vec![Event {
+                workload_id: "web".into(),
+                r#type: EventType::Warning as i32,
+                reason: "BackOff".into(),
+                message: "restarting".into(),
+                count: 3,
+                first_seen_ms: now - 130_000,
+                last_seen_ms: now - 10_000,
+            }],
+        };
+        let text = render(&described, Palette::detect(), now);
+        let line = text
+            .lines()
+            .find(|l| l.contains("BackOff"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains("10s (3x over 2m)"), "{line}");
+        assert!(line.contains("Warning"), "{line}");
+    }
+}
