@@ -105,6 +105,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         Duration::from_secs(5),
         background.clone(),
     );
+    let link = crate::scheduler::start(
+        &config,
+        &informer,
+        node.clone(),
+        runtimes.clone(),
+        controllers.usage.clone(),
+        background.clone(),
+    );
     let agent = Agent {
         store: store.clone(),
         informer: informer.clone(),
@@ -122,6 +130,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         usage: controllers.usage.clone(),
         metrics: metrics.clone(),
         shutdown: background.clone(),
+        drain: link.drain.clone(),
+        scheduler: link.status.clone(),
     };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -201,6 +211,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         let _ = task.await;
     }
     let _ = informer_task.await;
+    if let Some(task) = link.task {
+        let _ = task.await;
+    }
     let _ = metrics_task.await;
     store.close().await;
     tracing::info!("store closed; bye");

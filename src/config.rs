@@ -137,6 +137,75 @@ pub struct Config {
     /// empty: anywhere but the host's critical paths).
     #[arg(long, env = "PERSYS_ALLOWED_HOST_PATHS", value_delimiter = ',')]
     pub allowed_host_paths: Vec<PathBuf>,
+
+    /// The scheduler's AgentControl service (host:port). When set, the agent
+    /// registers with it and heartbeats; unset, the agent runs standalone.
+    #[arg(long, env = "PERSYS_SCHEDULER_ADDR", value_parser = parse_host_port)]
+    pub scheduler_addr: Option<String>,
+
+    /// Dial the scheduler in plaintext instead of mutual TLS with the agent's
+    /// own certificate (for development only).
+    #[arg(long, env = "PERSYS_SCHEDULER_INSECURE", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub scheduler_insecure: bool,
+
+    /// host:port the scheduler dials this agent at (default: the bind
+    /// address when it is a specific one, else the local address of the
+    /// route toward the scheduler; with PERSYS_GRPC_PORT).
+    #[arg(long, env = "PERSYS_AGENT_GRPC_ENDPOINT", value_parser = parse_host_port)]
+    pub agent_grpc_endpoint: Option<String>,
+
+    /// Node labels sent to the scheduler: key=value pairs, comma-separated.
+    #[arg(long, env = "PERSYS_NODE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub node_labels: Vec<(String, String)>,
+
+    /// Cluster this node belongs to, sent to the scheduler.
+    #[arg(long, env = "PERSYS_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+
+    /// Region of the node, sent as the label `region`.
+    #[arg(long, env = "PERSYS_NODE_REGION")]
+    pub node_region: Option<String>,
+
+    /// Environment of the node (prod, staging…), sent as the label `env`.
+    #[arg(long, env = "PERSYS_NODE_ENV")]
+    pub node_env: Option<String>,
+}
+
+/// `host:port` (a leading `http://` or `https://` is dropped: whether TLS is
+/// used is PERSYS_SCHEDULER_INSECURE's call). IPv6 hosts in brackets.
+fn parse_host_port(value: &str) -> Result<String, String> {
+    let trimmed = value.trim().trim_end_matches('/');
+    let bare = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .unwrap_or(trimmed);
+    let (host, port) = bare
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{value:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{value:?}: {port:?} is not a port"))?;
+    let unbracketed = host.trim_start_matches('[').trim_end_matches(']');
+    if unbracketed.is_empty() || port == 0 || unbracketed.contains(['/', ' ']) {
+        return Err(format!("{value:?} is not host:port"));
+    }
+    if unbracketed.contains(':') && !host.starts_with('[') {
+        return Err(format!(
+            "{value:?}: write an IPv6 host in brackets, [{host}]:{port}"
+        ));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+fn parse_label(value: &str) -> Result<(String, String), String> {
+    let (key, label) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?} is not key=value"))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("{value:?} has an empty key"));
+    }
+    Ok((key.to_string(), label.trim().to_string()))
 }
 
 impl Config {
@@ -249,5 +318,57 @@ mod tests {
                 Config::try_parse_from_iter(["persys-agent", "--tls-enabled", value]).unwrap();
             assert_eq!(config.tls_enabled, expected, "{value}");
         }
+    }
+
+    #[test]
+    fn the_scheduler_link_is_off_unless_an_address_is_given() {
+        let config = Config::try_parse_from_iter(["persys-agent"]).unwrap();
+        assert_eq!(config.scheduler_addr, None);
+        assert!(!config.scheduler_insecure);
+        assert!(config.node_labels.is_empty());
+    }
+
+    #[test]
+    fn scheduler_addresses_are_host_port_with_an_optional_scheme() {
+        for (value, expected) in [
+            ("sched:8085", "sched:8085"),
+            ("https://sched.example:8085/", "sched.example:8085"),
+            ("http://10.0.0.1:8085", "10.0.0.1:8085"),
+            ("[fd00::1]:8085", "[fd00::1]:8085"),
+        ] {
+            let config =
+                Config::try_parse_from_iter(["persys-agent", "--scheduler-addr", value]).unwrap();
+            assert_eq!(config.scheduler_addr.as_deref(), Some(expected), "{value}");
+        }
+        for value in ["sched", "sched:http", ":8085", "fd00::1:8085", "sched:0"] {
+            let error = Config::try_parse_from_iter(["persys-agent", "--scheduler-addr", value])
+                .unwrap_err();
+            assert_eq!(
+                env_of_error(&error).as_deref(),
+                Some("PERSYS_SCHEDULER_ADDR"),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_labels_are_comma_separated_key_value_pairs() {
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "--node-labels",
+            "zone=a, rack = r7,gpu=",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.node_labels,
+            [
+                ("zone".to_string(), "a".to_string()),
+                ("rack".to_string(), "r7".to_string()),
+                ("gpu".to_string(), String::new()),
+            ]
+        );
+        let error =
+            Config::try_parse_from_iter(["persys-agent", "--node-labels", "zone"]).unwrap_err();
+        assert_eq!(env_of_error(&error).as_deref(), Some("PERSYS_NODE_LABELS"));
     }
 }

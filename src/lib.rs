@@ -2,6 +2,14 @@
 //!
 //! - [`store`]: the durable event log on fjall — every desired-state and
 //!   status write, group-committed, watchable from any resource version.
+//! - [`server`]: `persys.agent.v1.AgentService` over reloading mutual TLS;
+//!   validation, Watch, Describe; every RPC answers from the store.
+//! - [`agent`]: wiring — store, informer, controllers, server, samplers —
+//!   and orderly shutdown; [`config`]: every setting as env var and flag.
+//! - [`runtimes`]: starts the runtime controllers and probes their health.
+//! - [`scheduler`]: registration and heartbeats to the Persys scheduler.
+//! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`; [`node`]: host
+//!   utilisation sampling.
 //! - The runtime engine (informer, work queue, controllers) lives in the
 //!   `persys-controllers` crate and sees the store only through its
 //!   `WorkloadSource` and `WorkloadWriter` traits.
@@ -11,5 +19,6 @@ pub mod config;
 pub mod metrics;
 pub mod node;
 pub mod runtimes;
+pub mod scheduler;
 pub mod server;
 pub mod store;

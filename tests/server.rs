@@ -691,6 +691,16 @@ async fn watch_lists_then_follows_and_an_expired_version_says_so() {
         .unwrap();
     assert_eq!(first.r#type(), WatchEventType::Added);
     assert_eq!(first.object.unwrap().id(), "a");
+    let end_of_list = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        end_of_list.r#type(),
+        WatchEventType::Bookmark,
+        "end of the initial list"
+    );
     f.client
         .apply_workload(container("a", "", "nginx:2"))
         .await

@@ -7,6 +7,8 @@
 //!   so the stored form, the Watch stream and the CLI speak one language.
 //! - [`model`]: behaviour of those types — spec hashes, derived revisions,
 //!   conditions, and the flattening into the scheduler's `WorkloadStatus`.
+//! - [`control::v1`]: `persys.control.v1.AgentControl`, the service the
+//!   scheduler serves and the agent calls to register and heartbeat.
 
 pub mod model;
 
@@ -17,6 +19,13 @@ pub mod v1 {
     /// Encoded `FileDescriptorSet`, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("persys_agent_v1_descriptor");
+}
+
+pub mod control {
+    pub mod v1 {
+        #![allow(clippy::doc_lazy_continuation)]
+        include!(concat!(env!("OUT_DIR"), "/control/persys.control.v1.rs"));
+    }
 }
 
 pub use model::*;

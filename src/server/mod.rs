@@ -54,6 +54,10 @@ pub struct Agent {
     pub metrics: crate::metrics::Metrics,
     /// Ends Watch streams when the agent shuts down.
     pub shutdown: CancellationToken,
+    /// Set while the scheduler drains the node: new workload ids are refused.
+    pub drain: crate::scheduler::Drain,
+    /// The scheduler link's state, for HealthCheck.
+    pub scheduler: tokio::sync::watch::Receiver<crate::scheduler::LinkStatus>,
 }
 
 fn store_status(error: StoreError) -> Status {
@@ -134,6 +138,10 @@ impl AgentService for Agent {
             )));
         }
         let id = apply.id.clone();
+        if self.drain.is_draining() && self.store.get(&id).map_err(store_status)?.is_none() {
+            self.metrics.apply("refused");
+            return Err(Status::failed_precondition("node is draining"));
+        }
         let outcome = match self.store.apply(apply).await {
             Ok(outcome) => outcome,
             Err(error) => {
@@ -255,6 +263,8 @@ impl AgentService for Agent {
         if !self.informer.is_synced() {
             runtime_status.insert("informer".into(), "not synced".into());
         }
+        runtime_status.insert("scheduler".into(), self.scheduler.borrow().summary());
+        runtime_status.insert("node".into(), self.drain.describe().into());
         Ok(Response::new(HealthCheckResponse {
             healthy: self.store.is_writable() && self.informer.is_synced(),
             version: self.version.clone(),
@@ -307,7 +317,8 @@ impl AgentService for Agent {
                 && id_filter.as_deref().is_none_or(|id| w.id() == id)
         };
         // From 0: the current objects first, as ADDED, then what follows.
-        let (initial, from) = if request.resource_version == 0 {
+        let listed = request.resource_version == 0;
+        let (initial, from) = if listed {
             let (objects, rv) = self.informer.cache().snapshot();
             let initial: Vec<WatchEvent> = objects
                 .into_iter()
@@ -340,6 +351,18 @@ impl AgentService for Agent {
             let _open = open;
             for event in initial {
                 if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            // As Kubernetes marks the end of its initial events: everything
+            // up to `from` has been sent.
+            if listed {
+                let end_of_list = WatchEvent {
+                    r#type: WatchEventType::Bookmark as i32,
+                    resource_version: from,
+                    object: None,
+                };
+                if tx.send(Ok(end_of_list)).await.is_err() {
                     return;
                 }
             }

@@ -1,0 +1,684 @@
+//! What the node tells the scheduler: its registration (identity, capacity,
+//! reachable runtimes) and each heartbeat's usage and workload statuses.
+//!
+//! Everything comes from the configuration, the host, the runtime board and
+//! the informer cache; building a report never waits on a runtime.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use persys_api::CONDITION_READY;
+use persys_api::control::v1::{
+    FailureReason, HeartbeatRequest, NodeCapabilities, NodeUsage, ReasonDetail,
+    RegisterNodeRequest, StoragePool, WorkloadStatus, WorkloadUsageSnapshot,
+};
+use persys_api::v1::{self as agent, ActualState, Workload, WorkloadType, workload_spec};
+use persys_controllers::Cache;
+
+use crate::config::Config;
+use crate::node::NodeSampler;
+use crate::runtimes::RuntimeBoard;
+use crate::server::UsageLookup;
+
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+
+/// Where libvirt keeps VM disk images: a storage pool when VMs are enabled.
+const LIBVIRT_IMAGES: &str = "/var/lib/libvirt/images";
+
+/// Builds the node's registration and heartbeats.
+#[derive(Clone)]
+pub struct NodeReporter {
+    node_id: String,
+    labels: BTreeMap<String, String>,
+    agent_version: String,
+    cluster_id: String,
+    /// The directories workload data is kept in, each offered as a local
+    /// pool named by its path.
+    storage_pools: Vec<PathBuf>,
+    /// The runtimes enabled by configuration, by board name; only those the
+    /// board also calls healthy are offered to the scheduler.
+    enabled: Vec<(&'static str, WorkloadType)>,
+    /// The filesystem whose use is reported (the state directory's).
+    disk_path: PathBuf,
+    cache: Cache,
+    node: NodeSampler,
+    runtimes: RuntimeBoard,
+    usage: Option<UsageLookup>,
+}
+
+impl NodeReporter {
+    pub fn new(
+        config: &Config,
+        cache: Cache,
+        node: NodeSampler,
+        runtimes: RuntimeBoard,
+        usage: Option<UsageLookup>,
+    ) -> Self {
+        // Each runtime by its name on the board and the type it runs.
+        let enabled = [
+            (config.docker_enabled, "docker", WorkloadType::Container),
+            (config.compose_enabled, "compose", WorkloadType::Compose),
+            (config.vm_enabled, "vm", WorkloadType::Vm),
+        ]
+        .into_iter()
+        .filter(|(on, _, _)| *on)
+        .map(|(_, name, kind)| (name, kind))
+        .collect();
+        let mut storage_pools = vec![config.state_path.clone()];
+        if config.vm_enabled {
+            storage_pools.push(PathBuf::from(LIBVIRT_IMAGES));
+        }
+        NodeReporter {
+            node_id: node_id(config),
+            labels: labels(config),
+            agent_version: config.agent_version(),
+            cluster_id: config.cluster_id.clone().unwrap_or_default(),
+            storage_pools,
+            enabled,
+            disk_path: config.state_path.clone(),
+            cache,
+            node,
+            runtimes,
+            usage,
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The enabled runtimes the board calls healthy, by the scheduler's names.
+    pub fn supported_workload_types(&self) -> Vec<String> {
+        self.enabled
+            .iter()
+            .filter(|(name, _)| self.runtimes.is_healthy(name))
+            .map(|(_, kind)| kind.short_name().to_string())
+            .collect()
+    }
+
+    pub fn capabilities(&self) -> NodeCapabilities {
+        NodeCapabilities {
+            cpu_total_millicores: cpu_total_millicores(),
+            memory_total_mb: memory_total_mb().unwrap_or(0),
+            storage_pools: self.storage_pools.iter().map(|p| storage_pool(p)).collect(),
+            supported_workload_types: self.supported_workload_types(),
+            supported_storage_drivers: vec!["local".to_string()],
+        }
+    }
+
+    /// The registration, advertising `grpc_endpoint` as this node's address.
+    pub fn registration(&self, grpc_endpoint: String) -> RegisterNodeRequest {
+        RegisterNodeRequest {
+            node_id: self.node_id.clone(),
+            capabilities: Some(self.capabilities()),
+            labels: self.labels.clone(),
+            agent_version: self.agent_version.clone(),
+            grpc_endpoint,
+            cluster_id: self.cluster_id.clone(),
+            timestamp: Some(SystemTime::now().into()),
+        }
+    }
+
+    /// A heartbeat: node usage and every cached workload's status.
+    pub fn heartbeat(&self) -> HeartbeatRequest {
+        let workloads = self.cache.list();
+        let mut statuses = Vec::with_capacity(workloads.len());
+        let mut workload_usage = Vec::new();
+        for workload in &workloads {
+            let usage = self.usage.as_ref().and_then(|lookup| lookup(workload.id()));
+            let usage = usage.as_ref().map(usage_snapshot);
+            if let Some(snapshot) = &usage {
+                workload_usage.push(snapshot.clone());
+            }
+            statuses.push(status_report(workload, usage));
+        }
+        HeartbeatRequest {
+            node_id: self.node_id.clone(),
+            usage: Some(self.usage(&workloads)),
+            workload_statuses: statuses,
+            timestamp: Some(SystemTime::now().into()),
+            workload_usage,
+        }
+    }
+
+    fn usage(&self, workloads: &[Arc<Workload>]) -> NodeUsage {
+        let allocated = Allocation::of(workloads);
+        let host = self.node.latest();
+        let cpu_used = host.cpu / 100.0 * cpu_total_millicores() as f64;
+        let memory_used = host.memory / 100.0 * host.memory_total_bytes as f64 / MIB as f64;
+        NodeUsage {
+            cpu_allocated_millicores: allocated.cpu_millicores,
+            cpu_used_millicores: cpu_used.round() as i64,
+            memory_allocated_mb: allocated.memory_mb,
+            memory_used_mb: memory_used.round() as i64,
+            disk_allocated_gb: allocated.disk_gb,
+            disk_used_gb: disk_used_gb(&self.disk_path).unwrap_or(0),
+        }
+    }
+}
+
+/// PERSYS_NODE_ID, or the host name with the first 8 characters of
+/// /etc/machine-id, so that two hosts with the same name stay apart and a
+/// host keeps its id across restarts.
+pub fn node_id(config: &Config) -> String {
+    match &config.node_id {
+        Some(id) => id.clone(),
+        None => default_node_id(
+            &config.node_id(),
+            std::fs::read_to_string("/etc/machine-id").ok().as_deref(),
+        ),
+    }
+}
+
+fn default_node_id(hostname: &str, machine_id: Option<&str>) -> String {
+    match machine_id.map(str::trim) {
+        Some(id) if id.len() >= 8 && id.is_char_boundary(8) => format!("{hostname}-{}", &id[..8]),
+        _ => hostname.to_string(),
+    }
+}
+
+/// PERSYS_NODE_LABELS, with PERSYS_NODE_REGION and PERSYS_NODE_ENV as the
+/// labels `region` and `env` (they win over the same keys in the list).
+pub fn labels(config: &Config) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = config.node_labels.iter().cloned().collect();
+    if let Some(region) = &config.node_region {
+        labels.insert("region".into(), region.clone());
+    }
+    if let Some(env) = &config.node_env {
+        labels.insert("env".into(), env.clone());
+    }
+    labels
+}
+
+/// What the workloads that should run have been promised, from their specs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allocation {
+    pub cpu_millicores: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+}
+
+impl Allocation {
+    /// Sums the specs of the workloads meant to run: stopped ones and ones
+    /// being deleted hold nothing. Containers: CPU shares at 1024 per core
+    /// (1024 shares = 1000m) and the memory limit; VMs: vCPUs and memory;
+    /// disks and managed volumes by their declared size. Compose projects
+    /// declare nothing the agent can read.
+    pub fn of(workloads: &[Arc<Workload>]) -> Allocation {
+        let mut total = Allocation::default();
+        for workload in workloads {
+            if workload.is_deleting()
+                || workload.desired_state() == persys_api::v1::DesiredState::Stopped
+            {
+                continue;
+            }
+            match workload.workload_spec() {
+                Some(workload_spec::Spec::Container(container)) => {
+                    if let Some(resources) = &container.resources {
+                        let shares = resources.cpu_shares.max(0);
+                        total.cpu_millicores += (shares * 1000 + 512) / 1024;
+                        total.memory_mb +=
+                            (resources.memory_bytes.max(0) as u64).div_ceil(MIB) as i64;
+                    }
+                    total.disk_gb += container
+                        .managed_volumes
+                        .iter()
+                        .map(|v| v.size_gb.max(0))
+                        .sum::<i64>();
+                }
+                Some(workload_spec::Spec::Vm(vm)) => {
+                    total.cpu_millicores += i64::from(vm.vcpus.max(0)) * 1000;
+                    total.memory_mb += vm.memory_mb.max(0);
+                    total.disk_gb += vm.disks.iter().map(|d| d.size_gb.max(0)).sum::<i64>()
+                        + vm.managed_volumes
+                            .iter()
+                            .map(|v| v.size_gb.max(0))
+                            .sum::<i64>();
+                }
+                Some(workload_spec::Spec::Compose(_)) | None => {}
+            }
+        }
+        total
+    }
+}
+
+/// One workload's status in the scheduler's words. The failure is the
+/// scheduler's coarser [`FailureReason`] (see [`failure_reason`]); the
+/// agent's own code, and without a failure the reason of the `Ready`
+/// condition, goes in `reason.code`, so nothing is lost.
+pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) -> WorkloadStatus {
+    let status = workload.status_or_default();
+    let state = match status.actual_state() {
+        ActualState::Unspecified => ActualState::Pending,
+        other => other,
+    };
+    let last_transition = timestamp_ms(status.last_transition_ms);
+    let code = if status.failure_reason.is_empty() {
+        status
+            .condition(CONDITION_READY)
+            .map(|c| c.reason.clone())
+            .unwrap_or_default()
+    } else {
+        status.failure_reason.clone()
+    };
+    WorkloadStatus {
+        workload_id: workload.id().to_string(),
+        state: state.short_name().to_string(),
+        failure_reason: failure_reason(&status.failure_reason) as i32,
+        message: status.message.clone(),
+        last_transition,
+        reason: Some(ReasonDetail {
+            code,
+            message: status.last_error.clone(),
+            last_transition,
+            next_retry_at: timestamp_ms(status.next_retry_at_ms),
+            retryable: !status.retry_terminal,
+        }),
+        usage,
+    }
+}
+
+/// The scheduler's [`FailureReason`] for the agent's `status.failure_reason`
+/// code. The scheduler's enum is coarser than the agent's codes; where no
+/// value says the same thing, the nearest one is used:
+///
+/// | agent code                          | `FailureReason`              |
+/// |-------------------------------------|------------------------------|
+/// | (none)                              | `FAILURE_REASON_UNSPECIFIED` |
+/// | `IMAGE_PULL_FAILED`                 | `IMAGE_PULL_FAILED`          |
+/// | `IMAGE_NOT_FOUND`, `INVALID_IMAGE`  | `IMAGE_NOT_FOUND`            |
+/// | `INSUFFICIENT_RESOURCES`            | `INSUFFICIENT_RESOURCES`     |
+/// | `INVALID_SPEC`                      | `INVALID_SPEC`               |
+/// | `INVALID_SPECIFICATION`             | `INVALID_SPEC`               |
+/// | `INVALID_CONFIGURATION`             | `INVALID_SPEC`               |
+/// | `RUNTIME_ERROR`                     | `RUNTIME_ERROR`              |
+/// | `CRASH_LOOP_BACKOFF`                | `RUNTIME_ERROR`              |
+/// | `CONTAINER_EXITED`                  | `RUNTIME_ERROR`              |
+/// | `NETWORK_ERROR`                     | `NETWORK_ERROR`              |
+/// | `PORT_BIND_CONFLICT`                | `NETWORK_ERROR`              |
+/// | `STORAGE_ERROR`                     | `STORAGE_ERROR`              |
+/// | `VM_BOOT_FAILED`                    | `VM_BOOT_FAILED`             |
+/// | any other code                      | `RUNTIME_ERROR`              |
+///
+/// `INVALID_IMAGE`, `INVALID_SPECIFICATION` and `INVALID_CONFIGURATION` are
+/// the names the scheduler reads in AgentService status metadata (WIRE.md)
+/// for the same failures. A workload that keeps
+/// crashing or has exited ran and then failed, which the scheduler calls a
+/// runtime error; a host port already taken is a network failure. An
+/// unknown code is still a failure, and `RUNTIME_ERROR` is the agent's own
+/// catch-all.
+pub fn failure_reason(code: &str) -> FailureReason {
+    match code {
+        "" => FailureReason::Unspecified,
+        "IMAGE_PULL_FAILED" => FailureReason::ImagePullFailed,
+        "IMAGE_NOT_FOUND" | "INVALID_IMAGE" => FailureReason::ImageNotFound,
+        "INSUFFICIENT_RESOURCES" => FailureReason::InsufficientResources,
+        "INVALID_SPEC" | "INVALID_SPECIFICATION" | "INVALID_CONFIGURATION" => {
+            FailureReason::InvalidSpec
+        }
+        "NETWORK_ERROR" | "PORT_BIND_CONFLICT" => FailureReason::NetworkError,
+        "STORAGE_ERROR" => FailureReason::StorageError,
+        "VM_BOOT_FAILED" => FailureReason::VmBootFailed,
+        // RUNTIME_ERROR, CRASH_LOOP_BACKOFF, CONTAINER_EXITED, and anything
+        // else.
+        _ => FailureReason::RuntimeError,
+    }
+}
+
+/// The agent's usage snapshot in the scheduler's shape: the type as its word
+/// ("container", "compose", "vm"; empty when unknown) and the collection
+/// time (Unix seconds; 0 when never collected) as a Timestamp.
+pub fn usage_snapshot(usage: &agent::WorkloadUsageSnapshot) -> WorkloadUsageSnapshot {
+    let kind = match usage.r#type() {
+        WorkloadType::Unspecified => String::new(),
+        kind => kind.short_name().to_string(),
+    };
+    WorkloadUsageSnapshot {
+        workload_id: usage.workload_id.clone(),
+        r#type: kind,
+        cpu_percent: usage.cpu_percent,
+        memory_bytes: usage.memory_bytes,
+        disk_read_bytes: usage.disk_read_bytes,
+        disk_write_bytes: usage.disk_write_bytes,
+        net_rx_bytes: usage.net_rx_bytes,
+        net_tx_bytes: usage.net_tx_bytes,
+        collected_at: timestamp_ms(usage.collected_at.saturating_mul(1000)),
+        source: usage.source.clone(),
+    }
+}
+
+/// A time in Unix milliseconds as a `google.protobuf.Timestamp`; none for 0
+/// (or less), which the agent's status uses for "never". Generic over the
+/// Timestamp type, which converts from `SystemTime`.
+fn timestamp_ms<T: From<SystemTime>>(ms: i64) -> Option<T> {
+    let ms = u64::try_from(ms).ok().filter(|ms| *ms > 0)?;
+    Some(T::from(UNIX_EPOCH + Duration::from_millis(ms)))
+}
+
+/// A local pool at `path`, named by it, sized by the filesystem it is on
+/// (or would be created on).
+fn storage_pool(path: &Path) -> StoragePool {
+    StoragePool {
+        name: path.display().to_string(),
+        r#type: "local".to_string(),
+        total_gb: path.ancestors().find_map(disk_total_gb).unwrap_or_default(),
+    }
+}
+
+fn cpu_total_millicores() -> i64 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    cores as i64 * 1000
+}
+
+fn memory_total_mb() -> Option<i64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((kib / 1024) as i64)
+}
+
+/// Size of the filesystem holding `path`, when `path` exists.
+fn disk_total_gb(path: &Path) -> Option<i64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    Some((stat.f_blocks * stat.f_frsize / GIB) as i64)
+}
+
+/// Used space of the filesystem holding `path`, as the sampler's percentage
+/// counts it (everything but what is available to unprivileged users).
+fn disk_used_gb(path: &Path) -> Option<i64> {
+    let stat = rustix::fs::statvfs(path).ok()?;
+    let used = stat.f_blocks.saturating_sub(stat.f_bavail) * stat.f_frsize;
+    Some((used / GIB) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use persys_api::v1::{
+        ContainerSpec, DesiredState, DiskConfig, ManagedVolumeSpec, ObjectMeta, ObjectSpec,
+        ObjectStatus, ResourceLimits, VmSpec, WorkloadSpec,
+    };
+
+    fn workload(id: &str, spec: workload_spec::Spec, desired: DesiredState) -> Arc<Workload> {
+        Arc::new(Workload {
+            metadata: Some(ObjectMeta {
+                id: id.into(),
+                r#type: WorkloadType::of(&spec) as i32,
+                ..Default::default()
+            }),
+            spec: Some(ObjectSpec {
+                desired_state: desired as i32,
+                workload: Some(WorkloadSpec { spec: Some(spec) }),
+            }),
+            status: None,
+        })
+    }
+
+    fn container(shares: i64, memory_bytes: i64) -> workload_spec::Spec {
+        workload_spec::Spec::Container(ContainerSpec {
+            image: "nginx".into(),
+            resources: Some(ResourceLimits {
+                cpu_shares: shares,
+                memory_bytes,
+                memory_swap_bytes: 0,
+            }),
+            managed_volumes: vec![ManagedVolumeSpec {
+                size_gb: 3,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn config(args: &[&str]) -> Config {
+        let mut all = vec!["persys-agent"];
+        all.extend_from_slice(args);
+        Config::try_parse_from_iter(all).unwrap()
+    }
+
+    #[test]
+    fn allocation_sums_what_running_workloads_were_promised() {
+        let vm = workload_spec::Spec::Vm(VmSpec {
+            vcpus: 2,
+            memory_mb: 2048,
+            disks: vec![DiskConfig {
+                size_gb: 10,
+                ..Default::default()
+            }],
+            managed_volumes: vec![ManagedVolumeSpec {
+                size_gb: 5,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let mut deleting =
+            (*workload("gone", container(1024, 1 << 30), DesiredState::Running)).clone();
+        if let Some(meta) = deleting.metadata.as_mut() {
+            meta.deletion_timestamp_ms = 1;
+        }
+        let workloads = vec![
+            workload(
+                "web",
+                container(512, 256 * MIB as i64),
+                DesiredState::Running,
+            ),
+            workload(
+                "api",
+                container(1024, 100 * MIB as i64 + 1),
+                DesiredState::Unspecified,
+            ),
+            workload("vm", vm, DesiredState::Running),
+            workload("idle", container(4096, 1 << 32), DesiredState::Stopped),
+            Arc::new(deleting),
+        ];
+        assert_eq!(
+            Allocation::of(&workloads),
+            Allocation {
+                cpu_millicores: 500 + 1000 + 2000,
+                memory_mb: 256 + 101 + 2048,
+                disk_gb: 3 + 3 + 10 + 5,
+            }
+        );
+    }
+
+    #[test]
+    fn a_status_report_speaks_the_schedulers_words() {
+        let mut failed = (*workload("web", container(0, 0), DesiredState::Running)).clone();
+        let mut status = ObjectStatus {
+            actual_state: ActualState::Failed as i32,
+            message: "image not found".into(),
+            last_error: "pull access denied".into(),
+            failure_reason: "INVALID_IMAGE".into(),
+            retry_terminal: true,
+            last_transition_ms: 1_700_000_000_999,
+            next_retry_at_ms: 1_700_000_060_000,
+            ..Default::default()
+        };
+        status.set_condition(CONDITION_READY, false, "ImagePullFailed", "");
+        failed.status = Some(status);
+        let usage = WorkloadUsageSnapshot {
+            workload_id: "web".into(),
+            memory_bytes: 42,
+            ..Default::default()
+        };
+        let report = status_report(&failed, Some(usage.clone()));
+        assert_eq!(report.workload_id, "web");
+        assert_eq!(report.state, "Failed");
+        assert_eq!(report.failure_reason(), FailureReason::ImageNotFound);
+        assert_eq!(report.message, "image not found");
+        assert_eq!(
+            report.last_transition.map(|t| (t.seconds, t.nanos)),
+            Some((1_700_000_000, 999_000_000))
+        );
+        assert_eq!(report.usage, Some(usage));
+        let reason = report.reason.unwrap();
+        assert_eq!(reason.code, "INVALID_IMAGE", "the agent's own code");
+        assert_eq!(reason.message, "pull access denied");
+        assert_eq!(reason.last_transition, report.last_transition);
+        assert_eq!(
+            reason.next_retry_at.map(|t| (t.seconds, t.nanos)),
+            Some((1_700_000_060, 0))
+        );
+        assert!(!reason.retryable);
+
+        // No failure: the Ready condition's reason; no status yet: Pending.
+        let mut starting = (*workload("api", container(0, 0), DesiredState::Running)).clone();
+        let mut status = ObjectStatus::default();
+        status.set_condition(CONDITION_READY, false, "Pulling", "");
+        starting.status = Some(status);
+        let report = status_report(&starting, None);
+        assert_eq!(report.state, "Pending");
+        assert_eq!(report.failure_reason(), FailureReason::Unspecified);
+        assert_eq!(report.last_transition, None, "never: unset");
+        let reason = report.reason.unwrap();
+        assert_eq!(reason.code, "Pulling");
+        assert!(reason.retryable);
+        assert_eq!(reason.next_retry_at, None, "no retry scheduled: unset");
+    }
+
+    #[test]
+    fn every_agent_failure_code_has_the_nearest_scheduler_reason() {
+        use FailureReason::*;
+        for (code, expected) in [
+            ("", Unspecified),
+            ("IMAGE_PULL_FAILED", ImagePullFailed),
+            ("IMAGE_NOT_FOUND", ImageNotFound),
+            ("INVALID_IMAGE", ImageNotFound),
+            ("INSUFFICIENT_RESOURCES", InsufficientResources),
+            ("INVALID_SPEC", InvalidSpec),
+            ("INVALID_SPECIFICATION", InvalidSpec),
+            ("INVALID_CONFIGURATION", InvalidSpec),
+            ("RUNTIME_ERROR", RuntimeError),
+            ("CRASH_LOOP_BACKOFF", RuntimeError),
+            ("CONTAINER_EXITED", RuntimeError),
+            ("NETWORK_ERROR", NetworkError),
+            ("PORT_BIND_CONFLICT", NetworkError),
+            ("STORAGE_ERROR", StorageError),
+            ("VM_BOOT_FAILED", VmBootFailed),
+            ("SOMETHING_NEW", RuntimeError),
+        ] {
+            assert_eq!(failure_reason(code), expected, "{code:?}");
+        }
+        // Where the names agree, the mapping is the identity.
+        for reason in [
+            ImagePullFailed,
+            ImageNotFound,
+            InsufficientResources,
+            InvalidSpec,
+            RuntimeError,
+            NetworkError,
+            StorageError,
+            VmBootFailed,
+        ] {
+            assert_eq!(failure_reason(reason.as_str_name()), reason);
+        }
+    }
+
+    #[test]
+    fn a_usage_snapshot_takes_the_schedulers_shape() {
+        let usage = agent::WorkloadUsageSnapshot {
+            workload_id: "web".into(),
+            r#type: WorkloadType::Container as i32,
+            cpu_percent: 12.5,
+            memory_bytes: 1,
+            disk_read_bytes: 2,
+            disk_write_bytes: 3,
+            net_rx_bytes: 4,
+            net_tx_bytes: 5,
+            collected_at: 1_700_000_000,
+            source: "docker".into(),
+        };
+        let snapshot = usage_snapshot(&usage);
+        assert_eq!(
+            snapshot,
+            WorkloadUsageSnapshot {
+                workload_id: "web".into(),
+                r#type: "container".into(),
+                cpu_percent: 12.5,
+                memory_bytes: 1,
+                disk_read_bytes: 2,
+                disk_write_bytes: 3,
+                net_rx_bytes: 4,
+                net_tx_bytes: 5,
+                collected_at: Some((UNIX_EPOCH + Duration::from_secs(1_700_000_000)).into()),
+                source: "docker".into(),
+            }
+        );
+        let never = usage_snapshot(&agent::WorkloadUsageSnapshot::default());
+        assert_eq!(never.r#type, "");
+        assert_eq!(never.collected_at, None);
+    }
+
+    #[test]
+    fn supported_types_are_the_enabled_runtimes_the_board_calls_healthy() {
+        let board = RuntimeBoard::default();
+        let reporter = NodeReporter::new(
+            &config(&["--vm-enabled", "false"]),
+            Cache::default(),
+            NodeSampler::default(),
+            board.clone(),
+            None,
+        );
+        assert!(reporter.supported_workload_types().is_empty());
+        board.set("docker", crate::runtimes::HEALTHY);
+        board.set("compose", "binary not found");
+        board.set("vm", crate::runtimes::HEALTHY);
+        assert_eq!(reporter.supported_workload_types(), ["container"]);
+        board.set("compose", crate::runtimes::HEALTHY);
+        assert_eq!(
+            reporter.supported_workload_types(),
+            ["container", "compose"]
+        );
+        let capabilities = reporter.capabilities();
+        assert_eq!(capabilities.supported_storage_drivers, ["local"]);
+        let pools = &capabilities.storage_pools;
+        assert_eq!(pools.len(), 1, "{pools:?}");
+        assert_eq!(pools[0].name, "/var/lib/persys/state");
+        assert_eq!(pools[0].r#type, "local");
+        assert!(pools[0].total_gb > 0, "sized by an existing ancestor");
+        assert!(capabilities.cpu_total_millicores >= 1000);
+        assert_eq!(capabilities.cpu_total_millicores % 1000, 0);
+        assert!(capabilities.memory_total_mb > 0);
+    }
+
+    #[test]
+    fn the_default_node_id_is_the_host_name_and_a_machine_id_prefix() {
+        assert_eq!(
+            default_node_id("web-1", Some("3d1219c7c4c5404aaa1f6d2a48adfda4\n")),
+            "web-1-3d1219c7"
+        );
+        assert_eq!(default_node_id("web-1", None), "web-1");
+        assert_eq!(default_node_id("web-1", Some("\n")), "web-1");
+        assert_eq!(node_id(&config(&["--node-id", "n7"])), "n7");
+    }
+
+    #[test]
+    fn region_and_env_become_labels_over_the_listed_ones() {
+        let labels = labels(&config(&[
+            "--node-labels",
+            "zone=a,region=old",
+            "--node-region",
+            "eu-west",
+            "--node-env",
+            "staging",
+        ]));
+        assert_eq!(
+            labels.into_iter().collect::<Vec<_>>(),
+            [
+                ("env".to_string(), "staging".to_string()),
+                ("region".to_string(), "eu-west".to_string()),
+                ("zone".to_string(), "a".to_string()),
+            ]
+        );
+    }
+}
