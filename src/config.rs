@@ -97,6 +97,11 @@ pub struct Config {
     #[arg(long, env = "PERSYS_COMPOSE_BINARY")]
     pub compose_binary: Option<String>,
 
+    /// A compose command still running after this long is killed with its
+    /// process group.
+    #[arg(long, env = "PERSYS_COMPOSE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub compose_timeout: Duration,
+
     /// Run libvirt virtual machines.
     #[arg(long, env = "PERSYS_VM_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub vm_enabled: bool,

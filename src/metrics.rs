@@ -240,7 +240,7 @@ impl Metrics {
                 .inc();
         }
         self.log_entries.set(store.log_len() as i64);
-        for (runtime, status) in runtimes.snapshot() {
+        for (runtime, status) in runtimes.statuses() {
             self.runtime_up
                 .get_or_create(&RuntimeLabels { runtime })
                 .set(i64::from(status == crate::runtimes::HEALTHY));

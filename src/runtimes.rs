@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::{DockerConfig, DockerController, HostPathPolicy};
 use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +17,9 @@ use crate::store::Store;
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeBoard {
     statuses: Arc<RwLock<BTreeMap<String, String>>>,
+    /// Facts shown beside the statuses (e.g. the compose CLI's version);
+    /// not runtimes, so not exported as `runtime_up`.
+    info: Arc<RwLock<BTreeMap<String, String>>>,
 }
 
 pub const HEALTHY: &str = "healthy";
@@ -35,11 +39,29 @@ impl RuntimeBoard {
         statuses.insert(runtime.to_string(), status);
     }
 
-    pub fn snapshot(&self) -> BTreeMap<String, String> {
+    /// Sets a fact shown in HealthCheck's `runtime_status`.
+    pub fn set_info(&self, key: &str, value: impl Into<String>) {
+        self.info
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), value.into());
+    }
+
+    /// Runtime statuses only.
+    pub fn statuses(&self) -> BTreeMap<String, String> {
         self.statuses
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Statuses and facts, as HealthCheck reports them.
+    pub fn snapshot(&self) -> BTreeMap<String, String> {
+        let mut all = self.statuses();
+        for (key, value) in self.info.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            all.insert(key.clone(), value.clone());
+        }
+        all
     }
 
     pub fn is_healthy(&self, runtime: &str) -> bool {
@@ -133,13 +155,50 @@ pub fn start_controllers(
             }
         }));
     }
-    for (enabled, name) in [
-        (config.compose_enabled, "compose"),
-        (config.vm_enabled, "vm"),
-    ] {
-        if enabled {
-            board.set(name, "controller not started");
-        }
+    if config.compose_enabled {
+        let compose_config = ComposeConfig {
+            host: Some(config.docker_host.clone()),
+            binary: config.compose_binary.clone(),
+            command_timeout: config.compose_timeout,
+            ..ComposeConfig::new(&config.state_path)
+        };
+        let compose = Arc::new(ComposeController::new(
+            compose_config,
+            Arc::new(store.clone()),
+            informer.cache(),
+        ));
+        let controller = Controller::new(
+            compose.clone(),
+            informer.clone(),
+            Arc::new(store.clone()),
+            controller_config(config, observer.clone()),
+        )
+        .with_trigger(compose.trigger());
+        controllers
+            .tasks
+            .push(tokio::spawn(controller.run(shutdown.clone())));
+        let board = board.clone();
+        let stop = shutdown.clone();
+        controllers.tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                let health = compose.probe().await;
+                board.set("compose", health.status.clone());
+                if let Some(binary) = &health.binary {
+                    board.set_info(
+                        "compose_binary",
+                        format!("{} {}", binary.kind, binary.version),
+                    );
+                }
+            }
+        }));
+    }
+    if config.vm_enabled {
+        board.set("vm", "controller not started");
     }
     controllers
 }

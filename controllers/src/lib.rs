@@ -11,8 +11,11 @@
 //! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
 //!   drives one from informer changes, runtime triggers and a periodic resync.
 //! - [`docker`]: the Docker controller — container workloads.
+//! - [`compose`]: the Compose controller — compose projects through the
+//!   compose CLI, observed through the Docker API.
 
 pub mod backoff;
+pub mod compose;
 pub mod controller;
 pub mod docker;
 pub mod informer;

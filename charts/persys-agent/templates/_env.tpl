@@ -37,6 +37,8 @@ drops the names that extraEnv sets.
 - name: PERSYS_COMPOSE_BINARY
   value: {{ . | quote }}
 {{- end }}
+- name: PERSYS_COMPOSE_TIMEOUT
+  value: {{ .Values.config.compose.timeout | quote }}
 - name: PERSYS_VM_ENABLED
   value: {{ .Values.config.vm.enabled | quote }}
 - name: PERSYS_LIBVIRT_URI

@@ -1,0 +1,52 @@
+//! The Compose controller: compose workloads as Docker Compose projects.
+//!
+//! - [`reconciler`]: [`ComposeController`], the [`crate::Reconciler`] for
+//!   `WorkloadType::Compose` — render the project folder, observe the
+//!   project's containers by label, run `up`/`stop`/`down` on the
+//!   difference, write status; cleanup on delete; orphan folders taken down
+//!   after a grace period.
+//! - [`events`]: the engine's `/events` for compose containers as the
+//!   controller's trigger, mapped to workloads by project name.
+//! - [`binary`]: which compose CLI (`PERSYS_COMPOSE_BINARY`, `docker
+//!   compose`, `docker-compose`), its kind and version.
+//! - [`cli`]: the compose commands and their environment.
+//! - [`command`]: running one: a timeout that kills the process group,
+//!   bounded concurrency, the end of stderr kept.
+//! - [`project`]: the project folder under the state directory, written
+//!   atomically, and the spec hash last brought up.
+//! - [`naming`]: project names, and who owns a contested one.
+//! - [`services`]: the services a compose file declares, with their scale.
+//! - [`observe`]: the project's containers, from the engine.
+//! - [`status`]: what a reconcile found, as the workload's status.
+//! - [`errors`]: typed errors and the failure reasons status reports.
+//!
+//! Wiring, in the agent:
+//!
+//! ```ignore
+//! let mut config = ComposeConfig::new(&state_path);
+//! config.binary = compose_binary;           // PERSYS_COMPOSE_BINARY
+//! config.command_timeout = compose_timeout; // PERSYS_COMPOSE_TIMEOUT
+//! let compose = Arc::new(ComposeController::new(config, store.clone(), informer.cache()));
+//! let controller = Controller::new(compose.clone(), informer.clone(), store, ControllerConfig::default())
+//!     .with_trigger(compose.trigger());
+//! tokio::spawn(controller.run(shutdown));
+//! // HealthCheck: compose.probe().await → status ("healthy" or why), binary kind and version.
+//! ```
+
+pub mod binary;
+pub mod cli;
+pub mod command;
+pub mod config;
+pub mod errors;
+pub mod events;
+pub mod naming;
+pub mod observe;
+pub mod project;
+pub mod reconciler;
+pub mod services;
+pub mod status;
+
+pub use binary::{ComposeBinary, ComposeKind, DetectError};
+pub use config::ComposeConfig;
+pub use errors::{ComposeError, FailureReason};
+pub use reconciler::{ComposeController, ComposeHealth};

@@ -1,0 +1,311 @@
+//! What a reconcile found, as the workload's status.
+//!
+//! Built from the previous status, so condition transition times survive,
+//! and from nothing that changes by itself between two reconciles, so a
+//! reconcile that changes nothing writes nothing.
+
+use std::collections::BTreeMap;
+
+use persys_api::v1::{ActualState, ObjectStatus};
+use persys_api::{CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY};
+
+use super::errors::FailureReason;
+use super::observe::ServiceReport;
+
+/// `last_error` holds at most this many bytes.
+pub const MAX_LAST_ERROR: usize = 4096;
+/// `message` holds at most this many bytes.
+const MAX_MESSAGE: usize = 512;
+
+/// The state a reconcile left the project in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every service with a non-zero scale runs.
+    Running,
+    /// Nothing runs, as desired.
+    Stopped,
+    /// Not every service runs yet, and nothing has failed (yet).
+    Pending { message: String },
+    /// Services keep exiting: the next repair waits until `due_ms`.
+    BackingOff { message: String, due_ms: i64 },
+    /// Compose (or the project folder) failed; retried at `due_ms` when
+    /// set.
+    Failed {
+        reason: FailureReason,
+        message: String,
+        /// Compose's own words, for `last_error`.
+        detail: String,
+        due_ms: Option<i64>,
+    },
+    /// The engine cannot be reached; nothing is known.
+    Unknown { detail: String },
+}
+
+/// Everything the status is made from.
+#[derive(Debug, Clone)]
+pub struct Report<'a> {
+    pub outcome: Outcome,
+    pub generation: i64,
+    pub project: &'a str,
+    /// The services as last observed; none when not observed.
+    pub services: Option<&'a [ServiceReport]>,
+    /// Repairs of services that had stopped running.
+    pub restarts: i32,
+}
+
+/// The status `report` describes, starting from `previous`.
+pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
+    let mut status = previous.clone();
+    status.observed_generation = report.generation;
+    status.restart_count = report.restarts;
+    if !matches!(report.outcome, Outcome::Unknown { .. }) {
+        status.runtime_ref = report.project.to_string();
+        if let Some(services) = report.services {
+            status.facts = facts(services);
+        }
+    }
+    status.next_retry_at_ms = 0;
+    status.failure_reason.clear();
+    status.retry_terminal = false;
+    status.last_error.clear();
+
+    match report.outcome {
+        Outcome::Running => {
+            status.transition_to(ActualState::Running);
+            status.message = "all services running".into();
+            status.set_condition(CONDITION_READY, true, "Running", "");
+            status.set_condition(CONDITION_PROGRESSING, false, "Running", "");
+            status.set_condition(CONDITION_DEGRADED, false, "Running", "");
+        }
+        Outcome::Stopped => {
+            status.transition_to(ActualState::Stopped);
+            status.message = "stopped".into();
+            status.set_condition(
+                CONDITION_READY,
+                false,
+                "Stopped",
+                "desired state is stopped",
+            );
+            status.set_condition(CONDITION_PROGRESSING, false, "Stopped", "");
+            status.set_condition(CONDITION_DEGRADED, false, "Stopped", "");
+        }
+        Outcome::Pending { message } => {
+            let message = cut(&message, MAX_MESSAGE);
+            status.transition_to(ActualState::Pending);
+            status.set_condition(CONDITION_READY, false, "Starting", &message);
+            status.set_condition(CONDITION_PROGRESSING, true, "Starting", &message);
+            status.set_condition(CONDITION_DEGRADED, false, "Starting", "");
+            status.message = message;
+        }
+        Outcome::BackingOff { message, due_ms } => {
+            let reason = FailureReason::CrashLoopBackOff;
+            fail(&mut status, reason, &message, &message, Some(due_ms));
+        }
+        Outcome::Failed {
+            reason,
+            message,
+            detail,
+            due_ms,
+        } => fail(&mut status, reason, &message, &detail, due_ms),
+        Outcome::Unknown { detail } => {
+            let message = cut(&detail, MAX_MESSAGE);
+            status.transition_to(ActualState::Unknown);
+            status.last_error = keep_end(&detail, MAX_LAST_ERROR).to_string();
+            status.failure_reason = FailureReason::RuntimeError.code().into();
+            status.set_condition(CONDITION_READY, false, "RuntimeUnreachable", &message);
+            status.set_condition(CONDITION_PROGRESSING, false, "RuntimeUnreachable", "");
+            status.set_condition(CONDITION_DEGRADED, true, "RuntimeUnreachable", &message);
+            status.message = message;
+        }
+    }
+    status
+}
+
+fn fail(
+    status: &mut ObjectStatus,
+    reason: FailureReason,
+    message: &str,
+    detail: &str,
+    due_ms: Option<i64>,
+) {
+    let message = cut(message, MAX_MESSAGE);
+    status.transition_to(ActualState::Failed);
+    status.failure_reason = reason.code().into();
+    status.retry_terminal = reason.is_terminal();
+    status.next_retry_at_ms = due_ms.unwrap_or(0);
+    // Compose writes the error last: keep the end.
+    status.last_error = keep_end(detail.trim(), MAX_LAST_ERROR).to_string();
+    status.set_condition(CONDITION_READY, false, reason.condition_reason(), &message);
+    status.set_condition(CONDITION_PROGRESSING, false, reason.condition_reason(), "");
+    status.set_condition(
+        CONDITION_DEGRADED,
+        true,
+        reason.condition_reason(),
+        &message,
+    );
+    status.message = message;
+}
+
+/// `service.<name>` = its state, `service.<name>.exit_code` of a stopped
+/// one, `service.<name>.replicas` = running/scale when the scale is not 1.
+fn facts(services: &[ServiceReport]) -> BTreeMap<String, String> {
+    let mut facts = BTreeMap::new();
+    for service in services {
+        let key = format!("service.{}", service.name);
+        let state = if service.orphan {
+            format!("{} (not in the compose file)", service.state)
+        } else {
+            service.state.to_string()
+        };
+        facts.insert(key.clone(), state);
+        if let Some(code) = service.exit_code {
+            facts.insert(format!("{key}.exit_code"), code.to_string());
+        }
+        if service.scale != 1 && !service.orphan {
+            facts.insert(
+                format!("{key}.replicas"),
+                format!("{}/{}", service.running, service.scale),
+            );
+        }
+    }
+    facts
+}
+
+/// At most `max` bytes of the start of `text`, on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// At most `max` bytes of the end of `text`, on a character boundary.
+pub fn keep_end(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, state: &'static str, exit_code: Option<i64>) -> ServiceReport {
+        ServiceReport {
+            name: name.into(),
+            scale: 1,
+            running: u32::from(state == "running"),
+            state,
+            exit_code,
+            orphan: false,
+        }
+    }
+
+    fn report<'a>(outcome: Outcome, services: &'a [ServiceReport]) -> Report<'a> {
+        Report {
+            outcome,
+            generation: 2,
+            project: "shop",
+            services: Some(services),
+            restarts: 1,
+        }
+    }
+
+    #[test]
+    fn running_status_names_the_project_and_each_service() {
+        let services = [
+            service("web", "running", None),
+            service("db", "running", None),
+        ];
+        let previous = ObjectStatus {
+            failure_reason: "IMAGE_PULL_FAILED".into(),
+            last_error: "old".into(),
+            next_retry_at_ms: 9,
+            ..Default::default()
+        };
+        let status = build(&previous, report(Outcome::Running, &services));
+        assert_eq!(status.actual_state(), ActualState::Running);
+        assert_eq!(status.runtime_ref, "shop");
+        assert_eq!(status.observed_generation, 2);
+        assert_eq!(status.facts["service.web"], "running");
+        assert_eq!(status.facts["service.db"], "running");
+        assert!(status.failure_reason.is_empty() && status.last_error.is_empty());
+        assert_eq!(status.next_retry_at_ms, 0);
+        assert_eq!(status.condition(CONDITION_READY).unwrap().status, "True");
+        assert_eq!(
+            status.condition(CONDITION_DEGRADED).unwrap().status,
+            "False"
+        );
+    }
+
+    #[test]
+    fn the_same_report_twice_builds_the_same_status() {
+        let services = [service("web", "exited", Some(3))];
+        let outcome = Outcome::BackingOff {
+            message: "service web exited with code 3".into(),
+            due_ms: 1234,
+        };
+        let first = build(&ObjectStatus::default(), report(outcome.clone(), &services));
+        let second = build(&first, report(outcome, &services));
+        assert_eq!(first, second);
+        assert_eq!(first.failure_reason, "CRASH_LOOP_BACKOFF");
+        assert_eq!(first.facts["service.web.exit_code"], "3");
+        assert_eq!(first.next_retry_at_ms, 1234);
+    }
+
+    #[test]
+    fn failures_keep_the_end_of_what_compose_wrote_within_four_kib() {
+        let detail = format!("{}THE ERROR", "progress line\n".repeat(1000));
+        let status = build(
+            &ObjectStatus::default(),
+            report(
+                Outcome::Failed {
+                    reason: FailureReason::InvalidSpec,
+                    message: "compose up failed".into(),
+                    detail,
+                    due_ms: Some(5),
+                },
+                &[],
+            ),
+        );
+        assert_eq!(status.actual_state(), ActualState::Failed);
+        assert!(status.last_error.len() <= MAX_LAST_ERROR);
+        assert!(status.last_error.ends_with("THE ERROR"));
+        assert!(status.retry_terminal);
+        assert_eq!(status.failure_reason, "INVALID_SPEC");
+    }
+
+    #[test]
+    fn unknown_keeps_what_was_last_known() {
+        let services = [service("web", "running", None)];
+        let running = build(
+            &ObjectStatus::default(),
+            report(Outcome::Running, &services),
+        );
+        let unknown = build(
+            &running,
+            Report {
+                services: None,
+                ..report(
+                    Outcome::Unknown {
+                        detail: "engine unreachable".into(),
+                    },
+                    &services,
+                )
+            },
+        );
+        assert_eq!(unknown.actual_state(), ActualState::Unknown);
+        assert_eq!(unknown.facts, running.facts);
+        assert_eq!(unknown.runtime_ref, "shop");
+        assert_eq!(unknown.message, "engine unreachable");
+    }
+}

@@ -1,0 +1,161 @@
+//! The agent binary running a compose project on the real engine through
+//! docker-compose, end to end, and reporting the compose CLI it found.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{AgentProcess, Certs, client};
+use persys_api::v1::agent_service_client::AgentServiceClient;
+use persys_api::v1::*;
+use tonic::transport::Channel;
+
+fn test_image() -> String {
+    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
+}
+
+/// True when a Docker engine and docker-compose answer; in CI their
+/// absence fails the test.
+fn compose_available() -> bool {
+    let engine = Command::new("docker")
+        .args(["image", "inspect", &test_image()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let compose = Command::new("docker-compose")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !(engine && compose) {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI=true but no Docker engine with {} or no docker-compose (run hack/runtimes-up.sh)",
+            test_image()
+        );
+        eprintln!("SKIPPED: no Docker engine or docker-compose (run hack/runtimes-up.sh)");
+    }
+    engine && compose
+}
+
+fn project_containers(project: &str) -> usize {
+    let output = Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=com.docker.compose.project={project}"),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout).lines().count()
+}
+
+async fn status(api: &mut AgentServiceClient<Channel>, id: &str) -> Option<WorkloadStatus> {
+    api.get_workload_status(GetWorkloadStatusRequest { id: id.into() })
+        .await
+        .ok()
+        .and_then(|r| r.into_inner().status)
+}
+
+#[tokio::test]
+async fn a_compose_project_runs_reports_its_cli_and_is_deleted() {
+    if !compose_available() {
+        return;
+    }
+    let id = format!("compose-e2e-{}", std::process::id());
+    let project = format!("persys-e2e-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(&dir.path().join("certs"));
+    let agent = AgentProcess::start(
+        &dir.path().join("state"),
+        &certs,
+        &[
+            ("PERSYS_DOCKER_ENABLED", "true"),
+            ("PERSYS_COMPOSE_ENABLED", "true"),
+            ("PERSYS_RECONCILE_INTERVAL", "10m"),
+        ],
+    )
+    .await;
+    let mut api = client(agent.port, &certs).await.unwrap();
+    let yaml = format!(
+        "services:\n  web:\n    image: {}\n    init: true\n    command: [\"sleep\", \"3600\"]\n    environment:\n      GREETING: ${{GREETING}}\n",
+        test_image()
+    );
+    let applied = api
+        .apply_workload(ApplyWorkloadRequest {
+            id: id.clone(),
+            r#type: WorkloadType::Compose as i32,
+            revision_id: String::new(),
+            desired_state: DesiredState::Running as i32,
+            spec: Some(WorkloadSpec {
+                spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                    project_name: project.clone(),
+                    compose_yaml: yaml,
+                    env: [("GREETING".to_string(), "hello".to_string())].into(),
+                })),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(applied.applied);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if status(&mut api, &id)
+            .await
+            .is_some_and(|s| s.actual_state() == ActualState::Running)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "compose project not running within 60 s:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(project_containers(&project), 1);
+
+    let health = api
+        .health_check(HealthCheckRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut health = health;
+    while !health.runtime_status.contains_key("compose_binary") {
+        assert!(
+            Instant::now() < deadline,
+            "no compose_binary in {:?}",
+            health.runtime_status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        health = api
+            .health_check(HealthCheckRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    }
+    assert_eq!(health.runtime_status["compose"], "healthy");
+    assert!(
+        health.runtime_status["compose_binary"]
+            .chars()
+            .any(|c| c.is_ascii_digit()),
+        "{:?}",
+        health.runtime_status
+    );
+
+    api.delete_workload(DeleteWorkloadRequest { id: id.clone() })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&mut api, &id).await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "compose workload not deleted within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(project_containers(&project), 0, "project taken down");
+}
