@@ -118,10 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         informer: informer.clone(),
         limits: Arc::new(Limits {
             host_paths: crate::runtimes::host_path_policy(&config),
-            vm_disk_roots: vec![
-                "/var/lib/libvirt/images".into(),
-                config.state_path.join("vm"),
-            ],
+            vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
         }),
         enabled: Arc::new(enabled),
         runtimes: runtimes.clone(),

@@ -110,6 +110,15 @@ pub struct Config {
     #[arg(long, env = "PERSYS_LIBVIRT_URI", default_value = "qemu:///system")]
     pub libvirt_uri: String,
 
+    /// Graceful VM stop: ACPI shutdown, then destroy after this long.
+    #[arg(long, env = "PERSYS_VM_STOP_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub vm_stop_timeout: Duration,
+
+    /// VM domain type, `kvm` or `qemu` (TCG); default: `kvm` when /dev/kvm
+    /// can be opened read-write.
+    #[arg(long, env = "PERSYS_VM_DOMAIN_TYPE", value_parser = ["kvm", "qemu"])]
+    pub vm_domain_type: Option<String>,
+
     /// Resync every workload periodically (the safety net behind events).
     #[arg(long, env = "PERSYS_RECONCILE_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub reconcile_enabled: bool,

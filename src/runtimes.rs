@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::{DockerConfig, DockerController, HostPathPolicy};
+use persys_controllers::vm::{VmConfig, VmController, default_disk_roots};
 use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer};
 use tokio_util::sync::CancellationToken;
 
@@ -90,6 +91,16 @@ pub fn docker_config(config: &Config) -> DockerConfig {
         host_paths: host_path_policy(config),
         ..DockerConfig::default()
     }
+}
+
+/// The VM controller's settings from the agent's configuration.
+pub fn vm_config(config: &Config) -> VmConfig {
+    let mut vm = VmConfig::new(config.libvirt_uri.clone(), config.state_path.clone());
+    // The same roots the API server checks disk paths against.
+    vm.disk_roots = default_disk_roots(&config.state_path);
+    vm.stop_timeout = config.vm_stop_timeout;
+    vm.domain_type = config.vm_domain_type.clone();
+    vm
 }
 
 /// Which host paths containers may bind-mount on this node.
@@ -198,7 +209,43 @@ pub fn start_controllers(
         }));
     }
     if config.vm_enabled {
-        board.set("vm", "controller not started");
+        let vm = Arc::new(VmController::new(
+            vm_config(config),
+            Arc::new(store.clone()),
+        ));
+        let controller = Controller::new(
+            vm.clone(),
+            informer.clone(),
+            Arc::new(store.clone()),
+            controller_config(config, observer.clone()),
+        )
+        .with_trigger(vm.trigger(informer.cache()));
+        controllers
+            .tasks
+            .push(tokio::spawn(controller.run(shutdown.clone())));
+        controllers
+            .tasks
+            .push(tokio::spawn(vm.usage_sampler().run(shutdown.clone())));
+        let vm_usage = vm.usage();
+        let others = controllers.usage.take();
+        controllers.usage = Some(Arc::new(move |id: &str| {
+            others
+                .as_ref()
+                .and_then(|lookup| lookup(id))
+                .or_else(|| vm_usage.get(id))
+        }));
+        let board = board.clone();
+        let stop = shutdown.clone();
+        controllers.tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(PROBE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                board.set("vm", vm.health().await);
+            }
+        }));
     }
     controllers
 }

@@ -187,17 +187,22 @@ pub struct Informer {
     notifications: broadcast::Sender<Arc<Notification>>,
     /// Turns true after the first complete list; controllers wait on it.
     synced: watch::Sender<bool>,
+    /// The resource version the cache has reached, for readers that must
+    /// see a write they know was acknowledged.
+    version: watch::Sender<u64>,
 }
 
 impl Informer {
     pub fn new(source: Arc<dyn WorkloadSource>) -> Self {
         let (notifications, _) = broadcast::channel(NOTIFICATION_BUFFER);
         let (synced, _) = watch::channel(false);
+        let (version, _) = watch::channel(0);
         Informer {
             source,
             cache: Cache::default(),
             notifications,
             synced,
+            version,
         }
     }
 
@@ -221,6 +226,12 @@ impl Informer {
         let mut synced = self.synced.subscribe();
         // The sender lives as long as `self`, so this cannot fail.
         let _ = synced.wait_for(|s| *s).await;
+    }
+
+    /// Resolves once the cache holds every change up to `resource_version`.
+    pub async fn wait_for_version(&self, resource_version: u64) {
+        let mut version = self.version.subscribe();
+        let _ = version.wait_for(|v| *v >= resource_version).await;
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -313,6 +324,7 @@ impl Informer {
                 new: change.object,
             }
         };
+        self.version.send_replace(change.resource_version);
         let _ = self.notifications.send(Arc::new(notification));
         change.resource_version
     }
@@ -364,6 +376,7 @@ impl Informer {
             }
             state.resource_version = resource_version;
         }
+        self.version.send_replace(resource_version);
         for n in notifications {
             let _ = self.notifications.send(Arc::new(n));
         }

@@ -13,6 +13,7 @@
 //! - [`docker`]: the Docker controller — container workloads.
 //! - [`compose`]: the Compose controller — compose projects through the
 //!   compose CLI, observed through the Docker API.
+//! - [`vm`]: the VM controller — libvirt domains, disks and cloud-init seeds.
 
 pub mod backoff;
 pub mod compose;
@@ -21,6 +22,7 @@ pub mod docker;
 pub mod informer;
 pub mod queue;
 pub mod source;
+pub mod vm;
 
 pub use controller::{
     Action, Cleanup, Controller, ControllerConfig, ControllerObserver, NoObserver, Reconciler,

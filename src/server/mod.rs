@@ -319,6 +319,19 @@ impl AgentService for Agent {
         // From 0: the current objects first, as ADDED, then what follows.
         let listed = request.resource_version == 0;
         let (initial, from) = if listed {
+            // Read-your-writes: the list includes every write acknowledged
+            // before this call, so wait (briefly) for the cache to reach it.
+            let acknowledged = self.store.resource_version();
+            let caught_up = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.informer.wait_for_version(acknowledged),
+            )
+            .await;
+            if caught_up.is_err() {
+                return Err(Status::unavailable(
+                    "the informer cache is not caught up; retry",
+                ));
+            }
             let (objects, rv) = self.informer.cache().snapshot();
             let initial: Vec<WatchEvent> = objects
                 .into_iter()

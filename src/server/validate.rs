@@ -262,13 +262,38 @@ fn validate_vm(spec: &VmSpec, limits: &Limits) -> Result<(), FieldError> {
         if disk.path.is_empty() {
             return refuse(format!("{field}.path"), "is required");
         }
+        let raw = Path::new(&disk.path);
+        if !raw.is_absolute()
+            || raw.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            })
+        {
+            return refuse(
+                format!("{field}.path"),
+                format!(
+                    "{:?} must be an absolute path without '.' or '..'",
+                    disk.path
+                ),
+            );
+        }
+        if let Ok(meta) = std::fs::metadata(raw)
+            && !meta.is_file()
+        {
+            return refuse(
+                format!("{field}.path"),
+                format!("{:?} exists and is not a regular file", disk.path),
+            );
+        }
         if !limits.vm_disk_roots.is_empty() {
             let path = canonical_host_path(Path::new(&disk.path));
             if !disk.path.starts_with('/')
-                || !limits
-                    .vm_disk_roots
-                    .iter()
-                    .any(|root| path.starts_with(canonical_host_path(root)))
+                || !limits.vm_disk_roots.iter().any(|root| {
+                    let root = canonical_host_path(root);
+                    path != root && path.starts_with(&root)
+                })
             {
                 return refuse(
                     format!("{field}.path"),
@@ -309,6 +334,35 @@ mod tests {
             &"x".repeat(129),
         ] {
             assert_eq!(validate_id(bad).unwrap_err().field, "id", "{bad}");
+        }
+    }
+
+    #[test]
+    fn vm_disk_paths_must_be_plain_files_under_the_roots() {
+        let limits = Limits {
+            vm_disk_roots: vec![PathBuf::from("/var/lib/libvirt/images")],
+            ..Default::default()
+        };
+        let vm = |path: &str| VmSpec {
+            vcpus: 1,
+            memory_mb: 128,
+            disks: vec![persys_api::v1::DiskConfig {
+                path: path.into(),
+                format: "qcow2".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(validate_vm(&vm("/var/lib/libvirt/images/a.qcow2"), &limits).is_ok());
+        for bad in [
+            "/var/lib/libvirt/images/../images/a.qcow2",
+            "relative.qcow2",
+            "/dev/sda",
+            "/var/lib/libvirt/images",
+            "/etc/passwd",
+        ] {
+            let error = validate_vm(&vm(bad), &limits).unwrap_err();
+            assert_eq!(error.field, "spec.vm.disks[0].path", "{bad}");
         }
     }
 

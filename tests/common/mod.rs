@@ -109,9 +109,29 @@ impl AgentProcess {
     /// Starts the agent with mTLS on a free port, state in `state`, and
     /// `env` on top, and waits until it answers HealthCheck healthy.
     pub async fn start(state: &Path, certs: &Certs, env: &[(&str, &str)]) -> AgentProcess {
-        let mut agent = AgentProcess::spawn(state, Some(certs), env);
-        agent.wait_healthy(certs).await;
-        agent
+        for _ in 0..5 {
+            let mut agent = AgentProcess::spawn(state, Some(certs), env);
+            if agent.wait_healthy(certs).await {
+                return agent;
+            }
+        }
+        panic!("the agent could not bind free ports in 5 tries");
+    }
+
+    /// True when the agent exited because a port it was given was taken
+    /// meanwhile (free ports are found by binding and releasing them, so
+    /// parallel tests can race for one): the caller tries other ports.
+    fn lost_port_race(&mut self) -> bool {
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                let log = self.log_text();
+                if log.contains("cannot listen") && log.contains("Address already in use") {
+                    return true;
+                }
+                panic!("agent exited early ({status}):\n{log}");
+            }
+            _ => false,
+        }
     }
 
     /// Starts the agent serving plaintext gRPC (PERSYS_TLS_ENABLED=false)
@@ -121,9 +141,13 @@ impl AgentProcess {
         env.push(("PERSYS_TLS_ENABLED", "false"));
         let mut agent = AgentProcess::spawn(state, None, &env);
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut tries = 1;
         loop {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!("agent exited early ({status}):\n{}", agent.log_text());
+            if agent.lost_port_race() {
+                assert!(tries < 5, "the agent could not bind free ports in 5 tries");
+                tries += 1;
+                agent = AgentProcess::spawn(state, None, &env);
+                continue;
             }
             if let Ok(mut client) = plaintext_client(agent.port).await
                 && let Ok(health) = client.health_check(HealthCheckRequest {}).await
@@ -194,17 +218,19 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn wait_healthy(&mut self, certs: &Certs) {
+    /// Waits until the agent answers healthy; false when it lost a port
+    /// race and must be started again on other ports.
+    async fn wait_healthy(&mut self, certs: &Certs) -> bool {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("agent exited early ({status}):\n{}", self.log_text());
+            if self.lost_port_race() {
+                return false;
             }
             if let Ok(mut client) = client(self.port, certs).await
                 && let Ok(health) = client.health_check(HealthCheckRequest {}).await
                 && health.get_ref().healthy
             {
-                return;
+                return true;
             }
             assert!(
                 Instant::now() < deadline,

@@ -43,6 +43,12 @@ drops the names that extraEnv sets.
   value: {{ .Values.config.vm.enabled | quote }}
 - name: PERSYS_LIBVIRT_URI
   value: {{ .Values.config.vm.libvirtUri | quote }}
+- name: PERSYS_VM_STOP_TIMEOUT
+  value: {{ .Values.config.vm.stopTimeout | quote }}
+{{- with .Values.config.vm.domainType }}
+- name: PERSYS_VM_DOMAIN_TYPE
+  value: {{ . | quote }}
+{{- end }}
 - name: PERSYS_RECONCILE_ENABLED
   value: {{ .Values.config.reconcile.enabled | quote }}
 - name: PERSYS_RECONCILE_INTERVAL

@@ -1,0 +1,50 @@
+//! The VM controller: VM workloads as libvirt domains (KVM, or TCG where
+//! `/dev/kvm` is not usable).
+//!
+//! - [`reconciler`]: [`VmController`], the [`crate::Reconciler`] for
+//!   `WorkloadType::Vm` — find the workload's domain by its marks, act on
+//!   the difference, write status; cleanup on delete; orphan collection.
+//! - [`events`]: libvirt's lifecycle events as the controller's trigger
+//!   (the default event loop on a thread of its own), so drift is repaired
+//!   within about a second; reconnects after a libvirtd restart.
+//! - [`libvirt`]: the blocking wrapper over `virt`, used only through
+//!   `spawn_blocking`; one shared connection, reconnected with back-off.
+//! - [`domain_xml`]: a `VMSpec` as domain XML; [`marks`]: the `<metadata>`
+//!   element domains are adopted by; [`xml`]: escaping and reading XML.
+//! - [`disks`]: disk plans, path rules, `qemu-img create`, the record of
+//!   agent-created disks; [`seed`]: the cloud-init NoCloud seed ISO.
+//! - [`crash_loop`]: kubelet's restart back-off; [`errors`]: typed errors
+//!   classified from libvirt's error codes; [`status`]: what a reconcile
+//!   found, as the workload's status; [`usage`]: the background sampler
+//!   behind `WorkloadStatus.usage`.
+//!
+//! Wiring, in the agent:
+//!
+//! ```ignore
+//! let vm = Arc::new(VmController::new(VmConfig::new(uri, state_dir), store.clone()));
+//! let controller = Controller::new(vm.clone(), informer.clone(), store, ControllerConfig::default())
+//!     .with_trigger(vm.trigger(informer.cache()));
+//! tokio::spawn(controller.run(shutdown.clone()));
+//! tokio::spawn(vm.usage_sampler().run(shutdown));
+//! ```
+
+pub mod config;
+pub mod crash_loop;
+pub mod disks;
+pub mod domain_xml;
+pub mod errors;
+pub mod events;
+pub mod libvirt;
+pub mod marks;
+pub mod reconciler;
+pub mod seed;
+pub mod status;
+pub mod usage;
+pub mod xml;
+
+pub use config::{VmConfig, default_disk_roots, resolve_domain_type};
+pub use crash_loop::CrashLoopPolicy;
+pub use errors::{FailureReason, SpecError, VmError};
+pub use marks::Marks;
+pub use reconciler::VmController;
+pub use usage::{UsageSampler, UsageSnapshots};
