@@ -9,6 +9,7 @@
 mod docker_support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::models::{ContainerCreateBody, ContainerSummaryStateEnum};
@@ -754,4 +755,62 @@ async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted(
     );
     agent.stop().await;
     proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_converged_workloads_reuses_one_listing_and_their_inspects() {
+    use persys_controllers::Reconciler;
+    let Some(bed) = TestBed::new("resync").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let ids: Vec<String> = (0..3).map(|i| unique(&format!("resync{i}"))).collect();
+    for id in &ids {
+        agent
+            .apply(
+                id,
+                "r1",
+                DesiredState::Running,
+                shell_spec("exec sleep 3600"),
+            )
+            .await;
+    }
+    for id in &ids {
+        agent.wait_for(id, CONVERGE, "running", running).await;
+    }
+    // A resync: every workload reconciled once, nothing changed on the
+    // engine. Late events of the starts may still invalidate a first pass;
+    // a quiet pass must reuse the listing for all but the first workload and
+    // every inspect.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = agent.controller.observations_reused();
+        for id in &ids {
+            let workload = Arc::new(agent.store.get(id).unwrap().unwrap());
+            agent
+                .controller
+                .reconcile(workload)
+                .await
+                .expect("reconcile");
+        }
+        let reused = agent.controller.observations_reused() - before;
+        if reused >= 2 * ids.len() as u64 - 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a quiet resync kept calling the engine ({reused} reused)"
+        );
+    }
+    // And a change is still seen at once: the kill's event discards it all.
+    bed.docker
+        .kill_container(&ids[0], None::<KillContainerOptions>)
+        .await
+        .expect("kill");
+    agent
+        .wait_for(&ids[0], Duration::from_secs(5), "restarted", |w| {
+            running(w) && status(w).restart_count == 1
+        })
+        .await;
+    agent.stop().await;
 }

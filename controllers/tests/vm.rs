@@ -208,7 +208,9 @@ async fn a_vm_destroyed_out_of_band_is_restarted_by_lifecycle_events() {
     let destroyed_at = Instant::now();
     // The resync is 10 min: only the lifecycle event can bring it back.
     let after = agent
-        .wait_for(&id, Duration::from_secs(10), "restarted", |w| {
+        // The event connection may still be in its reconnect back-off; the
+        // resync (10 min) is far beyond this.
+        .wait_for(&id, CONVERGE, "restarted", |w| {
             running(w) && status(w).restart_count == 1
         })
         .await;
@@ -437,7 +439,11 @@ async fn an_orphan_domain_with_persys_marks_is_removed_after_its_grace() {
         took >= Duration::from_secs(2),
         "removed only after the 2 s grace (took {took:?})"
     );
-    assert!(!orphan_disk.exists(), "its agent-created disk goes with it");
+    // The disk goes right after the domain is undefined.
+    eventually(CONVERGE, "its agent-created disk goes with it", || async {
+        !orphan_disk.exists()
+    })
+    .await;
     for (name, uuid) in [(&foreign, &foreign_uuid), (&unmanaged, &unmanaged_uuid)] {
         assert!(
             bed.hypervisor
@@ -516,7 +522,9 @@ async fn losing_libvirt_reports_unknown_then_reconnects_and_converges() {
     let (ok, out) = virsh(SYSTEM_URI, &["destroy", &id]).await;
     assert!(ok, "virsh destroy: {out}");
     agent
-        .wait_for(&id, Duration::from_secs(10), "restarted", |w| {
+        // The event connection may still be in its reconnect back-off; the
+        // resync (10 min) is far beyond this.
+        .wait_for(&id, CONVERGE, "restarted", |w| {
             running(w) && status(w).restart_count == 1
         })
         .await;

@@ -48,6 +48,9 @@ pub struct EventTrigger {
     /// Ids of the container workloads, all queued on (re)connect.
     pub cache: Cache,
     pub backoff: Backoff,
+    /// Invalidated by every event and reconnect: what was observed before
+    /// may no longer hold.
+    pub observed: std::sync::Arc<super::observed::Observed>,
 }
 
 impl EventTrigger {
@@ -67,6 +70,7 @@ impl EventTrigger {
         match state {
             State::Connecting { attempt } => match self.connect().await {
                 Ok((ids, events)) => {
+                    self.observed.invalidate();
                     if attempt > 0 {
                         tracing::info!(
                             workloads = ids.len(),
@@ -86,6 +90,8 @@ impl EventTrigger {
             },
             State::Following { mut events } => match events.next().await {
                 Some(Ok(event)) => {
+                    // Before the id is queued, so its reconcile looks afresh.
+                    self.observed.invalidate();
                     let id = workload_of(&event);
                     (id.into_iter().collect(), State::Following { events })
                 }

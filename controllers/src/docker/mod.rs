@@ -12,6 +12,8 @@
 //! - [`status`]: what a reconcile found, as the workload's status.
 //! - [`validate`], [`image`]: checks the API server also runs at apply time.
 //! - [`usage`]: the stats sampler behind `WorkloadStatus.usage`.
+//! - [`observed`]: the engine's containers as last seen, kept until an event
+//!   says otherwise, so a resync costs one list rather than calls per workload.
 //! - [`engine`], [`container`], [`credentials`]: the engine connection, the
 //!   calls made on it, and registry credentials for pulls.
 //!
@@ -33,6 +35,7 @@ pub mod errors;
 pub mod events;
 pub mod image;
 pub mod labels;
+pub mod observed;
 pub mod reconciler;
 pub mod restart;
 pub mod spec;

@@ -24,6 +24,7 @@ use super::errors::{DockerError, FailureReason, Operation};
 use super::events::EventTrigger;
 use super::image::{ImageReference, PullPolicy};
 use super::labels::{self, Marks};
+use super::observed::Observed;
 use super::restart::{CrashLoop, ExitDecision, Gate, RestartRule, RetryGate};
 use super::spec::{create_body, stop_grace, volume_requests};
 use super::status::{self, Outcome, Report};
@@ -112,6 +113,8 @@ pub struct DockerController {
     orphans: Mutex<HashMap<String, Instant>>,
     /// The last usage sample of each running workload.
     usage: UsageSnapshots,
+    /// Containers as last seen, valid until an event or a change of ours.
+    observed: Arc<Observed>,
 }
 
 impl DockerController {
@@ -126,6 +129,7 @@ impl DockerController {
             memory: Mutex::default(),
             orphans: Mutex::default(),
             usage: UsageSnapshots::default(),
+            observed: Arc::new(Observed::default()),
         }
     }
 
@@ -151,8 +155,16 @@ impl DockerController {
             scope: self.config.scope.clone(),
             cache,
             backoff: self.config.events_backoff,
+            observed: self.observed.clone(),
         }
         .into_stream()
+    }
+
+    /// Engine calls the observation cache saved so far.
+    pub fn observations_reused(&self) -> u64 {
+        self.observed
+            .reused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The last usage samples, for the API server.
@@ -324,18 +336,22 @@ impl DockerController {
             fresh
         });
 
-        let found = container::list_for(docker, &self.config.scope, id).await?;
+        let found = self
+            .observed
+            .list_for(docker, &self.config.scope, id)
+            .await?;
         let (current, stale) = partition(found, &hash);
         let mut current = current.into_iter();
         let keep = current.next();
         for duplicate in current {
             if let Some(cid) = duplicate.id.as_deref() {
                 tracing::warn!(container = cid, "removing a duplicate container");
+                self.observed.invalidate();
                 container::remove(docker, id, cid).await?;
             }
         }
-        let inspected = match keep.as_ref().and_then(|c| c.id.as_deref()) {
-            Some(cid) => container::inspect(docker, id, cid).await?,
+        let inspected = match &keep {
+            Some(summary) => self.observed.inspect(docker, id, summary).await?,
             None => None,
         };
         if first_sight && let Some(found) = &inspected {
@@ -390,6 +406,7 @@ impl DockerController {
         ) {
             let grace = stop_grace(spec);
             tracing::info!(container = %cid, ?grace, "stopping: desired state is stopped");
+            self.observed.invalidate();
             container::stop(docker, id, &cid, Some(grace)).await?;
             self.event(
                 id,
@@ -423,6 +440,7 @@ impl DockerController {
             }
             Some(ContainerStateStatusEnum::PAUSED) => {
                 tracing::info!(container = %cid, "unpausing");
+                self.observed.invalidate();
                 docker
                     .unpause_container(&cid)
                     .await
@@ -472,6 +490,7 @@ impl DockerController {
         spec: &ContainerSpec,
         found: ContainerInspectResponse,
     ) -> Result<Converged, Halt> {
+        self.observed.invalidate();
         let id = workload.id();
         let cid = found.id.clone().unwrap_or_default();
         let exit_code = found.state.as_ref().and_then(|s| s.exit_code).unwrap_or(0);
@@ -559,6 +578,7 @@ impl DockerController {
         found: &ContainerInspectResponse,
         kind: StartKind,
     ) -> Result<Converged, Halt> {
+        self.observed.invalidate();
         let id = workload.id();
         let cid = found.id.clone().unwrap_or_default();
         if let Some((reason, detail)) = self.memory(id, |m| m.terminal.clone()) {
@@ -615,6 +635,7 @@ impl DockerController {
         spec: &ContainerSpec,
         stale: Vec<ContainerSummary>,
     ) -> Result<Converged, Halt> {
+        self.observed.invalidate();
         let id = workload.id();
         if let Some((reason, detail)) = self.memory(id, |m| m.terminal.clone()) {
             return Ok(Converged::new(
@@ -901,6 +922,9 @@ impl DockerController {
         stale: &[ContainerSummary],
     ) -> Result<(), DockerError> {
         let id = workload.id();
+        if !stale.is_empty() {
+            self.observed.invalidate();
+        }
         for old in stale {
             let Some(cid) = old.id.as_deref() else {
                 continue;
@@ -1068,6 +1092,7 @@ impl Reconciler for DockerController {
     }
 
     async fn cleanup(&self, workload: Arc<Workload>) -> Result<Cleanup, DockerError> {
+        self.observed.invalidate();
         let id = workload.id();
         let docker = self
             .engine
@@ -1091,6 +1116,7 @@ impl Reconciler for DockerController {
     }
 
     async fn reconcile_missing(&self, id: &str) -> Result<Action, DockerError> {
+        self.observed.invalidate();
         let docker = self
             .engine
             .client()
