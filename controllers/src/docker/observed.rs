@@ -55,6 +55,9 @@ pub struct Observed {
     generation: AtomicU64,
     /// A std mutex: held to read or store an entry, never across an await.
     cached: Mutex<Cached>,
+    /// One listing at a time: reconciles that find the cache stale together
+    /// wait for one list instead of each making their own.
+    refreshing: tokio::sync::Mutex<()>,
     /// Engine calls saved, for tests and benchmarks.
     pub reused: AtomicU64,
 }
@@ -81,6 +84,18 @@ impl Observed {
         self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The workload's containers from a listing still valid, if there is one.
+    fn listed(&self, id: &str) -> Option<Vec<ContainerSummary>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = self.cached();
+        let listing = cached.listing.as_ref()?;
+        if listing.generation != generation || listing.taken.elapsed() >= LISTING_MAX_AGE {
+            return None;
+        }
+        self.reused.fetch_add(1, Ordering::Relaxed);
+        Some(listing.by_workload.get(id).cloned().unwrap_or_default())
+    }
+
     /// The managed containers of workload `id` in `scope`: from the cached
     /// listing while it is valid, else from one listing of every managed
     /// container, which then serves the other workloads too.
@@ -90,17 +105,15 @@ impl Observed {
         scope: &str,
         id: &str,
     ) -> Result<Vec<ContainerSummary>, DockerError> {
-        let generation = self.generation.load(Ordering::Acquire);
-        {
-            let cached = self.cached();
-            if let Some(listing) = &cached.listing
-                && listing.generation == generation
-                && listing.taken.elapsed() < LISTING_MAX_AGE
-            {
-                self.reused.fetch_add(1, Ordering::Relaxed);
-                return Ok(listing.by_workload.get(id).cloned().unwrap_or_default());
-            }
+        if let Some(mine) = self.listed(id) {
+            return Ok(mine);
         }
+        let _refreshing = self.refreshing.lock().await;
+        // Another reconcile may have listed while this one waited.
+        if let Some(mine) = self.listed(id) {
+            return Ok(mine);
+        }
+        let generation = self.generation.load(Ordering::Acquire);
         let all = container::list(docker, scope, None)
             .await
             .map_err(|e| DockerError::engine(id, Operation::List, e))?;
