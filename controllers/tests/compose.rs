@@ -171,7 +171,11 @@ async fn a_service_removed_out_of_band_is_back_within_seconds_through_engine_eve
     assert_ne!(now["web"], before["web"], "web was recreated");
     assert_eq!(now["db"], before["db"], "db was left alone");
     assert_eq!(status(&after).facts["service.web"], "running");
-    assert_eq!(agent.event_count(&id, "ServiceMissing"), 1);
+    // Seen gone, or (on a slow engine) still being removed.
+    assert_eq!(
+        agent.event_count(&id, "ServiceMissing") + agent.event_count(&id, "ServiceExited"),
+        1
+    );
     eprintln!("drift repaired in {repaired_in:?}");
     agent.stop().await;
 }
