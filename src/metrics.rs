@@ -74,6 +74,7 @@ pub struct Metrics {
     pub reconcile_seconds: Family<ReconcileLabels, Histogram>,
     pub queue_depth: Family<ControllerLabels, Gauge>,
     pub queue_retries: Family<ControllerLabels, Counter>,
+    pub runtime_errors: Family<RuntimeLabels, Counter>,
     pub log_entries: Gauge,
     pub watch_streams: Gauge,
     pub runtime_up: Family<RuntimeLabels, Gauge>,
@@ -96,6 +97,7 @@ impl Metrics {
         );
         let queue_depth = Family::<ControllerLabels, Gauge>::default();
         let queue_retries = Family::<ControllerLabels, Counter>::default();
+        let runtime_errors = Family::<RuntimeLabels, Counter>::default();
         let log_entries = Gauge::default();
         let watch_streams = Gauge::default();
         let runtime_up = Family::<RuntimeLabels, Gauge>::default();
@@ -130,6 +132,11 @@ impl Metrics {
             "workqueue_depth",
             "Keys waiting to be reconciled now",
             queue_depth.clone(),
+        );
+        registry.register(
+            "runtime_errors",
+            "Reconciles that failed on a call to their runtime (Docker engine, compose CLI, libvirt), by runtime",
+            runtime_errors.clone(),
         );
         registry.register(
             "workqueue_retries",
@@ -188,6 +195,7 @@ impl Metrics {
             reconcile_seconds,
             queue_depth,
             queue_retries,
+            runtime_errors,
             log_entries,
             watch_streams,
             runtime_up,
@@ -263,6 +271,15 @@ impl ControllerObserver for Metrics {
         self.reconcile_seconds
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+        // Controllers turn store conflicts into requeues, so a failed
+        // reconcile is a failed runtime call.
+        if result == "error" {
+            self.runtime_errors
+                .get_or_create(&RuntimeLabels {
+                    runtime: controller.into(),
+                })
+                .inc();
+        }
     }
 
     fn retried(&self, controller: &'static str) {

@@ -128,6 +128,29 @@ async fn metrics_move_after_applies_and_probes_answer() {
         "docker is unreachable"
     );
 
+    // The unreachable engine makes the Docker controller's reconciles fail,
+    // and each failure is counted against its runtime.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, text) = http_get(port, "/metrics");
+        let errors = sample(
+            &text,
+            r#"persys_agent_runtime_errors_total{runtime="docker"}"#,
+        );
+        let failed = sample(
+            &text,
+            r#"persys_agent_reconciles_total{controller="docker",result="error"}"#,
+        );
+        if errors.is_some_and(|e| e >= 1.0) && failed.is_some_and(|f| f >= 1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no runtime error counted:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
     // A Watch stream is counted while it is open.
     let stream = client
         .watch(WatchRequest::default())
