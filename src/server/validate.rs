@@ -1,7 +1,7 @@
 //! Validation of an ApplyWorkload request: every refusal names the field,
 //! and nothing is stored.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use persys_api::v1::{
     ApplyWorkloadRequest, ComposeSpec, ContainerSpec, DesiredState, VmSpec, WorkloadType,
@@ -9,6 +9,7 @@ use persys_api::v1::{
 };
 
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
+use persys_controllers::vm::disks::check_disk_path;
 
 use crate::store::ApplyRequest;
 
@@ -145,43 +146,6 @@ fn validate_env(
     Ok(())
 }
 
-/// Resolves a host path as far as it exists (symlinks included), keeping the
-/// part that does not exist yet, and normalises `.` and `..`.
-pub fn canonical_host_path(path: &Path) -> PathBuf {
-    let mut existing = path.to_path_buf();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(resolved) = existing.canonicalize() {
-            let mut full = resolved;
-            for part in rest.iter().rev() {
-                full.push(part);
-            }
-            return normalise(&full);
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                existing = parent.to_path_buf();
-            }
-            _ => return normalise(path),
-        }
-    }
-}
-
-fn normalise(path: &Path) -> PathBuf {
-    let mut out = PathBuf::from("/");
-    for component in path.components() {
-        match component {
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            std::path::Component::Normal(part) => out.push(part),
-            _ => {}
-        }
-    }
-    out
-}
-
 /// The Docker controller's own checks, run at apply time so a bad spec is
 /// refused with INVALID_ARGUMENT instead of failing later.
 fn validate_container(spec: &ContainerSpec, limits: &Limits) -> Result<(), FieldError> {
@@ -259,57 +223,14 @@ fn validate_vm(spec: &VmSpec, limits: &Limits) -> Result<(), FieldError> {
         if disk.size_gb < 0 {
             return refuse(format!("{field}.size_gb"), "must not be negative");
         }
-        if disk.path.is_empty() {
-            return refuse(format!("{field}.path"), "is required");
-        }
-        let raw = Path::new(&disk.path);
-        if !raw.is_absolute()
-            || raw.components().any(|c| {
-                matches!(
-                    c,
-                    std::path::Component::ParentDir | std::path::Component::CurDir
-                )
-            })
-        {
-            return refuse(
-                format!("{field}.path"),
-                format!(
-                    "{:?} must be an absolute path without '.' or '..'",
-                    disk.path
-                ),
-            );
-        }
-        if let Ok(meta) = std::fs::metadata(raw)
-            && !meta.is_file()
-        {
-            return refuse(
-                format!("{field}.path"),
-                format!("{:?} exists and is not a regular file", disk.path),
-            );
-        }
-        if !limits.vm_disk_roots.is_empty() {
-            let path = canonical_host_path(Path::new(&disk.path));
-            if !disk.path.starts_with('/')
-                || !limits.vm_disk_roots.iter().any(|root| {
-                    let root = canonical_host_path(root);
-                    path != root && path.starts_with(&root)
-                })
-            {
-                return refuse(
-                    format!("{field}.path"),
-                    format!(
-                        "{:?} is outside the VM disk roots ({})",
-                        disk.path,
-                        limits
-                            .vm_disk_roots
-                            .iter()
-                            .map(|r| r.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                );
-            }
-        }
+        // The VM controller's own check, so a path it would refuse is
+        // refused at apply.
+        check_disk_path(&format!("{field}.path"), &disk.path, &limits.vm_disk_roots).map_err(
+            |e| FieldError {
+                field: e.field,
+                message: e.message,
+            },
+        )?;
     }
     Ok(())
 }
