@@ -20,6 +20,14 @@ impl Backoff {
         jitter: 0.1,
     };
 
+    /// Probes of a runtime that could not be reached: 1 s doubling to 30 s,
+    /// so a restarted engine is noticed within half a minute.
+    pub const OUTAGE_PROBE: Backoff = Backoff {
+        base: Duration::from_secs(1),
+        cap: Duration::from_secs(30),
+        jitter: 0.1,
+    };
+
     /// Crash-loop backoff, as kubelet does it: 10 s doubling to 5 min.
     pub const CRASH_LOOP: Backoff = Backoff {
         base: Duration::from_secs(10),

@@ -1,6 +1,7 @@
 //! The controller runtime: drives a [`Reconciler`] from informer changes,
 //! runtime triggers and a periodic resync, through a [`WorkQueue`].
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +72,16 @@ pub trait Reconciler: Send + Sync + 'static {
         workload: Arc<Workload>,
     ) -> impl Future<Output = Result<Cleanup, Self::Error>> + Send;
 
+    /// Whether `error` says the runtime itself could not be reached (engine
+    /// or daemon down) rather than something about one workload. While the
+    /// runtime is down the runner retries one workload as a probe instead of
+    /// every workload on its own back-off, and reconciles the others as soon
+    /// as the runtime answers again.
+    fn is_runtime_unreachable(&self, error: &Self::Error) -> bool {
+        let _ = error;
+        false
+    }
+
     /// A key with no workload in the cache: a runtime object whose workload is
     /// gone, or a deletion that already completed.
     fn reconcile_missing(
@@ -116,6 +127,8 @@ pub struct ControllerConfig {
     pub resync_interval: Option<Duration>,
     /// Delay before retrying a key whose reconcile failed.
     pub error_backoff: Backoff,
+    /// Delay between probes of a runtime that could not be reached.
+    pub outage_backoff: Backoff,
     /// Receives reconcile outcomes and queue depth.
     pub observer: Arc<dyn ControllerObserver>,
 }
@@ -126,6 +139,7 @@ impl std::fmt::Debug for ControllerConfig {
             .field("concurrency", &self.concurrency)
             .field("resync_interval", &self.resync_interval)
             .field("error_backoff", &self.error_backoff)
+            .field("outage_backoff", &self.outage_backoff)
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +150,7 @@ impl Default for ControllerConfig {
             concurrency: 4,
             resync_interval: Some(Duration::from_secs(30)),
             error_backoff: Backoff::ERRORS,
+            outage_backoff: Backoff::OUTAGE_PROBE,
             observer: Arc::new(NoObserver),
         }
     }
@@ -159,7 +174,25 @@ struct Shared<R: Reconciler> {
     queue: Arc<WorkQueue>,
     /// A std mutex: held only to count a result, never across an await.
     backoff: Mutex<KeyedBackoff>,
+    /// A std mutex: held only to park or release keys, never across an await.
+    outage: Mutex<Outage>,
+    outage_backoff: Backoff,
     observer: Arc<dyn ControllerObserver>,
+}
+
+/// The runtime could not be reached: the keys that failed for that reason
+/// wait for it instead of each retrying on its own back-off, and one of them
+/// (the probe) is retried on the outage back-off. Whatever reconcile next
+/// gets an answer from the runtime ends the outage and queues them all.
+#[derive(Debug, Default)]
+struct Outage {
+    /// The key retried to find out whether the runtime is back; `None` when
+    /// the runtime is not known to be down.
+    probe: Option<String>,
+    /// Probes that failed so far.
+    attempts: u32,
+    /// Keys waiting for the runtime.
+    parked: HashSet<String>,
 }
 
 impl<R: Reconciler> Controller<R> {
@@ -241,6 +274,8 @@ impl<R: Reconciler> Controller<R> {
             writer: self.writer,
             queue: self.queue.clone(),
             backoff: Mutex::new(KeyedBackoff::new(self.config.error_backoff)),
+            outage: Mutex::default(),
+            outage_backoff: self.config.outage_backoff,
             observer: self.config.observer.clone(),
         });
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
@@ -335,18 +370,88 @@ impl<R: Reconciler> Shared<R> {
         let result = if outcome.is_ok() { "success" } else { "error" };
         self.observer.reconciled(name, result, started.elapsed());
         match outcome {
+            Err(error) if self.reconciler.is_runtime_unreachable(&error) => {
+                self.park(key, &error);
+            }
             Ok(action) => {
+                self.runtime_answered(key);
                 self.backoff().succeeded(key);
                 if let Some(after) = action.requeue_after {
                     self.queue.add_after(key, after);
                 }
             }
             Err(error) => {
+                self.runtime_answered(key);
                 let delay = self.backoff().failed(key);
                 tracing::warn!(error = %error, retry_in = ?delay, "reconcile failed");
                 self.observer.retried(name);
                 self.queue.add_after(key, delay);
             }
+        }
+    }
+
+    fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
+        self.outage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `key` failed because the runtime could not be reached: the first such
+    /// key becomes the probe and is retried on the outage back-off; the rest
+    /// wait, without retrying or logging, until the runtime answers.
+    fn park(&self, key: &str, error: &R::Error) {
+        let name = self.reconciler.name();
+        let mut outage = self.outage();
+        let retry_in = match outage.probe.as_deref() {
+            None => {
+                outage.probe = Some(key.to_string());
+                outage.attempts = 1;
+                let delay = self.outage_backoff.delay(0);
+                tracing::warn!(
+                    error = %error,
+                    retry_in = ?delay,
+                    "{name} runtime unreachable; its workloads wait for it"
+                );
+                delay
+            }
+            Some(probe) if probe == key => {
+                let delay = self.outage_backoff.delay(outage.attempts);
+                outage.attempts = outage.attempts.saturating_add(1);
+                tracing::debug!(error = %error, retry_in = ?delay, "{name} runtime still unreachable");
+                delay
+            }
+            Some(_) => {
+                outage.parked.insert(key.to_string());
+                tracing::debug!(error = %error, "waiting for the {name} runtime");
+                return;
+            }
+        };
+        drop(outage);
+        self.observer.retried(name);
+        self.queue.add_after(key, retry_in);
+    }
+
+    /// A reconcile of `key` got past the runtime (or failed for another
+    /// reason): an outage is over, and every key that waited is queued.
+    fn runtime_answered(&self, key: &str) {
+        let waiting = {
+            let mut outage = self.outage();
+            if outage.probe.is_none() {
+                return;
+            }
+            let outage = std::mem::take(&mut *outage);
+            outage
+                .parked
+                .into_iter()
+                .chain(outage.probe)
+                .filter(|k| k != key)
+                .collect::<Vec<_>>()
+        };
+        tracing::info!(
+            workloads = waiting.len(),
+            "{} runtime reachable again; reconciling the workloads that waited for it",
+            self.reconciler.name()
+        );
+        for id in waiting {
+            self.queue.add(&id);
         }
     }
 

@@ -3,7 +3,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,11 @@ struct Recorder {
     gate: Option<Arc<Semaphore>>,
     requeue: Option<Duration>,
     write_status: bool,
+    /// While set, every reconcile fails as if the runtime were down.
+    runtime_down: AtomicBool,
 }
+
+const RUNTIME_DOWN: &str = "runtime unreachable";
 
 impl Recorder {
     fn new(writer: Arc<MemoryLog>) -> Self {
@@ -49,6 +53,7 @@ impl Recorder {
             gate: None,
             requeue: None,
             write_status: false,
+            runtime_down: AtomicBool::new(false),
         }
     }
 
@@ -74,6 +79,10 @@ impl Reconciler for Recorder {
         WorkloadType::Container
     }
 
+    fn is_runtime_unreachable(&self, error: &TestError) -> bool {
+        error.0 == RUNTIME_DOWN
+    }
+
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, TestError> {
         let id = workload.id().to_string();
         self.calls
@@ -94,6 +103,9 @@ impl Reconciler for Recorder {
         }
         self.running.fetch_sub(1, Ordering::SeqCst);
         *self.in_flight.lock().unwrap().get_mut(&id).unwrap() -= 1;
+        if self.runtime_down.load(Ordering::SeqCst) {
+            return Err(TestError(RUNTIME_DOWN.into()));
+        }
         {
             let mut failures = self.failures.lock().unwrap();
             if let Some(n) = failures.get_mut(&id)
@@ -142,6 +154,10 @@ fn config(resync: Option<Duration>) -> ControllerConfig {
         error_backoff: persys_controllers::backoff::Backoff {
             jitter: 0.0,
             ..persys_controllers::backoff::Backoff::ERRORS
+        },
+        outage_backoff: persys_controllers::backoff::Backoff {
+            jitter: 0.0,
+            ..persys_controllers::backoff::Backoff::OUTAGE_PROBE
         },
         ..ControllerConfig::default()
     }
@@ -293,6 +309,60 @@ async fn controller_backs_errors_off_exponentially_and_resets_after_success() {
         .map(|t| (*t - before).as_secs())
         .collect();
     assert_eq!(after, [0, 1]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn controller_waits_out_a_runtime_outage_with_one_probe_then_reconciles_everything() {
+    let log = MemoryLog::new();
+    let ids: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
+    for id in &ids {
+        log.apply(id, WorkloadType::Container, "x:1");
+    }
+    let recorder = Recorder::new(log.clone());
+    recorder.runtime_down.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let h = start(log.clone(), recorder, config(None), None).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // A workload applied while the runtime is down is reconciled once (to
+    // report it), then waits with the others.
+    log.apply("late", WorkloadType::Container, "x:1");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+
+    let calls = h.recorder.calls.lock().unwrap().clone();
+    let probes: Vec<&String> = ids
+        .iter()
+        .filter(|id| h.recorder.calls_of(id).len() > 1)
+        .collect();
+    assert_eq!(
+        probes.len(),
+        1,
+        "one workload probes the runtime: {probes:?}"
+    );
+    let probe_offsets: Vec<u64> = h
+        .recorder
+        .calls_of(probes[0])
+        .iter()
+        .map(|t| (*t - started).as_secs())
+        .collect();
+    // Probed after 1, 2, 4, 8 and 16 s; every other workload ran once.
+    assert_eq!(probe_offsets, [0, 1, 3, 7, 15, 31]);
+    assert_eq!(calls.len(), ids.len() + 5 + 1);
+    assert_eq!(h.recorder.calls_of("late").len(), 1);
+
+    // The runtime comes back: the next probe gets through and everything
+    // that waited is reconciled at once.
+    h.recorder.runtime_down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let back = started + Duration::from_secs(61);
+    for id in ids.iter().chain(std::iter::once(&"late".to_string())) {
+        let last = *h.recorder.calls_of(id).last().unwrap();
+        assert_eq!(last, back, "{id} reconciled when the probe got through");
+    }
+    // Nothing is retried after that.
+    let settled = h.recorder.calls.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(h.recorder.calls.lock().unwrap().len(), settled);
     h.stop().await;
 }
 
