@@ -73,13 +73,19 @@ impl CacheState {
         let id = object.id().to_string();
         let kind = object.workload_type();
         let old = self.objects.insert(id.clone(), object);
-        if let Some(old) = &old
-            && old.workload_type() != kind
-            && let Some(ids) = self.by_type.get_mut(&old.workload_type())
-        {
-            ids.remove(&id);
+        match &old {
+            // Most changes are of an object already indexed under its type.
+            Some(old) if old.workload_type() == kind => {}
+            Some(old) => {
+                if let Some(ids) = self.by_type.get_mut(&old.workload_type()) {
+                    ids.remove(&id);
+                }
+                self.by_type.entry(kind).or_default().insert(id);
+            }
+            None => {
+                self.by_type.entry(kind).or_default().insert(id);
+            }
         }
-        self.by_type.entry(kind).or_default().insert(id);
         old
     }
 

@@ -73,7 +73,8 @@ where
         // The ready service handles this call; a fresh clone waits for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let metrics = self.metrics.clone();
+        let requests = self.metrics.grpc_requests.clone();
+        let seconds = self.metrics.grpc_seconds.clone();
         Box::pin(async move {
             let started = Instant::now();
             let response = inner.call(request).await;
@@ -81,15 +82,13 @@ where
                 Ok(response) => status_code(response),
                 Err(_) => "TRANSPORT_ERROR".to_string(),
             };
-            metrics
-                .grpc_requests
+            requests
                 .get_or_create(&GrpcLabels {
                     method: method.clone(),
                     code,
                 })
                 .inc();
-            metrics
-                .grpc_seconds
+            seconds
                 .get_or_create(&MethodLabels { method })
                 .observe(started.elapsed().as_secs_f64());
             response

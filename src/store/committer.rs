@@ -369,15 +369,16 @@ impl Committer {
         meta.resource_version = rv;
         meta.updated_at_ms = now;
         let id = meta.id.clone();
+        let encoded = object.encode_to_vec();
         let object = Arc::new(object);
-        let record = LogRecord {
+        let record = EncodedLogRecord {
             kind: match kind {
                 ChangeKind::Added => WatchEventType::Added,
                 ChangeKind::Modified => WatchEventType::Modified,
                 ChangeKind::Deleted => WatchEventType::Deleted,
             } as i32,
             resource_version: rv,
-            object: Some((*object).clone()),
+            object: encoded,
             action: action.to_string(),
             at_ms: now,
         };
@@ -392,7 +393,7 @@ impl Committer {
                 group.objects.insert(id, None);
             }
             _ => {
-                batch.insert(&self.inner.objects, id.as_bytes(), object.encode_to_vec());
+                batch.insert(&self.inner.objects, id.as_bytes(), record.object);
                 group.objects.insert(id, Some(object.clone()));
             }
         }

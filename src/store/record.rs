@@ -18,6 +18,24 @@ pub struct LogRecord {
     pub at_ms: i64,
 }
 
+/// [`LogRecord`] with its object already encoded: the same bytes on the
+/// wire (a message field and a bytes field are both length-delimited), so the
+/// committer encodes each written object once for the log and the objects
+/// keyspace.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EncodedLogRecord {
+    #[prost(enumeration = "WatchEventType", tag = "1")]
+    pub kind: i32,
+    #[prost(uint64, tag = "2")]
+    pub resource_version: u64,
+    #[prost(bytes = "vec", tag = "3")]
+    pub object: Vec<u8>,
+    #[prost(string, tag = "4")]
+    pub action: String,
+    #[prost(int64, tag = "5")]
+    pub at_ms: i64,
+}
+
 pub const ACTION_APPLY: &str = "apply";
 pub const ACTION_DELETE: &str = "delete";
 pub const ACTION_RECONCILE: &str = "reconcile";
@@ -50,4 +68,40 @@ pub fn event_key(id: &str, fold: &[u8; 8]) -> Vec<u8> {
     let mut key = event_prefix(id);
     key.extend_from_slice(fold);
     key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use persys_api::v1::ObjectMeta;
+    use prost::Message;
+
+    #[test]
+    fn a_record_with_its_object_encoded_ahead_decodes_as_a_log_record() {
+        let object = Workload {
+            metadata: Some(ObjectMeta {
+                id: "web".into(),
+                resource_version: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let encoded = EncodedLogRecord {
+            kind: WatchEventType::Modified as i32,
+            resource_version: 7,
+            object: object.encode_to_vec(),
+            action: ACTION_APPLY.into(),
+            at_ms: 42,
+        }
+        .encode_to_vec();
+        let whole = LogRecord {
+            kind: WatchEventType::Modified as i32,
+            resource_version: 7,
+            object: Some(object),
+            action: ACTION_APPLY.into(),
+            at_ms: 42,
+        };
+        assert_eq!(encoded, whole.encode_to_vec());
+        assert_eq!(LogRecord::decode(&*encoded).unwrap(), whole);
+    }
 }
