@@ -175,7 +175,7 @@ struct Shared<R: Reconciler> {
     /// A std mutex: held only to count a result, never across an await.
     backoff: Mutex<KeyedBackoff>,
     /// A std mutex: held only to park or release keys, never across an await.
-    outage: Mutex<Outage>,
+    outage: Arc<Mutex<Outage>>,
     outage_backoff: Backoff,
     observer: Arc<dyn ControllerObserver>,
 }
@@ -191,7 +191,7 @@ struct Outage {
     probe: Option<String>,
     /// Probes that failed so far.
     attempts: u32,
-    /// Keys waiting for the runtime.
+    /// Keys waiting for the runtime (never the probe).
     parked: HashSet<String>,
 }
 
@@ -253,16 +253,22 @@ impl<R: Reconciler> Controller<R> {
                 }
             });
         }
+        let outage = Arc::new(Mutex::new(Outage::default()));
         if let Some(interval) = self.config.resync_interval {
             let queue = self.queue.clone();
             let cache = self.informer.cache();
+            let outage = outage.clone();
             feeders.spawn(async move {
                 let mut ticker =
                     tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                 loop {
                     ticker.tick().await;
-                    for id in cache.ids_of_type(kind) {
-                        queue.add(&id);
+                    let ids = cache.ids_of_type(kind);
+                    // Workloads waiting for an unreachable runtime are not
+                    // resynced: the probe finds out when it is back.
+                    let outage = outage.lock().unwrap_or_else(|p| p.into_inner());
+                    for id in ids.iter().filter(|id| !outage.parked.contains(*id)) {
+                        queue.add(id);
                     }
                 }
             });
@@ -274,7 +280,7 @@ impl<R: Reconciler> Controller<R> {
             writer: self.writer,
             queue: self.queue.clone(),
             backoff: Mutex::new(KeyedBackoff::new(self.config.error_backoff)),
-            outage: Mutex::default(),
+            outage: outage.clone(),
             outage_backoff: self.config.outage_backoff,
             observer: self.config.observer.clone(),
         });

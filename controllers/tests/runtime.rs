@@ -367,6 +367,38 @@ async fn controller_waits_out_a_runtime_outage_with_one_probe_then_reconciles_ev
 }
 
 #[tokio::test(start_paused = true)]
+async fn resync_leaves_workloads_waiting_for_an_unreachable_runtime_alone() {
+    let log = MemoryLog::new();
+    let ids: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+    for id in &ids {
+        log.apply(id, WorkloadType::Container, "x:1");
+    }
+    let recorder = Recorder::new(log.clone());
+    recorder.runtime_down.store(true, Ordering::SeqCst);
+    let h = start(
+        log.clone(),
+        recorder,
+        config(Some(Duration::from_secs(10))),
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let waited: Vec<usize> = ids
+        .iter()
+        .map(|id| h.recorder.calls_of(id).len())
+        .filter(|calls| *calls == 1)
+        .collect();
+    assert_eq!(waited.len(), ids.len() - 1, "six resyncs passed them over");
+    // Once the runtime answers, the next resync (or probe) brings them all.
+    h.recorder.runtime_down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    for id in &ids {
+        assert!(h.recorder.calls_of(id).len() >= 2, "{id} reconciled again");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn controller_error_backoff_is_capped_at_five_minutes() {
     let log = MemoryLog::new();
     log.apply("a", WorkloadType::Container, "x:1");
