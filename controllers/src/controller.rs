@@ -351,6 +351,12 @@ impl<R: Reconciler> Shared<R> {
 
     async fn process(&self, key: &str) {
         let name = self.reconciler.name();
+        // A workload waiting for an unreachable runtime is left alone,
+        // whatever changed: its reconcile could only fail the same way. The
+        // probe getting through queues it with its latest spec.
+        if self.outage().parked.contains(key) {
+            return;
+        }
         let workload = self.informer.cache().get(key);
         let generation = workload.as_ref().map(|w| w.generation()).unwrap_or(0);
         let span = tracing::info_span!(

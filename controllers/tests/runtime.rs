@@ -399,6 +399,33 @@ async fn resync_leaves_workloads_waiting_for_an_unreachable_runtime_alone() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn changes_to_a_workload_waiting_for_the_runtime_are_acted_on_when_it_is_back() {
+    let log = MemoryLog::new();
+    log.apply("first", WorkloadType::Container, "x:1");
+    let recorder = Recorder::new(log.clone());
+    recorder.runtime_down.store(true, Ordering::SeqCst);
+    let h = start(log.clone(), recorder, config(None), None).await;
+    settle().await;
+    log.apply("waiting", WorkloadType::Container, "x:1");
+    settle().await;
+    assert_eq!(h.recorder.calls_of("waiting").len(), 1, "reported once");
+    // New revisions while the runtime is down: nothing to do until it is back.
+    for i in 2..6 {
+        log.apply("waiting", WorkloadType::Container, &format!("x:{i}"));
+        settle().await;
+    }
+    assert_eq!(h.recorder.calls_of("waiting").len(), 1);
+    h.recorder.runtime_down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        h.recorder.calls_of("waiting").len(),
+        2,
+        "reconciled once more"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn controller_error_backoff_is_capped_at_five_minutes() {
     let log = MemoryLog::new();
     log.apply("a", WorkloadType::Container, "x:1");
