@@ -473,8 +473,9 @@ impl Committer {
                 return Ok(ApplyOutcome::Unchanged(current));
             }
         }
-        let mut object = (*current).clone();
-        let meta = object.metadata.get_or_insert_with(Default::default);
+        // Built from the parts that stay, not cloned whole: the old spec
+        // would only be cloned to be dropped.
+        let mut meta = current.metadata.clone().unwrap_or_default();
         let intent_changed = !same_spec
             || meta.revision_id != revision
             || current.desired_state() != request.desired_state;
@@ -483,10 +484,14 @@ impl Committer {
         }
         meta.revision_id = revision;
         meta.labels = request.labels;
-        object.spec = Some(ObjectSpec {
-            desired_state: request.desired_state as i32,
-            workload: Some(request.spec),
-        });
+        let object = Workload {
+            metadata: Some(meta),
+            spec: Some(ObjectSpec {
+                desired_state: request.desired_state as i32,
+                workload: Some(request.spec),
+            }),
+            status: current.status.clone(),
+        };
         let written = self.write(group, batch, ChangeKind::Modified, object, ACTION_APPLY);
         Ok(ApplyOutcome::Updated(written))
     }
@@ -535,8 +540,13 @@ impl Committer {
         if current.status.as_ref() == Some(&status) {
             return Ok(current);
         }
-        let mut object = (*current).clone();
-        object.status = Some(status);
+        // Built from the parts that stay, not cloned whole: the old status
+        // would only be cloned to be dropped.
+        let object = Workload {
+            metadata: current.metadata.clone(),
+            spec: current.spec.clone(),
+            status: Some(status),
+        };
         Ok(self.write(group, batch, ChangeKind::Modified, object, ACTION_RECONCILE))
     }
 
