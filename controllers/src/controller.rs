@@ -1,7 +1,7 @@
 //! The controller runtime: drives a [`Reconciler`] from informer changes,
 //! runtime triggers and a periodic resync, through a [`WorkQueue`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,11 +19,19 @@ use crate::informer::Informer;
 use crate::queue::WorkQueue;
 use crate::source::WorkloadWriter;
 
+/// The longest a reconcile waits for the cache to hold its key's last
+/// status write; past it, it reconciles from the cache as it is.
+const READ_OWN_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What to do after a successful reconcile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Action {
     /// Reconcile again after this long even if nothing changes.
     pub requeue_after: Option<Duration>,
+    /// The resource version of the status this reconcile wrote: the next
+    /// reconcile of the key starts once the cache holds it, so it never
+    /// acts on a status older than its own last word.
+    pub wrote: Option<u64>,
 }
 
 impl Action {
@@ -35,6 +43,15 @@ impl Action {
     pub fn requeue(after: Duration) -> Self {
         Action {
             requeue_after: Some(after),
+            wrote: None,
+        }
+    }
+
+    /// Records that the reconcile wrote the object at `resource_version`.
+    pub fn wrote(self, resource_version: u64) -> Self {
+        Action {
+            wrote: Some(resource_version),
+            ..self
         }
     }
 }
@@ -178,6 +195,10 @@ struct Shared<R: Reconciler> {
     outage: Arc<Mutex<Outage>>,
     outage_backoff: Backoff,
     observer: Arc<dyn ControllerObserver>,
+    /// Key → resource version of the last status its reconcile wrote, until
+    /// the next reconcile of the key has seen it in the cache. A std mutex:
+    /// never held across an await.
+    written: Mutex<HashMap<String, u64>>,
 }
 
 /// The runtime could not be reached: the keys that failed for that reason
@@ -283,6 +304,7 @@ impl<R: Reconciler> Controller<R> {
             outage: outage.clone(),
             outage_backoff: self.config.outage_backoff,
             observer: self.config.observer.clone(),
+            written: Mutex::new(HashMap::new()),
         });
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut running = JoinSet::new();
@@ -357,6 +379,7 @@ impl<R: Reconciler> Shared<R> {
         if self.outage().parked.contains(key) {
             return;
         }
+        self.read_own_write(key).await;
         let workload = self.informer.cache().get(key);
         let generation = workload.as_ref().map(|w| w.generation()).unwrap_or(0);
         let span = tracing::info_span!(
@@ -386,6 +409,9 @@ impl<R: Reconciler> Shared<R> {
                 self.park(key, &error);
             }
             Ok(action) => {
+                if let Some(version) = action.wrote {
+                    self.lock_written().insert(key.to_string(), version);
+                }
                 self.runtime_answered(key);
                 self.backoff().succeeded(key);
                 if let Some(after) = action.requeue_after {
@@ -400,6 +426,36 @@ impl<R: Reconciler> Shared<R> {
                 self.queue.add_after(key, delay);
             }
         }
+    }
+
+    /// Waits (briefly: the informer follows the log within microseconds)
+    /// until the cache holds the status the key's last reconcile wrote. A
+    /// trigger that fires right after a write — a runtime event caused by
+    /// the reconcile itself, or drift moments later — would otherwise be
+    /// judged against the status from before it.
+    async fn read_own_write(&self, key: &str) {
+        let Some(version) = self.lock_written().remove(key) else {
+            return;
+        };
+        if self.informer.cache().resource_version() >= version {
+            return;
+        }
+        let caught_up = tokio::time::timeout(
+            READ_OWN_WRITE_TIMEOUT,
+            self.informer.wait_for_version(version),
+        )
+        .await;
+        if caught_up.is_err() {
+            tracing::debug!(
+                key,
+                version,
+                "the cache did not reach this key's last status write in time; reconciling from it anyway"
+            );
+        }
+    }
+
+    fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {

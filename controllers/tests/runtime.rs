@@ -24,6 +24,8 @@ struct TestError(String);
 struct Recorder {
     writer: Arc<MemoryLog>,
     calls: Mutex<Vec<(String, Instant)>>,
+    /// The actual state each reconcile read, in order.
+    seen: Mutex<Vec<(String, ActualState)>>,
     cleanups: Mutex<Vec<String>>,
     running: AtomicUsize,
     max_parallel_per_key: Mutex<HashMap<String, usize>>,
@@ -45,6 +47,7 @@ impl Recorder {
         Recorder {
             writer,
             calls: Mutex::default(),
+            seen: Mutex::default(),
             cleanups: Mutex::default(),
             running: AtomicUsize::new(0),
             max_parallel_per_key: Mutex::default(),
@@ -89,6 +92,13 @@ impl Reconciler for Recorder {
             .lock()
             .unwrap()
             .push((id.clone(), Instant::now()));
+        self.seen.lock().unwrap().push((
+            id.clone(),
+            workload
+                .status
+                .as_ref()
+                .map_or(ActualState::Unspecified, |s| s.actual_state()),
+        ));
         {
             let mut in_flight = self.in_flight.lock().unwrap();
             let n = in_flight.entry(id.clone()).or_default();
@@ -115,21 +125,24 @@ impl Reconciler for Recorder {
                 return Err(TestError(format!("{id} failed")));
             }
         }
+        let action = match self.requeue {
+            Some(after) => Action::requeue(after),
+            None => Action::await_change(),
+        };
         if self.write_status {
             let status = ObjectStatus {
                 actual_state: ActualState::Running as i32,
                 observed_generation: workload.generation(),
                 ..Default::default()
             };
-            self.writer
+            let written = self
+                .writer
                 .update_status(id, workload.resource_version(), status)
                 .await
                 .map_err(|e| TestError(e.to_string()))?;
+            return Ok(action.wrote(written.resource_version()));
         }
-        Ok(match self.requeue {
-            Some(after) => Action::requeue(after),
-            None => Action::await_change(),
-        })
+        Ok(action)
     }
 
     async fn cleanup(&self, workload: Arc<Workload>) -> Result<Cleanup, TestError> {
@@ -499,6 +512,58 @@ async fn controller_reconciles_keys_from_trigger_streams() {
         2,
         "a runtime event reconciles"
     );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_right_after_a_status_write_waits_for_the_cache_to_hold_it() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    // The informer lists "a" and then lags: the status the first reconcile
+    // writes does not reach the cache until released.
+    log.hold();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let trigger = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    let mut recorder = Recorder::new(log.clone());
+    recorder.write_status = true;
+    let h = start(log.clone(), recorder, config(None), Some(trigger)).await;
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 1);
+
+    // A runtime event right after the write: the reconcile waits for the
+    // cache instead of judging the workload by its status from before.
+    tx.send("a".into()).unwrap();
+    settle().await;
+    assert_eq!(
+        h.recorder.calls_of("a").len(),
+        1,
+        "no reconcile from a cache without its own last write"
+    );
+    log.release();
+    settle().await;
+    let seen = h.recorder.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            ("a".to_string(), ActualState::Unspecified),
+            ("a".to_string(), ActualState::Running)
+        ]
+    );
+
+    // A cache that never catches up delays the reconcile, never loses it.
+    log.hold();
+    tx.send("a".into()).unwrap();
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 3, "its cache is current");
+    tx.send("a".into()).unwrap();
+    settle().await;
+    assert_eq!(h.recorder.calls_of("a").len(), 3, "waits for its write");
+    let waited = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(h.recorder.calls_of("a").len(), 4);
+    let last = *h.recorder.calls_of("a").last().unwrap();
+    assert_eq!(last - waited, Duration::from_secs(2), "after the 2 s limit");
+    log.release();
     h.stop().await;
 }
 

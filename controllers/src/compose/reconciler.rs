@@ -399,7 +399,7 @@ impl ComposeController {
                 .update_status(id.to_string(), workload.resource_version(), status)
                 .await
             {
-                Ok(_) => {}
+                Ok(written) => action = action.wrote(written.resource_version()),
                 Err(WriteError::Conflict { .. }) => action = Action::requeue(CONFLICT_REQUEUE),
                 Err(WriteError::NotFound(_)) => action = Action::await_change(),
                 Err(source) => {

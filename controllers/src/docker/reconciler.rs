@@ -268,7 +268,7 @@ impl DockerController {
             .update_status(id.to_string(), workload.resource_version(), status)
             .await
         {
-            Ok(_) => Ok(action),
+            Ok(written) => Ok(action.wrote(written.resource_version())),
             Err(WriteError::Conflict { .. }) => Ok(Action::requeue(CONFLICT_REQUEUE)),
             Err(WriteError::NotFound(_)) => Ok(Action::await_change()),
             Err(source) => Err(DockerError::Store {

@@ -26,6 +26,9 @@ struct State {
 pub struct MemoryLog {
     state: Mutex<State>,
     live: broadcast::Sender<Change>,
+    /// Live changes up to this resource version reach watchers; later ones
+    /// wait (see [`MemoryLog::hold`]).
+    delivered_through: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl MemoryLog {
@@ -33,7 +36,19 @@ impl MemoryLog {
         Arc::new(MemoryLog {
             state: Mutex::new(State::default()),
             live: broadcast::channel(1024).0,
+            delivered_through: Arc::new(tokio::sync::watch::channel(u64::MAX).0),
         })
+    }
+
+    /// Holds back every later write from watchers (a lagging informer)
+    /// until [`MemoryLog::release`].
+    pub fn hold(&self) {
+        let through = self.state.lock().unwrap().log.len() as u64;
+        self.delivered_through.send_replace(through);
+    }
+
+    pub fn release(&self) {
+        self.delivered_through.send_replace(u64::MAX);
     }
 
     fn write(&self, state: &mut State, kind: ChangeKind, mut object: Workload) -> Arc<Workload> {
@@ -128,9 +143,16 @@ impl WorkloadSource for MemoryLog {
             .map(Ok)
             .collect();
         let next = state.log.len() as u64;
+        let delivered_through = self.delivered_through.clone();
         let live = tokio_stream::wrappers::BroadcastStream::new(live)
             .filter_map(move |c| async move { c.ok().filter(|c| c.resource_version > next) })
-            .map(Ok);
+            .then(move |change| {
+                let mut through = delivered_through.subscribe();
+                async move {
+                    let _ = through.wait_for(|t| change.resource_version <= *t).await;
+                    Ok(change)
+                }
+            });
         futures::stream::iter(replay).chain(live).boxed()
     }
 }
