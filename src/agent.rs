@@ -196,7 +196,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             addr = %bound,
             "PERSYS_TLS_ENABLED=false: serving gRPC in PLAINTEXT without client authentication; anyone who can reach this port controls the node"
         );
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let serving =
             router.serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
         serve_with_grace(serving, stop_serving).await?;
