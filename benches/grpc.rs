@@ -13,6 +13,11 @@
 //! rounds per RPC, and the median round by p99: the machine is a shared VM
 //! whose speed drifts from minute to minute.
 //!
+//! Two layouts of the same 64 clients, in the same run: one connection
+//! each (64 TLS sessions), and all multiplexed over one connection, as a
+//! gRPC client normally keeps one channel per target. The agent's peak
+//! resident memory closes the run.
+//!
 //! Run: `cargo bench --bench grpc`.
 
 #[path = "../tests/common/mod.rs"]
@@ -143,6 +148,16 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
+/// The process's peak resident set, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until the agent has finished the work the last round left it (it
 /// uses under 5 % of a core over a quarter second), for at most two minutes.
 async fn wait_idle(pid: u32) {
@@ -176,9 +191,9 @@ impl Figures {
         }
     }
 
-    fn row(&self, name: &str, round: &str) {
+    fn row(&self, name: &str, connections: &str, round: &str) {
         println!(
-            "| {name} | {round} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs |",
+            "| {name} | {connections} | {round} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs |",
             self.rate, self.p50, self.p99, self.cpu_per_call_us
         );
     }
@@ -204,41 +219,56 @@ fn main() {
         )
         .await;
         let pid = agent.child.id();
-        let mut clients = Vec::new();
+        let mut sessions = Vec::new();
         for _ in 0..CLIENTS {
-            clients.push(client(agent.port, &certs).await.unwrap());
+            sessions.push(client(agent.port, &certs).await.unwrap());
         }
+        let shared = client(agent.port, &certs).await.unwrap();
         println!(
             "## ApplyWorkload over mutual TLS: {CLIENTS} concurrent clients, {ROUNDS} rounds of {} s, each after {} s of warm-up",
             WINDOW.as_secs(),
             WARM_UP.as_secs()
         );
-        println!("| RPC | round | calls/s | p50 | p99 | agent CPU per call |");
-        println!("|---|---|---:|---:|---:|---:|");
-        let mut clients = clients;
-        for (rpc, name) in [
-            (Rpc::Apply, "ApplyWorkload (validated, fsynced, group-committed)"),
-            (Rpc::Health, "HealthCheck (same TLS + gRPC path, no write)"),
-        ] {
-            let mut rounds = Vec::new();
-            for round in 0..ROUNDS {
-                // Each round starts with the agent done with the last one's
-                // work (the controller reporting every new workload).
-                let settled = Instant::now();
-                wait_idle(pid).await;
-                let settled = settled.elapsed();
-                let (_, _, warm) = run(clients, rpc, &format!("w{round}"), WARM_UP).await;
-                let before = cpu_ticks(pid);
-                let (rate, latencies, done) = run(warm, rpc, &format!("r{round}"), WINDOW).await;
-                let ticks = cpu_ticks(pid) - before;
-                clients = done;
-                let figures = Figures::of(rate, &latencies, ticks);
-                figures.row(name, &format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64()));
-                rounds.push(figures);
+        println!("| RPC | connections | round | calls/s | p50 | p99 | agent CPU per call |");
+        println!("|---|---|---|---:|---:|---:|---:|");
+        for (tag, (layout, clients)) in [
+            (format!("{CLIENTS} (one per client)"), sessions),
+            ("1 (shared)".to_string(), vec![shared; CLIENTS]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut clients = clients;
+            for (rpc, name) in [
+                (Rpc::Apply, "ApplyWorkload (validated, fsynced, group-committed)"),
+                (Rpc::Health, "HealthCheck (same TLS + gRPC path, no write)"),
+            ] {
+                let mut rounds = Vec::new();
+                for round in 0..ROUNDS {
+                    // Each round starts with the agent done with the last
+                    // one's work (the controller reporting every change).
+                    let settled = Instant::now();
+                    wait_idle(pid).await;
+                    let settled = settled.elapsed();
+                    let (_, _, warm) = run(clients, rpc, &format!("l{tag}w{round}"), WARM_UP).await;
+                    let before = cpu_ticks(pid);
+                    let (rate, latencies, done) =
+                        run(warm, rpc, &format!("l{tag}r{round}"), WINDOW).await;
+                    let ticks = cpu_ticks(pid) - before;
+                    clients = done;
+                    let figures = Figures::of(rate, &latencies, ticks);
+                    let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
+                    figures.row(name, &layout, &round);
+                    rounds.push(figures);
+                }
+                rounds.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+                rounds[rounds.len() / 2].row(name, &layout, "**median by p99**");
             }
-            rounds.sort_by(|a, b| a.p99.total_cmp(&b.p99));
-            rounds[rounds.len() / 2].row(name, "**median by p99**");
         }
+        println!(
+            "\nAgent peak resident memory (VmHWM): {:.1} MiB",
+            peak_rss_kib(pid) as f64 / 1024.0
+        );
         println!("\n(agent and clients share this machine's cores)");
     });
 }

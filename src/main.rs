@@ -2,6 +2,9 @@ use persys_agent::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(config: &Config) {
     // The storage engine's own info logs are noise at the agent's info level.
     let directives = if config.log_level.contains('=') {

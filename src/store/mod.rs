@@ -130,6 +130,15 @@ pub struct Store {
 /// Live changes buffered per watcher before it must catch up from the log.
 const LIVE_BUFFER: usize = 8192;
 
+/// Each keyspace's memtable is flushed to a table at this size (fjall's
+/// default is 64 MiB). A node's objects are small; under a storm of
+/// updates, bigger memtables only hold superseded versions in memory.
+const MEMTABLE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Block cache for reads that miss the in-memory views (log replay,
+/// ListActions, events).
+const BLOCK_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 impl Store {
     /// Opens (or creates) the store in `config.path`, recovering what the
     /// last run acknowledged.
@@ -154,11 +163,14 @@ impl Store {
             Err(std::fs::TryLockError::Error(e)) => return Err(open_error(e.to_string())),
         }
         let db = Database::builder(path.join("db"))
+            .cache_size(BLOCK_CACHE_BYTES)
             .open()
             .map_err(|e| open_error(e.to_string()))?;
         let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| open_error(e.to_string()))
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+            .map_err(|e| open_error(e.to_string()))
         };
         let objects = keyspace("objects")?;
         let log = keyspace("log")?;
