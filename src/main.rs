@@ -2,6 +2,9 @@ use persys_agent::config::{Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc, built without transparent huge pages (see Cargo.toml): faster
+/// than the system allocator on the apply path, and no multi-millisecond
+/// stalls zeroing fresh 2 MiB pages in the store's committer.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
