@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use persys_api::v1::WorkloadType;
 use persys_api::v1::agent_service_server::AgentServiceServer;
 use persys_controllers::Informer;
@@ -15,6 +16,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::NodeSampler;
 use crate::runtimes::RuntimeBoard;
+use crate::server::coalesce::Coalesced;
 use crate::server::grpc_metrics::GrpcMetricsLayer;
 use crate::server::tls::{self, ReloadingConfig, TlsFiles};
 use crate::server::validate::Limits;
@@ -196,8 +198,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             addr = %bound,
             "PERSYS_TLS_ENABLED=false: serving gRPC in PLAINTEXT without client authentication; anyone who can reach this port controls the node"
         );
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|accepted| accepted.map(Coalesced::new));
         let serving =
             router.serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
         serve_with_grace(serving, stop_serving).await?;

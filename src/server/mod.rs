@@ -4,6 +4,7 @@
 //! the informer cache; none waits on a runtime. Applies and deletes only
 //! append to the log — the controllers do the work.
 
+pub mod coalesce;
 pub mod grpc_metrics;
 pub mod tls;
 pub mod validate;

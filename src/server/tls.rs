@@ -19,6 +19,8 @@ use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use super::coalesce::Coalesced;
+
 /// How long a client may take to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -158,13 +160,14 @@ impl ReloadingConfig {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently,
-/// yielding established streams. Failed handshakes (no or foreign client
+/// yielding established streams (wrapped so that each response leaves in
+/// one write, see [`Coalesced`]). Failed handshakes (no or foreign client
 /// certificate) are logged and dropped.
 pub fn incoming(
     listener: TcpListener,
     config: ReloadingConfig,
     shutdown: CancellationToken,
-) -> mpsc::Receiver<Result<TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+) -> mpsc::Receiver<Result<Coalesced<TlsStream<tokio::net::TcpStream>>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -186,7 +189,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx.send(Ok(Coalesced::new(tls))).await;
                     }
                     Ok(Err(error)) => {
                         tracing::info!(%peer, %error, "TLS handshake refused");
