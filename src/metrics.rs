@@ -162,7 +162,7 @@ impl Metrics {
         );
         registry.register(
             "store_compactions",
-            "Log compactions",
+            "Groups that trimmed the log",
             store_metrics.compactions.clone(),
         );
         registry.register(
