@@ -85,20 +85,12 @@ pub fn apply_request(
         workload_spec::Spec::Compose(c) => validate_compose(c)?,
         workload_spec::Spec::Vm(v) => validate_vm(v, limits)?,
     }
-    let spec = request.spec.unwrap_or_default();
-    // Derived here, on the caller's task, rather than on the store's one
-    // committer thread (which derives it too when a caller leaves it out).
-    let revision_id = if request.revision_id.is_empty() {
-        persys_api::derived_revision(&spec)
-    } else {
-        request.revision_id
-    };
     Ok(ApplyRequest {
         id: request.id,
         workload_type,
-        revision_id,
+        revision_id: request.revision_id,
         desired_state,
-        spec,
+        spec: request.spec.unwrap_or_default(),
         finalizers: workload_type
             .finalizer()
             .into_iter()

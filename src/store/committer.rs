@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fjall::PersistMode;
+use persys_api::now_ms;
 use persys_api::v1::{
     DesiredState, Event, EventType, ObjectMeta, ObjectSpec, ObjectStatus, WatchEventType, Workload,
     WorkloadSpec, WorkloadType,
 };
-use persys_api::{derived_revision, now_ms};
 use persys_controllers::{Change, ChangeKind};
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -415,11 +415,8 @@ impl Committer {
         group: &mut Group,
         batch: &mut fjall::OwnedWriteBatch,
     ) -> Result<ApplyOutcome, StoreError> {
-        let revision = if request.revision_id.is_empty() {
-            derived_revision(&request.spec)
-        } else {
-            request.revision_id.clone()
-        };
+        // Never empty: `Store::apply` derives it from the spec first.
+        let revision = request.revision_id.clone();
         let Some(current) = self.current(group, &request.id) else {
             let now = now_ms();
             let object = Workload {

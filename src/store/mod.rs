@@ -290,7 +290,12 @@ impl Store {
     }
 
     /// Creates or updates a workload's desired state; durable when it returns.
-    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyOutcome, StoreError> {
+    /// A request without a revision gets one derived from its spec, here on
+    /// the caller's task rather than on the one committer thread.
+    pub async fn apply(&self, mut request: ApplyRequest) -> Result<ApplyOutcome, StoreError> {
+        if request.revision_id.is_empty() {
+            request.revision_id = persys_api::derived_revision(&request.spec);
+        }
         self.submit(|tx| Op::Apply(request, tx)).await
     }
 
