@@ -18,7 +18,9 @@
 //! gRPC client normally keeps one channel per target. The agent's peak
 //! resident memory closes the run.
 //!
-//! Run: `cargo bench --bench grpc`.
+//! Run: `cargo bench --bench grpc`. For comparing agent builds,
+//! `PERSYS_BENCH_APPLY_ONLY=1` runs only ApplyWorkload over 64 connections,
+//! and `PERSYS_BENCH_ROUNDS=N` sets the rounds (default 3).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -34,7 +36,7 @@ use tonic::transport::Channel;
 const CLIENTS: usize = 64;
 const WARM_UP: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(5);
-const ROUNDS: usize = 3;
+const DEFAULT_ROUNDS: usize = 3;
 /// 64 × 50 = 3,200 workloads: a very large node.
 const WORKLOADS_PER_CLIENT: usize = 50;
 
@@ -204,6 +206,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let apply_only = std::env::var_os("PERSYS_BENCH_APPLY_ONLY").is_some();
+    let rounds: usize = match std::env::var("PERSYS_BENCH_ROUNDS") {
+        Ok(n) => n.parse().expect("PERSYS_BENCH_ROUNDS: a number of rounds"),
+        Err(_) => DEFAULT_ROUNDS,
+    };
     runtime.block_on(async {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-scratch/grpc");
         let _ = std::fs::remove_dir_all(&dir);
@@ -225,7 +232,7 @@ fn main() {
         }
         let shared = client(agent.port, &certs).await.unwrap();
         println!(
-            "## ApplyWorkload over mutual TLS: {CLIENTS} concurrent clients, {ROUNDS} rounds of {} s, each after {} s of warm-up",
+            "## ApplyWorkload over mutual TLS: {CLIENTS} concurrent clients, {rounds} rounds of {} s, each after {} s of warm-up",
             WINDOW.as_secs(),
             WARM_UP.as_secs()
         );
@@ -236,15 +243,19 @@ fn main() {
             ("1 (shared)".to_string(), vec![shared; CLIENTS]),
         ]
         .into_iter()
+        .take(if apply_only { 1 } else { 2 })
         .enumerate()
         {
             let mut clients = clients;
             for (rpc, name) in [
                 (Rpc::Apply, "ApplyWorkload (validated, fsynced, group-committed)"),
                 (Rpc::Health, "HealthCheck (same TLS + gRPC path, no write)"),
-            ] {
-                let mut rounds = Vec::new();
-                for round in 0..ROUNDS {
+            ]
+            .into_iter()
+            .take(if apply_only { 1 } else { 2 })
+            {
+                let mut results = Vec::new();
+                for round in 0..rounds {
                     // Each round starts with the agent done with the last
                     // one's work (the controller reporting every change).
                     let settled = Instant::now();
@@ -259,10 +270,10 @@ fn main() {
                     let figures = Figures::of(rate, &latencies, ticks);
                     let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                     figures.row(name, &layout, &round);
-                    rounds.push(figures);
+                    results.push(figures);
                 }
-                rounds.sort_by(|a, b| a.p99.total_cmp(&b.p99));
-                rounds[rounds.len() / 2].row(name, &layout, "**median by p99**");
+                results.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+                results[results.len() / 2].row(name, &layout, "**median by p99**");
             }
         }
         println!(

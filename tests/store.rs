@@ -211,6 +211,203 @@ async fn log_is_compacted_by_age_keeping_the_newest_entry() {
     );
 }
 
+/// The log versions `log_records` serves, oldest first.
+fn served_versions(store: &Store) -> Vec<u64> {
+    store
+        .log_records(false, usize::MAX, |_| true)
+        .unwrap()
+        .iter()
+        .map(|r| r.resource_version)
+        .collect()
+}
+
+async fn expect_expired(store: &Store, from: u64) -> StoreError {
+    let mut watch = Box::pin(store.watch(from));
+    let error = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("an answer within 5 s")
+        .expect("stream open")
+        .expect_err("expired");
+    assert!(matches!(error, StoreError::Expired { .. }), "{error}");
+    error
+}
+
+#[tokio::test]
+async fn trimmed_entries_are_not_served_though_still_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::new(dir.path());
+    config.max_log_entries = 10;
+    let store = Store::open(config).unwrap();
+    for i in 0..30 {
+        store
+            .apply(apply_request(&format!("w{i}"), "", "busybox"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.compacted_through(), 20);
+    assert_eq!(served_versions(&store), (21..=30).collect::<Vec<_>>());
+    let newest: Vec<u64> = store
+        .log_records(true, 3, |_| true)
+        .unwrap()
+        .iter()
+        .map(|r| r.resource_version)
+        .collect();
+    assert_eq!(newest, vec![30, 29, 28]);
+    expect_expired(&store, 19).await;
+    // Reopened, the bound still holds.
+    store.close().await;
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.compacted_through(), 20);
+    assert_eq!(served_versions(&store), (21..=30).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn log_size_bound_drops_whole_tables_and_watches_from_them_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small tables and the smallest size bound (two memtables), so a few
+    // thousand writes take the log past it.
+    let mut config = StoreConfig::new(dir.path());
+    config.memtable_bytes = 64 * 1024;
+    config.max_log_bytes = 1;
+    let store = Store::open(config).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while served_versions(&store).first() == Some(&1) || store.resource_version() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no table dropped after {} writes",
+            store.resource_version()
+        );
+        let writes = (0..64).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .apply(apply_request(
+                        &format!("w{i}"),
+                        "",
+                        &format!("busybox:{round}"),
+                    ))
+                    .await
+                    .unwrap();
+            }
+        });
+        futures::future::join_all(writes).await;
+        round += 1;
+    }
+    // What is served is whole and ends at the newest entry.
+    let served = served_versions(&store);
+    let first = served[0];
+    assert!(
+        served.windows(2).all(|w| w[1] == w[0] + 1),
+        "gap in {served:?}"
+    );
+    assert_eq!(*served.last().unwrap(), store.resource_version());
+    let error = expect_expired(&store, 0).await;
+    assert!(
+        matches!(error, StoreError::Expired { compacted_through, .. } if compacted_through >= first - 1),
+        "{error}"
+    );
+    let mut watch = Box::pin(store.watch(first - 1));
+    assert_eq!(next_change(&mut watch).await.resource_version, first);
+    // The trim point catches up with what was dropped at the next age check.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.compacted_through() < first - 1 {
+        assert!(tokio::time::Instant::now() < deadline, "trim point stuck");
+        store
+            .apply(apply_request(
+                "tick",
+                "",
+                &format!("busybox:{}", store.resource_version()),
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        store.log_len(),
+        store.resource_version() - store.compacted_through()
+    );
+    let kept = store.list(None).unwrap();
+    assert_eq!(
+        kept.iter().filter(|w| w.id().starts_with('w')).count(),
+        64,
+        "objects are never dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_schema_1_store_is_migrated_keeping_its_retained_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    for i in 0..6 {
+        store
+            .apply(apply_request(&format!("w{i}"), "", "busybox"))
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    drop(store);
+    // Rewrite it the way schema 1 kept it: the log in a leveled keyspace
+    // `log`, trimmed through 2 with deletes.
+    {
+        let db = fjall::Database::builder(dir.path().join("db"))
+            .open()
+            .unwrap();
+        let changelog = db
+            .keyspace("changelog", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let log = db
+            .keyspace("log", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        for guard in changelog.iter() {
+            let (key, value) = guard.into_inner().unwrap();
+            log.insert(key, value).unwrap();
+        }
+        log.remove(1u64.to_be_bytes()).unwrap();
+        log.remove(2u64.to_be_bytes()).unwrap();
+        meta.insert("compacted_through", 2u64.to_be_bytes())
+            .unwrap();
+        meta.insert("schema_version", 1u64.to_be_bytes()).unwrap();
+        db.delete_keyspace(changelog).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let store = open(&dir);
+    assert_eq!(store.compacted_through(), 2);
+    assert_eq!(store.resource_version(), 6);
+    assert_eq!(served_versions(&store), vec![3, 4, 5, 6]);
+    let mut watch = Box::pin(store.watch(2));
+    assert_eq!(next_change(&mut watch).await.resource_version, 3);
+    expect_expired(&store, 1).await;
+    let outcome = store
+        .apply(apply_request("w-new", "", "busybox"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.workload().resource_version(), 7);
+    drop(watch);
+    store.close().await;
+    drop(store);
+    // The old keyspace is gone, and the migrated store reopens as it is.
+    {
+        let db = fjall::Database::builder(dir.path().join("db"))
+            .open()
+            .unwrap();
+        assert!(!db.keyspace_exists("log"));
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        assert_eq!(
+            &*meta.get("schema_version").unwrap().unwrap(),
+            &2u64.to_be_bytes()[..]
+        );
+    }
+    let store = open(&dir);
+    assert_eq!(served_versions(&store), vec![3, 4, 5, 6, 7]);
+}
+
 /// The real store, with its first watch held back until the test lets it go:
 /// the way an informer falls behind a compaction.
 struct HeldBackWatch {

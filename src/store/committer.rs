@@ -228,9 +228,9 @@ impl Committer {
         );
         let compact_to = self.compaction_target(rv);
         if let Some(to) = compact_to {
-            for version in self.compacted_through + 1..=to {
-                batch.remove(&self.inner.log, log_key(version));
-            }
+            // Trimming is logical: the entries stay in their tables (no
+            // tombstones for compaction to merge away) until the log's size
+            // bound drops those tables whole.
             batch.insert(
                 &self.inner.meta,
                 META_COMPACTED_THROUGH,
@@ -292,28 +292,50 @@ impl Committer {
         let now = now_ms();
         if now - self.last_age_check_ms >= 1000 {
             self.last_age_check_ms = now;
-            let cutoff = now - self.max_log_age_ms;
-            let mut probe = target + 1;
-            // Keep at least the newest entry, so the log always says where it ends.
-            let limit = last.saturating_sub(1);
-            let mut scanned = 0;
-            while probe <= limit && scanned < 100_000 {
-                match self.read_log_time(probe) {
-                    Some(at) if at < cutoff => {
-                        target = probe;
-                        probe += 1;
-                        scanned += 1;
-                    }
-                    _ => break,
-                }
-            }
+            target = self.age_target(target, last, now - self.max_log_age_ms);
         }
         (target > self.compacted_through).then_some(target)
     }
 
-    fn read_log_time(&self, version: u64) -> Option<i64> {
-        let bytes = self.inner.log.get(log_key(version)).ok()??;
-        LogRecord::decode(&*bytes).ok().map(|r| r.at_ms)
+    /// How far the log can be trimmed by age from `from`: through the last
+    /// entry written before `cutoff`, and past any entries the log's size
+    /// bound has already dropped. The newest entry always stays, so the log
+    /// always says where it ends. `last` is the group being written; only
+    /// what is already committed is looked at.
+    fn age_target(&self, from: u64, last: u64, cutoff: i64) -> u64 {
+        let limit = last.saturating_sub(1).min(self.last_resource_version);
+        if from >= limit {
+            return from;
+        }
+        const MAX_SCAN: usize = 100_000;
+        let mut target = from;
+        let mut scanned = 0;
+        for guard in self
+            .inner
+            .log
+            .range(log_key(from + 1)..=log_key(limit))
+            .take(MAX_SCAN)
+        {
+            scanned += 1;
+            let Ok((key, value)) = guard.into_inner() else {
+                return target;
+            };
+            let Some(version) = decode_u64(&key) else {
+                return target;
+            };
+            match LogRecord::decode(&*value) {
+                Ok(record) if record.at_ms < cutoff => target = version,
+                // Entries between the last one seen and this are gone.
+                _ => return target.max(version - 1),
+            }
+        }
+        if scanned < MAX_SCAN {
+            // Nothing younger before the newest entry, and whatever the scan
+            // did not find is gone.
+            limit
+        } else {
+            target
+        }
     }
 
     fn current(&self, group: &Group, id: &str) -> Option<Arc<Workload>> {

@@ -2,8 +2,12 @@
 //!
 //! Keyspaces:
 //! - `objects`: id → current [`Workload`];
-//! - `log`: resource version (big-endian u64) → [`LogRecord`], the ordered
-//!   change log that watches replay;
+//! - `changelog`: resource version (big-endian u64) → [`LogRecord`], the
+//!   ordered change log that watches replay. It is insert-only and trimmed
+//!   logically: entries at or below `compacted_through` are no longer
+//!   served, and its oldest tables are dropped whole (FIFO compaction) once
+//!   it passes [`StoreConfig::max_log_bytes`], so it never carries
+//!   tombstones for compaction to merge;
 //! - `events`: `<id> 0x00 <fold>` → [`Event`];
 //! - `meta`: schema version, last resource version, compacted-through.
 //!
@@ -24,6 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use fjall::compaction::Fifo;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
 use persys_api::v1::{Event, EventType, ObjectStatus, Workload, WorkloadType};
 use persys_controllers::{Change, Listing};
@@ -52,6 +57,16 @@ pub struct StoreConfig {
     pub max_log_entries: u64,
     /// …and nothing older than this (the newest entry always stays).
     pub max_log_age: Duration,
+    /// On disk the log takes about this much at most: its oldest tables are
+    /// dropped whole past it, even if they hold entries within the bounds
+    /// above. At least two memtables, so the newest table always stays.
+    /// Fixed when the store is created.
+    pub max_log_bytes: u64,
+    /// Each keyspace's memtable is flushed to a table at this size (fjall's
+    /// default is 64 MiB). A node's objects are small; under a storm of
+    /// updates, bigger memtables only hold superseded versions in memory.
+    /// Fixed when the store is created.
+    pub memtable_bytes: u64,
 }
 
 impl StoreConfig {
@@ -61,6 +76,8 @@ impl StoreConfig {
             max_group: 1024,
             max_log_entries: 100_000,
             max_log_age: Duration::from_secs(24 * 3600),
+            max_log_bytes: 256 * 1024 * 1024,
+            memtable_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -108,12 +125,48 @@ pub(crate) struct Inner {
     changes: broadcast::Sender<Arc<Change>>,
     /// The last committed resource version.
     last_resource_version: AtomicU64,
-    /// The log holds nothing at or below this version.
+    /// The log serves nothing at or below this version.
     compacted_through: AtomicU64,
     metrics: StoreMetrics,
     path: PathBuf,
     /// Held for the life of the store: one process per state directory.
     _lock: File,
+}
+
+/// Schema 1 kept the log in a leveled keyspace and trimmed it with deletes,
+/// whose tombstones compaction then had to merge away. Schema 2 keeps it in
+/// [`LOG_KEYSPACE`] and trims it logically. Copies the entries schema 1
+/// retained and records schema 2 in one atomic batch, then drops the old
+/// keyspace.
+fn migrate_schema_1_log(
+    db: &Database,
+    meta: &Keyspace,
+    log: &Keyspace,
+    compacted_through: u64,
+) -> Result<(), StoreError> {
+    let old = db.keyspace(SCHEMA_1_LOG_KEYSPACE, KeyspaceCreateOptions::default)?;
+    let mut batch = db.batch();
+    let mut copied = 0u64;
+    for guard in old.range(log_key(compacted_through + 1)..) {
+        let (key, value) = guard.into_inner()?;
+        batch.insert(log, key, value);
+        copied += 1;
+    }
+    batch.insert(meta, META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes());
+    batch.commit()?;
+    db.persist(fjall::PersistMode::SyncAll)?;
+    db.delete_keyspace(old)?;
+    tracing::info!(copied, "store migrated from schema 1 to {SCHEMA_VERSION}");
+    Ok(())
+}
+
+/// Drops the schema 1 log if a migration stopped after its commit.
+fn drop_schema_1_log(db: &Database) -> Result<(), StoreError> {
+    if db.keyspace_exists(SCHEMA_1_LOG_KEYSPACE) {
+        let old = db.keyspace(SCHEMA_1_LOG_KEYSPACE, KeyspaceCreateOptions::default)?;
+        db.delete_keyspace(old)?;
+    }
+    Ok(())
 }
 
 /// A handle to the store; cheap to clone. The committer stops when the last
@@ -129,11 +182,6 @@ pub struct Store {
 
 /// Live changes buffered per watcher before it must catch up from the log.
 const LIVE_BUFFER: usize = 8192;
-
-/// Each keyspace's memtable is flushed to a table at this size (fjall's
-/// default is 64 MiB). A node's objects are small; under a storm of
-/// updates, bigger memtables only hold superseded versions in memory.
-const MEMTABLE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Block cache for reads that miss the in-memory views (log replay,
 /// ListActions, events).
@@ -166,16 +214,29 @@ impl Store {
             .cache_size(BLOCK_CACHE_BYTES)
             .open()
             .map_err(|e| open_error(e.to_string()))?;
+        let memtable_bytes = config.memtable_bytes.max(64 * 1024);
         let keyspace = |name: &str| {
             db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+                KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
             })
             .map_err(|e| open_error(e.to_string()))
         };
         let objects = keyspace("objects")?;
-        let log = keyspace("log")?;
         let events = keyspace("events")?;
         let meta = keyspace("meta")?;
+        // The log is insert-only with increasing keys, and trimmed logically
+        // (see `compacted_through`): its tables never need merging, and the
+        // oldest are dropped whole once it passes its size bound.
+        // Dropping every table (a bound under one memtable) would leave the
+        // journal to replay dropped entries out of order at the next open.
+        let max_log_bytes = config.max_log_bytes.max(2 * memtable_bytes);
+        let log = db
+            .keyspace(LOG_KEYSPACE, || {
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(memtable_bytes)
+                    .compaction_strategy(Arc::new(Fifo::new(max_log_bytes, None)))
+            })
+            .map_err(|e| open_error(e.to_string()))?;
 
         let read_meta = |key: &[u8]| -> Result<Option<u64>, StoreError> {
             match meta.get(key)? {
@@ -185,8 +246,10 @@ impl Store {
                 None => Ok(None),
             }
         };
+        let compacted_through = read_meta(META_COMPACTED_THROUGH)?.unwrap_or(0);
         match read_meta(META_SCHEMA_VERSION)? {
-            Some(SCHEMA_VERSION) => {}
+            Some(SCHEMA_VERSION) => drop_schema_1_log(&db)?,
+            Some(1) => migrate_schema_1_log(&db, &meta, &log, compacted_through)?,
             Some(other) => {
                 return Err(open_error(format!(
                     "schema version {other} is not supported (this agent reads {SCHEMA_VERSION})"
@@ -194,7 +257,6 @@ impl Store {
             }
             None => meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes())?,
         }
-        let compacted_through = read_meta(META_COMPACTED_THROUGH)?.unwrap_or(0);
         // The log's last key and the meta record are written in one batch;
         // take the larger to be safe against either being absent.
         let log_last = match log.last_key_value() {
@@ -418,14 +480,20 @@ impl Store {
             }
             Ok(records.len() < limit)
         };
+        // Entries at or below `compacted_through` are trimmed: they may
+        // still be on disk until their table is dropped, but are not served.
+        let retained = self
+            .inner
+            .log
+            .range(log_key(self.compacted_through() + 1)..);
         if newest_first {
-            for guard in self.inner.log.iter().rev() {
+            for guard in retained.rev() {
                 if !take(guard)? {
                     break;
                 }
             }
         } else {
-            for guard in self.inner.log.iter() {
+            for guard in retained {
                 if !take(guard)? {
                     break;
                 }
@@ -439,7 +507,7 @@ impl Store {
         self.inner.last_resource_version.load(Ordering::Acquire)
     }
 
-    /// The log holds nothing at or below this version.
+    /// The log serves nothing at or below this version.
     pub fn compacted_through(&self) -> u64 {
         self.inner.compacted_through.load(Ordering::Acquire)
     }

@@ -45,7 +45,12 @@ pub const ACTION_FINALIZE: &str = "finalize";
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const META_LAST_RESOURCE_VERSION: &[u8] = b"last_resource_version";
 pub const META_COMPACTED_THROUGH: &[u8] = b"compacted_through";
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// The change log's keyspace (FIFO compaction, trimmed logically).
+pub const LOG_KEYSPACE: &str = "changelog";
+/// Where schema 1 kept the log.
+pub const SCHEMA_1_LOG_KEYSPACE: &str = "log";
 
 pub fn log_key(resource_version: u64) -> [u8; 8] {
     resource_version.to_be_bytes()

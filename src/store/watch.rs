@@ -111,17 +111,19 @@ impl Watch {
                 compacted_through: compacted,
             });
         }
+        // Everything through here is committed, so in the log unless gone.
+        let committed = self.inner.last_resource_version.load(Ordering::Acquire);
         let mut read = 0;
         for guard in self.inner.log.range(log_key(self.next)..) {
             let value = guard.value()?;
             let record =
                 LogRecord::decode(&*value).map_err(|e| StoreError::Corrupt(format!("log: {e}")))?;
             if record.resource_version != self.next {
-                // Compacted under us between the check and the read.
+                // Dropped by the log's size bound before it was trimmed.
                 let compacted = self.inner.compacted_through.load(Ordering::Acquire);
                 return Err(StoreError::Expired {
                     requested: self.next - 1,
-                    compacted_through: compacted,
+                    compacted_through: compacted.max(record.resource_version - 1),
                 });
             }
             self.pending.push_back(change_of(record));
@@ -130,6 +132,13 @@ impl Watch {
             if read == REPLAY_CHUNK {
                 return Ok(false);
             }
+        }
+        if self.next <= committed {
+            // The log's size bound dropped its tail of tables.
+            return Err(StoreError::Expired {
+                requested: self.next - 1,
+                compacted_through: committed,
+            });
         }
         Ok(true)
     }
