@@ -40,6 +40,16 @@ fn open(dir: &tempfile::TempDir) -> Store {
     Store::open(StoreConfig::new(dir.path())).expect("open store")
 }
 
+/// Applies workloads `w<i>` for each `i` in `ids`, one after another.
+async fn apply_each(store: &Store, ids: std::ops::Range<usize>) {
+    for i in ids {
+        store
+            .apply(apply_request(&format!("w{i}"), "", "busybox"))
+            .await
+            .unwrap();
+    }
+}
+
 async fn next_change(
     stream: &mut (impl futures::Stream<Item = Result<persys_controllers::Change, StoreError>> + Unpin),
 ) -> persys_controllers::Change {
@@ -48,6 +58,27 @@ async fn next_change(
         .expect("a change within 5 s")
         .expect("stream open")
         .expect("no error")
+}
+
+/// The log versions `log_records` serves, oldest first.
+fn served_versions(store: &Store) -> Vec<u64> {
+    store
+        .log_records(false, usize::MAX, |_| true)
+        .unwrap()
+        .iter()
+        .map(|r| r.resource_version)
+        .collect()
+}
+
+async fn expect_expired(store: &Store, from: u64) -> StoreError {
+    let mut watch = Box::pin(store.watch(from));
+    let error = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("an answer within 5 s")
+        .expect("stream open")
+        .expect_err("expired");
+    assert!(matches!(error, StoreError::Expired { .. }), "{error}");
+    error
 }
 
 #[tokio::test]
@@ -145,33 +176,41 @@ async fn watch_from_a_compacted_version_is_expired() {
     let mut config = StoreConfig::new(dir.path());
     config.max_log_entries = 20;
     let store = Store::open(config).unwrap();
-    for i in 0..100 {
-        store
-            .apply(apply_request(&format!("w{i}"), "", "busybox"))
-            .await
-            .unwrap();
-    }
+    apply_each(&store, 0..100).await;
     // Trimmed as it goes: the log holds exactly its bound, never more.
     let compacted = store.compacted_through();
     assert_eq!(compacted, 80, "log compacted by count");
     assert_eq!(store.log_len(), 20);
-    let mut watch = Box::pin(store.watch(1));
-    let error = tokio::time::timeout(Duration::from_secs(5), watch.next())
-        .await
+    // Trimmed entries stay on disk until their table goes, but are not
+    // served, oldest or newest first.
+    assert_eq!(served_versions(&store), (81..=100).collect::<Vec<_>>());
+    let newest: Vec<u64> = store
+        .log_records(true, 3, |_| true)
         .unwrap()
-        .unwrap()
-        .unwrap_err();
+        .iter()
+        .map(|r| r.resource_version)
+        .collect();
+    assert_eq!(newest, vec![100, 99, 98]);
+    let error = expect_expired(&store, 1).await;
     assert!(
         matches!(error, StoreError::Expired { requested: 1, .. }),
         "{error}"
     );
     assert!(error.to_string().contains("expired"));
+    expect_expired(&store, 79).await;
     // The retained tail is still watchable.
     let mut watch = Box::pin(store.watch(compacted));
     assert_eq!(
         next_change(&mut watch).await.resource_version,
         compacted + 1
     );
+    drop(watch);
+    // Reopened, the bound still holds.
+    store.close().await;
+    drop(store);
+    let store = open(&dir);
+    assert_eq!(store.compacted_through(), 80);
+    assert_eq!(served_versions(&store), (81..=100).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -180,12 +219,7 @@ async fn log_is_compacted_by_age_keeping_the_newest_entry() {
     let mut config = StoreConfig::new(dir.path());
     config.max_log_age = Duration::from_millis(1);
     let store = Store::open(config).unwrap();
-    for i in 0..5 {
-        store
-            .apply(apply_request(&format!("w{i}"), "", "busybox"))
-            .await
-            .unwrap();
-    }
+    apply_each(&store, 0..5).await;
     // The age check runs at most once a second; write until it has.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while store.compacted_through() == 0 {
@@ -209,57 +243,6 @@ async fn log_is_compacted_by_age_keeping_the_newest_entry() {
         6,
         "objects are never compacted"
     );
-}
-
-/// The log versions `log_records` serves, oldest first.
-fn served_versions(store: &Store) -> Vec<u64> {
-    store
-        .log_records(false, usize::MAX, |_| true)
-        .unwrap()
-        .iter()
-        .map(|r| r.resource_version)
-        .collect()
-}
-
-async fn expect_expired(store: &Store, from: u64) -> StoreError {
-    let mut watch = Box::pin(store.watch(from));
-    let error = tokio::time::timeout(Duration::from_secs(5), watch.next())
-        .await
-        .expect("an answer within 5 s")
-        .expect("stream open")
-        .expect_err("expired");
-    assert!(matches!(error, StoreError::Expired { .. }), "{error}");
-    error
-}
-
-#[tokio::test]
-async fn trimmed_entries_are_not_served_though_still_on_disk() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::new(dir.path());
-    config.max_log_entries = 10;
-    let store = Store::open(config).unwrap();
-    for i in 0..30 {
-        store
-            .apply(apply_request(&format!("w{i}"), "", "busybox"))
-            .await
-            .unwrap();
-    }
-    assert_eq!(store.compacted_through(), 20);
-    assert_eq!(served_versions(&store), (21..=30).collect::<Vec<_>>());
-    let newest: Vec<u64> = store
-        .log_records(true, 3, |_| true)
-        .unwrap()
-        .iter()
-        .map(|r| r.resource_version)
-        .collect();
-    assert_eq!(newest, vec![30, 29, 28]);
-    expect_expired(&store, 19).await;
-    // Reopened, the bound still holds.
-    store.close().await;
-    drop(store);
-    let store = open(&dir);
-    assert_eq!(store.compacted_through(), 20);
-    assert_eq!(served_versions(&store), (21..=30).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -340,12 +323,7 @@ async fn log_size_bound_drops_whole_tables_and_watches_from_them_expire() {
 async fn a_schema_1_store_is_migrated_keeping_its_retained_log() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
-    for i in 0..6 {
-        store
-            .apply(apply_request(&format!("w{i}"), "", "busybox"))
-            .await
-            .unwrap();
-    }
+    apply_each(&store, 0..6).await;
     store.close().await;
     drop(store);
     // Rewrite it the way schema 1 kept it: the log in a leveled keyspace
@@ -455,12 +433,7 @@ async fn informer_relists_after_expiry_and_converges() {
     let mut gone = apply_request("gone", "", "busybox");
     gone.finalizers.clear();
     store.apply(gone).await.unwrap();
-    for i in 0..5 {
-        store
-            .apply(apply_request(&format!("w{i}"), "", "busybox"))
-            .await
-            .unwrap();
-    }
+    apply_each(&store, 0..5).await;
     let (open_gate, gate) = tokio::sync::oneshot::channel();
     let source = HeldBackWatch {
         store: store.clone(),
@@ -486,12 +459,7 @@ async fn informer_relists_after_expiry_and_converges() {
         store.delete("gone").await.unwrap(),
         DeleteOutcome::Deleted(_)
     ));
-    for i in 5..60 {
-        store
-            .apply(apply_request(&format!("w{i}"), "", "busybox"))
-            .await
-            .unwrap();
-    }
+    apply_each(&store, 5..60).await;
     store
         .apply(apply_request("w0", "r2", "busybox:2"))
         .await

@@ -227,8 +227,10 @@ impl Store {
         // The log is insert-only with increasing keys, and trimmed logically
         // (see `compacted_through`): its tables never need merging, and the
         // oldest are dropped whole once it passes its size bound.
-        // Dropping every table (a bound under one memtable) would leave the
-        // journal to replay dropped entries out of order at the next open.
+        // The newest table always stays (the bound is at least two
+        // memtables): a replay from a dropped version then meets a later
+        // entry and sees the gap, and the journal never replays dropped
+        // entries behind newer ones at the next open.
         let max_log_bytes = config.max_log_bytes.max(2 * memtable_bytes);
         let log = db
             .keyspace(LOG_KEYSPACE, || {

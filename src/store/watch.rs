@@ -111,8 +111,6 @@ impl Watch {
                 compacted_through: compacted,
             });
         }
-        // Everything through here is committed, so in the log unless gone.
-        let committed = self.inner.last_resource_version.load(Ordering::Acquire);
         let mut read = 0;
         for guard in self.inner.log.range(log_key(self.next)..) {
             let value = guard.value()?;
@@ -132,13 +130,6 @@ impl Watch {
             if read == REPLAY_CHUNK {
                 return Ok(false);
             }
-        }
-        if self.next <= committed {
-            // The log's size bound dropped its tail of tables.
-            return Err(StoreError::Expired {
-                requested: self.next - 1,
-                compacted_through: committed,
-            });
         }
         Ok(true)
     }
