@@ -15,12 +15,20 @@
 //!
 //! Two layouts of the same 64 clients, in the same run: one connection
 //! each (64 TLS sessions), and all multiplexed over one connection, as a
-//! gRPC client normally keeps one channel per target. The agent's peak
-//! resident memory closes the run.
+//! gRPC client normally keeps one channel per target.
+//!
+//! Those clients each keep one call in flight (closed loop), so the agent is
+//! saturated and latency is what 64 queued calls cost. The open-loop part
+//! then offers fixed rates (1,000, 5,000 and 10,000 applies/s) over the same
+//! 64 connections, each call due at a set time whether or not earlier calls
+//! have returned, and counts its latency from when it was due: what a
+//! scheduler sending at that rate would see, stalls included. The agent's
+//! peak resident memory closes the run.
 //!
 //! Run: `cargo bench --bench grpc`. For comparing agent builds,
-//! `PERSYS_BENCH_APPLY_ONLY=1` runs only ApplyWorkload over 64 connections,
-//! and `PERSYS_BENCH_ROUNDS=N` sets the rounds (default 3).
+//! `PERSYS_BENCH_APPLY_ONLY=1` runs only ApplyWorkload over 64 connections
+//! (and the open-loop part), `PERSYS_BENCH_ROUNDS=N` sets the rounds
+//! (default 3) and `PERSYS_BENCH_RATES=1000,5000` the offered rates.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -37,6 +45,8 @@ const CLIENTS: usize = 64;
 const WARM_UP: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(5);
 const DEFAULT_ROUNDS: usize = 3;
+/// Offered rates of the open-loop part, applies/s.
+const DEFAULT_RATES: [f64; 3] = [1_000.0, 5_000.0, 10_000.0];
 /// 64 × 50 = 3,200 workloads: a very large node.
 const WORKLOADS_PER_CLIENT: usize = 50;
 
@@ -132,6 +142,58 @@ async fn run(
     (rate, all, clients)
 }
 
+/// Open loop: the clients together are offered `rate` applies a second for
+/// `window`, each call due at a fixed time and sent on the next client in
+/// turn without waiting for that client's earlier calls (they multiplex over
+/// its connection). A pacing thread sleeps until each call is due (thread
+/// sleeps wake within tens of microseconds; the runtime's timer has 1 ms
+/// ticks) and hands it to the runtime. Each call's latency counts from when
+/// it was due, not from when it was sent, so a stall counts against every
+/// call it held back (no coordinated omission). Returns the completed
+/// calls/s and the latencies (sorted).
+async fn run_at_rate(
+    clients: &[Client],
+    rate: f64,
+    round: &str,
+    window: Duration,
+) -> (f64, Vec<Duration>) {
+    let runtime = tokio::runtime::Handle::current();
+    let clients = clients.to_vec();
+    let round = round.to_string();
+    let started = Instant::now();
+    let calls = tokio::task::spawn_blocking(move || {
+        let every = Duration::from_secs_f64(1.0 / rate);
+        let total = (rate * window.as_secs_f64()) as u32;
+        let mut calls = Vec::with_capacity(total as usize);
+        for n in 0..total {
+            let due = started + every * n;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let n = n as usize;
+            let c = n % clients.len();
+            let id = format!("c{c}-{}", (n / clients.len()) % WORKLOADS_PER_CLIENT);
+            let revision = format!("{round}-{n}");
+            let mut client = clients[c].clone();
+            calls.push(runtime.spawn(async move {
+                let response = client.apply_workload(request(id, revision)).await.unwrap();
+                assert!(response.get_ref().applied);
+                due.elapsed()
+            }));
+        }
+        calls
+    })
+    .await
+    .unwrap();
+    let mut latencies = Vec::with_capacity(calls.len());
+    for call in calls {
+        latencies.push(call.await.unwrap());
+    }
+    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    latencies.sort();
+    (rate, latencies)
+}
+
 /// CPU time the process has used, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -193,6 +255,13 @@ impl Figures {
         }
     }
 
+    fn open_row(&self, offered: f64, round: &str) {
+        println!(
+            "| {offered:.0} | {round} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs |",
+            self.rate, self.p50, self.p99, self.cpu_per_call_us
+        );
+    }
+
     fn row(&self, name: &str, connections: &str, round: &str) {
         println!(
             "| {name} | {connections} | {round} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs |",
@@ -210,6 +279,17 @@ fn main() {
     let rounds: usize = match std::env::var("PERSYS_BENCH_ROUNDS") {
         Ok(n) => n.parse().expect("PERSYS_BENCH_ROUNDS: a number of rounds"),
         Err(_) => DEFAULT_ROUNDS,
+    };
+    let rates: Vec<f64> = match std::env::var("PERSYS_BENCH_RATES") {
+        Ok(list) => list
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .expect("PERSYS_BENCH_RATES: applies/s, comma-separated")
+            })
+            .collect(),
+        Err(_) => DEFAULT_RATES.to_vec(),
     };
     runtime.block_on(async {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-scratch/grpc");
@@ -231,6 +311,7 @@ fn main() {
             sessions.push(client(agent.port, &certs).await.unwrap());
         }
         let shared = client(agent.port, &certs).await.unwrap();
+        let open_loop = sessions.clone();
         println!(
             "## ApplyWorkload over mutual TLS: {CLIENTS} concurrent clients, {rounds} rounds of {} s, each after {} s of warm-up",
             WINDOW.as_secs(),
@@ -275,6 +356,31 @@ fn main() {
                 results.sort_by(|a, b| a.p99.total_cmp(&b.p99));
                 results[results.len() / 2].row(name, &layout, "**median by p99**");
             }
+        }
+        println!(
+            "\n## ApplyWorkload at fixed offered rates (open loop): the same {CLIENTS} connections, {rounds} rounds of {} s per rate, each after {} s of warm-up",
+            WINDOW.as_secs(),
+            WARM_UP.as_secs()
+        );
+        println!("| offered/s | round | completed/s | p50 | p99 | agent CPU per call |");
+        println!("|---:|---|---:|---:|---:|---:|");
+        for offered in &rates {
+            let mut results = Vec::new();
+            for round in 0..rounds {
+                let settled = Instant::now();
+                wait_idle(pid).await;
+                let settled = settled.elapsed();
+                run_at_rate(&open_loop, *offered, &format!("o{offered}w{round}"), WARM_UP).await;
+                let before = cpu_ticks(pid);
+                let (rate, latencies) =
+                    run_at_rate(&open_loop, *offered, &format!("o{offered}r{round}"), WINDOW).await;
+                let figures = Figures::of(rate, &latencies, cpu_ticks(pid) - before);
+                let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
+                figures.open_row(*offered, &round);
+                results.push(figures);
+            }
+            results.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+            results[results.len() / 2].open_row(*offered, "**median by p99**");
         }
         println!(
             "\nAgent peak resident memory (VmHWM): {:.1} MiB",
