@@ -558,7 +558,7 @@ async fn a_service_that_keeps_exiting_is_restarted_with_growing_gaps() {
     );
     assert_eq!(
         i64::from(restarts),
-        agent.event_count(&id, "ServiceExited"),
+        i64::from(agent.event_count(&id, "ServiceExited")),
         "every restart is reported"
     );
     agent.stop().await;
@@ -571,10 +571,10 @@ async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted(
     };
     // The controller and its compose CLI reach the engine through a proxy
     // socket this test can take away and bring back.
-    let proxy = EngineProxy::new(bed.dir.path().join("docker.sock"));
+    let proxy = SocketProxy::new(bed.dir.path().join("docker.sock"), engine_socket());
     proxy.start().await;
     let mut config = bed.config();
-    config.host = Some(proxy.host());
+    config.host = Some(proxy.unix_url());
     let agent = Agent::start(&bed.state_dir(), config).await;
     let id = unique("outage");
     let project = bed.project("outage");

@@ -686,10 +686,10 @@ async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted(
     // The controller reaches the engine through a proxy socket this test
     // can take away and bring back, without disturbing the real engine
     // that other tests are using.
-    let proxy = EngineProxy::new(bed.dir.path().join("docker.sock"));
+    let proxy = SocketProxy::new(bed.dir.path().join("docker.sock"), engine_socket());
     proxy.start().await;
     let config = persys_controllers::docker::DockerConfig {
-        host: Some(format!("unix://{}", proxy.path().display())),
+        host: Some(proxy.unix_url()),
         ..bed.config()
     };
     let agent = Agent::start(&bed.state_dir(), config).await;

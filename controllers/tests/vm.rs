@@ -466,10 +466,10 @@ async fn losing_libvirt_reports_unknown_then_reconnects_and_converges() {
     let Some(bed) = TestBed::new("outage", SYSTEM_URI).await else {
         return;
     };
-    let proxy = LibvirtProxy::new(bed.dir.path().join("libvirt.sock"));
+    let proxy = SocketProxy::new(bed.dir.path().join("libvirt.sock"), LIBVIRT_SOCKET.into());
     proxy.start().await;
     let mut config = bed.config();
-    config.uri = proxy.uri();
+    config.uri = system_uri_through(&proxy);
     let agent = Agent::start(&bed.state_dir(), config).await;
     let id = unique("outage");
     let spec = small_vm(Vec::new());

@@ -7,6 +7,14 @@
 //! controller's tests), so every project name is unique to its test, and a
 //! [`Sweep`] removes whatever a test left behind, even when it fails.
 
+#[path = "../harness/mod.rs"]
+mod harness;
+#[allow(unused_imports)] // each test binary uses part of it
+pub use harness::{
+    DEFAULT_TEST_IMAGE, RESYNC, SocketProxy, engine_host, engine_socket, eventually, in_ci,
+    test_image, unique,
+};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,37 +26,11 @@ use bollard::query_parameters::{
     InspectContainerOptions, ListContainersOptions, ListNetworksOptions, ListVolumesOptions,
     RemoveContainerOptions, RemoveVolumeOptions,
 };
-use futures::StreamExt;
-use persys_agent::store::{ApplyOutcome, ApplyRequest, Store, StoreConfig};
-use persys_api::v1::{
-    ComposeSpec, DesiredState, Event, Workload, WorkloadSpec, WorkloadType, workload_spec,
-};
+use persys_api::v1::{ComposeSpec, DesiredState, Workload, workload_spec};
 use persys_controllers::backoff::Backoff;
 use persys_controllers::compose::observe::PROJECT_LABEL;
 use persys_controllers::compose::{ComposeConfig, ComposeController, binary};
 use persys_controllers::docker::CrashLoopPolicy;
-use persys_controllers::{Controller, ControllerConfig, Informer};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-pub const DEFAULT_TEST_IMAGE: &str = "persys-test/busybox:latest";
-
-/// The offline test image (`PERSYS_TEST_IMAGE`).
-pub fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_TEST_IMAGE.to_string())
-}
-
-/// The engine the tests run against: `DOCKER_HOST` or the default socket.
-pub fn engine_host() -> String {
-    std::env::var("DOCKER_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
 
 /// A client of the engine, when the engine, the test image and a compose
 /// CLI are all there. Otherwise `None` outside CI (the test is skipped,
@@ -87,15 +69,6 @@ pub async fn runtime_or_skip(test: &str) -> Option<Docker> {
     }
 }
 
-/// A name unique to this test run: `<prefix>-<random>`.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", fastrand::u32(..))
-}
-
-/// The resync of the tests' controllers: never within a test, so whatever
-/// is repaired is repaired by engine events, requeues and back-offs.
-pub const RESYNC: Duration = Duration::from_secs(600);
-
 /// Controller settings for tests: project folders under `state`, short
 /// back-offs and grace.
 pub fn test_config(state: &Path) -> ComposeConfig {
@@ -123,60 +96,21 @@ pub fn test_config(state: &Path) -> ComposeConfig {
 }
 
 /// An agent in-process: the store, the informer and the Compose controller.
-pub struct Agent {
-    pub store: Store,
-    pub controller: Arc<ComposeController>,
-    pub informer: Informer,
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
-}
+pub type Agent = harness::Agent<ComposeController>;
 
 impl Agent {
     /// Opens the store in `state` and starts the informer and the
-    /// controller.
+    /// controller with its engine-event trigger.
     pub async fn start(state: &Path, config: ComposeConfig) -> Agent {
-        let store = Store::open(StoreConfig::new(state)).expect("open the store");
-        let informer = Informer::new(Arc::new(store.clone()));
-        let controller = Arc::new(ComposeController::new(
-            config,
-            Arc::new(store.clone()),
-            informer.cache(),
-        ));
-        let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn({
-            let informer = informer.clone();
-            let shutdown = shutdown.clone();
-            async move { informer.run(shutdown).await }
-        }));
-        let runner = Controller::new(
-            controller.clone(),
-            informer.clone(),
-            Arc::new(store.clone()),
-            ControllerConfig {
-                concurrency: 4,
-                resync_interval: Some(RESYNC),
-                ..ControllerConfig::default()
+        Agent::start_with(
+            state,
+            persys_api::FINALIZER_COMPOSE,
+            |store, informer| {
+                ComposeController::new(config, Arc::new(store.clone()), informer.cache())
             },
+            |controller, _| controller.trigger(),
         )
-        .with_trigger(controller.trigger());
-        tasks.push(tokio::spawn(runner.run(shutdown.clone())));
-        Agent {
-            store,
-            controller,
-            informer,
-            shutdown,
-            tasks,
-        }
-    }
-
-    /// Stops the controller and the informer and closes the store.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        for task in std::mem::take(&mut self.tasks) {
-            let _ = task.await;
-        }
-        self.store.close().await;
+        .await
     }
 
     pub async fn apply(
@@ -186,100 +120,8 @@ impl Agent {
         desired: DesiredState,
         spec: ComposeSpec,
     ) -> Arc<Workload> {
-        let outcome = self
-            .store
-            .apply(ApplyRequest {
-                id: id.to_string(),
-                workload_type: WorkloadType::Compose,
-                revision_id: revision.to_string(),
-                desired_state: desired,
-                spec: WorkloadSpec {
-                    spec: Some(workload_spec::Spec::Compose(spec)),
-                },
-                finalizers: vec![persys_api::FINALIZER_COMPOSE.to_string()],
-                labels: Default::default(),
-            })
+        self.apply_spec(id, revision, desired, workload_spec::Spec::Compose(spec))
             .await
-            .expect("apply");
-        match outcome {
-            ApplyOutcome::Created(w) | ApplyOutcome::Updated(w) | ApplyOutcome::Unchanged(w) => w,
-        }
-    }
-
-    /// Waits, following the store's change log, until the workload
-    /// satisfies `condition`; panics with the last state after `timeout`.
-    pub async fn wait_for(
-        &self,
-        id: &str,
-        timeout: Duration,
-        what: &str,
-        mut condition: impl FnMut(&Workload) -> bool,
-    ) -> Workload {
-        let mut changes = Box::pin(self.store.watch(self.store.resource_version()));
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let current = self.store.get(id).expect("read the store");
-            if let Some(workload) = &current
-                && condition(workload)
-            {
-                return workload.clone();
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!(
-                    "timed out after {timeout:?} waiting for {id} to be {what}; last state: {:#?}",
-                    current.map(|w| w.status)
-                ),
-                change = changes.next() => {
-                    change.expect("the store's watch ended").expect("watch error");
-                }
-            }
-        }
-    }
-
-    /// Waits until the workload has left the store.
-    pub async fn wait_gone(&self, id: &str, timeout: Duration) {
-        let mut changes = Box::pin(self.store.watch(self.store.resource_version()));
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.store.get(id).expect("read the store").is_some() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!(
-                    "timed out after {timeout:?} waiting for {id} to leave the store; it is {:#?}",
-                    self.store.get(id)
-                ),
-                change = changes.next() => {
-                    change.expect("the store's watch ended").expect("watch error");
-                }
-            }
-        }
-    }
-
-    /// The workload's recorded events with this reason.
-    pub fn events(&self, id: &str, reason: &str) -> Vec<Event> {
-        self.store
-            .events(id)
-            .expect("read events")
-            .into_iter()
-            .filter(|e| e.reason == reason)
-            .collect()
-    }
-
-    /// How many times an event with this reason was recorded.
-    pub fn event_count(&self, id: &str, reason: &str) -> i64 {
-        self.events(id, reason)
-            .iter()
-            .map(|e| i64::from(e.count))
-            .sum()
-    }
-}
-
-impl Drop for Agent {
-    /// A test that panics stops its controller too, so it does not bring
-    /// back what the sweep removes.
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 
@@ -390,22 +232,6 @@ fn label_filter(project: &str) -> HashMap<String, Vec<String>> {
         "label".to_string(),
         vec![format!("{PROJECT_LABEL}={project}")],
     )])
-}
-
-/// Polls `check` every 100 ms until it holds; panics after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Removes every container, network and volume of the projects a test
@@ -526,61 +352,5 @@ impl TestBed {
         let project = unique(&format!("pc-{prefix}"));
         self.sweep.add(&project);
         project
-    }
-}
-
-/// A unix socket that forwards to the real engine, which a test can take
-/// away and bring back: an engine outage and restart as the controller (and
-/// the compose CLI it runs) sees it, without disturbing the engine other
-/// tests are using.
-pub struct EngineProxy {
-    path: PathBuf,
-    /// The accept loop; aborting it drops every forwarded connection.
-    running: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-impl EngineProxy {
-    pub fn new(path: PathBuf) -> EngineProxy {
-        EngineProxy {
-            path,
-            running: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// `unix://<socket>`, for `ComposeConfig::host`.
-    pub fn host(&self) -> String {
-        format!("unix://{}", self.path.display())
-    }
-
-    /// Listens and forwards, until [`EngineProxy::stop`].
-    pub async fn start(&self) {
-        let upstream = engine_host()
-            .strip_prefix("unix://")
-            .map(PathBuf::from)
-            .expect("the engine proxy forwards to a unix socket (DOCKER_HOST=unix://…)");
-        let _ = std::fs::remove_file(&self.path);
-        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind the proxy socket");
-        let accept = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                connections.spawn(async move {
-                    if let Ok(mut engine) = tokio::net::UnixStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
-                    }
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        });
-        *self.running.lock().await = Some(accept);
-    }
-
-    /// Closes the socket and every connection through it.
-    pub async fn stop(&self) {
-        if let Some(accept) = self.running.lock().await.take() {
-            accept.abort();
-            let _ = accept.await;
-        }
-        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -8,6 +8,14 @@
 //! containers) and unique workload ids, and a [`Sweep`] that removes
 //! whatever the test left behind, even when it fails.
 
+#[path = "../harness/mod.rs"]
+mod harness;
+#[allow(unused_imports)] // each test binary uses part of it
+pub use harness::{
+    DEFAULT_TEST_IMAGE, RESYNC, SocketProxy, engine_host, engine_socket, eventually, in_ci,
+    test_image, unique,
+};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,37 +25,14 @@ use bollard::models::ContainerSummary;
 use bollard::query_parameters::{
     ListContainersOptions, ListVolumesOptions, RemoveContainerOptions, RemoveVolumeOptions,
 };
-use futures::StreamExt;
-use persys_agent::store::{ApplyOutcome, ApplyRequest, Store, StoreConfig};
-use persys_api::v1::{
-    ContainerSpec, DesiredState, Event, Workload, WorkloadSpec, WorkloadType, workload_spec,
-};
+use persys_api::v1::{ContainerSpec, DesiredState, Workload, workload_spec};
 use persys_controllers::backoff::Backoff;
 use persys_controllers::docker::{CrashLoopPolicy, DockerConfig, DockerController, labels};
-use persys_controllers::{Controller, ControllerConfig, Informer};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-pub const DEFAULT_TEST_IMAGE: &str = "persys-test/busybox:latest";
-
-/// The offline test image (`PERSYS_TEST_IMAGE`).
-pub fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_TEST_IMAGE.to_string())
-}
-
-/// The engine the tests run against: `DOCKER_HOST` or the default socket.
-pub fn engine_host() -> String {
-    std::env::var("DOCKER_HOST")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string())
-}
 
 /// A client of the engine, or `None` when there is none and this is not CI
 /// (the test is then skipped, loudly). In CI a missing engine or test image
 /// fails the test.
 pub async fn docker_or_skip(test: &str) -> Option<Docker> {
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     let connected = async {
         let docker = Docker::connect_with_host(&engine_host()).map_err(|e| e.to_string())?;
         let docker = docker
@@ -63,7 +48,7 @@ pub async fn docker_or_skip(test: &str) -> Option<Docker> {
     .await;
     match connected {
         Ok(docker) => Some(docker),
-        Err(error) if in_ci => panic!(
+        Err(error) if in_ci() => panic!(
             "{test}: the Docker engine or the test image is not available in CI: {error} (run hack/runtimes-up.sh)"
         ),
         Err(error) => {
@@ -73,11 +58,6 @@ pub async fn docker_or_skip(test: &str) -> Option<Docker> {
             None
         }
     }
-}
-
-/// A name unique to this test run: `<prefix>-<random>`.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", fastrand::u32(..))
 }
 
 /// Controller settings for tests: its own scope, short back-offs, and a
@@ -108,59 +88,20 @@ pub fn test_config(scope: &str) -> DockerConfig {
     }
 }
 
-/// The resync of the tests' controllers: never within a test.
-pub const RESYNC: Duration = Duration::from_secs(600);
-
 /// An agent in-process: the store, the informer and the Docker controller.
-pub struct Agent {
-    pub store: Store,
-    pub controller: Arc<DockerController>,
-    pub informer: Informer,
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
-}
+pub type Agent = harness::Agent<DockerController>;
 
 impl Agent {
-    /// Opens the store in `dir` and starts the informer and the controller.
+    /// Opens the store in `dir` and starts the informer and the controller
+    /// with its engine-event trigger.
     pub async fn start(dir: &Path, config: DockerConfig) -> Agent {
-        let store = Store::open(StoreConfig::new(dir)).expect("open the store");
-        let informer = Informer::new(Arc::new(store.clone()));
-        let controller = Arc::new(DockerController::new(config, Arc::new(store.clone())));
-        let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn({
-            let informer = informer.clone();
-            let shutdown = shutdown.clone();
-            async move { informer.run(shutdown).await }
-        }));
-        let runner = Controller::new(
-            controller.clone(),
-            informer.clone(),
-            Arc::new(store.clone()),
-            ControllerConfig {
-                concurrency: 4,
-                resync_interval: Some(RESYNC),
-                ..ControllerConfig::default()
-            },
+        Agent::start_with(
+            dir,
+            persys_api::FINALIZER_DOCKER,
+            |store, _| DockerController::new(config, Arc::new(store.clone())),
+            |controller, informer| controller.trigger(informer.cache()),
         )
-        .with_trigger(controller.trigger(informer.cache()));
-        tasks.push(tokio::spawn(runner.run(shutdown.clone())));
-        Agent {
-            store,
-            controller,
-            informer,
-            shutdown,
-            tasks,
-        }
-    }
-
-    /// Stops the controller and the informer and closes the store.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.store.close().await;
+        .await
     }
 
     pub async fn apply(
@@ -170,80 +111,8 @@ impl Agent {
         desired: DesiredState,
         spec: ContainerSpec,
     ) -> Arc<Workload> {
-        let outcome = self
-            .store
-            .apply(ApplyRequest {
-                id: id.to_string(),
-                workload_type: WorkloadType::Container,
-                revision_id: revision.to_string(),
-                desired_state: desired,
-                spec: WorkloadSpec {
-                    spec: Some(workload_spec::Spec::Container(spec)),
-                },
-                finalizers: vec![persys_api::FINALIZER_DOCKER.to_string()],
-                labels: Default::default(),
-            })
+        self.apply_spec(id, revision, desired, workload_spec::Spec::Container(spec))
             .await
-            .expect("apply");
-        match outcome {
-            ApplyOutcome::Created(w) | ApplyOutcome::Updated(w) | ApplyOutcome::Unchanged(w) => w,
-        }
-    }
-
-    /// Waits, following the store's change log, until the workload
-    /// satisfies `condition`; panics with the last state after `timeout`.
-    pub async fn wait_for(
-        &self,
-        id: &str,
-        timeout: Duration,
-        what: &str,
-        mut condition: impl FnMut(&Workload) -> bool,
-    ) -> Workload {
-        let mut changes = Box::pin(self.store.watch(self.store.resource_version()));
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let current = self.store.get(id).expect("read the store");
-            if let Some(workload) = &current
-                && condition(workload)
-            {
-                return workload.clone();
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!(
-                    "timed out after {timeout:?} waiting for {id} to be {what}; last state: {:#?}",
-                    current.map(|w| w.status)
-                ),
-                change = changes.next() => {
-                    change.expect("the store's watch ended").expect("watch error");
-                }
-            }
-        }
-    }
-
-    /// Waits until the workload has left the store.
-    pub async fn wait_gone(&self, id: &str, timeout: Duration) {
-        let mut changes = Box::pin(self.store.watch(self.store.resource_version()));
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.store.get(id).expect("read the store").is_some() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!(
-                    "timed out after {timeout:?} waiting for {id} to leave the store; it is {:#?}",
-                    self.store.get(id)
-                ),
-                change = changes.next() => {
-                    change.expect("the store's watch ended").expect("watch error");
-                }
-            }
-        }
-    }
-
-    /// The workload's recorded event with this reason, if any.
-    pub fn event(&self, id: &str, reason: &str) -> Option<Event> {
-        self.store
-            .events(id)
-            .expect("read events")
-            .into_iter()
-            .find(|e| e.reason == reason)
     }
 }
 
@@ -268,22 +137,6 @@ pub async fn containers_of(docker: &Docker, scope: &str, id: &str) -> Vec<Contai
         }))
         .await
         .expect("list containers")
-}
-
-/// Polls `check` every 100 ms until it holds; panics after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A free TCP port on this host (bound, then released).
@@ -391,59 +244,5 @@ impl TestBed {
 
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
-    }
-}
-
-/// A unix socket that forwards to the real engine, which a test can take
-/// away and bring back: an engine outage and restart as the controller sees
-/// it, without disturbing the engine other tests are using.
-pub struct EngineProxy {
-    path: PathBuf,
-    /// The accept loop; aborting it drops every forwarded connection.
-    running: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-impl EngineProxy {
-    pub fn new(path: PathBuf) -> EngineProxy {
-        EngineProxy {
-            path,
-            running: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Listens and forwards, until [`EngineProxy::stop`].
-    pub async fn start(&self) {
-        let upstream = engine_host()
-            .strip_prefix("unix://")
-            .map(PathBuf::from)
-            .expect("the engine proxy forwards to a unix socket (DOCKER_HOST=unix://…)");
-        let _ = std::fs::remove_file(&self.path);
-        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind the proxy socket");
-        let accept = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                connections.spawn(async move {
-                    if let Ok(mut engine) = tokio::net::UnixStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut engine).await;
-                    }
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        });
-        *self.running.lock().await = Some(accept);
-    }
-
-    /// Closes the socket and every connection through it.
-    pub async fn stop(&self) {
-        if let Some(accept) = self.running.lock().await.take() {
-            accept.abort();
-            let _ = accept.await;
-        }
-        let _ = std::fs::remove_file(&self.path);
     }
 }

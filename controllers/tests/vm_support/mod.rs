@@ -8,37 +8,26 @@
 //! domains), unique workload ids, and a [`Sweep`] that destroys and
 //! undefines whatever the test left behind, even when it fails.
 
+#[path = "../harness/mod.rs"]
+mod harness;
+#[allow(unused_imports)] // each test binary uses part of it
+pub use harness::{RESYNC, SocketProxy, eventually, in_ci, unique};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use persys_agent::store::{ApplyOutcome, ApplyRequest, Store, StoreConfig};
-use persys_api::v1::{
-    ActualState, DesiredState, DiskConfig, Event, VmSpec, Workload, WorkloadSpec, WorkloadType,
-    workload_spec,
-};
+use persys_api::v1::{ActualState, DesiredState, DiskConfig, VmSpec, Workload, workload_spec};
 use persys_controllers::backoff::Backoff;
 use persys_controllers::vm::libvirt::{FoundDomain, Hypervisor};
 use persys_controllers::vm::{CrashLoopPolicy, VmConfig, VmController};
-use persys_controllers::{Controller, ControllerConfig, Informer};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 pub const SYSTEM_URI: &str = "qemu:///system";
 pub const TEST_URI: &str = "test:///default";
 
-/// The resync of the tests' controllers: never within a test, so whatever
-/// is repaired is repaired by events, requeues and back-offs.
-pub const RESYNC: Duration = Duration::from_secs(600);
-
 /// The stop timeout of the tests' controllers: the guests have no OS and
 /// ignore ACPI, so every stop waits this long and then destroys.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(3);
-
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
 
 /// A hypervisor handle on `uri` when libvirt answers there, or `None` when
 /// it does not and this is not CI (the test is then skipped, loudly). In
@@ -67,62 +56,20 @@ pub fn fast_backoff() -> Backoff {
     }
 }
 
-/// A name unique to this test run: `<prefix>-<random>`.
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", fastrand::u32(..))
-}
-
 /// An agent in-process: the store, the informer and the VM controller.
-pub struct Agent {
-    pub store: Store,
-    pub controller: Arc<VmController>,
-    pub informer: Informer,
-    shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
-}
+pub type Agent = harness::Agent<VmController>;
 
 impl Agent {
     /// Opens the store in `dir` and starts the informer and the controller
     /// with its lifecycle-event trigger.
     pub async fn start(dir: &Path, config: VmConfig) -> Agent {
-        let store = Store::open(StoreConfig::new(dir)).expect("open the store");
-        let informer = Informer::new(Arc::new(store.clone()));
-        let controller = Arc::new(VmController::new(config, Arc::new(store.clone())));
-        let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn({
-            let informer = informer.clone();
-            let shutdown = shutdown.clone();
-            async move { informer.run(shutdown).await }
-        }));
-        let runner = Controller::new(
-            controller.clone(),
-            informer.clone(),
-            Arc::new(store.clone()),
-            ControllerConfig {
-                concurrency: 4,
-                resync_interval: Some(RESYNC),
-                ..ControllerConfig::default()
-            },
+        Agent::start_with(
+            dir,
+            persys_api::FINALIZER_VM,
+            |store, _| VmController::new(config, Arc::new(store.clone())),
+            |controller, informer| controller.trigger(informer.cache()),
         )
-        .with_trigger(controller.trigger(informer.cache()));
-        tasks.push(tokio::spawn(runner.run(shutdown.clone())));
-        Agent {
-            store,
-            controller,
-            informer,
-            shutdown,
-            tasks,
-        }
-    }
-
-    /// Stops the controller and the informer and closes the store.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        for task in self.tasks {
-            let _ = task.await;
-        }
-        self.store.close().await;
+        .await
     }
 
     pub async fn apply(
@@ -132,93 +79,8 @@ impl Agent {
         desired: DesiredState,
         spec: VmSpec,
     ) -> Arc<Workload> {
-        let outcome = self
-            .store
-            .apply(ApplyRequest {
-                id: id.to_string(),
-                workload_type: WorkloadType::Vm,
-                revision_id: revision.to_string(),
-                desired_state: desired,
-                spec: WorkloadSpec {
-                    spec: Some(workload_spec::Spec::Vm(spec)),
-                },
-                finalizers: vec![persys_api::FINALIZER_VM.to_string()],
-                labels: Default::default(),
-            })
+        self.apply_spec(id, revision, desired, workload_spec::Spec::Vm(spec))
             .await
-            .expect("apply");
-        match outcome {
-            ApplyOutcome::Created(w) | ApplyOutcome::Updated(w) | ApplyOutcome::Unchanged(w) => w,
-        }
-    }
-
-    /// Waits, following the store's change log, until the workload
-    /// satisfies `condition`; panics with the last state after `timeout`.
-    pub async fn wait_for(
-        &self,
-        id: &str,
-        timeout: Duration,
-        what: &str,
-        mut condition: impl FnMut(&Workload) -> bool,
-    ) -> Workload {
-        let mut changes = Box::pin(self.store.watch(self.store.resource_version()));
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let current = self.store.get(id).expect("read the store");
-            if let Some(workload) = &current
-                && condition(workload)
-            {
-                return workload.clone();
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!(
-                    "timed out after {timeout:?} waiting for {id} to be {what}; last state: {:#?}; events: {:#?}",
-                    current.map(|w| w.status),
-                    self.store.events(id).unwrap_or_default()
-                ),
-                change = changes.next() => {
-                    change.expect("the store's watch ended").expect("watch error");
-                }
-            }
-        }
-    }
-
-    /// Waits until the workload has left the store.
-    pub async fn wait_gone(&self, id: &str, timeout: Duration) {
-        let mut changes = Box::pin(self.store.watch(self.store.resource_version()));
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.store.get(id).expect("read the store").is_some() {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => panic!(
-                    "timed out after {timeout:?} waiting for {id} to leave the store; it is {:#?}; events: {:#?}",
-                    self.store.get(id),
-                    self.store.events(id).unwrap_or_default()
-                ),
-                change = changes.next() => {
-                    change.expect("the store's watch ended").expect("watch error");
-                }
-            }
-        }
-    }
-
-    /// The workload's recorded event with this reason, if any.
-    pub fn event(&self, id: &str, reason: &str) -> Option<Event> {
-        self.store
-            .events(id)
-            .expect("read events")
-            .into_iter()
-            .find(|e| e.reason == reason)
-    }
-
-    /// How many times events with this reason were recorded.
-    pub fn event_count(&self, id: &str, reason: &str) -> u32 {
-        self.store
-            .events(id)
-            .expect("read events")
-            .into_iter()
-            .filter(|e| e.reason == reason)
-            .map(|e| e.count)
-            .sum()
     }
 }
 
@@ -258,22 +120,6 @@ pub fn qcow2(path: &Path, size_gb: i64) -> DiskConfig {
         size_gb,
         r#type: "disk".into(),
         ..Default::default()
-    }
-}
-
-/// Polls `check` every 100 ms until it holds; panics after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -428,52 +274,8 @@ impl TestBed {
 /// libvirtd's socket for `qemu:///system`.
 pub const LIBVIRT_SOCKET: &str = "/var/run/libvirt/libvirt-sock";
 
-/// A unix socket that forwards to libvirtd, which a test can take away and
-/// bring back: a libvirtd outage and restart as the controller sees it,
-/// without disturbing the daemon other tests are using.
-pub struct LibvirtProxy {
-    path: PathBuf,
-    /// The accept loop; aborting it drops every forwarded connection.
-    running: tokio::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-impl LibvirtProxy {
-    pub fn new(path: PathBuf) -> LibvirtProxy {
-        LibvirtProxy {
-            path,
-            running: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// The URI of `qemu:///system` through the proxy.
-    pub fn uri(&self) -> String {
-        format!("qemu+unix:///system?socket={}", self.path.display())
-    }
-
-    /// Listens and forwards, until [`LibvirtProxy::stop`].
-    pub async fn start(&self) {
-        let _ = std::fs::remove_file(&self.path);
-        let listener = tokio::net::UnixListener::bind(&self.path).expect("bind the proxy socket");
-        let accept = tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((mut client, _)) = listener.accept().await {
-                connections.spawn(async move {
-                    if let Ok(mut upstream) = tokio::net::UnixStream::connect(LIBVIRT_SOCKET).await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                    }
-                });
-            }
-        });
-        *self.running.lock().await = Some(accept);
-    }
-
-    /// Stops listening and cuts every forwarded connection.
-    pub async fn stop(&self) {
-        if let Some(accept) = self.running.lock().await.take() {
-            accept.abort();
-            let _ = accept.await;
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// The URI of `qemu:///system` through `proxy` (a [`SocketProxy`] in front
+/// of [`LIBVIRT_SOCKET`]).
+pub fn system_uri_through(proxy: &SocketProxy) -> String {
+    format!("qemu+unix:///system?socket={}", proxy.path().display())
 }
