@@ -8,6 +8,8 @@
 //! - [`queue`]: the work queue — deduplicating, one reconcile per key at a
 //!   time, with delayed re-adds.
 //! - [`backoff`]: exponential backoff with jitter, per key.
+//! - [`usage`]: the last usage sample of each running workload, as the
+//!   Docker and VM controllers' samplers leave it.
 //! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
 //!   drives one from informer changes, runtime triggers and a periodic resync.
 //! - [`docker`]: the Docker controller — container workloads.
@@ -22,6 +24,7 @@ pub mod docker;
 pub mod informer;
 pub mod queue;
 pub mod source;
+pub mod usage;
 pub mod vm;
 
 pub use controller::{

@@ -1,7 +1,6 @@
 //! Resource usage of running workloads, sampled from the engine's stats.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::errors::Error as EngineError;
@@ -15,51 +14,11 @@ use super::container;
 use super::engine::Engine;
 use super::labels::Marks;
 
+pub use crate::usage::UsageSnapshots;
+
 /// One stats request may take this long (the engine samples twice, about
 /// a second apart, to compute CPU use).
 const STATS_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The last sample of each running workload; cheap to clone, read by the
-/// API server (`WorkloadStatus.usage`, heartbeats).
-#[derive(Debug, Clone, Default)]
-pub struct UsageSnapshots {
-    /// A std lock: readers copy values out and never hold it across awaits.
-    inner: Arc<RwLock<HashMap<String, WorkloadUsageSnapshot>>>,
-}
-
-impl UsageSnapshots {
-    pub fn get(&self, workload_id: &str) -> Option<WorkloadUsageSnapshot> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(workload_id)
-            .cloned()
-    }
-
-    /// Every sample, ordered by workload id.
-    pub fn all(&self) -> Vec<WorkloadUsageSnapshot> {
-        let mut all: Vec<_> = self
-            .inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        all.sort_by(|a, b| a.workload_id.cmp(&b.workload_id));
-        all
-    }
-
-    fn replace(&self, samples: HashMap<String, WorkloadUsageSnapshot>) {
-        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = samples;
-    }
-
-    pub(crate) fn remove(&self, workload_id: &str) {
-        self.inner
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(workload_id);
-    }
-}
 
 /// Samples every running managed container of one scope, a bounded number
 /// at a time, and replaces the snapshots with the result.
