@@ -60,6 +60,28 @@ async fn next_change(
         .expect("no error")
 }
 
+/// Writes a new revision of workload `tick` every 50 ms until `done` holds:
+/// the log's age check runs when a group is written, at most once a second.
+/// Panics naming `what` after 10 s.
+async fn tick_until(store: &Store, what: &str, done: impl Fn(&Store) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(store) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        store
+            .apply(apply_request(
+                "tick",
+                "",
+                &format!("busybox:{}", store.resource_version()),
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The log versions `log_records` serves, oldest first.
 fn served_versions(store: &Store) -> Vec<u64> {
     store
@@ -220,23 +242,7 @@ async fn log_is_compacted_by_age_keeping_the_newest_entry() {
     config.max_log_age = Duration::from_millis(1);
     let store = Store::open(config).unwrap();
     apply_each(&store, 0..5).await;
-    // The age check runs at most once a second; write until it has.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.compacted_through() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no compaction by age"
-        );
-        store
-            .apply(apply_request(
-                "tick",
-                "",
-                &format!("busybox:{}", store.resource_version()),
-            ))
-            .await
-            .ok();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tick_until(&store, "compaction by age", |s| s.compacted_through() > 0).await;
     assert!(store.log_len() >= 1);
     assert_eq!(
         store.list(None).unwrap().len(),
@@ -294,19 +300,10 @@ async fn log_size_bound_drops_whole_tables_and_watches_from_them_expire() {
     let mut watch = Box::pin(store.watch(first - 1));
     assert_eq!(next_change(&mut watch).await.resource_version, first);
     // The trim point catches up with what was dropped at the next age check.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while store.compacted_through() < first - 1 {
-        assert!(tokio::time::Instant::now() < deadline, "trim point stuck");
-        store
-            .apply(apply_request(
-                "tick",
-                "",
-                &format!("busybox:{}", store.resource_version()),
-            ))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tick_until(&store, "the trim point past the dropped tables", |s| {
+        s.compacted_through() >= first - 1
+    })
+    .await;
     assert_eq!(
         store.log_len(),
         store.resource_version() - store.compacted_through()
