@@ -8,6 +8,8 @@
 //! - [`queue`]: the work queue — deduplicating, one reconcile per key at a
 //!   time, with delayed re-adds.
 //! - [`backoff`]: exponential backoff with jitter, per key.
+//! - [`crash_loop`]: kubelet's crash-loop rule for restarts, and the same
+//!   spacing for any repeated attempt.
 //! - [`usage`]: the last usage sample of each running workload, as the
 //!   Docker and VM controllers' samplers leave it.
 //! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
@@ -20,6 +22,7 @@
 pub mod backoff;
 pub mod compose;
 pub mod controller;
+pub mod crash_loop;
 pub mod docker;
 pub mod informer;
 pub mod queue;

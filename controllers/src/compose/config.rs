@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::backoff::Backoff;
-use crate::docker::CrashLoopPolicy;
+use crate::crash_loop::CrashLoopPolicy;
 
 /// Settings of a [`super::ComposeController`].
 #[derive(Debug, Clone)]

@@ -34,7 +34,7 @@ use super::project::{ProjectDir, ProjectFiles, ProjectIndex, render_env};
 use super::services::{DeclaredServices, declared_services};
 use super::status::{self, Outcome, Report};
 use crate::controller::{Action, Cleanup, Reconciler};
-use crate::docker::restart::{CrashLoop, Gate, RetryGate};
+use crate::crash_loop::{CrashLoop, Gate, RetryGate};
 use crate::docker::{Engine, EngineVersion};
 use crate::informer::Cache;
 use crate::source::{WorkloadWriter, WriteError};

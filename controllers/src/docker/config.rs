@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::restart::CrashLoopPolicy;
 use super::validate::HostPathPolicy;
 use crate::backoff::Backoff;
+use crate::crash_loop::CrashLoopPolicy;
 
 /// The scope an agent labels its containers with unless told otherwise.
 pub const DEFAULT_SCOPE: &str = "default";

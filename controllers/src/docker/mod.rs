@@ -43,12 +43,12 @@ pub mod status;
 pub mod usage;
 pub mod validate;
 
+pub use crate::crash_loop::CrashLoopPolicy;
 pub use config::DockerConfig;
 pub use engine::{Engine, EngineVersion};
 pub use errors::{DockerError, FailureReason};
 pub use image::{ImageReference, PullPolicy};
 pub use reconciler::DockerController;
-pub use restart::CrashLoopPolicy;
 pub use usage::{UsageSampler, UsageSnapshots};
 pub use validate::{
     HostPathPolicy, SpecError, validate_container_spec, validate_host_path,

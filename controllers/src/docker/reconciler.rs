@@ -25,12 +25,13 @@ use super::events::EventTrigger;
 use super::image::{ImageReference, PullPolicy};
 use super::labels::{self, Marks};
 use super::observed::Observed;
-use super::restart::{CrashLoop, ExitDecision, Gate, RestartRule, RetryGate};
+use super::restart::{ExitDecision, RestartRule};
 use super::spec::{create_body, stop_grace, volume_requests};
 use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
 use super::validate::{SpecError, validate_container_spec};
 use crate::controller::{Action, Cleanup, Reconciler};
+use crate::crash_loop::{CrashLoop, Gate, RetryGate};
 use crate::informer::Cache;
 use crate::source::{WorkloadWriter, WriteError};
 

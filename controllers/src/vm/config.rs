@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::crash_loop::CrashLoopPolicy;
 use crate::backoff::Backoff;
+use crate::crash_loop::CrashLoopPolicy;
 
 /// The scope an agent marks its domains with unless told otherwise.
 pub const DEFAULT_SCOPE: &str = "default";

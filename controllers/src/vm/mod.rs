@@ -29,7 +29,6 @@
 //! ```
 
 pub mod config;
-pub mod crash_loop;
 pub mod disks;
 pub mod domain_xml;
 pub mod errors;
@@ -42,8 +41,8 @@ pub mod status;
 pub mod usage;
 pub mod xml;
 
+pub use crate::crash_loop::CrashLoopPolicy;
 pub use config::{VmConfig, default_disk_roots, resolve_domain_type};
-pub use crash_loop::CrashLoopPolicy;
 pub use errors::{FailureReason, SpecError, VmError};
 pub use marks::Marks;
 pub use reconciler::VmController;

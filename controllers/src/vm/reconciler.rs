@@ -21,7 +21,6 @@ use persys_api::v1::{
 use tokio::time::Instant;
 
 use super::config::{VmConfig, resolve_domain_type};
-use super::crash_loop::{CrashLoop, Gate};
 use super::disks::{self, CreatedDisks, DiskKind, add_seed, plan_disks};
 use super::domain_xml::{
     DomainPlan, NicSource, dhcp_host_xml, domain_name, graphics, plan_nics, resources,
@@ -34,6 +33,7 @@ use super::seed::{SEED_FILE, SeedContent, ensure_seed, seed_content};
 use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
 use crate::controller::{Action, Cleanup, Reconciler};
+use crate::crash_loop::{CrashLoop, Gate};
 use crate::informer::Cache;
 use crate::source::{WorkloadWriter, WriteError};
 
