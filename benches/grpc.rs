@@ -8,10 +8,14 @@
 //! The clients connect (TLS handshakes) before the clock starts; each round
 //! runs a warm-up second that is not counted, and starts once the agent is
 //! idle. The Docker controller runs, pointed at an engine that is not there:
-//! every applied workload is reconciled and reported `Unknown` while the
-//! applies go on, and that work counts in the agent CPU per call. Three
+//! it reconciles each workload once, reports it `Unknown`, and then holds
+//! it until the engine answers, so each later apply costs it an informer
+//! update and a queue visit (all counted in the agent CPU per call). Three
 //! rounds per RPC, and the median round by p99: the machine is a shared VM
 //! whose speed drifts from minute to minute.
+//!
+//! Each round also reports the benchmark's own CPU per call (the clients,
+//! on the same cores as the agent) and how busy the machine was.
 //!
 //! Two layouts of the same 64 clients, in the same run: one connection
 //! each (64 TLS sessions), and all multiplexed over one connection, as a
@@ -237,35 +241,97 @@ async fn wait_idle(pid: u32) {
     println!("(the agent was still busy after two minutes)");
 }
 
+/// Time the machine's CPUs have been idle (or waiting for I/O), in clock
+/// ticks. Idle time is measured exactly; busy time in `/proc/stat` is
+/// sampled at each tick and misses short bursts between them.
+fn idle_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // cpu user nice system idle iowait …
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0)
+}
+
+/// CPU counters at the start of a round, to measure it by.
+struct Meter {
+    agent: u32,
+    agent_ticks: u64,
+    own_ticks: u64,
+    idle_ticks: u64,
+    started: Instant,
+}
+
+impl Meter {
+    fn start(agent: u32) -> Meter {
+        Meter {
+            agent,
+            agent_ticks: cpu_ticks(agent),
+            own_ticks: cpu_ticks(std::process::id()),
+            idle_ticks: idle_ticks(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The round's figures: `rate` calls/s with these latencies (sorted).
+    fn finish(self, rate: f64, latencies: &[Duration]) -> Figures {
+        let calls = latencies.len().max(1) as f64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let idle = (idle_ticks() - self.idle_ticks) as f64 / 100.0;
+        // 100 clock ticks a second.
+        let per_call = |ticks: u64| ticks as f64 * 10_000.0 / calls;
+        Figures {
+            rate,
+            p50: percentile(latencies, 0.5),
+            p99: percentile(latencies, 0.99),
+            cpu_per_call_us: per_call(cpu_ticks(self.agent) - self.agent_ticks),
+            client_cpu_per_call_us: per_call(cpu_ticks(std::process::id()) - self.own_ticks),
+            machine_busy: 1.0 - idle / (self.started.elapsed().as_secs_f64() * cpus),
+        }
+    }
+}
+
 struct Figures {
     rate: f64,
     p50: f64,
     p99: f64,
     cpu_per_call_us: f64,
+    /// The benchmark's own CPU (the clients) per call.
+    client_cpu_per_call_us: f64,
+    /// Share of the machine's CPU time (both cores) in use.
+    machine_busy: f64,
 }
 
 impl Figures {
-    fn of(rate: f64, latencies: &[Duration], agent_ticks: u64) -> Figures {
-        Figures {
-            rate,
-            p50: percentile(latencies, 0.5),
-            p99: percentile(latencies, 0.99),
-            // 100 clock ticks a second.
-            cpu_per_call_us: agent_ticks as f64 * 10_000.0 / latencies.len().max(1) as f64,
-        }
+    fn cells(&self) -> String {
+        format!(
+            "{:.2} ms | {:.2} ms | {:.0} µs | {:.0} µs | {:.0} % |",
+            self.p50,
+            self.p99,
+            self.cpu_per_call_us,
+            self.client_cpu_per_call_us,
+            self.machine_busy * 100.0
+        )
     }
 
     fn open_row(&self, offered: f64, round: &str) {
         println!(
-            "| {offered:.0} | {round} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs |",
-            self.rate, self.p50, self.p99, self.cpu_per_call_us
+            "| {offered:.0} | {round} | {:.0} | {}",
+            self.rate,
+            self.cells()
         );
     }
 
     fn row(&self, name: &str, connections: &str, round: &str) {
         println!(
-            "| {name} | {connections} | {round} | {:.0} | {:.2} ms | {:.2} ms | {:.0} µs |",
-            self.rate, self.p50, self.p99, self.cpu_per_call_us
+            "| {name} | {connections} | {round} | {:.0} | {}",
+            self.rate,
+            self.cells()
         );
     }
 }
@@ -317,8 +383,10 @@ fn main() {
             WINDOW.as_secs(),
             WARM_UP.as_secs()
         );
-        println!("| RPC | connections | round | calls/s | p50 | p99 | agent CPU per call |");
-        println!("|---|---|---|---:|---:|---:|---:|");
+        println!(
+            "| RPC | connections | round | calls/s | p50 | p99 | agent CPU per call | client CPU per call | machine busy |"
+        );
+        println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
         for (tag, (layout, clients)) in [
             (format!("{CLIENTS} (one per client)"), sessions),
             ("1 (shared)".to_string(), vec![shared; CLIENTS]),
@@ -338,17 +406,16 @@ fn main() {
                 let mut results = Vec::new();
                 for round in 0..rounds {
                     // Each round starts with the agent done with the last
-                    // one's work (the controller reporting every change).
+                    // one's work (the store flushing, the controller catching up).
                     let settled = Instant::now();
                     wait_idle(pid).await;
                     let settled = settled.elapsed();
                     let (_, _, warm) = run(clients, rpc, &format!("l{tag}w{round}"), WARM_UP).await;
-                    let before = cpu_ticks(pid);
+                    let meter = Meter::start(pid);
                     let (rate, latencies, done) =
                         run(warm, rpc, &format!("l{tag}r{round}"), WINDOW).await;
-                    let ticks = cpu_ticks(pid) - before;
+                    let figures = meter.finish(rate, &latencies);
                     clients = done;
-                    let figures = Figures::of(rate, &latencies, ticks);
                     let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                     figures.row(name, &layout, &round);
                     results.push(figures);
@@ -362,8 +429,10 @@ fn main() {
             WINDOW.as_secs(),
             WARM_UP.as_secs()
         );
-        println!("| offered/s | round | completed/s | p50 | p99 | agent CPU per call |");
-        println!("|---:|---|---:|---:|---:|---:|");
+        println!(
+            "| offered/s | round | completed/s | p50 | p99 | agent CPU per call | client CPU per call | machine busy |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|");
         for offered in &rates {
             let mut results = Vec::new();
             for round in 0..rounds {
@@ -371,10 +440,10 @@ fn main() {
                 wait_idle(pid).await;
                 let settled = settled.elapsed();
                 run_at_rate(&open_loop, *offered, &format!("o{offered}w{round}"), WARM_UP).await;
-                let before = cpu_ticks(pid);
+                let meter = Meter::start(pid);
                 let (rate, latencies) =
                     run_at_rate(&open_loop, *offered, &format!("o{offered}r{round}"), WINDOW).await;
-                let figures = Figures::of(rate, &latencies, cpu_ticks(pid) - before);
+                let figures = meter.finish(rate, &latencies);
                 let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                 figures.open_row(*offered, &round);
                 results.push(figures);
