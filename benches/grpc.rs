@@ -15,7 +15,8 @@
 //! whose speed drifts from minute to minute.
 //!
 //! Each round also reports the benchmark's own CPU per call (the clients,
-//! on the same cores as the agent) and how busy the machine was.
+//! on the same cores as the agent) and how busy the machine was; open-loop
+//! rounds the p99 of how late the benchmark itself sent its calls.
 //!
 //! Two layouts of the same 64 clients, in the same run: one connection
 //! each (64 TLS sessions), and all multiplexed over one connection, as a
@@ -154,13 +155,15 @@ async fn run(
 /// ticks) and hands it to the runtime. Each call's latency counts from when
 /// it was due, not from when it was sent, so a stall counts against every
 /// call it held back (no coordinated omission). Returns the completed
-/// calls/s and the latencies (sorted).
+/// calls/s, the latencies (sorted) and each call's send lag (sorted): how
+/// late its task began, which is the benchmark's own delay (the pacing
+/// thread or the client runtime waiting for a CPU), not the agent's.
 async fn run_at_rate(
     clients: &[Client],
     rate: f64,
     round: &str,
     window: Duration,
-) -> (f64, Vec<Duration>) {
+) -> (f64, Vec<Duration>, Vec<Duration>) {
     let runtime = tokio::runtime::Handle::current();
     let clients = clients.to_vec();
     let round = round.to_string();
@@ -180,9 +183,10 @@ async fn run_at_rate(
             let revision = format!("{round}-{n}");
             let mut client = clients[c].clone();
             calls.push(runtime.spawn(async move {
+                let lag = due.elapsed();
                 let response = client.apply_workload(request(id, revision)).await.unwrap();
                 assert!(response.get_ref().applied);
-                due.elapsed()
+                (due.elapsed(), lag)
             }));
         }
         calls
@@ -190,12 +194,16 @@ async fn run_at_rate(
     .await
     .unwrap();
     let mut latencies = Vec::with_capacity(calls.len());
+    let mut lags = Vec::with_capacity(calls.len());
     for call in calls {
-        latencies.push(call.await.unwrap());
+        let (latency, lag) = call.await.unwrap();
+        latencies.push(latency);
+        lags.push(lag);
     }
     let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
     latencies.sort();
-    (rate, latencies)
+    lags.sort();
+    (rate, latencies, lags)
 }
 
 /// CPU time the process has used, in clock ticks.
@@ -292,6 +300,7 @@ impl Meter {
             cpu_per_call_us: per_call(cpu_ticks(self.agent) - self.agent_ticks),
             client_cpu_per_call_us: per_call(cpu_ticks(std::process::id()) - self.own_ticks),
             machine_busy: 1.0 - idle / (self.started.elapsed().as_secs_f64() * cpus),
+            send_lag_p99: 0.0,
         }
     }
 }
@@ -305,6 +314,8 @@ struct Figures {
     client_cpu_per_call_us: f64,
     /// Share of the machine's CPU time (both cores) in use.
     machine_busy: f64,
+    /// Open loop: p99 of how late calls were sent.
+    send_lag_p99: f64,
 }
 
 impl Figures {
@@ -321,9 +332,10 @@ impl Figures {
 
     fn open_row(&self, offered: f64, round: &str) {
         println!(
-            "| {offered:.0} | {round} | {:.0} | {}",
+            "| {offered:.0} | {round} | {:.0} | {} {:.2} ms |",
             self.rate,
-            self.cells()
+            self.cells(),
+            self.send_lag_p99
         );
     }
 
@@ -430,9 +442,9 @@ fn main() {
             WARM_UP.as_secs()
         );
         println!(
-            "| offered/s | round | completed/s | p50 | p99 | agent CPU per call | client CPU per call | machine busy |"
+            "| offered/s | round | completed/s | p50 | p99 | agent CPU per call | client CPU per call | machine busy | send lag p99 |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         for offered in &rates {
             let mut results = Vec::new();
             for round in 0..rounds {
@@ -441,9 +453,10 @@ fn main() {
                 let settled = settled.elapsed();
                 run_at_rate(&open_loop, *offered, &format!("o{offered}w{round}"), WARM_UP).await;
                 let meter = Meter::start(pid);
-                let (rate, latencies) =
+                let (rate, latencies, lags) =
                     run_at_rate(&open_loop, *offered, &format!("o{offered}r{round}"), WINDOW).await;
-                let figures = meter.finish(rate, &latencies);
+                let mut figures = meter.finish(rate, &latencies);
+                figures.send_lag_p99 = percentile(&lags, 0.99);
                 let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                 figures.open_row(*offered, &round);
                 results.push(figures);
