@@ -286,8 +286,9 @@ impl Meter {
         }
     }
 
-    /// The round's figures: `rate` calls/s with these latencies (sorted).
-    fn finish(self, rate: f64, latencies: &[Duration]) -> Figures {
+    /// The round's figures: `rate` calls/s with these latencies and, in the
+    /// open loop, send lags (each sorted).
+    fn finish(self, rate: f64, latencies: &[Duration], lags: Option<&[Duration]>) -> Figures {
         let calls = latencies.len().max(1) as f64;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let idle = (idle_ticks() - self.idle_ticks) as f64 / 100.0;
@@ -300,7 +301,7 @@ impl Meter {
             cpu_per_call_us: per_call(cpu_ticks(self.agent) - self.agent_ticks),
             client_cpu_per_call_us: per_call(cpu_ticks(std::process::id()) - self.own_ticks),
             machine_busy: 1.0 - idle / (self.started.elapsed().as_secs_f64() * cpus),
-            send_lag_p99: 0.0,
+            send_lag_p99: lags.map(|lags| percentile(lags, 0.99)),
         }
     }
 }
@@ -314,8 +315,8 @@ struct Figures {
     client_cpu_per_call_us: f64,
     /// Share of the machine's CPU time (both cores) in use.
     machine_busy: f64,
-    /// Open loop: p99 of how late calls were sent.
-    send_lag_p99: f64,
+    /// Open loop only: p99 of how late calls were sent.
+    send_lag_p99: Option<f64>,
 }
 
 impl Figures {
@@ -335,7 +336,7 @@ impl Figures {
             "| {offered:.0} | {round} | {:.0} | {} {:.2} ms |",
             self.rate,
             self.cells(),
-            self.send_lag_p99
+            self.send_lag_p99.unwrap_or_default()
         );
     }
 
@@ -426,7 +427,7 @@ fn main() {
                     let meter = Meter::start(pid);
                     let (rate, latencies, done) =
                         run(warm, rpc, &format!("l{tag}r{round}"), WINDOW).await;
-                    let figures = meter.finish(rate, &latencies);
+                    let figures = meter.finish(rate, &latencies, None);
                     clients = done;
                     let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                     figures.row(name, &layout, &round);
@@ -455,8 +456,7 @@ fn main() {
                 let meter = Meter::start(pid);
                 let (rate, latencies, lags) =
                     run_at_rate(&open_loop, *offered, &format!("o{offered}r{round}"), WINDOW).await;
-                let mut figures = meter.finish(rate, &latencies);
-                figures.send_lag_p99 = percentile(&lags, 0.99);
+                let figures = meter.finish(rate, &latencies, Some(&lags));
                 let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                 figures.open_row(*offered, &round);
                 results.push(figures);

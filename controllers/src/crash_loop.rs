@@ -16,7 +16,7 @@ use crate::backoff::Backoff;
 #[derive(Debug, Clone, Copy)]
 pub struct CrashLoopPolicy {
     pub backoff: Backoff,
-    /// A start this long ago resets the backoff: the container ran cleanly.
+    /// A start this long ago resets the backoff: the workload ran cleanly.
     pub reset_after: Duration,
 }
 
@@ -138,18 +138,20 @@ impl CrashLoop {
         self.gate.gate(&policy.backoff, policy.reset_after, now)
     }
 
-    /// The first start of a new container: no back-off yet.
+    /// A first start (or one asked for after a requested stop): no back-off
+    /// yet.
     pub fn started(&mut self, now: Instant, now_ms: i64) {
         self.gate.attempted(now, now_ms);
     }
 
-    /// A restart of a container that had exited.
+    /// A restart of what stopped on its own (a container exited, a guest
+    /// shut down).
     pub fn restarted(&mut self, now: Instant, now_ms: i64) {
         self.restarts = self.restarts.saturating_add(1);
         self.gate.counted(now, now_ms);
     }
 
-    /// A start (or create) that the engine refused.
+    /// A start (or create) that the runtime refused.
     pub fn start_failed(&mut self, now: Instant, now_ms: i64) {
         self.gate.counted(now, now_ms);
     }
