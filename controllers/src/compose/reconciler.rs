@@ -27,7 +27,7 @@ use super::cli::{self, Verb};
 use super::command::{CommandRunner, Output, RunError};
 use super::config::ComposeConfig;
 use super::errors::{ComposeError, FailureReason, Operation, classify_stderr};
-use super::events::EventTrigger;
+use super::events::ProjectEvents;
 use super::naming::{self, project_name_of};
 use super::observe::{self, Observed, ServiceReport, assess, project_filter};
 use super::project::{ProjectDir, ProjectFiles, ProjectIndex, render_env};
@@ -35,6 +35,7 @@ use super::services::{DeclaredServices, declared_services};
 use super::status::{self, Outcome, Report};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::crash_loop::{CrashLoop, Gate, RetryGate};
+use crate::docker::follow;
 use crate::docker::{Engine, EngineVersion};
 use crate::informer::Cache;
 use crate::source::{WorkloadWriter, WriteError};
@@ -191,14 +192,15 @@ impl ComposeController {
     /// containers (and, on every (re)connect, every compose workload and
     /// every project folder): the trigger for `Controller::with_trigger`.
     pub fn trigger(&self) -> BoxStream<'static, String> {
-        EventTrigger {
-            engine: self.engine.clone(),
-            cache: self.cache.clone(),
-            index: self.index.clone(),
-            project_root: self.config.project_root.clone(),
-            backoff: self.config.events_backoff,
-        }
-        .into_stream()
+        follow::trigger(
+            self.engine.clone(),
+            self.config.events_backoff,
+            ProjectEvents {
+                cache: self.cache.clone(),
+                index: self.index.clone(),
+                project_root: self.config.project_root.clone(),
+            },
+        )
     }
 
     /// The health probe: the compose CLI (kind, version) and the engine.

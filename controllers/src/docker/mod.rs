@@ -33,6 +33,7 @@ pub mod credentials;
 pub mod engine;
 pub mod errors;
 pub mod events;
+pub mod follow;
 pub mod image;
 pub mod labels;
 pub mod observed;

@@ -21,7 +21,8 @@ use super::container;
 use super::credentials::credentials_for;
 use super::engine::{Engine, EngineVersion};
 use super::errors::{DockerError, FailureReason, Operation};
-use super::events::EventTrigger;
+use super::events::ContainerEvents;
+use super::follow;
 use super::image::{ImageReference, PullPolicy};
 use super::labels::{self, Marks};
 use super::observed::Observed;
@@ -151,14 +152,15 @@ impl DockerController {
     /// (re)connect, every container workload in `cache` and every managed
     /// container): the trigger to pass to `Controller::with_trigger`.
     pub fn trigger(&self, cache: Cache) -> BoxStream<'static, String> {
-        EventTrigger {
-            engine: self.engine.clone(),
-            scope: self.config.scope.clone(),
-            cache,
-            backoff: self.config.events_backoff,
-            observed: self.observed.clone(),
-        }
-        .into_stream()
+        follow::trigger(
+            self.engine.clone(),
+            self.config.events_backoff,
+            ContainerEvents {
+                scope: self.config.scope.clone(),
+                cache,
+                observed: self.observed.clone(),
+            },
+        )
     }
 
     /// Engine calls the observation cache saved so far.
