@@ -814,3 +814,65 @@ async fn a_resync_of_converged_workloads_reuses_one_listing_and_their_inspects()
         .await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reconnect_of_the_engine_events_queues_every_container_workload() {
+    use futures::StreamExt;
+    let Some(bed) = TestBed::new("reconnect").await else {
+        return;
+    };
+    let proxy = SocketProxy::new(bed.dir.path().join("docker.sock"), engine_socket());
+    proxy.start().await;
+    let config = persys_controllers::docker::DockerConfig {
+        host: Some(proxy.unix_url()),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let id = unique("reconnect");
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    // A (re)connecting stream is replayed the engine's events from the
+    // whole second before the one it opens in, so at most 2 s back: once
+    // the container's own events are older than that, nothing but the
+    // (re)connect names the workload.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // A second trigger on the same controller, read by this test alone.
+    let mut trigger = agent.controller.trigger(agent.informer.cache());
+    let mut until_queued = async |wanted: &str, on: &str| {
+        let found = tokio::time::timeout(Duration::from_secs(15), async {
+            while let Some(next) = trigger.next().await {
+                if next == wanted {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "the trigger did not queue {wanted} on {on}");
+    };
+    until_queued(&id, "connect").await;
+    // Another workload's container events show the stream is following.
+    let marker = unique("reconnect-marker");
+    agent
+        .apply(
+            &marker,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await;
+    until_queued(&marker, "its container's events").await;
+
+    proxy.stop().await;
+    proxy.start().await;
+    until_queued(&id, "reconnect").await;
+    agent.stop().await;
+    proxy.stop().await;
+}
