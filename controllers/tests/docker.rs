@@ -683,16 +683,7 @@ async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted(
     let Some(bed) = TestBed::new("outage").await else {
         return;
     };
-    // The controller reaches the engine through a proxy socket this test
-    // can take away and bring back, without disturbing the real engine
-    // that other tests are using.
-    let proxy = SocketProxy::new(bed.dir.path().join("docker.sock"), engine_socket());
-    proxy.start().await;
-    let config = persys_controllers::docker::DockerConfig {
-        host: Some(proxy.unix_url()),
-        ..bed.config()
-    };
-    let agent = Agent::start(&bed.state_dir(), config).await;
+    let (agent, proxy) = bed.agent_behind_proxy().await;
     let id = unique("outage");
     agent
         .apply(
@@ -821,13 +812,7 @@ async fn every_reconnect_of_the_engine_events_queues_every_container_workload() 
     let Some(bed) = TestBed::new("reconnect").await else {
         return;
     };
-    let proxy = SocketProxy::new(bed.dir.path().join("docker.sock"), engine_socket());
-    proxy.start().await;
-    let config = persys_controllers::docker::DockerConfig {
-        host: Some(proxy.unix_url()),
-        ..bed.config()
-    };
-    let agent = Agent::start(&bed.state_dir(), config).await;
+    let (agent, proxy) = bed.agent_behind_proxy().await;
     let id = unique("reconnect");
     agent
         .apply(

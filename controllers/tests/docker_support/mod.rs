@@ -245,4 +245,17 @@ impl TestBed {
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
+
+    /// An agent that reaches the engine through a proxy socket the test
+    /// can take away and bring back, without disturbing the real engine
+    /// that other tests are using.
+    pub async fn agent_behind_proxy(&self) -> (Agent, SocketProxy) {
+        let proxy = SocketProxy::new(self.dir.path().join("docker.sock"), engine_socket());
+        proxy.start().await;
+        let config = DockerConfig {
+            host: Some(proxy.unix_url()),
+            ..self.config()
+        };
+        (Agent::start(&self.state_dir(), config).await, proxy)
+    }
 }
