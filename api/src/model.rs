@@ -2,15 +2,14 @@
 //! identified, and how it is shown to the scheduler.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::v1::{
-    ActualState, Condition, DesiredState, ObjectStatus, Workload, WorkloadSpec, WorkloadStatus,
-    WorkloadType, workload_spec,
+    ActualState, Condition, DesiredState, ObjectMeta, ObjectStatus, Workload, WorkloadSpec,
+    WorkloadStatus, WorkloadType, workload_spec,
 };
 
 /// The finalizer each runtime controller owns on the workloads of its type.
@@ -34,13 +33,7 @@ pub fn now_ms() -> i64 {
 /// Hex SHA-256 of the spec's protobuf encoding. Maps are ordered, so equal
 /// specs always hash equally, across processes and versions of the agent.
 pub fn spec_hash(spec: &WorkloadSpec) -> String {
-    let digest = Sha256::digest(spec.encode_to_vec());
-    let mut hex = String::with_capacity(2 * digest.len());
-    for byte in digest {
-        // Writing to a String cannot fail.
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
+    hex::encode(Sha256::digest(spec.encode_to_vec()))
 }
 
 /// The text of a compose file sent as base64 (what the scheduler sends) or
@@ -218,8 +211,22 @@ impl Workload {
     /// the scheduler acts on (`failure_reason`, `retry_terminal`,
     /// `last_error`) and the object's bookkeeping.
     pub fn to_wire_status(&self) -> WorkloadStatus {
-        let meta = self.metadata.clone().unwrap_or_default();
-        let status = self.status_or_default();
+        // Borrowed, not cloned: the API answers every apply with this.
+        let (no_meta, no_status);
+        let meta = match &self.metadata {
+            Some(meta) => meta,
+            None => {
+                no_meta = ObjectMeta::default();
+                &no_meta
+            }
+        };
+        let status = match &self.status {
+            Some(status) => status,
+            None => {
+                no_status = ObjectStatus::default();
+                &no_status
+            }
+        };
         let mut metadata = BTreeMap::new();
         metadata.insert("resource_version".into(), meta.resource_version.to_string());
         metadata.insert("generation".into(), meta.generation.to_string());
