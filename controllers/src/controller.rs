@@ -389,17 +389,23 @@ impl<R: Reconciler> Shared<R> {
             generation
         );
         let started = tokio::time::Instant::now();
-        let outcome = async {
-            match workload {
-                None => self.reconciler.reconcile_missing(key).await,
-                Some(w) if w.workload_type() != self.reconciler.workload_type() => {
-                    Ok(Action::await_change())
+        // Boxed: a reconcile's future is large (it holds the state of every
+        // runtime call it may make), and each key's task is moved whole
+        // when it is spawned, even for a key that returns above (parked:
+        // under a storm of applies to an unreachable runtime, every one).
+        let outcome = Box::pin(
+            async {
+                match workload {
+                    None => self.reconciler.reconcile_missing(key).await,
+                    Some(w) if w.workload_type() != self.reconciler.workload_type() => {
+                        Ok(Action::await_change())
+                    }
+                    Some(w) if w.is_deleting() => self.finalize(w).await,
+                    Some(w) => self.reconciler.reconcile(w).await,
                 }
-                Some(w) if w.is_deleting() => self.finalize(w).await,
-                Some(w) => self.reconciler.reconcile(w).await,
             }
-        }
-        .instrument(span.clone())
+            .instrument(span.clone()),
+        )
         .await;
         let _entered = span.enter();
         let result = if outcome.is_ok() { "success" } else { "error" };
