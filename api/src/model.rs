@@ -1,6 +1,7 @@
 //! Behaviour of the object model: what a workload is, how its spec is
 //! identified, and how it is shown to the scheduler.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -8,8 +9,8 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::v1::{
-    ActualState, Condition, DesiredState, ObjectMeta, ObjectStatus, Workload, WorkloadSpec,
-    WorkloadStatus, WorkloadType, workload_spec,
+    ActualState, Condition, DesiredState, ObjectStatus, Workload, WorkloadSpec, WorkloadStatus,
+    WorkloadType, workload_spec,
 };
 
 /// The finalizer each runtime controller owns on the workloads of its type.
@@ -212,21 +213,14 @@ impl Workload {
     /// `last_error`) and the object's bookkeeping.
     pub fn to_wire_status(&self) -> WorkloadStatus {
         // Borrowed, not cloned: the API answers every apply with this.
-        let (no_meta, no_status);
-        let meta = match &self.metadata {
-            Some(meta) => meta,
-            None => {
-                no_meta = ObjectMeta::default();
-                &no_meta
-            }
-        };
-        let status = match &self.status {
-            Some(status) => status,
-            None => {
-                no_status = ObjectStatus::default();
-                &no_status
-            }
-        };
+        let meta = self
+            .metadata
+            .as_ref()
+            .map_or_else(Cow::default, Cow::Borrowed);
+        let status = self
+            .status
+            .as_ref()
+            .map_or_else(Cow::default, Cow::Borrowed);
         let mut metadata = BTreeMap::new();
         metadata.insert("resource_version".into(), meta.resource_version.to_string());
         metadata.insert("generation".into(), meta.generation.to_string());

@@ -22,6 +22,7 @@ use persys_api::CONDITION_READY;
 use persys_api::v1::{
     ActualState, ContainerSpec, DesiredState, ManagedVolumeSpec, PortMapping, VolumeMount,
 };
+use persys_controllers::docker::follow::REPLAYED;
 use persys_controllers::docker::{HostPathPolicy, labels, validate_host_path};
 use tokio::time::Instant;
 
@@ -31,6 +32,13 @@ fn running(w: &persys_api::v1::Workload) -> bool {
     w.status.as_ref().is_some_and(|s| {
         s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
     })
+}
+
+/// Applies `id` as a container that sleeps for an hour, and waits until it
+/// runs.
+async fn run_sleeper(agent: &Agent, id: &str) -> persys_api::v1::Workload {
+    agent.apply_sleeper(id).await;
+    agent.wait_for(id, CONVERGE, "running", running).await
 }
 
 fn status(w: &persys_api::v1::Workload) -> persys_api::v1::ObjectStatus {
@@ -118,15 +126,7 @@ async fn killed_container_is_restarted_by_engine_events_within_seconds() {
     };
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
     let id = unique("kill");
-    agent
-        .apply(
-            &id,
-            "r1",
-            DesiredState::Running,
-            shell_spec("exec sleep 3600"),
-        )
-        .await;
-    let before = agent.wait_for(&id, CONVERGE, "running", running).await;
+    let before = run_sleeper(&agent, &id).await;
     let started_before = status(&before).facts["container.started_at"].clone();
 
     bed.docker
@@ -259,15 +259,7 @@ async fn a_restarted_agent_adopts_the_existing_container() {
     };
     let id = unique("adopt");
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
-    agent
-        .apply(
-            &id,
-            "r1",
-            DesiredState::Running,
-            shell_spec("exec sleep 3600"),
-        )
-        .await;
-    let before = agent.wait_for(&id, CONVERGE, "running", running).await;
+    let before = run_sleeper(&agent, &id).await;
     agent.stop().await;
 
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
@@ -654,15 +646,7 @@ async fn usage_of_a_running_container_is_sampled() {
     };
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
     let id = unique("usage");
-    agent
-        .apply(
-            &id,
-            "r1",
-            DesiredState::Running,
-            shell_spec("exec sleep 3600"),
-        )
-        .await;
-    agent.wait_for(&id, CONVERGE, "running", running).await;
+    run_sleeper(&agent, &id).await;
     let sampled = agent
         .controller
         .usage_sampler()
@@ -685,15 +669,7 @@ async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted(
     };
     let (agent, proxy) = bed.agent_behind_proxy().await;
     let id = unique("outage");
-    agent
-        .apply(
-            &id,
-            "r1",
-            DesiredState::Running,
-            shell_spec("exec sleep 3600"),
-        )
-        .await;
-    agent.wait_for(&id, CONVERGE, "running", running).await;
+    run_sleeper(&agent, &id).await;
 
     proxy.stop().await;
     // Drift the agent cannot see: the container is killed meanwhile.
@@ -757,14 +733,7 @@ async fn a_resync_of_converged_workloads_reuses_one_listing_and_their_inspects()
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
     let ids: Vec<String> = (0..3).map(|i| unique(&format!("resync{i}"))).collect();
     for id in &ids {
-        agent
-            .apply(
-                id,
-                "r1",
-                DesiredState::Running,
-                shell_spec("exec sleep 3600"),
-            )
-            .await;
+        agent.apply_sleeper(id).await;
     }
     for id in &ids {
         agent.wait_for(id, CONVERGE, "running", running).await;
@@ -814,20 +783,12 @@ async fn every_reconnect_of_the_engine_events_queues_every_container_workload() 
     };
     let (agent, proxy) = bed.agent_behind_proxy().await;
     let id = unique("reconnect");
-    agent
-        .apply(
-            &id,
-            "r1",
-            DesiredState::Running,
-            shell_spec("exec sleep 3600"),
-        )
-        .await;
-    agent.wait_for(&id, CONVERGE, "running", running).await;
-    // A (re)connecting stream is replayed the engine's events from the
-    // whole second before the one it opens in, so at most 2 s back: once
-    // the container's own events are older than that, nothing but the
-    // (re)connect names the workload.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    run_sleeper(&agent, &id).await;
+    // A (re)connecting stream is replayed the engine's events from
+    // `REPLAYED` before the whole second it opens in: once the container's
+    // own events are older than that, nothing but the (re)connect names the
+    // workload.
+    let unseen = tokio::time::Instant::now() + REPLAYED + Duration::from_millis(1500);
 
     // A second trigger on the same controller, read by this test alone.
     let mut trigger = agent.controller.trigger(agent.informer.cache());
@@ -845,16 +806,10 @@ async fn every_reconnect_of_the_engine_events_queues_every_container_workload() 
     until_queued(&id, "connect").await;
     // Another workload's container events show the stream is following.
     let marker = unique("reconnect-marker");
-    agent
-        .apply(
-            &marker,
-            "r1",
-            DesiredState::Running,
-            shell_spec("exec sleep 3600"),
-        )
-        .await;
+    agent.apply_sleeper(&marker).await;
     until_queued(&marker, "its container's events").await;
 
+    tokio::time::sleep_until(unseen).await;
     proxy.stop().await;
     proxy.start().await;
     until_queued(&id, "reconnect").await;

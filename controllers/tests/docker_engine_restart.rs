@@ -19,7 +19,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::query_parameters::InspectContainerOptions;
 use docker_support::*;
-use persys_api::v1::{ActualState, DesiredState, Workload};
+use persys_api::v1::{ActualState, Workload};
 
 const DOCKERD_LOG: &str = "/var/log/persys-dockerd.log";
 
@@ -90,14 +90,7 @@ async fn workloads_run_again_after_dockerd_restarts() {
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
     let ids = [unique("restart-a"), unique("restart-b")];
     for id in &ids {
-        agent
-            .apply(
-                id,
-                "r1",
-                DesiredState::Running,
-                shell_spec("exec sleep 3600"),
-            )
-            .await;
+        agent.apply_sleeper(id).await;
     }
     for id in &ids {
         agent

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
@@ -26,6 +26,12 @@ use crate::backoff::Backoff;
 
 /// The engine's events, as followed.
 pub type Events = BoxStream<'static, Result<EventMessage, EngineError>>;
+
+/// How far back a (re)connecting stream asks the engine to replay its
+/// events (from the whole second before): the overlap costs a few
+/// duplicate, harmless reconciles, and nothing between the reconcile of
+/// everything and the stream opening is missed.
+pub const REPLAYED: Duration = Duration::from_secs(1);
 
 /// Container actions that can change what a reconcile would find.
 pub const CONTAINER_ACTIONS: &[&str] = &[
@@ -171,11 +177,9 @@ impl<F: Follower> Cycle<F> {
     /// Everything to reconcile now, and the events from here on.
     async fn connect(&self) -> Result<(Vec<String>, Events), EngineError> {
         let docker = self.engine.client().await?;
-        // The engine replays its recent events from `since`; a second of
-        // overlap costs a few duplicate (harmless) reconciles.
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs().saturating_sub(1))
+            .map(|d| d.as_secs().saturating_sub(REPLAYED.as_secs()))
             .unwrap_or(0);
         let ids = self.follower.everything(&docker).await?;
         let events = docker

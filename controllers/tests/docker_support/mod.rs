@@ -114,6 +114,17 @@ impl Agent {
         self.apply_spec(id, revision, desired, workload_spec::Spec::Container(spec))
             .await
     }
+
+    /// Applies `id` as a container that sleeps for an hour.
+    pub async fn apply_sleeper(&self, id: &str) -> Arc<Workload> {
+        self.apply(
+            id,
+            "r1",
+            DesiredState::Running,
+            shell_spec("exec sleep 3600"),
+        )
+        .await
+    }
 }
 
 /// A container spec of the test image running `script` under `sh -c`, with
