@@ -30,10 +30,20 @@
 //! scheduler sending at that rate would see, stalls included. The agent's
 //! peak resident memory closes the run.
 //!
+//! Before the agent starts, the machine is measured alone: one thread per
+//! core doing fixed work in cache reports how much of the time every core
+//! at once runs at under half (and under a fifth of) its usual pace. Each
+//! closed-loop round reports the same for the agent: the share of its 10 ms
+//! windows that completed under half the calls of its median window. The
+//! closed-loop tail is made of those windows, and the machine has as many
+//! of them with nothing running on it.
+//!
 //! Run: `cargo bench --bench grpc`. For comparing agent builds,
 //! `PERSYS_BENCH_APPLY_ONLY=1` runs only ApplyWorkload over 64 connections
 //! (and the open-loop part), `PERSYS_BENCH_ROUNDS=N` sets the rounds
-//! (default 3) and `PERSYS_BENCH_RATES=1000,5000` the offered rates.
+//! (default 3), `PERSYS_BENCH_RATES=1000,5000` the offered rates and
+//! `PERSYS_BENCH_PROBE_SECS` how long the machine is measured alone
+//! (default 20; 0 skips it).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -56,6 +66,13 @@ const DEFAULT_RATES: [f64; 3] = [1_000.0, 5_000.0, 10_000.0];
 const WORKLOADS_PER_CLIENT: usize = 50;
 
 type Client = AgentServiceClient<Channel>;
+
+/// The clients share the agent's 2 cores, so every microsecond they spend is
+/// taken from the agent. With the system allocator, malloc and free took
+/// about 12 % of their CPU (59–68 µs per apply); with mimalloc, as the agent
+/// uses, 52–57 µs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A new revision of workload `id`: every call is a durable write (a
 /// creation the first time, then a spec change).
@@ -101,7 +118,7 @@ async fn run(
     rpc: Rpc,
     round: &str,
     window: Duration,
-) -> (f64, Vec<Duration>, Vec<Client>) {
+) -> (f64, Vec<Duration>, f64, Vec<Client>) {
     let started = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -110,6 +127,7 @@ async fn run(
             let round = round.to_string();
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
+                let mut done = Vec::new();
                 let mut i = 0;
                 while started.elapsed() < window {
                     let t = Instant::now();
@@ -129,22 +147,27 @@ async fn run(
                         }
                     }
                     latencies.push(t.elapsed());
+                    done.push(started.elapsed());
                     i += 1;
                 }
-                (latencies, client)
+                (latencies, done, client)
             })
         })
         .collect();
     let mut all = Vec::new();
+    let mut done = Vec::new();
     let mut clients = Vec::new();
     for task in tasks {
-        let (latencies, client) = task.await.unwrap();
+        let (latencies, finished, client) = task.await.unwrap();
         all.extend(latencies);
+        done.extend(finished);
         clients.push(client);
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
     all.sort();
-    (rate, all, clients)
+    let paces = window_paces(done.into_iter(), window);
+    let slow = paces.iter().filter(|&&pace| pace < 0.5).count() as f64 / paces.len().max(1) as f64;
+    (rate, all, slow, clients)
 }
 
 /// Open loop: the clients together are offered `rate` applies a second for
@@ -204,6 +227,93 @@ async fn run_at_rate(
     latencies.sort();
     lags.sort();
     (rate, latencies, lags)
+}
+
+/// Windows in which the pace of the machine or of the agent is measured.
+const PACE_WINDOW: Duration = Duration::from_millis(10);
+
+/// The pace of each 10 ms window of `span`, against the median window's:
+/// the number of events (completed units of work, completed calls) that
+/// fell in it, at `offsets` from the start, over the median window's number.
+fn window_paces(offsets: impl Iterator<Item = Duration>, span: Duration) -> Vec<f64> {
+    let windows = (span.as_nanos() / PACE_WINDOW.as_nanos()) as usize;
+    let mut counts = vec![0_u32; windows];
+    for offset in offsets {
+        if let Some(count) = counts.get_mut((offset.as_nanos() / PACE_WINDOW.as_nanos()) as usize) {
+            *count += 1;
+        }
+    }
+    let mut sorted = counts.clone();
+    sorted.sort();
+    let median = f64::from(sorted.get(windows / 2).copied().unwrap_or(0).max(1));
+    counts
+        .into_iter()
+        .map(|count| f64::from(count) / median)
+        .collect()
+}
+
+/// How steady the machine's cores are with nothing else running: one thread
+/// per core hashes a 16 KiB buffer (in cache, no system calls) over and
+/// over for `duration`, and each 10 ms window of each thread is compared
+/// with the thread's median window. Windows in which even the fastest
+/// thread did under half its usual work are the whole machine slowing
+/// down; adjacent ones make one episode.
+fn steadiness(duration: Duration) -> Steadiness {
+    use sha2::Digest;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let started = Instant::now();
+    let paces: Vec<Vec<f64>> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let buffer = vec![0x5a_u8; 16 * 1024];
+                let mut done = Vec::with_capacity(1 << 20);
+                while started.elapsed() < duration {
+                    std::hint::black_box(sha2::Sha256::digest(&buffer));
+                    done.push(started.elapsed());
+                }
+                window_paces(done.into_iter(), duration)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|thread| thread.join().unwrap())
+        .collect();
+    let fastest: Vec<f64> = (0..paces[0].len())
+        .map(|w| paces.iter().map(|pace| pace[w]).fold(0.0, f64::max))
+        .collect();
+    let share = |under: f64| {
+        fastest.iter().filter(|&&pace| pace < under).count() as f64 / fastest.len().max(1) as f64
+    };
+    let mut episodes: Vec<usize> = Vec::new();
+    let mut run = 0;
+    for pace in fastest.iter().chain([1.0].iter()) {
+        if *pace < 0.5 {
+            run += 1;
+        } else if run > 0 {
+            episodes.push(run);
+            run = 0;
+        }
+    }
+    episodes.sort();
+    let ms = |n: usize| n as f64 * PACE_WINDOW.as_secs_f64() * 1e3;
+    Steadiness {
+        under_half: share(0.5),
+        under_fifth: share(0.2),
+        episodes_per_s: episodes.len() as f64 / duration.as_secs_f64(),
+        median_ms: episodes.get(episodes.len() / 2).map_or(0.0, |&n| ms(n)),
+        longest_ms: episodes.last().map_or(0.0, |&n| ms(n)),
+    }
+}
+
+struct Steadiness {
+    /// Share of the time every core ran at under half its usual pace.
+    under_half: f64,
+    /// … at under a fifth.
+    under_fifth: f64,
+    /// Episodes of every core under half pace, per second.
+    episodes_per_s: f64,
+    median_ms: f64,
+    longest_ms: f64,
 }
 
 /// CPU time the process has used, in clock ticks.
@@ -302,6 +412,7 @@ impl Meter {
             client_cpu_per_call_us: per_call(cpu_ticks(std::process::id()) - self.own_ticks),
             machine_busy: 1.0 - idle / (self.started.elapsed().as_secs_f64() * cpus),
             send_lag_p99: lags.map(|lags| percentile(lags, 0.99)),
+            under_half_pace: None,
         }
     }
 }
@@ -317,6 +428,9 @@ struct Figures {
     machine_busy: f64,
     /// Open loop only: p99 of how late calls were sent.
     send_lag_p99: Option<f64>,
+    /// Closed loop only: share of the round's 10 ms windows that completed
+    /// under half the calls of the median window.
+    under_half_pace: Option<f64>,
 }
 
 impl Figures {
@@ -342,9 +456,10 @@ impl Figures {
 
     fn row(&self, name: &str, connections: &str, round: &str) {
         println!(
-            "| {name} | {connections} | {round} | {:.0} | {}",
+            "| {name} | {connections} | {round} | {:.0} | {} {:.1} % |",
             self.rate,
-            self.cells()
+            self.cells(),
+            self.under_half_pace.unwrap_or_default() * 100.0
         );
     }
 }
@@ -370,6 +485,30 @@ fn main() {
             .collect(),
         Err(_) => DEFAULT_RATES.to_vec(),
     };
+    let probe = Duration::from_secs(match std::env::var("PERSYS_BENCH_PROBE_SECS") {
+        Ok(n) => n.parse().expect("PERSYS_BENCH_PROBE_SECS: seconds"),
+        Err(_) => 20,
+    });
+    // PERSYS_BENCH_PROBE_SECS=0 skips it (when comparing agent builds).
+    if !probe.is_zero() {
+        println!(
+            "## The machine alone: one thread per core hashing in cache for {} s, in 10 ms windows",
+            probe.as_secs()
+        );
+        let machine = steadiness(probe);
+        println!(
+            "| every core under half speed | every core under a fifth | episodes under half speed | episode length (median / longest) |"
+        );
+        println!("|---:|---:|---:|---:|");
+        println!(
+            "| {:.1} % of the time | {:.1} % of the time | {:.1} per s | {:.0} / {:.0} ms |\n",
+            machine.under_half * 100.0,
+            machine.under_fifth * 100.0,
+            machine.episodes_per_s,
+            machine.median_ms,
+            machine.longest_ms
+        );
+    }
     runtime.block_on(async {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-scratch/grpc");
         let _ = std::fs::remove_dir_all(&dir);
@@ -397,9 +536,9 @@ fn main() {
             WARM_UP.as_secs()
         );
         println!(
-            "| RPC | connections | round | calls/s | p50 | p99 | agent CPU per call | client CPU per call | machine busy |"
+            "| RPC | connections | round | calls/s | p50 | p99 | agent CPU per call | client CPU per call | machine busy | time under half pace |"
         );
-        println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for (tag, (layout, clients)) in [
             (format!("{CLIENTS} (one per client)"), sessions),
             ("1 (shared)".to_string(), vec![shared; CLIENTS]),
@@ -423,11 +562,13 @@ fn main() {
                     let settled = Instant::now();
                     wait_idle(pid).await;
                     let settled = settled.elapsed();
-                    let (_, _, warm) = run(clients, rpc, &format!("l{tag}w{round}"), WARM_UP).await;
+                    let (_, _, _, warm) =
+                        run(clients, rpc, &format!("l{tag}w{round}"), WARM_UP).await;
                     let meter = Meter::start(pid);
-                    let (rate, latencies, done) =
+                    let (rate, latencies, slow, done) =
                         run(warm, rpc, &format!("l{tag}r{round}"), WINDOW).await;
-                    let figures = meter.finish(rate, &latencies, None);
+                    let mut figures = meter.finish(rate, &latencies, None);
+                    figures.under_half_pace = Some(slow);
                     clients = done;
                     let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                     figures.row(name, &layout, &round);
