@@ -396,9 +396,9 @@ impl Meter {
         }
     }
 
-    /// The round's figures: `rate` calls/s with these latencies and, in the
-    /// open loop, send lags (each sorted).
-    fn finish(self, rate: f64, latencies: &[Duration], lags: Option<&[Duration]>) -> Figures {
+    /// The round's figures: `rate` calls/s with these latencies (sorted),
+    /// and what only its kind of loop measures.
+    fn finish(self, rate: f64, latencies: &[Duration], kind: Loop) -> Figures {
         let calls = latencies.len().max(1) as f64;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let idle = (idle_ticks() - self.idle_ticks) as f64 / 100.0;
@@ -411,10 +411,24 @@ impl Meter {
             cpu_per_call_us: per_call(cpu_ticks(self.agent) - self.agent_ticks),
             client_cpu_per_call_us: per_call(cpu_ticks(std::process::id()) - self.own_ticks),
             machine_busy: 1.0 - idle / (self.started.elapsed().as_secs_f64() * cpus),
-            send_lag_p99: lags.map(|lags| percentile(lags, 0.99)),
-            under_half_pace: None,
+            send_lag_p99: match kind {
+                Loop::Open { lags } => Some(percentile(lags, 0.99)),
+                Loop::Closed { .. } => None,
+            },
+            under_half_pace: match kind {
+                Loop::Closed { under_half_pace } => Some(under_half_pace),
+                Loop::Open { .. } => None,
+            },
         }
     }
+}
+
+/// What only one kind of round measures.
+enum Loop<'a> {
+    /// Share of the round's 10 ms windows under half the median window's calls.
+    Closed { under_half_pace: f64 },
+    /// How late each call was sent (sorted).
+    Open { lags: &'a [Duration] },
 }
 
 struct Figures {
@@ -565,10 +579,9 @@ fn main() {
                     let (_, _, _, warm) =
                         run(clients, rpc, &format!("l{tag}w{round}"), WARM_UP).await;
                     let meter = Meter::start(pid);
-                    let (rate, latencies, slow, done) =
+                    let (rate, latencies, under_half_pace, done) =
                         run(warm, rpc, &format!("l{tag}r{round}"), WINDOW).await;
-                    let mut figures = meter.finish(rate, &latencies, None);
-                    figures.under_half_pace = Some(slow);
+                    let figures = meter.finish(rate, &latencies, Loop::Closed { under_half_pace });
                     clients = done;
                     let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                     figures.row(name, &layout, &round);
@@ -597,7 +610,7 @@ fn main() {
                 let meter = Meter::start(pid);
                 let (rate, latencies, lags) =
                     run_at_rate(&open_loop, *offered, &format!("o{offered}r{round}"), WINDOW).await;
-                let figures = meter.finish(rate, &latencies, Some(&lags));
+                let figures = meter.finish(rate, &latencies, Loop::Open { lags: &lags });
                 let round = format!("{} (settled in {:.1} s)", round + 1, settled.as_secs_f64());
                 figures.open_row(*offered, &round);
                 results.push(figures);
