@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use persys_agent::store::{ApplyRequest, Store, StoreConfig};
+use persys_agent::store::{ApplyRequest, Caller, Store, StoreConfig};
 use persys_api::v1::{
     ActualState, ContainerSpec, DesiredState, ObjectStatus, PortMapping, WorkloadSpec,
     WorkloadType, workload_spec,
@@ -42,6 +42,7 @@ fn request(id: String, image: &str) -> ApplyRequest {
         },
         finalizers: vec![persys_api::FINALIZER_DOCKER.into()],
         labels: BTreeMap::new(),
+        caller: Caller::default(),
     }
 }
 

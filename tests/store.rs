@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use persys_agent::store::{
-    ApplyOutcome, ApplyRequest, DeleteOutcome, Store, StoreConfig, StoreError,
+    ApplyOutcome, ApplyRequest, Caller, DeleteOutcome, Store, StoreConfig, StoreError,
 };
 use persys_api::v1::{
     ActualState, ContainerSpec, DesiredState, EventType, ObjectStatus, WorkloadSpec, WorkloadType,
@@ -33,6 +33,7 @@ fn apply_request(id: &str, revision: &str, image: &str) -> ApplyRequest {
         spec: container_spec(image),
         finalizers: vec![persys_api::FINALIZER_DOCKER.into()],
         labels: BTreeMap::new(),
+        caller: Caller::default(),
     }
 }
 
@@ -797,4 +798,77 @@ async fn writes_after_close_are_refused() {
             .unwrap_err(),
         StoreError::Closed
     );
+}
+
+#[tokio::test]
+async fn applies_and_delete_requests_record_who_made_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let scheduler = Caller {
+        identity: "CN=persys-scheduler".into(),
+        role: "scheduler".into(),
+    };
+    let mut request = apply_request("web", "r1", "nginx:1");
+    request.caller = scheduler.clone();
+    store.apply(request.clone()).await.unwrap();
+    // An unchanged apply writes nothing: no record, no event.
+    let unchanged = store.apply(request).await.unwrap();
+    assert!(unchanged.is_unchanged());
+    let mut update = apply_request("web", "r2", "nginx:2");
+    update.caller = scheduler.clone();
+    store.apply(update).await.unwrap();
+    // An anonymous write is logged without a caller and records no event.
+    store
+        .apply(apply_request("web", "r3", "nginx:3"))
+        .await
+        .unwrap();
+    let operator = Caller {
+        identity: "CN=persysctl".into(),
+        role: "operator".into(),
+    };
+    let outcome = store.delete_as("web", operator).await.unwrap();
+    assert!(matches!(outcome, DeleteOutcome::Deleting(_)));
+
+    let records = store.log_records(false, usize::MAX, |_| true).unwrap();
+    let who: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| (r.action.as_str(), r.caller.as_str(), r.role.as_str()))
+        .collect();
+    assert_eq!(
+        who,
+        [
+            ("apply", "CN=persys-scheduler", "scheduler"),
+            ("apply", "CN=persys-scheduler", "scheduler"),
+            ("apply", "", ""),
+            ("delete", "CN=persysctl", "operator"),
+        ]
+    );
+
+    let events = store.events("web").unwrap();
+    let applied: Vec<_> = events.iter().filter(|e| e.reason == "Applied").collect();
+    assert_eq!(applied.len(), 1, "{events:?}");
+    assert_eq!(
+        applied[0].message,
+        "Applied by CN=persys-scheduler (role scheduler)"
+    );
+    assert_eq!(applied[0].count, 2, "the two attributed applies fold");
+    assert_eq!(applied[0].r#type, EventType::Normal as i32);
+    let requested: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason == "DeleteRequested")
+        .collect();
+    assert_eq!(requested.len(), 1, "{events:?}");
+    assert_eq!(
+        requested[0].message,
+        "Deletion requested by CN=persysctl (role operator)"
+    );
+
+    // Status and finalizer writes carry no caller.
+    store
+        .remove_finalizer("web", persys_api::FINALIZER_DOCKER)
+        .await
+        .unwrap();
+    let last = store.log_records(true, 1, |_| true).unwrap();
+    assert_eq!(last[0].action, "finalize");
+    assert_eq!((last[0].caller.as_str(), last[0].role.as_str()), ("", ""));
 }

@@ -28,6 +28,7 @@ fn request(id: String) -> ApplyRequest {
         },
         finalizers: vec![persys_api::FINALIZER_DOCKER.into()],
         labels: BTreeMap::new(),
+        caller: Default::default(),
     }
 }
 

@@ -97,6 +97,7 @@ pub fn apply_request(
             .map(String::from)
             .collect(),
         labels: Default::default(),
+        caller: Default::default(),
     })
 }
 

@@ -26,6 +26,20 @@ use super::error::StoreError;
 use super::record::*;
 use super::{Inner, MAX_EVENTS_PER_WORKLOAD};
 
+/// Who asked for a write, for the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// The authenticated identity, e.g. `CN=persys-scheduler`.
+    pub identity: String,
+    /// The role policy gave it, e.g. `scheduler`.
+    pub role: String,
+}
+
+/// Reason of the event an attributed apply records.
+pub const REASON_APPLIED: &str = "Applied";
+/// Reason of the event an attributed delete request records.
+pub const REASON_DELETE_REQUESTED: &str = "DeleteRequested";
+
 /// A request to create or update a workload's desired state.
 #[derive(Debug, Clone)]
 pub struct ApplyRequest {
@@ -38,6 +52,8 @@ pub struct ApplyRequest {
     /// Finalizers a new object starts with (its controller's).
     pub finalizers: Vec<String>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Who asked: recorded in the log record and, when known, as an event.
+    pub caller: Caller,
 }
 
 #[derive(Debug, Clone)]
@@ -73,11 +89,16 @@ pub enum DeleteOutcome {
 pub(super) enum Op {
     /// Finish the writes queued before this, sync, and stop.
     Close,
+    /// Boxed: the request is most of the op's size.
     Apply(
-        ApplyRequest,
+        Box<ApplyRequest>,
         oneshot::Sender<Result<ApplyOutcome, StoreError>>,
     ),
-    Delete(String, oneshot::Sender<Result<DeleteOutcome, StoreError>>),
+    Delete(
+        String,
+        Caller,
+        oneshot::Sender<Result<DeleteOutcome, StoreError>>,
+    ),
     UpdateStatus {
         id: String,
         expected_resource_version: u64,
@@ -348,8 +369,8 @@ impl Committer {
     fn process(&mut self, op: Op, group: &mut Group, batch: &mut fjall::OwnedWriteBatch) {
         let reply = match op {
             Op::Close => return,
-            Op::Apply(request, tx) => Reply::Apply(tx, self.apply(request, group, batch)),
-            Op::Delete(id, tx) => Reply::Delete(tx, self.delete(&id, group, batch)),
+            Op::Apply(request, tx) => Reply::Apply(tx, self.apply(*request, group, batch)),
+            Op::Delete(id, caller, tx) => Reply::Delete(tx, self.delete(&id, caller, group, batch)),
             Op::UpdateStatus {
                 id,
                 expected_resource_version,
@@ -386,6 +407,7 @@ impl Committer {
         kind: ChangeKind,
         mut object: Workload,
         action: &str,
+        caller: &Caller,
     ) -> Arc<Workload> {
         group.next_resource_version += 1;
         let rv = group.next_resource_version;
@@ -406,6 +428,8 @@ impl Committer {
             object: encoded,
             action: action.to_string(),
             at_ms: now,
+            caller: caller.identity.clone(),
+            role: caller.role.clone(),
         };
         batch.insert(&self.inner.log, log_key(rv), record.encode_to_vec());
         match kind {
@@ -439,6 +463,7 @@ impl Committer {
     ) -> Result<ApplyOutcome, StoreError> {
         // Never empty: `Store::apply` derives it from the spec first.
         let revision = request.revision_id.clone();
+        let caller = request.caller;
         let Some(current) = self.current(group, &request.id) else {
             let now = now_ms();
             let object = Workload {
@@ -465,7 +490,22 @@ impl Committer {
                     ..Default::default()
                 }),
             };
-            let written = self.write(group, batch, ChangeKind::Added, object, ACTION_APPLY);
+            let written = self.write(
+                group,
+                batch,
+                ChangeKind::Added,
+                object,
+                ACTION_APPLY,
+                &caller,
+            );
+            self.audit(
+                &written,
+                &caller,
+                REASON_APPLIED,
+                "Applied by",
+                group,
+                batch,
+            );
             return Ok(ApplyOutcome::Created(written));
         };
         if current.is_deleting() {
@@ -514,13 +554,29 @@ impl Committer {
             }),
             status: current.status.clone(),
         };
-        let written = self.write(group, batch, ChangeKind::Modified, object, ACTION_APPLY);
+        let written = self.write(
+            group,
+            batch,
+            ChangeKind::Modified,
+            object,
+            ACTION_APPLY,
+            &caller,
+        );
+        self.audit(
+            &written,
+            &caller,
+            REASON_APPLIED,
+            "Applied by",
+            group,
+            batch,
+        );
         Ok(ApplyOutcome::Updated(written))
     }
 
     fn delete(
         &mut self,
         id: &str,
+        caller: Caller,
         group: &mut Group,
         batch: &mut fjall::OwnedWriteBatch,
     ) -> Result<DeleteOutcome, StoreError> {
@@ -534,10 +590,33 @@ impl Committer {
         let meta = object.metadata.get_or_insert_with(Default::default);
         meta.deletion_timestamp_ms = now_ms();
         if meta.finalizers.is_empty() {
-            let written = self.write(group, batch, ChangeKind::Deleted, object, ACTION_DELETE);
+            // Gone with its events at once: the log record names the caller.
+            let written = self.write(
+                group,
+                batch,
+                ChangeKind::Deleted,
+                object,
+                ACTION_DELETE,
+                &caller,
+            );
             return Ok(DeleteOutcome::Deleted(written));
         }
-        let written = self.write(group, batch, ChangeKind::Modified, object, ACTION_DELETE);
+        let written = self.write(
+            group,
+            batch,
+            ChangeKind::Modified,
+            object,
+            ACTION_DELETE,
+            &caller,
+        );
+        self.audit(
+            &written,
+            &caller,
+            REASON_DELETE_REQUESTED,
+            "Deletion requested by",
+            group,
+            batch,
+        );
         Ok(DeleteOutcome::Deleting(written))
     }
 
@@ -569,7 +648,14 @@ impl Committer {
             spec: current.spec.clone(),
             status: Some(status),
         };
-        Ok(self.write(group, batch, ChangeKind::Modified, object, ACTION_RECONCILE))
+        Ok(self.write(
+            group,
+            batch,
+            ChangeKind::Modified,
+            object,
+            ACTION_RECONCILE,
+            &Caller::default(),
+        ))
     }
 
     fn remove_finalizer(
@@ -593,7 +679,14 @@ impl Committer {
         } else {
             ChangeKind::Modified
         };
-        self.write(group, batch, kind, object, ACTION_FINALIZE);
+        self.write(
+            group,
+            batch,
+            kind,
+            object,
+            ACTION_FINALIZE,
+            &Caller::default(),
+        );
         Ok(())
     }
 
@@ -602,6 +695,33 @@ impl Committer {
             Some(events) => events.clone(),
             None => self.events.get(id).cloned().unwrap_or_default(),
         }
+    }
+
+    /// Records, in the same batch, who made a write to `object`: a Normal
+    /// event `reason`, "<what> <identity> (role <role>)". Nothing for an
+    /// anonymous caller.
+    fn audit(
+        &mut self,
+        object: &Workload,
+        caller: &Caller,
+        reason: &str,
+        what: &str,
+        group: &mut Group,
+        batch: &mut fjall::OwnedWriteBatch,
+    ) {
+        if caller.identity.is_empty() {
+            return;
+        }
+        let message = format!("{what} {} (role {})", caller.identity, caller.role);
+        // The object was just written in this group, so it is found.
+        let _ = self.record_event(
+            object.id(),
+            EventType::Normal,
+            reason.to_string(),
+            message,
+            group,
+            batch,
+        );
     }
 
     fn record_event(

@@ -37,7 +37,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use committer::{ApplyOutcome, ApplyRequest, DeleteOutcome};
+pub use committer::{
+    ApplyOutcome, ApplyRequest, Caller, DeleteOutcome, REASON_APPLIED, REASON_DELETE_REQUESTED,
+};
 use committer::{Committer, Op};
 pub use error::StoreError;
 use record::*;
@@ -360,12 +362,20 @@ impl Store {
         if request.revision_id.is_empty() {
             request.revision_id = persys_api::derived_revision(&request.spec);
         }
-        self.submit(|tx| Op::Apply(request, tx)).await
+        self.submit(|tx| Op::Apply(Box::new(request), tx)).await
     }
 
     /// Requests deletion: the object stays until its finalizers are removed.
     pub async fn delete(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
-        self.submit(|tx| Op::Delete(id.to_string(), tx)).await
+        self.delete_as(id, Caller::default()).await
+    }
+
+    /// [`Store::delete`] on behalf of `caller`, recorded in the log record
+    /// and, while the object stays for its finalizers, as a
+    /// `DeleteRequested` event.
+    pub async fn delete_as(&self, id: &str, caller: Caller) -> Result<DeleteOutcome, StoreError> {
+        self.submit(|tx| Op::Delete(id.to_string(), caller, tx))
+            .await
     }
 
     /// Replaces the status if the object is still at `expected_resource_version`.

@@ -16,6 +16,13 @@ pub struct LogRecord {
     pub action: String,
     #[prost(int64, tag = "5")]
     pub at_ms: i64,
+    /// Who asked for an apply or a delete (empty for the agent's own
+    /// status and finalizer writes).
+    #[prost(string, tag = "6")]
+    pub caller: String,
+    /// The role the caller had.
+    #[prost(string, tag = "7")]
+    pub role: String,
 }
 
 /// [`LogRecord`] with its object already encoded: the same bytes on the
@@ -34,6 +41,13 @@ pub struct EncodedLogRecord {
     pub action: String,
     #[prost(int64, tag = "5")]
     pub at_ms: i64,
+    /// Who asked for an apply or a delete (empty for the agent's own
+    /// status and finalizer writes).
+    #[prost(string, tag = "6")]
+    pub caller: String,
+    /// The role the caller had.
+    #[prost(string, tag = "7")]
+    pub role: String,
 }
 
 pub const ACTION_APPLY: &str = "apply";
@@ -97,6 +111,8 @@ mod tests {
             object: object.encode_to_vec(),
             action: ACTION_APPLY.into(),
             at_ms: 42,
+            caller: "CN=persys-scheduler".into(),
+            role: "scheduler".into(),
         }
         .encode_to_vec();
         let whole = LogRecord {
@@ -105,6 +121,8 @@ mod tests {
             object: Some(object),
             action: ACTION_APPLY.into(),
             at_ms: 42,
+            caller: "CN=persys-scheduler".into(),
+            role: "scheduler".into(),
         };
         assert_eq!(encoded, whole.encode_to_vec());
         assert_eq!(LogRecord::decode(&*encoded).unwrap(), whole);

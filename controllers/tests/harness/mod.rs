@@ -153,6 +153,7 @@ impl<R: Reconciler> Agent<R> {
                 spec: WorkloadSpec { spec: Some(spec) },
                 finalizers: vec![self.finalizer.to_string()],
                 labels: Default::default(),
+                caller: Default::default(),
             })
             .await
             .expect("apply");
