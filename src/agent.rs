@@ -16,6 +16,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::NodeSampler;
 use crate::runtimes::RuntimeBoard;
+use crate::server::authz::{
+    Authentication, AuthzLayer, AuthzMetrics, Policy, PolicyError, PolicyHandle,
+};
 use crate::server::coalesce::Coalesced;
 use crate::server::grpc_metrics::GrpcMetricsLayer;
 use crate::server::tls::{self, ReloadingConfig, TlsFiles};
@@ -36,6 +39,19 @@ pub enum AgentError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("invalid authorization policy: {0}")]
+    Policy(#[from] PolicyError),
+}
+
+impl AgentError {
+    /// The process exit status: 2 for configuration the operator must fix
+    /// (as for an invalid variable), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::Policy(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// After a shutdown signal, how long in-flight RPCs and open streams get
@@ -48,11 +64,13 @@ const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// Runs the agent until `shutdown` is cancelled (a signal), then stops
 /// accepting, lets in-flight RPCs and reconciles finish, and syncs the store.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let background = CancellationToken::new();
+    let metrics_authz = AuthzMetrics::default();
+    let authentication = authentication(&config, &metrics_authz, &background)?;
     let mut store_config = StoreConfig::new(&config.state_path);
     store_config.max_log_entries = config.log_max_entries;
     store_config.max_log_age = config.log_max_age;
     let store = Store::open(store_config)?;
-    let background = CancellationToken::new();
 
     let informer = Informer::new(Arc::new(store.clone()));
     let informer_task = tokio::spawn({
@@ -72,7 +90,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     if config.vm_enabled {
         enabled.insert(WorkloadType::Vm as i32);
     }
-    let metrics = Metrics::new(&store);
+    let metrics = Metrics::new(&store, metrics_authz);
     let controllers = crate::runtimes::start_controllers(
         &config,
         &store,
@@ -81,7 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         Arc::new(metrics.clone()),
         background.clone(),
     );
-    let metrics_addr = std::net::SocketAddr::new(config.grpc_addr, config.metrics_port);
+    let metrics_addr = std::net::SocketAddr::new(config.bind_addr(), config.metrics_port);
     let metrics_listener =
         TcpListener::bind(metrics_addr)
             .await
@@ -169,6 +187,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         .max_encoding_message_size(64 * 1024 * 1024);
     let router = tonic::transport::Server::builder()
         .layer(GrpcMetricsLayer::new(metrics.clone()))
+        .layer(AuthzLayer::new(authentication, metrics.authz.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service);
@@ -196,7 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     } else {
         tracing::warn!(
             addr = %bound,
-            "PERSYS_TLS_ENABLED=false: serving gRPC in PLAINTEXT without client authentication; anyone who can reach this port controls the node"
+            "PERSYS_TLS_ENABLED=false: serving gRPC in PLAINTEXT without client authentication; every caller is an operator, so anyone who can reach this port controls the node"
         );
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))
@@ -219,6 +238,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     store.close().await;
     tracing::info!("store closed; bye");
     Ok(())
+}
+
+/// Who callers are: with mutual TLS, identities from client certificates
+/// and roles from the policy (`PERSYS_AUTHZ_FILE`, loaded now and reloaded
+/// when it changes, else the default); in plaintext, nobody.
+fn authentication(
+    config: &Config,
+    metrics: &AuthzMetrics,
+    stop: &CancellationToken,
+) -> Result<Authentication, AgentError> {
+    if !config.tls_enabled {
+        if let Some(file) = &config.authz_file {
+            tracing::warn!(
+                file = %file.display(),
+                "PERSYS_AUTHZ_FILE is ignored in plaintext: there are no client identities to match"
+            );
+        }
+        return Ok(Authentication::Plaintext);
+    }
+    let policy = match &config.authz_file {
+        Some(file) => PolicyHandle::watch(
+            file.clone(),
+            TLS_RELOAD_INTERVAL,
+            metrics.clone(),
+            stop.clone(),
+        )?,
+        None => {
+            tracing::info!(
+                "authorization: the default policy (CN persys-scheduler → scheduler, CN persysctl → operator, nobody else)"
+            );
+            PolicyHandle::fixed(Policy::default_policy())
+        }
+    };
+    Ok(Authentication::MutualTls(policy))
 }
 
 /// Serves until the server stops by itself after `stop` (every connection

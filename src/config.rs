@@ -23,9 +23,10 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "persys-agent", version, about, long_about = None)]
 pub struct Config {
-    /// gRPC bind address.
-    #[arg(long, env = "PERSYS_GRPC_ADDR", default_value = "0.0.0.0")]
-    pub grpc_addr: IpAddr,
+    /// gRPC (and metrics) bind address. Default: every address with mutual
+    /// TLS, loopback only in plaintext.
+    #[arg(long, env = "PERSYS_GRPC_ADDR")]
+    pub grpc_addr: Option<IpAddr>,
 
     /// gRPC port.
     #[arg(long, env = "PERSYS_GRPC_PORT", default_value_t = 50051)]
@@ -59,6 +60,12 @@ pub struct Config {
         default_value = "/etc/persys/certs/ca.crt"
     )]
     pub tls_ca: PathBuf,
+
+    /// Authorization policy (YAML rules mapping client certificate names to
+    /// roles), reloaded when it changes. Default: CN persys-scheduler is the
+    /// scheduler, CN persysctl an operator, everyone else is refused.
+    #[arg(long, env = "PERSYS_AUTHZ_FILE")]
+    pub authz_file: Option<PathBuf>,
 
     /// State directory (the event log).
     #[arg(
@@ -183,6 +190,32 @@ pub struct Config {
     /// Environment of the node (prod, staging…), sent as the label `env`.
     #[arg(long, env = "PERSYS_NODE_ENV")]
     pub node_env: Option<String>,
+
+    /// A one-shot command instead of running the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-shot commands; without one, the agent runs.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Authorization: which role the policy in force gives a caller.
+    Authz {
+        #[command(subcommand)]
+        action: AuthzCommand,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AuthzCommand {
+    /// Prints the identity a client certificate carries and the role the
+    /// policy (PERSYS_AUTHZ_FILE, else the default) gives it. Exits 0 with
+    /// a role, 1 when every call would be refused, 2 on a bad file.
+    Check {
+        /// The client certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+    },
 }
 
 /// `host:port` (a leading `http://` or `https://` is dropped: whether TLS is
@@ -240,8 +273,19 @@ impl Config {
         Config::try_parse_from(args)
     }
 
+    /// The address gRPC and metrics listen on: the one given, else every
+    /// address with mutual TLS and loopback in plaintext (where nothing
+    /// proves who calls, only this host may).
+    pub fn bind_addr(&self) -> IpAddr {
+        match self.grpc_addr {
+            Some(addr) => addr,
+            None if self.tls_enabled => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            None => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        }
+    }
+
     pub fn grpc_socket(&self) -> SocketAddr {
-        SocketAddr::new(self.grpc_addr, self.grpc_port)
+        SocketAddr::new(self.bind_addr(), self.grpc_port)
     }
 
     pub fn node_id(&self) -> String {
@@ -304,6 +348,22 @@ mod tests {
         assert_eq!(config.reconcile_interval, Duration::from_secs(30));
         assert_eq!(config.libvirt_uri, "qemu:///system");
         assert_eq!(config.metrics_port, 8089);
+    }
+
+    #[test]
+    fn plaintext_binds_to_loopback_unless_an_address_is_given() {
+        let config =
+            Config::try_parse_from_iter(["persys-agent", "--tls-enabled", "false"]).unwrap();
+        assert_eq!(config.grpc_socket().to_string(), "127.0.0.1:50051");
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "--tls-enabled",
+            "false",
+            "--grpc-addr",
+            "0.0.0.0",
+        ])
+        .unwrap();
+        assert_eq!(config.grpc_socket().to_string(), "0.0.0.0:50051");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`server`]: `persys.agent.v1.AgentService` over reloading mutual TLS;
 //!   validation, Watch, Describe; every RPC answers from the store.
 //! - [`agent`]: wiring — store, informer, controllers, server, samplers —
-//!   and orderly shutdown; [`config`]: every setting as env var and flag.
+//!   and orderly shutdown; [`config`]: every setting as env var and flag;
+//!   [`commands`]: one-shot commands (`persys-agent authz check`).
 //! - [`runtimes`]: starts the runtime controllers and probes their health.
 //! - [`scheduler`]: registration and heartbeats to the Persys scheduler.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`; [`node`]: host
@@ -15,6 +16,7 @@
 //!   `WorkloadSource` and `WorkloadWriter` traits.
 
 pub mod agent;
+pub mod commands;
 pub mod config;
 pub mod metrics;
 pub mod node;

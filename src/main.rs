@@ -52,6 +52,9 @@ fn on_signal(token: CancellationToken) {
 
 fn main() {
     let config = Config::load();
+    if let Some(command) = &config.command {
+        std::process::exit(persys_agent::commands::run(&config, command));
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -71,6 +74,6 @@ fn main() {
     if let Err(error) = result {
         tracing::error!(%error, "persys-agent failed");
         eprintln!("persys-agent: {error}");
-        std::process::exit(1);
+        std::process::exit(error.exit_code());
     }
 }

@@ -80,13 +80,14 @@ pub struct Metrics {
     pub runtime_up: Family<RuntimeLabels, Gauge>,
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub grpc_seconds: Family<MethodLabels, Histogram>,
+    pub authz: crate::server::authz::AuthzMetrics,
     registry: Arc<Registry>,
 }
 
 impl Metrics {
     /// Creates and registers every metric; the store's own counters and
     /// commit latency are registered from `store`.
-    pub fn new(store: &Store) -> Metrics {
+    pub fn new(store: &Store, authz: crate::server::authz::AuthzMetrics) -> Metrics {
         let mut registry = Registry::with_prefix("persys_agent");
         let workloads = Family::<WorkloadLabels, Gauge>::default();
         let applies = Family::<OutcomeLabels, Counter>::default();
@@ -187,7 +188,9 @@ impl Metrics {
             Unit::Seconds,
             grpc_seconds.clone(),
         );
+        authz.register(&mut registry);
         Metrics {
+            authz,
             workloads,
             applies,
             deletes,

@@ -4,8 +4,10 @@
 //! the informer cache; none waits on a runtime. Applies and deletes only
 //! append to the log — the controllers do the work.
 
+pub mod authz;
 pub mod coalesce;
 pub mod grpc_metrics;
+pub mod redact;
 pub mod tls;
 pub mod validate;
 
@@ -77,6 +79,23 @@ fn store_status(error: StoreError) -> Status {
     }
 }
 
+/// Whether the caller sees secret values as stored; a request that did not
+/// pass the role check (none should reach a handler) sees them redacted.
+fn sees_secrets<T>(request: &Request<T>) -> bool {
+    authz::Caller::of(request).is_some_and(|caller| caller.role.sees_secrets())
+}
+
+/// Who asked, for the audit trail.
+fn audit_caller<T>(request: &Request<T>) -> crate::store::Caller {
+    match authz::Caller::of(request) {
+        Some(caller) => crate::store::Caller {
+            identity: caller.identity.to_string(),
+            role: caller.role.name().to_string(),
+        },
+        None => crate::store::Caller::default(),
+    }
+}
+
 fn disabled_variable(kind: WorkloadType) -> &'static str {
     match kind {
         WorkloadType::Compose => "PERSYS_COMPOSE_ENABLED",
@@ -114,6 +133,8 @@ impl Agent {
             created_at: at,
             started_at: at,
             ended_at: at,
+            caller: record.caller.clone(),
+            role: record.role.clone(),
         }
     }
 }
@@ -126,10 +147,12 @@ impl AgentService for Agent {
         &self,
         request: Request<ApplyWorkloadRequest>,
     ) -> Result<Response<ApplyWorkloadResponse>, Status> {
-        let apply = validate::apply_request(request.into_inner(), &self.limits).map_err(|e| {
-            self.metrics.apply("invalid");
-            Status::invalid_argument(e.to_string())
-        })?;
+        let caller = audit_caller(&request);
+        let mut apply =
+            validate::apply_request(request.into_inner(), &self.limits).map_err(|e| {
+                self.metrics.apply("invalid");
+                Status::invalid_argument(e.to_string())
+            })?;
         if !self.enabled.contains(&(apply.workload_type as i32)) {
             self.metrics.apply("refused");
             return Err(Status::failed_precondition(format!(
@@ -138,6 +161,7 @@ impl AgentService for Agent {
                 disabled_variable(apply.workload_type)
             )));
         }
+        apply.caller = caller;
         let id = apply.id.clone();
         if self.drain.is_draining() && self.store.get(&id).map_err(store_status)?.is_none() {
             self.metrics.apply("refused");
@@ -195,9 +219,10 @@ impl AgentService for Agent {
         &self,
         request: Request<DeleteWorkloadRequest>,
     ) -> Result<Response<DeleteWorkloadResponse>, Status> {
+        let caller = audit_caller(&request);
         let id = request.into_inner().id;
         validate::validate_id(&id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let outcome = self.store.delete(&id).await.map_err(|e| {
+        let outcome = self.store.delete_as(&id, caller).await.map_err(|e| {
             self.metrics.delete("error");
             store_status(e)
         })?;
@@ -306,7 +331,15 @@ impl AgentService for Agent {
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let reveal = sees_secrets(&request);
         let request = request.into_inner();
+        let shown = move |w: &Workload| {
+            let mut w = w.clone();
+            if !reveal {
+                redact::redact(&mut w);
+            }
+            w
+        };
         let type_filter = match WorkloadType::try_from(request.r#type) {
             Ok(WorkloadType::Unspecified) => None,
             Ok(kind) => Some(kind as i32),
@@ -340,7 +373,7 @@ impl AgentService for Agent {
                 .map(|w| WatchEvent {
                     r#type: WatchEventType::Added as i32,
                     resource_version: w.resource_version(),
-                    object: Some((*w).clone()),
+                    object: Some(shown(&w)),
                 })
                 .collect();
             (initial, rv)
@@ -416,7 +449,7 @@ impl AgentService for Agent {
                                 ChangeKind::Deleted => WatchEventType::Deleted,
                             } as i32,
                             resource_version: change.resource_version,
-                            object: Some((*change.object).clone()),
+                            object: Some(shown(&change.object)),
                         };
                         if tx.send(Ok(event)).await.is_err() {
                             return;
@@ -439,10 +472,14 @@ impl AgentService for Agent {
         &self,
         request: Request<DescribeWorkloadRequest>,
     ) -> Result<Response<DescribeWorkloadResponse>, Status> {
+        let reveal = sees_secrets(&request);
         let id = request.into_inner().id;
-        let Some(workload) = self.store.get(&id).map_err(store_status)? else {
+        let Some(mut workload) = self.store.get(&id).map_err(store_status)? else {
             return Err(Status::not_found(format!("workload {id} not found")));
         };
+        if !reveal {
+            redact::redact(&mut workload);
+        }
         let events = self.store.events(&id).map_err(store_status)?;
         Ok(Response::new(DescribeWorkloadResponse {
             status: Some(self.wire_status(&workload)),

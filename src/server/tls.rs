@@ -19,6 +19,7 @@ use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
+use super::authz::Identified;
 use super::coalesce::Coalesced;
 
 /// How long a client may take to finish its handshake.
@@ -167,7 +168,8 @@ pub fn incoming(
     listener: TcpListener,
     config: ReloadingConfig,
     shutdown: CancellationToken,
-) -> mpsc::Receiver<Result<Coalesced<TlsStream<tokio::net::TcpStream>>, std::io::Error>> {
+) -> mpsc::Receiver<Result<Coalesced<Identified<TlsStream<tokio::net::TcpStream>>>, std::io::Error>>
+{
     let (tx, rx) = mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -188,9 +190,12 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(Coalesced::new(tls))).await;
-                    }
+                    Ok(Ok(tls)) => match Identified::new(tls) {
+                        Ok(identified) => {
+                            let _ = tx.send(Ok(Coalesced::new(identified))).await;
+                        }
+                        Err(error) => tracing::info!(%peer, %error, "TLS client refused"),
+                    },
                     Ok(Err(error)) => {
                         tracing::info!(%peer, %error, "TLS handshake refused");
                     }
