@@ -3,11 +3,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use persys_api::v1::{Workload, WorkloadType};
 use tokio::sync::{Semaphore, broadcast};
 use tokio::task::JoinSet;
@@ -340,6 +341,17 @@ impl<R: Reconciler> Controller<R> {
     }
 }
 
+/// The text a panic was raised with (`panic!` with a literal or a format).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&'static str>() {
+        (*text).to_string()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_string()
+    }
+}
+
 /// Queues the ids of changes that concern this controller: any change of
 /// its type except a change of status alone.
 async fn follow_informer(
@@ -393,7 +405,9 @@ impl<R: Reconciler> Shared<R> {
         // runtime call it may make), and each key's task is moved whole
         // when it is spawned, even for a key that returns above (parked:
         // under a storm of applies to an unreachable runtime, every one).
-        let outcome = Box::pin(
+        // A panic is caught here, not in the spawned task, so the key is
+        // still released (`WorkQueue::done`) and retried on its back-off.
+        let outcome = AssertUnwindSafe(Box::pin(
             async {
                 match workload {
                     None => self.reconciler.reconcile_missing(key).await,
@@ -405,8 +419,18 @@ impl<R: Reconciler> Shared<R> {
                 }
             }
             .instrument(span.clone()),
-        )
+        ))
+        .catch_unwind()
         .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                self.panicked(key, panic_message(panic.as_ref()), started.elapsed())
+                    .instrument(span)
+                    .await;
+                return;
+            }
+        };
         let _entered = span.enter();
         let result = if outcome.is_ok() { "success" } else { "error" };
         self.observer.reconciled(name, result, started.elapsed());
@@ -432,6 +456,31 @@ impl<R: Reconciler> Shared<R> {
                 self.queue.add_after(key, delay);
             }
         }
+    }
+
+    /// A reconcile panicked (a defect): the workload gets a Warning event
+    /// with the panic's message and is retried on its error back-off, like
+    /// any failed reconcile, so one bad workload neither stalls its key for
+    /// good nor takes the controller down.
+    async fn panicked(&self, key: &str, message: String, took: Duration) {
+        let name = self.reconciler.name();
+        self.observer.reconciled(name, "error", took);
+        let delay = self.backoff().failed(key);
+        tracing::error!(panic = %message, retry_in = ?delay, "reconcile panicked");
+        let recorded = self
+            .writer
+            .record_event(
+                key.to_string(),
+                persys_api::v1::EventType::Warning,
+                "ReconcilePanicked".to_string(),
+                format!("the {name} controller panicked reconciling this workload: {message}"),
+            )
+            .await;
+        if let Err(error) = recorded {
+            tracing::warn!(%error, "could not record the ReconcilePanicked event");
+        }
+        self.observer.retried(name);
+        self.queue.add_after(key, delay);
     }
 
     /// Waits (briefly: the informer follows the log within microseconds)

@@ -32,6 +32,8 @@ struct Recorder {
     in_flight: Mutex<HashMap<String, usize>>,
     /// Ids whose reconcile fails this many more times.
     failures: Mutex<HashMap<String, usize>>,
+    /// Ids whose reconcile panics this many more times.
+    panics: Mutex<HashMap<String, usize>>,
     /// When set, each reconcile waits for a permit.
     gate: Option<Arc<Semaphore>>,
     requeue: Option<Duration>,
@@ -53,6 +55,7 @@ impl Recorder {
             max_parallel_per_key: Mutex::default(),
             in_flight: Mutex::default(),
             failures: Mutex::default(),
+            panics: Mutex::default(),
             gate: None,
             requeue: None,
             write_status: false,
@@ -92,6 +95,17 @@ impl Reconciler for Recorder {
             .lock()
             .unwrap()
             .push((id.clone(), Instant::now()));
+        let panic_now = {
+            let mut panics = self.panics.lock().unwrap();
+            panics.get_mut(&id).is_some_and(|n| {
+                let now = *n > 0;
+                *n = n.saturating_sub(1);
+                now
+            })
+        };
+        if panic_now {
+            panic!("reconcile of {id} hit a defect");
+        }
         self.seen.lock().unwrap().push((
             id.clone(),
             workload
@@ -633,5 +647,42 @@ async fn controller_reports_outcomes_and_retries_to_its_observer() {
         ["error", "error", "success"]
     );
     assert_eq!(observer.retries.load(Ordering::SeqCst), 2);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_reconcile_releases_its_key_records_an_event_and_backs_off() {
+    let log = MemoryLog::new();
+    log.apply("a", WorkloadType::Container, "x:1");
+    log.apply("b", WorkloadType::Container, "x:1");
+    let recorder = Recorder::new(log.clone());
+    recorder.panics.lock().unwrap().insert("a".into(), 2);
+    let observer = Arc::new(Counting::default());
+    let mut config = config(None);
+    config.observer = observer.clone();
+    let started = Instant::now();
+    let h = start(log.clone(), recorder, config, None).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let offsets: Vec<u64> = h
+        .recorder
+        .calls_of("a")
+        .iter()
+        .map(|t| (*t - started).as_secs())
+        .collect();
+    // Panics at 0 and after 1 s; retried after 2 s more, and that run ends.
+    assert_eq!(offsets, [0, 1, 3]);
+    assert_eq!(h.recorder.calls_of("b").len(), 1, "other keys go on");
+    let panicked = log
+        .events()
+        .iter()
+        .filter(|(id, reason)| id == "a" && reason == "ReconcilePanicked")
+        .count();
+    assert_eq!(panicked, 2);
+    assert_eq!(observer.retries.load(Ordering::SeqCst), 2);
+    // The key is released: a later change is reconciled at once.
+    let before = Instant::now();
+    log.apply("a", WorkloadType::Container, "x:2");
+    settle().await;
+    assert!(h.recorder.calls_of("a").iter().any(|t| *t >= before));
     h.stop().await;
 }
