@@ -59,6 +59,12 @@ pub struct MethodLabels {
     pub method: String,
 }
 
+/// A bounded reason (a fixed set of values chosen by the agent).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -80,6 +86,7 @@ pub struct Metrics {
     pub runtime_up: Family<RuntimeLabels, Gauge>,
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub grpc_seconds: Family<MethodLabels, Histogram>,
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -105,6 +112,7 @@ impl Metrics {
         let grpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
 
         registry.register(
             "workloads",
@@ -187,6 +195,11 @@ impl Metrics {
             Unit::Seconds,
             grpc_seconds.clone(),
         );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout, refused)",
+            tls_handshake_failures.clone(),
+        );
         Metrics {
             workloads,
             applies,
@@ -201,6 +214,7 @@ impl Metrics {
             runtime_up,
             grpc_requests,
             grpc_seconds,
+            tls_handshake_failures,
             registry: Arc::new(registry),
         }
     }
