@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Authority, Certs, client, client_with, http_get, sample};
+use common::{AgentProcess, Authority, Certs, channel_with, client, client_with, http_get, sample};
 use futures::StreamExt;
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
@@ -704,6 +704,59 @@ async fn a_connection_that_never_says_hello_does_not_stop_other_clients() {
     }
     drop(silent);
     other.health_check(HealthCheckRequest {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_to_an_unknown_method_is_counted_as_unknown() {
+    use tower::{Service, ServiceExt};
+    let f = start(&[]).await;
+    let mut channel = channel_with(
+        f.agent.port,
+        &f.certs.ca.cert_pem,
+        Some((&f.certs.client_cert, &f.certs.client_key)),
+    )
+    .await
+    .unwrap();
+    for path in [
+        "/persys.agent.v1.AgentService/NoSuchMethod",
+        "/x7.Random/Path",
+    ] {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://127.0.0.1:{}{path}", f.agent.port))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::default())
+            .unwrap();
+        let response = channel.ready().await.unwrap().call(request).await.unwrap();
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(status.as_deref(), Some("12"), "{path}: {response:?}");
+    }
+    let mut health = AgentServiceClient::new(channel);
+    health.health_check(HealthCheckRequest {}).await.unwrap();
+
+    let (_, metrics) = http_get(f.agent.metrics_port, "/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"persys_agent_grpc_requests_total{method="unknown",code="Unimplemented"}"#
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"persys_agent_grpc_requests_total{method="persys.agent.v1.AgentService/HealthCheck",code="OK"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("NoSuchMethod"), "{metrics}");
+    assert!(!metrics.contains("x7.Random"), "{metrics}");
 }
 
 #[tokio::test]
