@@ -61,6 +61,23 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the TLS files are checked for rotation.
 const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Concurrent HTTP/2 streams (calls in flight, open Watch streams) a client
+/// may hold on one connection. The gRPC bench multiplexes 64 clients, one
+/// call in flight each, over one connection; a scheduler or persysctl may
+/// keep Watch streams open beside its calls. 256 leaves four times the
+/// bench's 64, and bounds what one connection can make the agent buffer
+/// (each stream may hold a request of up to MAX_REQUEST_BYTES while it is
+/// decoded). A client over the limit waits for a stream to end (the HTTP/2
+/// SETTINGS tell it); it is not refused. hyper's default would be 200.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// HTTP/2 PING after this long without a frame from the client, and the
+/// connection closed when the PING is not answered within
+/// HTTP2_KEEPALIVE_TIMEOUT: a peer that vanished no longer holds its
+/// streams (a Watch, a stream slot) until TCP gives up, minutes later.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs the agent until `shutdown` is cancelled (a signal), then stops
 /// accepting, lets in-flight RPCs and reconciles finish, and syncs the store.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
@@ -185,7 +202,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let service = AgentServiceServer::new(agent)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(64 * 1024 * 1024);
+    // TCP keepalive is set on accepted sockets by the accept loops below:
+    // tonic's own `tcp_keepalive` does not apply to `serve_with_incoming`.
     let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(GrpcMetricsLayer::new(metrics.clone()))
         .layer(AuthzLayer::new(authentication, metrics.authz.clone()))
         .add_service(health_service)
@@ -206,7 +228,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         };
         let reloading = ReloadingConfig::watch(files, TLS_RELOAD_INTERVAL, background.clone())?;
         tracing::info!(addr = %bound, node_id = %config.node_id(), "serving gRPC with mutual TLS");
-        let incoming = tls::incoming(listener, reloading, shutdown.clone());
+        let failures = tls::HandshakeFailures::new(metrics.tls_handshake_failures.clone());
+        let incoming = tls::incoming(listener, reloading, failures, shutdown.clone());
         let serving = router.serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(incoming),
             stop_serving.clone().cancelled_owned(),
@@ -219,6 +242,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         );
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))
+            .with_keepalive(Some(tls::TCP_KEEPALIVE))
             .map(|accepted| accepted.map(Coalesced::new));
         let serving =
             router.serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());

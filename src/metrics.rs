@@ -59,6 +59,12 @@ pub struct MethodLabels {
     pub method: String,
 }
 
+/// A bounded reason (a fixed set of values chosen by the agent).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~26 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
@@ -81,6 +87,7 @@ pub struct Metrics {
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub grpc_seconds: Family<MethodLabels, Histogram>,
     pub authz: crate::server::authz::AuthzMetrics,
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -106,6 +113,7 @@ impl Metrics {
         let grpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
+        let tls_handshake_failures = Family::<ReasonLabels, Counter>::default();
 
         registry.register(
             "workloads",
@@ -189,6 +197,11 @@ impl Metrics {
             grpc_seconds.clone(),
         );
         authz.register(&mut registry);
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason (timeout, refused)",
+            tls_handshake_failures.clone(),
+        );
         Metrics {
             authz,
             workloads,
@@ -204,6 +217,7 @@ impl Metrics {
             runtime_up,
             grpc_requests,
             grpc_seconds,
+            tls_handshake_failures,
             registry: Arc::new(registry),
         }
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Authority, Certs, client, client_with};
+use common::{AgentProcess, Authority, Certs, channel_with, client, client_with, http_get, sample};
 use futures::StreamExt;
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
@@ -614,6 +614,149 @@ async fn clients_without_a_certificate_or_from_a_foreign_ca_are_refused() {
     // The right client still works.
     let mut ok = client(f.agent.port, &f.certs).await.unwrap();
     assert!(ok.health_check(HealthCheckRequest {}).await.is_ok());
+}
+
+/// The first RPC's outcome for a client presenting `cert` and `key`: with
+/// TLS 1.3 the client finishes its side of the handshake before the server
+/// has verified the certificate, so a refusal shows as that RPC failing.
+async fn first_rpc(f: &Fixture, cert: &str, key: &str) -> Result<(), String> {
+    match client_with(f.agent.port, &f.certs.ca.cert_pem, Some((cert, key))).await {
+        Ok(mut client) => client
+            .health_check(HealthCheckRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn handshake_failures(f: &Fixture, reason: &str) -> f64 {
+    let (_, metrics) = http_get(f.agent.metrics_port, "/metrics");
+    sample(
+        &metrics,
+        &format!("persys_agent_tls_handshake_failures_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no {reason} handshake failure series in:\n{metrics}"))
+}
+
+#[tokio::test]
+async fn a_client_certificate_without_client_auth_is_refused_at_the_handshake() {
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+    let f = start(&[]).await;
+    assert_eq!(handshake_failures(&f, "refused"), 0.0);
+    assert_eq!(handshake_failures(&f, "timeout"), 0.0);
+    // Another node's server certificate from the same CA: serverAuth only.
+    let (cert, key) = f.certs.ca.leaf("persysctl", true);
+    let outcome = first_rpc(&f, &cert, &key).await;
+    assert!(
+        outcome.is_err(),
+        "a serverAuth-only certificate got an answer"
+    );
+    // No extended key usage at all: webpki alone would accept it.
+    let (cert, key) = f.certs.ca.leaf_with("persysctl", vec![], &[]);
+    let outcome = first_rpc(&f, &cert, &key).await;
+    assert!(outcome.is_err(), "a certificate without EKU got an answer");
+    // Both uses: fine.
+    let (cert, key) = f
+        .certs
+        .ca
+        .leaf_with("persysctl", vec![], &[ServerAuth, ClientAuth]);
+    first_rpc(&f, &cert, &key).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handshake_failures(&f, "refused") < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "refused handshakes not counted:\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // (tonic's channel may dial again after a refusal: at least two.)
+    let log = f.agent.log_text();
+    assert!(
+        log.contains("TLS handshake failed") && log.contains("client authentication"),
+        "{log}"
+    );
+    // Several failures from one address within a minute: one line.
+    assert_eq!(log.matches("TLS handshake failed").count(), 1, "{log}");
+}
+
+#[tokio::test]
+async fn a_connection_that_never_says_hello_does_not_stop_other_clients() {
+    let f = start(&[]).await;
+    let silent: Vec<_> = (0..8)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", f.agent.port)).unwrap())
+        .collect();
+    let started = Instant::now();
+    let mut other = client(f.agent.port, &f.certs).await.unwrap();
+    other.health_check(HealthCheckRequest {}).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The silent ones are dropped after the 10 s handshake timeout.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handshake_failures(&f, "timeout") < 8.0 {
+        assert!(
+            Instant::now() < deadline,
+            "silent connections not timed out:\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(silent);
+    other.health_check(HealthCheckRequest {}).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_to_an_unknown_method_is_counted_as_unknown() {
+    use tower::{Service, ServiceExt};
+    let f = start(&[]).await;
+    let mut channel = channel_with(
+        f.agent.port,
+        &f.certs.ca.cert_pem,
+        Some((&f.certs.client_cert, &f.certs.client_key)),
+    )
+    .await
+    .unwrap();
+    for path in [
+        "/persys.agent.v1.AgentService/NoSuchMethod",
+        "/x7.Random/Path",
+    ] {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://127.0.0.1:{}{path}", f.agent.port))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::default())
+            .unwrap();
+        let response = channel.ready().await.unwrap().call(request).await.unwrap();
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(status.as_deref(), Some("12"), "{path}: {response:?}");
+    }
+    let mut health = AgentServiceClient::new(channel);
+    health.health_check(HealthCheckRequest {}).await.unwrap();
+
+    let (_, metrics) = http_get(f.agent.metrics_port, "/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"persys_agent_grpc_requests_total{method="unknown",code="Unimplemented"}"#
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(
+            &metrics,
+            r#"persys_agent_grpc_requests_total{method="persys.agent.v1.AgentService/HealthCheck",code="OK"}"#
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("NoSuchMethod"), "{metrics}");
+    assert!(!metrics.contains("x7.Random"), "{metrics}");
 }
 
 #[tokio::test]

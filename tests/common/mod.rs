@@ -37,22 +37,35 @@ impl Authority {
         }
     }
 
-    /// (certificate PEM, key PEM)
+    /// (certificate PEM, key PEM): a server certificate for localhost
+    /// (serverAuth) or a client certificate (clientAuth).
     pub fn leaf(&self, name: &str, server: bool) -> (String, String) {
         let sans = if server {
             vec!["localhost".to_string(), "127.0.0.1".to_string()]
         } else {
             vec![name.to_string()]
         };
+        let uses = if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        };
+        self.leaf_with(name, sans, &[uses])
+    }
+
+    /// (certificate PEM, key PEM) with these SANs and extended key usages
+    /// (none: no EKU extension at all).
+    pub fn leaf_with(
+        &self,
+        name: &str,
+        sans: Vec<String>,
+        uses: &[ExtendedKeyUsagePurpose],
+    ) -> (String, String) {
         let mut params = CertificateParams::new(sans).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
+        params.extended_key_usages = uses.to_vec();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -289,6 +302,17 @@ pub async fn client_with(
     ca_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> Result<AgentServiceClient<Channel>, tonic::transport::Error> {
+    Ok(AgentServiceClient::new(
+        channel_with(port, ca_pem, identity).await?,
+    ))
+}
+
+/// A connection trusting `ca_pem`, presenting `identity` if given.
+pub async fn channel_with(
+    port: u16,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
@@ -302,7 +326,7 @@ pub async fn client_with(
         .timeout(Duration::from_secs(10))
         .connect()
         .await?;
-    Ok(AgentServiceClient::new(channel))
+    Ok(channel)
 }
 
 /// A plain HTTP/1.0 GET on loopback: (status code, body).
