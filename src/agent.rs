@@ -54,8 +54,8 @@ impl AgentError {
     }
 }
 
-/// After a shutdown signal, how long in-flight RPCs and open streams get
-/// before the server stops anyway.
+/// After a shutdown signal, how long in-flight RPCs get before the server
+/// stops anyway (at most PERSYS_SHUTDOWN_TIMEOUT; Watch streams end at once).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How often the TLS files are checked for rotation.
@@ -163,7 +163,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         version: config.agent_version(),
         usage: controllers.usage.clone(),
         metrics: metrics.clone(),
-        shutdown: background.clone(),
+        // Watch streams end as soon as the signal comes, not after the grace.
+        shutdown: shutdown.clone(),
         drain: link.drain.clone(),
         scheduler: link.status.clone(),
     };
@@ -220,6 +221,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         .map_err(|source| AgentError::Listen { addr, source })?;
     let bound = listener.local_addr().unwrap_or(addr);
     let stop_serving = shutdown.clone();
+    // Everything must be down this long after the signal.
+    let deadline = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let timeout = config.shutdown_timeout;
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::Instant::now() + timeout
+        }
+    });
+    let grace = SHUTDOWN_GRACE.min(config.shutdown_timeout);
     if config.tls_enabled {
         let files = TlsFiles {
             cert: config.tls_cert.clone(),
@@ -234,7 +245,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             tokio_stream::wrappers::ReceiverStream::new(incoming),
             stop_serving.clone().cancelled_owned(),
         );
-        serve_with_grace(serving, stop_serving).await?;
+        serve_with_grace(serving, stop_serving, grace).await?;
     } else {
         tracing::warn!(
             addr = %bound,
@@ -246,14 +257,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             .map(|accepted| accepted.map(Coalesced::new));
         let serving =
             router.serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
-        serve_with_grace(serving, stop_serving).await?;
+        serve_with_grace(serving, stop_serving, grace).await?;
     }
 
     tracing::info!("gRPC server stopped; stopping controllers");
     background.cancel();
-    for task in controllers.tasks {
-        let _ = task.await;
-    }
+    let deadline = deadline
+        .await
+        .unwrap_or_else(|_| tokio::time::Instant::now());
+    stop_controllers(controllers.tasks, deadline).await;
     let _ = informer_task.await;
     if let Some(task) = link.task {
         let _ = task.await;
@@ -299,19 +311,38 @@ fn authentication(
 }
 
 /// Serves until the server stops by itself after `stop` (every connection
-/// closed), or until [`SHUTDOWN_GRACE`] after `stop`, whichever is first.
+/// closed), or until `grace` after `stop`, whichever is first.
 async fn serve_with_grace(
     serving: impl std::future::Future<Output = Result<(), tonic::transport::Error>>,
     stop: CancellationToken,
+    grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     tokio::select! {
         result = serving => result,
         _ = async {
             stop.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tokio::time::sleep(grace).await;
         } => {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the shutdown grace; closing them");
+            tracing::warn!(?grace, "connections still open after the shutdown grace; closing them");
             Ok(())
+        }
+    }
+}
+
+/// Lets the controllers finish their in-flight reconciles until `deadline`
+/// (`PERSYS_SHUTDOWN_TIMEOUT` after the signal), then cancels the rest:
+/// dropping a reconcile kills the compose command it was running, process
+/// group and all. Whatever a cancelled reconcile had not written is found
+/// again by the next start's first reconcile.
+async fn stop_controllers(tasks: Vec<tokio::task::JoinHandle<()>>, deadline: tokio::time::Instant) {
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let all = futures::future::join_all(tasks);
+    if tokio::time::timeout_at(deadline, all).await.is_err() {
+        tracing::warn!(
+            "reconciles still running at the shutdown deadline (PERSYS_SHUTDOWN_TIMEOUT); cancelling them"
+        );
+        for abort in &aborts {
+            abort.abort();
         }
     }
 }

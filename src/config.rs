@@ -61,6 +61,12 @@ pub struct Config {
     )]
     pub tls_ca: PathBuf,
 
+    /// After SIGTERM or SIGINT, everything is down within this long:
+    /// in-flight reconciles past it are cancelled (their compose commands
+    /// killed). Under Kubernetes' 30 s grace and systemd's 90 s default.
+    #[arg(long, env = "PERSYS_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
     /// Authorization policy (YAML rules mapping client certificate names to
     /// roles), reloaded when it changes. Default: CN persys-scheduler is the
     /// scheduler, CN persysctl an operator, everyone else is refused.

@@ -71,6 +71,9 @@ fn main() {
         on_signal(shutdown.clone());
         persys_agent::agent::run(config, shutdown).await
     });
+    // Blocking calls still running (a libvirt call cannot be cancelled)
+    // get a moment, not forever: the shutdown deadline has passed.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Err(error) = result {
         tracing::error!(%error, "persys-agent failed");
         eprintln!("persys-agent: {error}");
