@@ -174,7 +174,7 @@ declare -A sets=(
 # Kinds each rendering must contain.
 declare -A want_kinds=(
   [default]="DaemonSet Service ServiceAccount"
-  [full]="Certificate DaemonSet Service ServiceAccount ServiceMonitor"
+  [full]="Certificate Certificate ConfigMap DaemonSet Service ServiceAccount ServiceMonitor"
   [plaintext-grpc-probes]="DaemonSet Service ServiceAccount"
 )
 set_names=(default full plaintext-grpc-probes)
@@ -218,7 +218,8 @@ invariants() {
   "$PYTHON" - "$1" "$tmp/$1.yaml" <<'EOF'
 import sys, yaml
 name, path = sys.argv[1], sys.argv[2]
-docs = {d["kind"]: d for d in yaml.safe_load_all(open(path)) if d}
+all_docs = [d for d in yaml.safe_load_all(open(path)) if d]
+docs = {d["kind"]: d for d in all_docs}
 ds, svc = docs["DaemonSet"], docs["Service"]
 pod = ds["spec"]["template"]["spec"]
 (c,) = pod["containers"]
@@ -235,7 +236,8 @@ always = """PERSYS_GRPC_ADDR PERSYS_GRPC_PORT PERSYS_TLS_ENABLED PERSYS_TLS_CERT
   PERSYS_RECONCILE_INTERVAL PERSYS_LOG_LEVEL PERSYS_LOG_FORMAT PERSYS_NODE_ID PERSYS_METRICS_PORT""".split()
 optional = """PERSYS_VM_DOMAIN_TYPE PERSYS_COMPOSE_BINARY PERSYS_ALLOWED_HOST_PATHS PERSYS_VERSION PERSYS_SCHEDULER_ADDR
   PERSYS_SCHEDULER_INSECURE PERSYS_AGENT_GRPC_ENDPOINT PERSYS_CLUSTER_ID PERSYS_NODE_LABELS
-  PERSYS_NODE_REGION PERSYS_NODE_ENV""".split()
+  PERSYS_NODE_REGION PERSYS_NODE_ENV PERSYS_SCHEDULER_TLS_CERT PERSYS_SCHEDULER_TLS_KEY
+  PERSYS_AUTHZ_FILE""".split()
 for v in always + (optional if name == "full" else []):
     need(v in env, f"env {v} missing")
 if name != "full":
@@ -255,6 +257,30 @@ need(ru["type"] == "RollingUpdate" and ru["rollingUpdate"]["maxSurge"] == 0, "up
 need(pod["terminationGracePeriodSeconds"] >= 30, "terminationGracePeriodSeconds < 30")
 need(pod["hostNetwork"] and pod["hostPID"], "hostNetwork/hostPID not set")
 need(c["securityContext"].get("privileged") is True, "not privileged")
+# No node gets a certificate that authenticates clients under a role name:
+# the server certificate serves only, the scheduler client certificate has
+# client auth only and a name the default policy maps to no role.
+role_names = {"persys-scheduler", "persysctl"}
+for cert in (d for d in all_docs if d["kind"] == "Certificate"):
+    spec, name = cert["spec"], cert["metadata"]["name"]
+    need(spec.get("commonName") not in role_names, f"Certificate {name}: CN {spec.get('commonName')} has a role")
+    usages = set(spec.get("usages", []))
+    if name.endswith("-scheduler-client"):
+        need("client auth" in usages and "server auth" not in usages, f"Certificate {name}: usages {usages}")
+    else:
+        need("client auth" not in usages, f"server Certificate {name} has client auth: {usages}")
+if "PERSYS_SCHEDULER_ADDR" in env and env.get("PERSYS_SCHEDULER_INSECURE", {}).get("value") != "true" and tls:
+    for v in ["PERSYS_SCHEDULER_TLS_CERT", "PERSYS_SCHEDULER_TLS_KEY"]:
+        need(v in env and env[v]["value"].rsplit("/", 1)[0] == cert_dir,
+             f"scheduler link over mTLS without {v} in the certificate mount")
+if "PERSYS_AUTHZ_FILE" in env:
+    authz_dir = env["PERSYS_AUTHZ_FILE"]["value"].rsplit("/", 1)[0]
+    mount = [m for m in c["volumeMounts"] if m["mountPath"] == authz_dir]
+    need(mount and mount[0].get("readOnly") is True, f"policy directory {authz_dir} not mounted read-only")
+    need("ConfigMap" in docs and "policy.yaml" in docs["ConfigMap"]["data"], "no ConfigMap with policy.yaml")
+    if "ConfigMap" in docs:
+        policy = yaml.safe_load(docs["ConfigMap"]["data"]["policy.yaml"])
+        need(isinstance(policy, dict) and policy.get("rules"), f"policy.yaml has no rules: {policy}")
 grpc_port = int(env["PERSYS_GRPC_PORT"]["value"])
 metrics_port = int(env["PERSYS_METRICS_PORT"]["value"])
 ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -330,6 +356,19 @@ check "must fail: gRPC probes with mutual TLS" must_fail 'probes.mode=grpc canno
 check "must fail: TLS without a certificate source" must_fail 'set tls.existingSecret' --set tls.existingSecret=
 check "must fail: cert-manager without an issuer" must_fail 'set tls.certManager.issuerRef.name' --set tls.certManager.enabled=true
 check "must fail: state path outside the state hostPath" must_fail 'statePath .* must lie under' --set config.statePath=/data/state
+check "must fail: client auth on the nodes' server certificate" must_fail 'usages includes client auth' \
+  --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca --set 'tls.certManager.usages={server auth,client auth}'
+check "must fail: a role's name on the nodes' server certificate" must_fail 'commonName persys-scheduler is a name' \
+  --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca --set tls.certManager.commonName=persys-scheduler
+check "must fail: a role's name on the scheduler client certificate" must_fail 'commonName persysctl is a name' \
+  --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca \
+  --set tls.schedulerClient.certManager.enabled=true --set tls.schedulerClient.certManager.commonName=persysctl
+check "must fail: scheduler link over mTLS without a client certificate" must_fail 'set tls.schedulerClient' \
+  --set scheduler.addr=scheduler:8085
+check "must fail: unknown authz role (schema)" must_fail 'role.*(one of|enum)' \
+  --set 'authz.policy.rules[0].match.cn=x' --set 'authz.policy.rules[0].role=admin'
+check "must fail: authz rule matching nothing (schema)" must_fail 'minProperties|match' \
+  --set 'authz.policy.rules[0].role=viewer' --set-json 'authz.policy.rules[0].match={}'
 check "must fail: bad log format (schema)" must_fail 'logFormat.*(one of|enum)' --set config.logFormat=xml
 
 check "yamllint values files" "$PYTHON" -m yamllint -s -d "$yaml_rules" \

@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# Generates development TLS material for the agent's mutual TLS:
-#   ca.crt ca.key          a development CA (EC P-256, CA:true, keyCertSign)
-#   agent.crt agent.key    server cert, CN persys-agent,
-#                          SANs localhost, 127.0.0.1, ::1, the hostname
-#   client.crt client.key  client cert, CN persysctl, clientAuth
+# Generates development TLS material for the agent's mutual TLS, one
+# certificate per identity (one CA signs them all, so the role comes from the
+# subject, never from the chain alone):
+#   ca.crt ca.key                a development CA (EC P-256, CA:true, keyCertSign)
+#   agent.crt agent.key          the agent's server certificate: serverAuth ONLY,
+#                                CN persys-agent, SANs localhost, 127.0.0.1,
+#                                ::1, the hostname
+#   scheduler.crt scheduler.key  client certificate, CN persys-scheduler,
+#                                clientAuth (the scheduler's identity)
+#   client.crt client.key        client certificate, CN persysctl, clientAuth
+#                                (the operator's: persysctl's default file names)
+#   viewer.crt viewer.key        client certificate, CN persys-viewer,
+#                                clientAuth (for a policy rule mapping it to
+#                                the viewer role)
 # Usage: hack/dev-certs.sh [DIR]   (default ./dev/certs)
 #
 # Idempotent: certificates that exist, match their key, chain to the CA, carry
-# the expected names and stay valid for more than a day are kept. A new CA
-# re-issues both leaves; a bad leaf is re-issued from the existing CA.
+# the expected common name, extended key usage (exactly serverAuth or exactly
+# clientAuth) and names, and stay valid for more than a day are kept. A new CA
+# re-issues every leaf; a bad leaf (e.g. an agent.crt from an earlier version,
+# with clientAuth too) is re-issued from the existing CA.
 # Keys are PKCS#8 PEM ("BEGIN PRIVATE KEY"), certificates X.509 v3 with
 # SKI/AKI: rustls/webpki rejects v1 certificates and CA certificates as leaves.
 set -euo pipefail
@@ -50,14 +61,43 @@ pair_ok() {
   [[ -n $a && $a == "$b" ]]
 }
 
-# leaf_ok NAME PURPOSE [SAN...]: pair_ok, chains to ca.crt for PURPOSE and
-# lists every SAN given (a SAN argument may list spellings separated by "|").
+# How `openssl x509 -ext extendedKeyUsage` names the two uses.
+EKU_SERVER="TLS Web Server Authentication"
+EKU_CLIENT="TLS Web Client Authentication"
+
+# eku_ok NAME server|client: the certificate's extended key usage carries
+# that use and not the other one.
+eku_ok() {
+  local eku want other
+  eku=$(openssl x509 -in "$DIR/$1.crt" -noout -ext extendedKeyUsage 2>/dev/null) || return 1
+  case $2 in
+    server) want=$EKU_SERVER other=$EKU_CLIENT ;;
+    client) want=$EKU_CLIENT other=$EKU_SERVER ;;
+    *) return 1 ;;
+  esac
+  [[ $eku == *"$want"* && $eku != *"$other"* ]]
+}
+
+# cn_ok NAME CN: the subject's common name is CN.
+cn_ok() {
+  local subject
+  subject=$(openssl x509 -in "$DIR/$1.crt" -noout -subject -nameopt sep_multiline,sname 2>/dev/null) ||
+    return 1
+  grep -qx "[[:space:]]*CN=$2" <<<"$subject"
+}
+
+# leaf_ok NAME server|client CN [SAN...]: pair_ok, chains to ca.crt for that
+# use, carries that use only, has common name CN and lists every SAN given (a
+# SAN argument may list spellings separated by "|").
 leaf_ok() {
-  local name=$1 purpose=$2 sans
-  shift 2
+  local name=$1 use=$2 cn=$3 sans purpose
+  shift 3
+  purpose=ssl$use
   pair_ok "$name" || return 1
   openssl verify -x509_strict -purpose "$purpose" -CAfile "$DIR/ca.crt" \
     "$DIR/$name.crt" >/dev/null 2>&1 || return 1
+  eku_ok "$name" "$use" || return 1
+  cn_ok "$name" "$cn" || return 1
   sans=$(openssl x509 -in "$DIR/$name.crt" -noout -ext subjectAltName 2>/dev/null) || return 1
   local want alt found alts
   for want in "$@"; do
@@ -161,28 +201,39 @@ ca_ok() {
   openssl verify -x509_strict -CAfile "$DIR/ca.crt" "$DIR/ca.crt" >/dev/null 2>&1
 }
 
+# The client identities: file name and common name.
+clients=(scheduler:persys-scheduler client:persysctl viewer:persys-viewer)
+
 if ! ca_ok; then
   log "creating development CA in $DIR"
   make_ca
   changed+=(ca)
-  rm -f "$DIR/agent.crt" "$DIR/client.crt" # issued by another CA
+  # issued by another CA
+  rm -f "$DIR/agent.crt"
+  for pair in "${clients[@]}"; do rm -f "$DIR/${pair%%:*}.crt"; done
 fi
-if ! leaf_ok agent sslserver "${server_san_text[@]}"; then
-  log "issuing server certificate (CN persys-agent; ${server_sans[*]})"
-  make_leaf agent persys-agent "serverAuth, clientAuth" "${server_sans[@]}"
+if ! leaf_ok agent server persys-agent "${server_san_text[@]}"; then
+  log "issuing server certificate (CN persys-agent, serverAuth only; ${server_sans[*]})"
+  make_leaf agent persys-agent "serverAuth" "${server_sans[@]}"
   changed+=(agent)
 fi
-if ! leaf_ok client sslclient; then
-  log "issuing client certificate (CN persysctl)"
-  make_leaf client persysctl "clientAuth"
-  changed+=(client)
-fi
+for pair in "${clients[@]}"; do
+  name=${pair%%:*} cn=${pair#*:}
+  if ! leaf_ok "$name" client "$cn"; then
+    log "issuing client certificate $name.crt (CN $cn, clientAuth)"
+    make_leaf "$name" "$cn" "clientAuth"
+    changed+=("$name")
+  fi
+done
 
 # Final check of what is on disk, whatever path we took.
-openssl verify -x509_strict -purpose sslserver -CAfile "$DIR/ca.crt" "$DIR/agent.crt" >/dev/null ||
-  die "agent.crt does not verify against ca.crt"
-openssl verify -x509_strict -purpose sslclient -CAfile "$DIR/ca.crt" "$DIR/client.crt" >/dev/null ||
-  die "client.crt does not verify against ca.crt"
+leaf_ok agent server persys-agent "${server_san_text[@]}" ||
+  die "agent.crt does not verify against ca.crt as a serverAuth-only certificate for persys-agent"
+for pair in "${clients[@]}"; do
+  name=${pair%%:*} cn=${pair#*:}
+  leaf_ok "$name" client "$cn" ||
+    die "$name.crt does not verify against ca.crt as a clientAuth-only certificate for $cn"
+done
 
 if ((${#changed[@]})); then
   printf 'dev-certs: %s: generated %s\n' "$DIR" "${changed[*]}"

@@ -175,6 +175,16 @@ pub struct Config {
     #[arg(long, env = "PERSYS_SCHEDULER_INSECURE", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub scheduler_insecure: bool,
 
+    /// Client certificate (PEM, extended key usage clientAuth) the agent
+    /// presents to the scheduler. Default: PERSYS_TLS_CERT, which then needs
+    /// clientAuth besides serverAuth. Read again at every registration.
+    #[arg(long, env = "PERSYS_SCHEDULER_TLS_CERT")]
+    pub scheduler_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of PERSYS_SCHEDULER_TLS_CERT.
+    #[arg(long, env = "PERSYS_SCHEDULER_TLS_KEY")]
+    pub scheduler_tls_key: Option<PathBuf>,
+
     /// host:port the scheduler dials this agent at (default: the bind
     /// address when it is a specific one, else the local address of the
     /// route toward the scheduler; with PERSYS_GRPC_PORT).
@@ -265,7 +275,7 @@ impl Config {
     /// Parses flags and environment; on a bad value prints which variable
     /// is wrong and exits non-zero.
     pub fn load() -> Config {
-        match Config::try_parse() {
+        match Config::try_parse().and_then(Config::checked) {
             Ok(config) => config,
             Err(error) => exit_with(error),
         }
@@ -276,7 +286,26 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        Config::try_parse_from(args)
+        Config::try_parse_from(args).and_then(Config::checked)
+    }
+
+    /// Rules across settings. (clap's `requires` does not see values that
+    /// come from the environment.)
+    fn checked(self) -> Result<Config, clap::Error> {
+        if self.scheduler_tls_cert.is_some() != self.scheduler_tls_key.is_some() {
+            let (set, unset) = if self.scheduler_tls_cert.is_some() {
+                ("PERSYS_SCHEDULER_TLS_CERT", "PERSYS_SCHEDULER_TLS_KEY")
+            } else {
+                ("PERSYS_SCHEDULER_TLS_KEY", "PERSYS_SCHEDULER_TLS_CERT")
+            };
+            return Err(Config::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                format!(
+                    "{set} is set but {unset} is not: the scheduler client certificate needs both"
+                ),
+            ));
+        }
+        Ok(self)
     }
 
     /// The address gRPC and metrics listen on: the one given, else every
@@ -428,6 +457,28 @@ mod tests {
                 Some("PERSYS_SCHEDULER_ADDR"),
                 "{value}"
             );
+        }
+    }
+
+    #[test]
+    fn the_scheduler_client_certificate_defaults_to_the_agent_s_and_comes_with_its_key() {
+        let config = Config::try_parse_from_iter(["persys-agent"]).unwrap();
+        assert_eq!(config.scheduler_tls_cert, None);
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "--scheduler-tls-cert",
+            "/c/node.crt",
+            "--scheduler-tls-key",
+            "/c/node.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.scheduler_tls_cert,
+            Some(PathBuf::from("/c/node.crt"))
+        );
+        assert_eq!(config.scheduler_tls_key, Some(PathBuf::from("/c/node.key")));
+        for alone in ["--scheduler-tls-cert", "--scheduler-tls-key"] {
+            assert!(Config::try_parse_from_iter(["persys-agent", alone, "/c/x"]).is_err());
         }
     }
 

@@ -772,7 +772,8 @@ async fn a_draining_node_refuses_new_workloads_keeps_existing_ones_and_lifts_the
     assert!(accepted.applied, "{accepted:?}");
 }
 
-/// A CA issuing certificates with the uses each party needs. The agent's
+/// A CA issuing certificates with the uses each party needs. Without a
+/// client certificate of its own (PERSYS_SCHEDULER_TLS_CERT) the agent's
 /// certificate serves its API and authenticates it to the scheduler, so it
 /// carries both server and client use.
 struct Pki {
@@ -890,6 +891,74 @@ async fn the_agent_dials_the_scheduler_with_mutual_tls_and_its_own_certificate()
         |calls| calls.iter().find_map(Call::heartbeat).map(|_| ()),
     )
     .await;
+}
+
+#[tokio::test]
+async fn with_a_client_certificate_of_its_own_the_agent_presents_that_one() {
+    // The agent's server certificate is for serving only (a scheduler
+    // verifying client certificates would refuse it); the client certificate
+    // names the node's agent, which the agents' default policy maps to no
+    // role.
+    let pki = Pki::new("persys test CA");
+    let fake = FakeScheduler::with(Script::default());
+    let serving = fake
+        .serve(
+            loopback_listener().await,
+            Some(pki.scheduler_tls(&pki.ca_pem)),
+        )
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (server_cert, server_key) =
+        pki.issue("persys-agent", &[ExtendedKeyUsagePurpose::ServerAuth]);
+    let (client_cert, client_key) =
+        pki.issue("compute-agent", &[ExtendedKeyUsagePurpose::ClientAuth]);
+    for (name, content) in [
+        ("agent.crt", &server_cert),
+        ("agent.key", &server_key),
+        ("scheduler-client.crt", &client_cert),
+        ("scheduler-client.key", &client_key),
+        ("ca.crt", &pki.ca_pem),
+    ] {
+        std::fs::write(certs.join(name), content).unwrap();
+    }
+    let file = |name: &str| certs.join(name).display().to_string();
+    let env = vec![
+        ("PERSYS_TLS_CERT".to_string(), file("agent.crt")),
+        ("PERSYS_TLS_KEY".to_string(), file("agent.key")),
+        ("PERSYS_TLS_CA".to_string(), file("ca.crt")),
+        (
+            "PERSYS_SCHEDULER_TLS_CERT".to_string(),
+            file("scheduler-client.crt"),
+        ),
+        (
+            "PERSYS_SCHEDULER_TLS_KEY".to_string(),
+            file("scheduler-client.key"),
+        ),
+        (
+            "PERSYS_SCHEDULER_ADDR".to_string(),
+            serving.addr.to_string(),
+        ),
+    ];
+    let agent = AgentProcess::start_plaintext(&dir.path().join("state"), &as_refs(&env)).await;
+    let peer_cert = fake
+        .wait_for(
+            "registration over mTLS",
+            Duration::from_secs(20),
+            &agent,
+            |calls| {
+                calls.iter().find_map(|c| match c {
+                    Call::Register { peer_cert, .. } => Some(peer_cert.clone()),
+                    Call::Heartbeat { .. } => None,
+                })
+            },
+        )
+        .await
+        .expect("the agent presented a client certificate");
+    assert_eq!(common_name(&peer_cert).as_deref(), Some("compute-agent"));
+    let expected = CertificateDer::from_pem_slice(client_cert.as_bytes()).unwrap();
+    assert_eq!(peer_cert, expected.to_vec());
 }
 
 #[tokio::test]

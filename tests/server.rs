@@ -1022,6 +1022,8 @@ fn an_invalid_setting_exits_non_zero_naming_the_variable() {
         ("PERSYS_RECONCILE_INTERVAL", "soon"),
         ("PERSYS_TLS_ENABLED", "maybe"),
         ("PERSYS_LOG_FORMAT", "xml"),
+        ("PERSYS_SCHEDULER_TLS_CERT", "/nonexistent/client.crt"),
+        ("PERSYS_SCHEDULER_TLS_KEY", "/nonexistent/client.key"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_persys-agent"))
             .env(variable, value)
@@ -1062,6 +1064,8 @@ fn help_documents_every_variable() {
         "PERSYS_VERSION",
         "PERSYS_METRICS_PORT",
         "PERSYS_LOG_FORMAT",
+        "PERSYS_SCHEDULER_TLS_CERT",
+        "PERSYS_SCHEDULER_TLS_KEY",
     ] {
         assert!(help.contains(variable), "{variable} missing from --help");
     }

@@ -1,4 +1,4 @@
-//! The scheduler over gRPC: dialling with the agent's own certificate, and
+//! The scheduler over gRPC: dialling with the agent's client certificate, and
 //! the address the agent advertises.
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct GrpcScheduler {
     /// host:port, as configured.
     addr: String,
-    /// The agent's own certificate, key and CA; none for plaintext.
+    /// The agent's client certificate, key and CA; none for plaintext.
     tls: Option<TlsFiles>,
     /// PERSYS_AGENT_GRPC_ENDPOINT, when set.
     endpoint: Option<String>,
@@ -34,9 +34,15 @@ pub struct GrpcScheduler {
 
 impl GrpcScheduler {
     pub fn new(config: &Config, addr: String) -> Self {
+        // A client certificate of its own when one is configured; else the
+        // agent's server certificate, which then needs clientAuth too.
+        let (cert, key) = match (&config.scheduler_tls_cert, &config.scheduler_tls_key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            _ => (config.tls_cert.clone(), config.tls_key.clone()),
+        };
         let tls = (!config.scheduler_insecure).then(|| TlsFiles {
-            cert: config.tls_cert.clone(),
-            key: config.tls_key.clone(),
+            cert,
+            key,
             ca: config.tls_ca.clone(),
         });
         GrpcScheduler {

@@ -79,6 +79,16 @@ drops the names that extraEnv sets.
 - name: PERSYS_SCHEDULER_ADDR
   value: {{ . | quote }}
 {{- end }}
+{{- if include "persys-agent.schedulerClientMounted" . }}
+- name: PERSYS_SCHEDULER_TLS_CERT
+  value: {{ printf "%s/scheduler-client.crt" (trimSuffix "/" .Values.tls.mountPath) | quote }}
+- name: PERSYS_SCHEDULER_TLS_KEY
+  value: {{ printf "%s/scheduler-client.key" (trimSuffix "/" .Values.tls.mountPath) | quote }}
+{{- end }}
+{{- if .Values.authz.policy }}
+- name: PERSYS_AUTHZ_FILE
+  value: {{ printf "%s/policy.yaml" (trimSuffix "/" .Values.authz.mountPath) | quote }}
+{{- end }}
 {{- if not (kindIs "invalid" .Values.scheduler.insecure) }}
 - name: PERSYS_SCHEDULER_INSECURE
   value: {{ .Values.scheduler.insecure | quote }}

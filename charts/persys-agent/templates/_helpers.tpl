@@ -88,6 +88,34 @@ the existing one.
 {{- end }}
 
 {{/*
+Whether the agent dials the scheduler over mutual TLS (an address, and
+scheduler.insecure not true).
+*/}}
+{{- define "persys-agent.schedulerTls" -}}
+{{- if and .Values.scheduler.addr (not .Values.scheduler.insecure) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Secret holding the scheduler client certificate: the cert-manager
+Certificate's, the existing one, or "" (none configured).
+*/}}
+{{- define "persys-agent.schedulerClientSecretName" -}}
+{{- $sc := .Values.tls.schedulerClient }}
+{{- if $sc.certManager.enabled }}
+{{- default (printf "%s-scheduler-client-tls" (include "persys-agent.fullname" .)) $sc.certManager.secretName }}
+{{- else }}
+{{- $sc.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the scheduler client certificate is mounted (TLS on, and a source).
+*/}}
+{{- define "persys-agent.schedulerClientMounted" -}}
+{{- if and .Values.tls.enabled (include "persys-agent.schedulerClientSecretName" .) }}true{{ end }}
+{{- end }}
+
+{{/*
 Probe mode actually used: "auto" resolves to http with TLS, grpc without.
 */}}
 {{- define "persys-agent.probeMode" -}}
@@ -115,6 +143,31 @@ message naming the values to change.
 {{- end }}
 {{- if and .Values.tls.enabled .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
 {{- fail "tls.certManager.enabled is true: set tls.certManager.issuerRef.name (and kind: Issuer or ClusterIssuer)" }}
+{{- end }}
+{{- /* Every node holds the server (and scheduler client) certificate's key:
+  it must not be a name the agents' default policy gives a role, and the
+  server certificate must not authenticate clients. */}}
+{{- $roleNames := list "persys-scheduler" "persysctl" }}
+{{- if and .Values.tls.enabled .Values.tls.certManager.enabled (has .Values.tls.certManager.commonName $roleNames) }}
+{{- fail (printf "tls.certManager.commonName %s is a name the agents' default policy maps to a role, and every node holds this key: use persys-agent" .Values.tls.certManager.commonName) }}
+{{- end }}
+{{- if and .Values.tls.enabled .Values.tls.certManager.enabled (has "client auth" .Values.tls.certManager.usages) }}
+{{- fail "tls.certManager.usages includes client auth: the agents' server certificate is for serving only (every node holds its key; with client auth one stolen node key would authenticate to every node). The scheduler link uses tls.schedulerClient" }}
+{{- end }}
+{{- $sc := .Values.tls.schedulerClient }}
+{{- if and $sc.certManager.enabled (has $sc.certManager.commonName $roleNames) }}
+{{- fail (printf "tls.schedulerClient.certManager.commonName %s is a name the agents' default policy maps to a role, and every node holds this key: use compute-agent" $sc.certManager.commonName) }}
+{{- end }}
+{{- if and $sc.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.schedulerClient.certManager.enabled is true: set tls.certManager.issuerRef.name (the scheduler client certificate comes from the same issuer)" }}
+{{- end }}
+{{- if include "persys-agent.schedulerTls" . }}
+{{- if not .Values.tls.enabled }}
+{{- fail "scheduler.addr is set with mutual TLS (scheduler.insecure is not true) but tls.enabled is false: the CA and the scheduler client certificate are mounted only with tls.enabled (or set scheduler.insecure=true for development)" }}
+{{- end }}
+{{- if not (include "persys-agent.schedulerClientSecretName" .) }}
+{{- fail "scheduler.addr is set with mutual TLS: set tls.schedulerClient.existingSecret (a client-auth certificate for the agent, e.g. CN compute-agent) or tls.schedulerClient.certManager.enabled=true; the agents' server certificate has no client auth" }}
+{{- end }}
 {{- end }}
 {{- if and .Values.tls.enabled (eq .Values.probes.mode "grpc") }}
 {{- fail "probes.mode=grpc cannot work with tls.enabled=true: the agent requires a client certificate and the kubelet's gRPC probe cannot present one. Use probes.mode=http (or auto)" }}
