@@ -160,58 +160,33 @@ pub struct ClientAuthOnly {
 
 /// id-kp-clientAuth, 1.3.6.1.5.5.7.3.2.
 const EKU_CLIENT_AUTH: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 3, 2];
-/// id-ce-extKeyUsage, 2.5.29.37.
-const EXT_KEY_USAGE: &[u64] = &[2, 5, 29, 37];
 
 /// The extended key usages of a DER certificate: `None` without the
-/// extension, else its purposes as OID arcs.
-pub fn extended_key_usages(cert: &[u8]) -> Result<Option<Vec<Vec<u64>>>, yasna::ASN1Error> {
-    use yasna::Tag;
-    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }
-    let extensions = yasna::parse_der(cert, |r| {
-        r.read_sequence(|r| {
-            // TBSCertificate ::= SEQUENCE { version [0], serialNumber, signature,
-            //   issuer, validity, subject, subjectPublicKeyInfo,
-            //   issuerUniqueID [1], subjectUniqueID [2], extensions [3] }
-            let extensions = r.next().read_sequence(|r| {
-                let mut extensions = None;
-                while let Some(field) = r.read_optional(|r| r.read_tagged_der())? {
-                    if field.tag() == Tag::context(3) {
-                        extensions = Some(field.value().to_vec());
-                    }
-                }
-                Ok(extensions)
-            })?;
-            r.next().read_der()?;
-            r.next().read_der()?;
-            Ok(extensions)
-        })
-    })?;
-    let Some(extensions) = extensions else {
+/// extension, else its purposes as OID arcs (the well-known ones first).
+pub fn extended_key_usages(cert: &[u8]) -> Result<Option<Vec<Vec<u64>>>, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| e.to_string())?;
+    let Some(eku) = cert.extended_key_usage().map_err(|e| e.to_string())? else {
         return Ok(None);
     };
-    // Extensions ::= SEQUENCE OF Extension { extnID, critical DEFAULT FALSE, extnValue }
-    let mut eku = None;
-    yasna::parse_der(&extensions, |r| {
-        r.read_sequence_of(|r| {
-            r.read_sequence(|r| {
-                let id = r.next().read_oid()?;
-                r.read_default(false, |r| r.read_bool())?;
-                let value = r.next().read_bytes()?;
-                if id.components().as_slice() == EXT_KEY_USAGE {
-                    eku = Some(value);
-                }
-                Ok(())
-            })
-        })
-    })?;
-    let Some(eku) = eku else {
-        return Ok(None);
-    };
-    // ExtKeyUsageSyntax ::= SEQUENCE SIZE (1..MAX) OF KeyPurposeId
-    let purposes = yasna::parse_der(&eku, |r| {
-        r.collect_sequence_of(|r| Ok(r.read_oid()?.components().clone()))
-    })?;
+    let eku = eku.value;
+    let known: [(bool, &[u64]); 7] = [
+        (eku.any, &[2, 5, 29, 37, 0]),
+        (eku.server_auth, &[1, 3, 6, 1, 5, 5, 7, 3, 1]),
+        (eku.client_auth, EKU_CLIENT_AUTH),
+        (eku.code_signing, &[1, 3, 6, 1, 5, 5, 7, 3, 3]),
+        (eku.email_protection, &[1, 3, 6, 1, 5, 5, 7, 3, 4]),
+        (eku.time_stamping, &[1, 3, 6, 1, 5, 5, 7, 3, 8]),
+        (eku.ocsp_signing, &[1, 3, 6, 1, 5, 5, 7, 3, 9]),
+    ];
+    let mut purposes: Vec<Vec<u64>> = known
+        .iter()
+        .filter(|(present, _)| *present)
+        .map(|(_, arcs)| arcs.to_vec())
+        .collect();
+    for oid in &eku.other {
+        purposes.push(oid.iter().map(|arcs| arcs.collect()).unwrap_or_default());
+    }
     Ok(Some(purposes))
 }
 
