@@ -49,6 +49,7 @@ const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 /// accepting, lets in-flight RPCs and reconciles finish, and syncs the store.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     let mut store_config = StoreConfig::new(&config.state_path);
+    store_config.key_file = config.state_key_file();
     store_config.max_log_entries = config.log_max_entries;
     store_config.max_log_age = config.log_max_age;
     let store = Store::open(store_config)?;

@@ -1,4 +1,4 @@
-use persys_agent::config::{Config, LogFormat};
+use persys_agent::config::{Command, Config, LogFormat, StoreCommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -50,9 +50,35 @@ fn on_signal(token: CancellationToken) {
     });
 }
 
+/// Runs a subcommand; its outcome is the process's.
+fn run_command(config: &Config, command: &Command) -> ! {
+    let result = match command {
+        Command::Store {
+            action: StoreCommand::RotateKey,
+        } => {
+            let mut store = persys_agent::store::StoreConfig::new(&config.state_path);
+            store.key_file = config.state_key_file();
+            persys_agent::store::rotate_key(&store).map(|report| report.to_string())
+        }
+    };
+    match result {
+        Ok(done) => {
+            println!("persys-agent: {done}");
+            std::process::exit(0);
+        }
+        Err(error) => {
+            eprintln!("persys-agent: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     let config = Config::load();
     init_logging(&config);
+    if let Some(command) = &config.command {
+        run_command(&config, command);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
