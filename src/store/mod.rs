@@ -1,15 +1,26 @@
 //! The durable event log: every workload write, in order, on fjall.
 //!
-//! Keyspaces:
-//! - `objects`: id → current [`Workload`];
-//! - `changelog`: resource version (big-endian u64) → [`LogRecord`], the
-//!   ordered change log that watches replay. It is insert-only and trimmed
-//!   logically: entries at or below `compacted_through` are no longer
-//!   served, and its oldest tables are dropped whole (FIFO compaction) once
-//!   it passes [`StoreConfig::max_log_bytes`], so it never carries
-//!   tombstones for compaction to merge;
-//! - `events`: `<id> 0x00 <fold>` → [`Event`];
-//! - `meta`: schema version, last resource version, compacted-through.
+//! Keyspaces (schema 3):
+//! - `objects_sealed`: id → current [`Workload`], sealed;
+//! - `changelog_sealed`: resource version (big-endian u64) → the change-log
+//!   record that watches replay, read back as a [`LogRecord`]: kind,
+//!   version, action, time and caller in clear, the object sealed. It is
+//!   insert-only and trimmed logically: entries at or below
+//!   `compacted_through` are no longer served, and its oldest tables are
+//!   dropped whole (FIFO compaction) once it passes
+//!   [`StoreConfig::max_log_bytes`], so it never carries tombstones for
+//!   compaction to merge;
+//! - `events_sealed`: `<id> 0x00 <fold>` → [`Event`], sealed;
+//! - `meta` (clear): schema version, last resource version,
+//!   compacted-through, and the key check.
+//!
+//! Specs carry secrets, so every value but `meta`'s is sealed ([`seal`]:
+//! XChaCha20-Poly1305) under the node key in [`StoreConfig::key_file`],
+//! beside the state directory (0700), never inside it. The committer seals
+//! each written object once, for both the objects keyspace and the log. A
+//! missing or wrong key refuses the open and changes nothing; a plain store
+//! (schemas 1 and 2) is sealed into a fresh database that replaces it whole,
+//! and [`rotate_key`] re-seals everything under a new key the same way.
 //!
 //! Writes go through the [`committer`] (one thread, group commit, fsync
 //! before acknowledging); reads go straight to fjall and see every
