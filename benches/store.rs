@@ -1,5 +1,5 @@
 //! Store benchmarks: durable apply throughput (group commit beside one fsync
-//! per write), watch fan-out latency (beside a bare broadcast channel), and
+//! per write, and sealed beside plain in the same run), watch fan-out latency (beside a bare broadcast channel), and
 //! open + informer sync of a large state (beside a raw fjall scan).
 //!
 //! Run: `cargo bench --bench store` (figures go to stdout).
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use persys_agent::store::{ApplyRequest, Caller, Store, StoreConfig};
+use persys_agent::store::{ApplyRequest, Caller, Store, StoreConfig, seal};
 use persys_api::v1::{
     ActualState, ContainerSpec, DesiredState, ObjectStatus, PortMapping, WorkloadSpec,
     WorkloadType, workload_spec,
@@ -54,7 +54,8 @@ fn scratch(name: &str) -> std::path::PathBuf {
         .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    // The state directory, its key beside it in the scratch directory.
+    dir.join("state")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -75,11 +76,18 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-/// Durable applies per second with `writers` concurrent tasks for `window`.
-async fn applies_per_second(writers: usize, max_group: usize, window: Duration) -> (f64, f64) {
-    let dir = scratch(&format!("apply-{writers}-{max_group}"));
+/// Durable applies per second with `writers` concurrent tasks for `window`,
+/// values sealed or (for the comparison only) not.
+async fn applies_per_second(
+    writers: usize,
+    max_group: usize,
+    window: Duration,
+    seal: bool,
+) -> (f64, f64) {
+    let dir = scratch(&format!("apply-{writers}-{max_group}-{seal}"));
     let mut config = StoreConfig::new(&dir);
     config.max_group = max_group;
+    config.seal = seal;
     let store = Store::open(config).unwrap();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -112,15 +120,18 @@ async fn applies_per_second(writers: usize, max_group: usize, window: Duration) 
 async fn bench_applies() {
     println!("## Durable applies (each acknowledged write fsynced)");
     println!(
-        "| writers | group commit (applies/s) | writes per sync | one fsync per write (applies/s) | speed-up |"
+        "| writers | group commit, sealed (applies/s) | group commit, plain (applies/s) | sealed / plain | writes per sync | one fsync per write, sealed (applies/s) | speed-up |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let window = Duration::from_secs(3);
     for writers in [1, 8, 64] {
-        let (group, per_sync) = applies_per_second(writers, 1024, window).await;
-        let (naive, _) = applies_per_second(writers, 1, window).await;
+        // Plain first, then sealed, then the naive one: same machine, same run.
+        let (plain, _) = applies_per_second(writers, 1024, window, false).await;
+        let (group, per_sync) = applies_per_second(writers, 1024, window, true).await;
+        let (naive, _) = applies_per_second(writers, 1, window, true).await;
         println!(
-            "| {writers} | {group:.0} | {per_sync:.1} | {naive:.0} | {:.1}x |",
+            "| {writers} | {group:.0} | {plain:.0} | {:.3} | {per_sync:.1} | {naive:.0} | {:.1}x |",
+            group / plain,
             group / naive
         );
     }
@@ -292,7 +303,9 @@ async fn bench_open_and_sync() {
     shutdown.cancel();
     runner.await.unwrap();
 
-    // The raw alternative: scan and decode the objects keyspace with fjall.
+    // The raw alternative: scan, unseal and decode the objects keyspace
+    // with fjall.
+    let key_file = StoreConfig::new(&dir).key_file;
     let log_len = store.log_len();
     store.close().await;
     drop(informer);
@@ -300,12 +313,16 @@ async fn bench_open_and_sync() {
     let raw_started = Instant::now();
     let db = fjall::Database::builder(dir.join("db")).open().unwrap();
     let objects = db
-        .keyspace("objects", fjall::KeyspaceCreateOptions::default)
+        .keyspace("objects_sealed", fjall::KeyspaceCreateOptions::default)
         .unwrap();
+    let sealer = seal::Sealer::new(&seal::read_key_file(&key_file).unwrap().unwrap()).unwrap();
     let mut decoded = 0;
     for guard in objects.iter() {
-        let value = guard.value().unwrap();
-        let _: persys_api::v1::Workload = prost::Message::decode(&*value).unwrap();
+        let (key, value) = guard.into_inner().unwrap();
+        let plain = sealer
+            .open(seal::Aad::Object(&key), &value, "object")
+            .unwrap();
+        let _: persys_api::v1::Workload = prost::Message::decode(&*plain).unwrap();
         decoded += 1;
     }
     let raw = raw_started.elapsed();
@@ -326,7 +343,7 @@ async fn bench_open_and_sync() {
         (opened + synced).as_secs_f64() * 1e3
     );
     println!(
-        "| raw fjall open + scan + decode (no store) | {:.1} ms |",
+        "| raw fjall open + scan + unseal + decode (no store) | {:.1} ms |",
         raw.as_secs_f64() * 1e3
     );
     println!(

@@ -85,6 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let metrics_authz = AuthzMetrics::default();
     let authentication = authentication(&config, &metrics_authz, &background)?;
     let mut store_config = StoreConfig::new(&config.state_path);
+    store_config.key_file = config.state_key_file();
     store_config.max_log_entries = config.log_max_entries;
     store_config.max_log_age = config.log_max_age;
     let store = Store::open(store_config)?;

@@ -1,7 +1,8 @@
 //! One-shot commands of the `persys-agent` binary (`persys-agent authz
-//! check …`): each returns the process's exit status.
+//! check …`, `persys-agent store rotate-key`): each returns the process's
+//! exit status.
 
-use crate::config::{AuthzCommand, Command, Config};
+use crate::config::{AuthzCommand, Command, Config, StoreCommand};
 use crate::server::authz::{Identity, Policy};
 
 /// Runs `command`; the exit status follows the command's own rules.
@@ -10,6 +11,26 @@ pub fn run(config: &Config, command: &Command) -> i32 {
         Command::Authz {
             action: AuthzCommand::Check { cert },
         } => authz_check(config, cert),
+        Command::Store {
+            action: StoreCommand::RotateKey,
+        } => rotate_key(config),
+    }
+}
+
+/// Re-seals the store under a new key (offline: the store's lock refuses
+/// while the agent runs). 0 when done, 1 with the reason otherwise.
+fn rotate_key(config: &Config) -> i32 {
+    let mut store = crate::store::StoreConfig::new(&config.state_path);
+    store.key_file = config.state_key_file();
+    match crate::store::rotate_key(&store) {
+        Ok(report) => {
+            println!("persys-agent: {report}");
+            0
+        }
+        Err(error) => {
+            eprintln!("persys-agent: {error}");
+            1
+        }
     }
 }
 

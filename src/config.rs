@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -16,6 +16,13 @@ pub enum LogFormat {
 
 fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value.trim()).map_err(|e| format!("{e} (examples: 30s, 5m, 1h30m)"))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum StoreCommand {
+    /// Re-seal every stored value under a new state key, then replace the
+    /// key file. Safe to run again after an interruption.
+    RotateKey,
 }
 
 /// persys-agent: runs the containers, compose projects and VMs declared for
@@ -76,10 +83,17 @@ pub struct Config {
     /// State directory (the event log).
     #[arg(
         long,
+        global = true,
         env = "PERSYS_STATE_PATH",
         default_value = "/var/lib/persys/state"
     )]
     pub state_path: PathBuf,
+
+    /// Key the state is sealed under (created 0600 with a new store).
+    /// Default: the state path with `.key` appended, beside the state
+    /// directory and never inside it.
+    #[arg(long, global = true, env = "PERSYS_STATE_KEY_FILE")]
+    pub state_key_file: Option<PathBuf>,
 
     /// The change log keeps about this many entries (watches from older
     /// versions must list again).
@@ -213,8 +227,13 @@ pub struct Config {
 }
 
 /// One-shot commands; without one, the agent runs.
-#[derive(Debug, Clone, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
+    /// Maintain the state store (offline: stop the agent first).
+    Store {
+        #[command(subcommand)]
+        action: StoreCommand,
+    },
     /// Authorization: which role the policy in force gives a caller.
     Authz {
         #[command(subcommand)]
@@ -222,7 +241,7 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum AuthzCommand {
     /// Prints the identity a client certificate carries and the role the
     /// policy (PERSYS_AUTHZ_FILE, else the default) gives it. Exits 0 with
@@ -323,6 +342,13 @@ impl Config {
         SocketAddr::new(self.bind_addr(), self.grpc_port)
     }
 
+    /// The state key file: as given, or beside the state directory.
+    pub fn state_key_file(&self) -> PathBuf {
+        self.state_key_file
+            .clone()
+            .unwrap_or_else(|| crate::store::seal::default_key_file(&self.state_path))
+    }
+
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(hostname)
     }
@@ -399,6 +425,40 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.grpc_socket().to_string(), "0.0.0.0:50051");
+    }
+
+    #[test]
+    fn the_state_key_sits_beside_the_state_directory_unless_given() {
+        let config = Config::try_parse_from_iter(["persys-agent"]).unwrap();
+        assert_eq!(config.command, None);
+        assert_eq!(
+            config.state_key_file(),
+            PathBuf::from("/var/lib/persys/state.key")
+        );
+        let config =
+            Config::try_parse_from_iter(["persys-agent", "--state-key-file", "/etc/persys/k"])
+                .unwrap();
+        assert_eq!(config.state_key_file(), PathBuf::from("/etc/persys/k"));
+    }
+
+    #[test]
+    fn store_rotate_key_is_a_subcommand_taking_the_state_flags() {
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "store",
+            "rotate-key",
+            "--state-path",
+            "/srv/state",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.command,
+            Some(Command::Store {
+                action: StoreCommand::RotateKey
+            })
+        );
+        assert_eq!(config.state_path, PathBuf::from("/srv/state"));
+        assert_eq!(config.state_key_file(), PathBuf::from("/srv/state.key"));
     }
 
     #[test]

@@ -52,10 +52,10 @@ fn on_signal(token: CancellationToken) {
 
 fn main() {
     let config = Config::load();
+    init_logging(&config);
     if let Some(command) = &config.command {
         std::process::exit(persys_agent::commands::run(&config, command));
     }
-    init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

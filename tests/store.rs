@@ -37,8 +37,14 @@ fn apply_request(id: &str, revision: &str, image: &str) -> ApplyRequest {
     }
 }
 
+/// The state directory of a test: inside its temporary directory, so the
+/// key file beside it is too.
+fn state(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("state")
+}
+
 fn open(dir: &tempfile::TempDir) -> Store {
-    Store::open(StoreConfig::new(dir.path())).expect("open store")
+    Store::open(StoreConfig::new(state(dir))).expect("open store")
 }
 
 /// Applies workloads `w<i>` for each `i` in `ids`, one after another.
@@ -196,7 +202,7 @@ async fn concurrent_writers_and_a_watch_see_one_gapless_order() {
 #[tokio::test]
 async fn watch_from_a_compacted_version_is_expired() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::new(dir.path());
+    let mut config = StoreConfig::new(state(&dir));
     config.max_log_entries = 20;
     let store = Store::open(config).unwrap();
     apply_each(&store, 0..100).await;
@@ -239,7 +245,7 @@ async fn watch_from_a_compacted_version_is_expired() {
 #[tokio::test]
 async fn log_is_compacted_by_age_keeping_the_newest_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::new(dir.path());
+    let mut config = StoreConfig::new(state(&dir));
     config.max_log_age = Duration::from_millis(1);
     let store = Store::open(config).unwrap();
     apply_each(&store, 0..5).await;
@@ -257,7 +263,7 @@ async fn log_size_bound_drops_whole_tables_and_watches_from_them_expire() {
     let dir = tempfile::tempdir().unwrap();
     // Small tables and the smallest size bound (two memtables), so a few
     // thousand writes take the log past it.
-    let mut config = StoreConfig::new(dir.path());
+    let mut config = StoreConfig::new(state(&dir));
     config.memtable_bytes = 64 * 1024;
     config.max_log_bytes = 1;
     let store = Store::open(config).unwrap();
@@ -317,73 +323,6 @@ async fn log_size_bound_drops_whole_tables_and_watches_from_them_expire() {
     );
 }
 
-#[tokio::test]
-async fn a_schema_1_store_is_migrated_keeping_its_retained_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir);
-    apply_each(&store, 0..6).await;
-    store.close().await;
-    drop(store);
-    // Rewrite it the way schema 1 kept it: the log in a leveled keyspace
-    // `log`, trimmed through 2 with deletes.
-    {
-        let db = fjall::Database::builder(dir.path().join("db"))
-            .open()
-            .unwrap();
-        let changelog = db
-            .keyspace("changelog", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        let log = db
-            .keyspace("log", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        let meta = db
-            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        for guard in changelog.iter() {
-            let (key, value) = guard.into_inner().unwrap();
-            log.insert(key, value).unwrap();
-        }
-        log.remove(1u64.to_be_bytes()).unwrap();
-        log.remove(2u64.to_be_bytes()).unwrap();
-        meta.insert("compacted_through", 2u64.to_be_bytes())
-            .unwrap();
-        meta.insert("schema_version", 1u64.to_be_bytes()).unwrap();
-        db.delete_keyspace(changelog).unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    let store = open(&dir);
-    assert_eq!(store.compacted_through(), 2);
-    assert_eq!(store.resource_version(), 6);
-    assert_eq!(served_versions(&store), vec![3, 4, 5, 6]);
-    let mut watch = Box::pin(store.watch(2));
-    assert_eq!(next_change(&mut watch).await.resource_version, 3);
-    expect_expired(&store, 1).await;
-    let outcome = store
-        .apply(apply_request("w-new", "", "busybox"))
-        .await
-        .unwrap();
-    assert_eq!(outcome.workload().resource_version(), 7);
-    drop(watch);
-    store.close().await;
-    drop(store);
-    // The old keyspace is gone, and the migrated store reopens as it is.
-    {
-        let db = fjall::Database::builder(dir.path().join("db"))
-            .open()
-            .unwrap();
-        assert!(!db.keyspace_exists("log"));
-        let meta = db
-            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        assert_eq!(
-            &*meta.get("schema_version").unwrap().unwrap(),
-            &2u64.to_be_bytes()[..]
-        );
-    }
-    let store = open(&dir);
-    assert_eq!(served_versions(&store), vec![3, 4, 5, 6, 7]);
-}
-
 /// The real store, with its first watch held back until the test lets it go:
 /// the way an informer falls behind a compaction.
 struct HeldBackWatch {
@@ -425,7 +364,7 @@ impl persys_controllers::WorkloadSource for HeldBackWatch {
 #[tokio::test]
 async fn informer_relists_after_expiry_and_converges() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = StoreConfig::new(dir.path());
+    let mut config = StoreConfig::new(state(&dir));
     config.max_log_entries = 10;
     let store = Store::open(config).unwrap();
     let mut gone = apply_request("gone", "", "busybox");
@@ -774,7 +713,7 @@ async fn events_fold_repeats_are_bounded_and_leave_with_the_workload() {
 async fn a_second_open_of_the_same_directory_fails_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let _store = open(&dir);
-    let error = Store::open(StoreConfig::new(dir.path()))
+    let error = Store::open(StoreConfig::new(state(&dir)))
         .err()
         .expect("second open refused");
     assert!(matches!(error, StoreError::Locked { .. }));

@@ -69,7 +69,7 @@ fn acknowledged_applies_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir.path())
+        .env(CHILD_ENV, dir.path().join("state"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -102,7 +102,8 @@ fn acknowledged_applies_survive_sigkill() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let store = Store::open(StoreConfig::new(dir.path())).expect("reopen after SIGKILL");
+        let store =
+            Store::open(StoreConfig::new(dir.path().join("state"))).expect("reopen after SIGKILL");
         for (id, rv) in &acked {
             let object = store
                 .get(id)

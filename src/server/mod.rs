@@ -75,6 +75,7 @@ fn store_status(error: StoreError) -> Status {
         StoreError::Closed
         | StoreError::Io(_)
         | StoreError::Locked { .. }
+        | StoreError::Key { .. }
         | StoreError::Open { .. } => Status::unavailable(error.to_string()),
     }
 }

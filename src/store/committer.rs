@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::StoreError;
 use super::record::*;
+use super::seal::Aad;
 use super::{Inner, MAX_EVENTS_PER_WORKLOAD};
 
 /// Who asked for a write, for the audit trail.
@@ -344,7 +345,7 @@ impl Committer {
             let Some(version) = decode_u64(&key) else {
                 return target;
             };
-            match LogRecord::decode(&*value) {
+            match SealedLogRecord::decode(&*value) {
                 Ok(record) if record.at_ms < cutoff => target = version,
                 // Entries between the last one seen and this are gone.
                 _ => return target.max(version - 1),
@@ -400,6 +401,9 @@ impl Committer {
     }
 
     /// Writes `object` at the next resource version and logs the change.
+    /// The object is encoded and sealed once: the same sealed bytes go to
+    /// the objects keyspace and into the log record. Writes nothing if the
+    /// seal fails.
     fn write(
         &self,
         group: &mut Group,
@@ -408,32 +412,38 @@ impl Committer {
         mut object: Workload,
         action: &str,
         caller: &Caller,
-    ) -> Arc<Workload> {
-        group.next_resource_version += 1;
-        let rv = group.next_resource_version;
+    ) -> Result<Arc<Workload>, StoreError> {
+        let rv = group.next_resource_version + 1;
         let now = now_ms();
         let meta = object.metadata.get_or_insert_with(Default::default);
         meta.resource_version = rv;
         meta.updated_at_ms = now;
         let id = meta.id.clone();
-        let encoded = object.encode_to_vec();
+        let sealed = self.inner.sealer.seal_with(
+            Aad::Object(id.as_bytes()),
+            object.encoded_len(),
+            |out| object.encode_raw(out),
+        )?;
+        group.next_resource_version = rv;
         let object = Arc::new(object);
-        let record = EncodedLogRecord {
+        let mut record = SealedLogRecord {
             kind: match kind {
                 ChangeKind::Added => WatchEventType::Added,
                 ChangeKind::Modified => WatchEventType::Modified,
                 ChangeKind::Deleted => WatchEventType::Deleted,
             } as i32,
             resource_version: rv,
-            object: encoded,
             action: action.to_string(),
             at_ms: now,
             caller: caller.identity.clone(),
             role: caller.role.clone(),
+            id,
+            sealed_object: sealed,
         };
-        batch.insert(&self.inner.log, log_key(rv), record.encode_to_vec());
         match kind {
             ChangeKind::Deleted => {
+                batch.insert(&self.inner.log, log_key(rv), record.encode_to_vec());
+                let id = record.id;
                 batch.remove(&self.inner.objects, id.as_bytes());
                 for (fold, _) in self.events_of(group, &id) {
                     batch.remove(&self.inner.events, event_key(&id, &fold));
@@ -442,8 +452,12 @@ impl Committer {
                 group.objects.insert(id, None);
             }
             _ => {
-                batch.insert(&self.inner.objects, id.as_bytes(), record.object);
-                group.objects.insert(id, Some(object.clone()));
+                // The record is encoded first, then gives its sealed object
+                // up to the objects keyspace: no copy of it.
+                batch.insert(&self.inner.log, log_key(rv), record.encode_to_vec());
+                let sealed = std::mem::take(&mut record.sealed_object);
+                batch.insert(&self.inner.objects, record.id.as_bytes(), sealed);
+                group.objects.insert(record.id, Some(object.clone()));
             }
         }
         group.changes.push(Arc::new(Change {
@@ -452,7 +466,7 @@ impl Committer {
             object: object.clone(),
         }));
         group.dirty = true;
-        object
+        Ok(object)
     }
 
     fn apply(
@@ -497,7 +511,7 @@ impl Committer {
                 object,
                 ACTION_APPLY,
                 &caller,
-            );
+            )?;
             self.audit(
                 &written,
                 &caller,
@@ -561,7 +575,7 @@ impl Committer {
             object,
             ACTION_APPLY,
             &caller,
-        );
+        )?;
         self.audit(
             &written,
             &caller,
@@ -598,7 +612,7 @@ impl Committer {
                 object,
                 ACTION_DELETE,
                 &caller,
-            );
+            )?;
             return Ok(DeleteOutcome::Deleted(written));
         }
         let written = self.write(
@@ -608,7 +622,7 @@ impl Committer {
             object,
             ACTION_DELETE,
             &caller,
-        );
+        )?;
         self.audit(
             &written,
             &caller,
@@ -648,14 +662,14 @@ impl Committer {
             spec: current.spec.clone(),
             status: Some(status),
         };
-        Ok(self.write(
+        self.write(
             group,
             batch,
             ChangeKind::Modified,
             object,
             ACTION_RECONCILE,
             &Caller::default(),
-        ))
+        )
     }
 
     fn remove_finalizer(
@@ -686,7 +700,7 @@ impl Committer {
             object,
             ACTION_FINALIZE,
             &Caller::default(),
-        );
+        )?;
         Ok(())
     }
 
@@ -695,6 +709,16 @@ impl Committer {
             Some(events) => events.clone(),
             None => self.events.get(id).cloned().unwrap_or_default(),
         }
+    }
+
+    /// An event as stored: sealed, bound to its key. Event messages can
+    /// carry runtime output.
+    fn seal_event(&self, key: &[u8], event: &Event) -> Result<Vec<u8>, StoreError> {
+        self.inner
+            .sealer
+            .seal_with(Aad::Event(key), event.encoded_len(), |out| {
+                event.encode_raw(out)
+            })
     }
 
     /// Records, in the same batch, who made a write to `object`: a Normal
@@ -741,13 +765,13 @@ impl Committer {
         let mut events = self.events_of(group, id);
         match events.iter_mut().find(|(f, _)| *f == fold) {
             Some((_, event)) => {
-                event.count = event.count.saturating_add(1);
-                event.last_seen_ms = now;
-                batch.insert(
-                    &self.inner.events,
-                    event_key(id, &fold),
-                    event.encode_to_vec(),
-                );
+                let mut counted = event.clone();
+                counted.count = counted.count.saturating_add(1);
+                counted.last_seen_ms = now;
+                let key = event_key(id, &fold);
+                let sealed = self.seal_event(&key, &counted)?;
+                batch.insert(&self.inner.events, key, sealed);
+                *event = counted;
             }
             None => {
                 let event = Event {
@@ -759,11 +783,9 @@ impl Committer {
                     first_seen_ms: now,
                     last_seen_ms: now,
                 };
-                batch.insert(
-                    &self.inner.events,
-                    event_key(id, &fold),
-                    event.encode_to_vec(),
-                );
+                let key = event_key(id, &fold);
+                let sealed = self.seal_event(&key, &event)?;
+                batch.insert(&self.inner.events, key, sealed);
                 events.push((fold, event));
                 if events.len() > MAX_EVENTS_PER_WORKLOAD {
                     events.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_seen_ms));

@@ -35,6 +35,10 @@ pub enum StoreError {
     Locked { path: PathBuf },
     #[error("state directory {path}: {message}")]
     Open { path: PathBuf, message: String },
+    /// The node key is missing, wrong, unreadable or mid-rotation: the
+    /// message says which file and what to do.
+    #[error("{message}")]
+    Key { message: String },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("store write failed: {0}")]

@@ -1,15 +1,26 @@
 //! The durable event log: every workload write, in order, on fjall.
 //!
-//! Keyspaces:
-//! - `objects`: id → current [`Workload`];
-//! - `changelog`: resource version (big-endian u64) → [`LogRecord`], the
-//!   ordered change log that watches replay. It is insert-only and trimmed
-//!   logically: entries at or below `compacted_through` are no longer
-//!   served, and its oldest tables are dropped whole (FIFO compaction) once
-//!   it passes [`StoreConfig::max_log_bytes`], so it never carries
-//!   tombstones for compaction to merge;
-//! - `events`: `<id> 0x00 <fold>` → [`Event`];
-//! - `meta`: schema version, last resource version, compacted-through.
+//! Keyspaces (schema 3):
+//! - `objects_sealed`: id → current [`Workload`], sealed;
+//! - `changelog_sealed`: resource version (big-endian u64) → the change-log
+//!   record that watches replay, read back as a [`LogRecord`]: kind,
+//!   version, action, time and caller in clear, the object sealed. It is
+//!   insert-only and trimmed logically: entries at or below
+//!   `compacted_through` are no longer served, and its oldest tables are
+//!   dropped whole (FIFO compaction) once it passes
+//!   [`StoreConfig::max_log_bytes`], so it never carries tombstones for
+//!   compaction to merge;
+//! - `events_sealed`: `<id> 0x00 <fold>` → [`Event`], sealed;
+//! - `meta` (clear): schema version, last resource version,
+//!   compacted-through, and the key check.
+//!
+//! Specs carry secrets, so every value but `meta`'s is sealed ([`seal`]:
+//! XChaCha20-Poly1305) under the node key in [`StoreConfig::key_file`],
+//! beside the state directory (0700), never inside it. The committer seals
+//! each written object once, for both the objects keyspace and the log. A
+//! missing or wrong key refuses the open and changes nothing; a plain store
+//! (schemas 1 and 2) is sealed into a fresh database that replaces it whole,
+//! and [`rotate_key`] re-seals everything under a new key the same way.
 //!
 //! Writes go through the [`committer`] (one thread, group commit, fsync
 //! before acknowledging); reads go straight to fjall and see every
@@ -18,6 +29,9 @@
 mod committer;
 mod error;
 mod record;
+mod rotate;
+mod schema;
+pub mod seal;
 mod source;
 mod watch;
 
@@ -28,13 +42,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fjall::compaction::Fifo;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
+use fjall::{Database, Keyspace, Readable};
 use persys_api::v1::{Event, EventType, ObjectStatus, Workload, WorkloadType};
 use persys_controllers::{Change, Listing};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prost::Message;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use committer::{
@@ -44,6 +56,11 @@ use committer::{Committer, Op};
 pub use error::StoreError;
 use record::*;
 pub use record::{ACTION_APPLY, ACTION_DELETE, ACTION_FINALIZE, ACTION_RECONCILE, LogRecord};
+pub use rotate::{RotateReport, rotate_key};
+#[doc(hidden)]
+pub use rotate::{StopAfter, rotate_key_until};
+use schema::{Keyspaces, open_error};
+use seal::Sealer;
 
 /// Events kept per workload; the least recently seen go first.
 pub const MAX_EVENTS_PER_WORKLOAD: usize = 50;
@@ -69,12 +86,24 @@ pub struct StoreConfig {
     /// updates, bigger memtables only hold superseded versions in memory.
     /// Fixed when the store is created.
     pub memtable_bytes: u64,
+    /// The node key (see [`seal`]): beside the state directory, never
+    /// inside it, so a copy of the directory alone is unreadable. Created
+    /// (0600) with a new store; never over existing data.
+    pub key_file: PathBuf,
+    /// Seal values at rest. Always true in the agent: turning it off exists
+    /// only so the store bench can measure what sealing costs. A store
+    /// created with one setting refuses to open with the other.
+    pub seal: bool,
 }
 
 impl StoreConfig {
+    /// The store in `path`, its key at `<path>.key`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         StoreConfig {
-            path: path.into(),
+            key_file: seal::default_key_file(&path),
+            seal: true,
+            path,
             max_group: 1024,
             max_log_entries: 100_000,
             max_log_age: Duration::from_secs(24 * 3600),
@@ -123,6 +152,8 @@ pub(crate) struct Inner {
     log: Keyspace,
     events: Keyspace,
     meta: Keyspace,
+    /// Seals every value written to `objects`, `log` and `events`.
+    sealer: Sealer,
     /// Committed changes, published after their sync, for live watches.
     changes: broadcast::Sender<Arc<Change>>,
     /// The last committed resource version.
@@ -133,42 +164,6 @@ pub(crate) struct Inner {
     path: PathBuf,
     /// Held for the life of the store: one process per state directory.
     _lock: File,
-}
-
-/// Schema 1 kept the log in a leveled keyspace and trimmed it with deletes,
-/// whose tombstones compaction then had to merge away. Schema 2 keeps it in
-/// [`LOG_KEYSPACE`] and trims it logically. Copies the entries schema 1
-/// retained and records schema 2 in one atomic batch, then drops the old
-/// keyspace.
-fn migrate_schema_1_log(
-    db: &Database,
-    meta: &Keyspace,
-    log: &Keyspace,
-    compacted_through: u64,
-) -> Result<(), StoreError> {
-    let old = db.keyspace(SCHEMA_1_LOG_KEYSPACE, KeyspaceCreateOptions::default)?;
-    let mut batch = db.batch();
-    let mut copied = 0u64;
-    for guard in old.range(log_key(compacted_through + 1)..) {
-        let (key, value) = guard.into_inner()?;
-        batch.insert(log, key, value);
-        copied += 1;
-    }
-    batch.insert(meta, META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes());
-    batch.commit()?;
-    db.persist(fjall::PersistMode::SyncAll)?;
-    db.delete_keyspace(old)?;
-    tracing::info!(copied, "store migrated from schema 1 to {SCHEMA_VERSION}");
-    Ok(())
-}
-
-/// Drops the schema 1 log if a migration stopped after its commit.
-fn drop_schema_1_log(db: &Database) -> Result<(), StoreError> {
-    if db.keyspace_exists(SCHEMA_1_LOG_KEYSPACE) {
-        let old = db.keyspace(SCHEMA_1_LOG_KEYSPACE, KeyspaceCreateOptions::default)?;
-        db.delete_keyspace(old)?;
-    }
-    Ok(())
 }
 
 /// A handle to the store; cheap to clone. The committer stops when the last
@@ -185,82 +180,25 @@ pub struct Store {
 /// Live changes buffered per watcher before it must catch up from the log.
 const LIVE_BUFFER: usize = 8192;
 
-/// Block cache for reads that miss the in-memory views (log replay,
-/// ListActions, events).
-const BLOCK_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-
 impl Store {
     /// Opens (or creates) the store in `config.path`, recovering what the
     /// last run acknowledged.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
-        let open_error = |message: String| StoreError::Open {
-            path: path.clone(),
-            message,
-        };
-        std::fs::create_dir_all(&path).map_err(|e| open_error(e.to_string()))?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path.join("persys.lock"))
-            .map_err(|e| open_error(e.to_string()))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Locked { path: path.clone() });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(open_error(e.to_string())),
-        }
-        let db = Database::builder(path.join("db"))
-            .cache_size(BLOCK_CACHE_BYTES)
-            .open()
-            .map_err(|e| open_error(e.to_string()))?;
-        let memtable_bytes = config.memtable_bytes.max(64 * 1024);
-        let keyspace = |name: &str| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
-            })
-            .map_err(|e| open_error(e.to_string()))
-        };
-        let objects = keyspace("objects")?;
-        let events = keyspace("events")?;
-        let meta = keyspace("meta")?;
-        // The log is insert-only with increasing keys, and trimmed logically
-        // (see `compacted_through`): its tables never need merging, and the
-        // oldest are dropped whole once it passes its size bound.
-        // The newest table always stays (the bound is at least two
-        // memtables): a replay from a dropped version then meets a later
-        // entry and sees the gap, and the journal never replays dropped
-        // entries behind newer ones at the next open.
-        let max_log_bytes = config.max_log_bytes.max(2 * memtable_bytes);
-        let log = db
-            .keyspace(LOG_KEYSPACE, || {
-                KeyspaceCreateOptions::default()
-                    .max_memtable_size(memtable_bytes)
-                    .compaction_strategy(Arc::new(Fifo::new(max_log_bytes, None)))
-            })
-            .map_err(|e| open_error(e.to_string()))?;
-
-        let read_meta = |key: &[u8]| -> Result<Option<u64>, StoreError> {
-            match meta.get(key)? {
-                Some(v) => decode_u64(&v)
-                    .map(Some)
-                    .ok_or_else(|| StoreError::Corrupt(format!("meta key {:?}", key))),
-                None => Ok(None),
-            }
-        };
+        schema::prepare_state_dir(&path)?;
+        let lock = schema::lock_state_dir(&path)?;
+        let (
+            db,
+            meta,
+            sealer,
+            Keyspaces {
+                objects,
+                log,
+                events,
+            },
+        ) = schema::prepare(&config)?;
+        let read_meta = |key: &[u8]| schema::read_meta_u64(&meta, key);
         let compacted_through = read_meta(META_COMPACTED_THROUGH)?.unwrap_or(0);
-        match read_meta(META_SCHEMA_VERSION)? {
-            Some(SCHEMA_VERSION) => drop_schema_1_log(&db)?,
-            Some(1) => migrate_schema_1_log(&db, &meta, &log, compacted_through)?,
-            Some(other) => {
-                return Err(open_error(format!(
-                    "schema version {other} is not supported (this agent reads {SCHEMA_VERSION})"
-                )));
-            }
-            None => meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes())?,
-        }
         // The log's last key and the meta record are written in one batch;
         // take the larger to be safe against either being absent.
         let log_last = match log.last_key_value() {
@@ -275,15 +213,13 @@ impl Store {
         let mut current = HashMap::new();
         for guard in objects.iter() {
             let (key, value) = guard.into_inner()?;
-            let object = Workload::decode(&*value)
-                .map_err(|e| StoreError::Corrupt(format!("object {:?}: {e}", key)))?;
+            let object = schema::open_object(&sealer, &key, &value)?;
             current.insert(object.id().to_string(), Arc::new(object));
         }
         let mut stored_events: HashMap<String, Vec<([u8; 8], Event)>> = HashMap::new();
         for guard in events.iter() {
             let (key, value) = guard.into_inner()?;
-            let event =
-                Event::decode(&*value).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+            let event = schema::open_event(&sealer, &key, &value)?;
             let fold: [u8; 8] = key[key.len().saturating_sub(8)..]
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("event key".into()))?;
@@ -300,6 +236,7 @@ impl Store {
             log,
             events,
             meta,
+            sealer,
             changes,
             last_resource_version: AtomicU64::new(last_resource_version),
             compacted_through: AtomicU64::new(compacted_through),
@@ -322,7 +259,7 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("persys-store-committer".into())
             .spawn(move || committer.run(rx))
-            .map_err(|e| open_error(format!("starting the committer: {e}")))?;
+            .map_err(|e| open_error(&path, format!("starting the committer: {e}")))?;
         tracing::info!(
             path = %path.display(),
             resource_version = last_resource_version,
@@ -423,9 +360,7 @@ impl Store {
     /// The current object, as of the last acknowledged write.
     pub fn get(&self, id: &str) -> Result<Option<Workload>, StoreError> {
         match self.inner.objects.get(id.as_bytes())? {
-            Some(bytes) => Workload::decode(&*bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("object {id}: {e}"))),
+            Some(bytes) => schema::open_object(&self.inner.sealer, id.as_bytes(), &bytes).map(Some),
             None => Ok(None),
         }
     }
@@ -450,9 +385,8 @@ impl Store {
         };
         let mut objects = Vec::new();
         for guard in snapshot.iter(&self.inner.objects) {
-            let (_, value) = guard.into_inner()?;
-            let object = Workload::decode(&*value)
-                .map_err(|e| StoreError::Corrupt(format!("object: {e}")))?;
+            let (key, value) = guard.into_inner()?;
+            let object = schema::open_object(&self.inner.sealer, &key, &value)?;
             objects.push(Arc::new(object));
         }
         Ok(Listing {
@@ -465,10 +399,8 @@ impl Store {
     pub fn events(&self, id: &str) -> Result<Vec<Event>, StoreError> {
         let mut events = Vec::new();
         for guard in self.inner.events.prefix(event_prefix(id)) {
-            let value = guard.value()?;
-            events.push(
-                Event::decode(&*value).map_err(|e| StoreError::Corrupt(format!("event: {e}")))?,
-            );
+            let (key, value) = guard.into_inner()?;
+            events.push(schema::open_event(&self.inner.sealer, &key, &value)?);
         }
         events.sort_by_key(|e| std::cmp::Reverse(e.last_seen_ms));
         Ok(events)
@@ -485,8 +417,7 @@ impl Store {
         let mut records = Vec::new();
         let mut take = |guard: fjall::Guard| -> Result<bool, StoreError> {
             let value = guard.value()?;
-            let record =
-                LogRecord::decode(&*value).map_err(|e| StoreError::Corrupt(format!("log: {e}")))?;
+            let record = schema::open_record(&self.inner.sealer, &value)?;
             if keep(&record) {
                 records.push(record);
             }

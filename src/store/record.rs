@@ -25,29 +25,30 @@ pub struct LogRecord {
     pub role: String,
 }
 
-/// [`LogRecord`] with its object already encoded: the same bytes on the
-/// wire (a message field and a bytes field are both length-delimited), so the
-/// committer encodes each written object once for the log and the objects
-/// keyspace.
+/// A change-log entry as stored (schema 3): what watches and audits sort
+/// by in clear, the object sealed ([`super::seal`]) under its id. The
+/// sealed bytes are the very ones stored in the objects keyspace: the
+/// committer encodes and seals each written object once. The sealed object
+/// has its own tag, so a plain record (tag 3) never passes for a sealed one.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct EncodedLogRecord {
+pub struct SealedLogRecord {
     #[prost(enumeration = "WatchEventType", tag = "1")]
     pub kind: i32,
     #[prost(uint64, tag = "2")]
     pub resource_version: u64,
-    #[prost(bytes = "vec", tag = "3")]
-    pub object: Vec<u8>,
     #[prost(string, tag = "4")]
     pub action: String,
     #[prost(int64, tag = "5")]
     pub at_ms: i64,
-    /// Who asked for an apply or a delete (empty for the agent's own
-    /// status and finalizer writes).
     #[prost(string, tag = "6")]
     pub caller: String,
-    /// The role the caller had.
     #[prost(string, tag = "7")]
     pub role: String,
+    /// The object's id: the associated data its seal is bound to.
+    #[prost(string, tag = "8")]
+    pub id: String,
+    #[prost(bytes = "vec", tag = "9")]
+    pub sealed_object: Vec<u8>,
 }
 
 pub const ACTION_APPLY: &str = "apply";
@@ -59,12 +60,23 @@ pub const ACTION_FINALIZE: &str = "finalize";
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
 pub const META_LAST_RESOURCE_VERSION: &[u8] = b"last_resource_version";
 pub const META_COMPACTED_THROUGH: &[u8] = b"compacted_through";
-pub const SCHEMA_VERSION: u64 = 2;
+/// A known constant sealed under the node key: a wrong key is caught at open.
+pub const META_KEY_CHECK: &[u8] = b"key_check";
+/// Present when the store was created with sealing off (measurement only).
+pub const META_PLAIN: &[u8] = b"plain";
+/// Schema 3: every value sealed, in the sealed keyspaces.
+pub const SCHEMA_VERSION: u64 = 3;
 
-/// The change log's keyspace (FIFO compaction, trimmed logically).
-pub const LOG_KEYSPACE: &str = "changelog";
-/// Where schema 1 kept the log.
+/// Where schemas 1 and 2 kept values in clear.
+pub const PLAIN_OBJECTS_KEYSPACE: &str = "objects";
+pub const PLAIN_EVENTS_KEYSPACE: &str = "events";
+/// Schema 2's log (FIFO compaction, trimmed logically).
+pub const SCHEMA_2_LOG_KEYSPACE: &str = "changelog";
+/// Schema 1's log (leveled, trimmed with deletes).
 pub const SCHEMA_1_LOG_KEYSPACE: &str = "log";
+
+/// The sealed keyspaces: objects, change log, events.
+pub const SEALED_KEYSPACES: [&str; 3] = ["objects_sealed", "changelog_sealed", "events_sealed"];
 
 pub fn log_key(resource_version: u64) -> [u8; 8] {
     resource_version.to_be_bytes()
@@ -96,7 +108,7 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn a_record_with_its_object_encoded_ahead_decodes_as_a_log_record() {
+    fn plain_and_sealed_records_are_never_taken_for_each_other() {
         let object = Workload {
             metadata: Some(ObjectMeta {
                 id: "web".into(),
@@ -105,26 +117,31 @@ mod tests {
             }),
             ..Default::default()
         };
-        let encoded = EncodedLogRecord {
+        let plain = LogRecord {
             kind: WatchEventType::Modified as i32,
             resource_version: 7,
-            object: object.encode_to_vec(),
-            action: ACTION_APPLY.into(),
-            at_ms: 42,
-            caller: "CN=persys-scheduler".into(),
-            role: "scheduler".into(),
-        }
-        .encode_to_vec();
-        let whole = LogRecord {
-            kind: WatchEventType::Modified as i32,
-            resource_version: 7,
-            object: Some(object),
+            object: Some(object.clone()),
             action: ACTION_APPLY.into(),
             at_ms: 42,
             caller: "CN=persys-scheduler".into(),
             role: "scheduler".into(),
         };
-        assert_eq!(encoded, whole.encode_to_vec());
-        assert_eq!(LogRecord::decode(&*encoded).unwrap(), whole);
+        let as_sealed = SealedLogRecord::decode(&*plain.encode_to_vec()).unwrap();
+        assert!(as_sealed.sealed_object.is_empty());
+        assert_eq!(as_sealed.caller, "CN=persys-scheduler");
+        let sealed = SealedLogRecord {
+            kind: WatchEventType::Modified as i32,
+            resource_version: 7,
+            action: ACTION_APPLY.into(),
+            at_ms: 42,
+            caller: String::new(),
+            role: String::new(),
+            id: "web".into(),
+            sealed_object: object.encode_to_vec(),
+        };
+        assert_eq!(
+            LogRecord::decode(&*sealed.encode_to_vec()).unwrap().object,
+            None
+        );
     }
 }

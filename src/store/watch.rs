@@ -11,7 +11,6 @@ use std::sync::atomic::Ordering;
 use futures::Stream;
 use persys_api::v1::WatchEventType;
 use persys_controllers::{Change, ChangeKind};
-use prost::Message;
 use tokio::sync::broadcast;
 
 use super::record::{LogRecord, log_key};
@@ -114,8 +113,7 @@ impl Watch {
         let mut read = 0;
         for guard in self.inner.log.range(log_key(self.next)..) {
             let value = guard.value()?;
-            let record =
-                LogRecord::decode(&*value).map_err(|e| StoreError::Corrupt(format!("log: {e}")))?;
+            let record = super::schema::open_record(&self.inner.sealer, &value)?;
             if record.resource_version != self.next {
                 // Dropped by the log's size bound before it was trimmed.
                 let compacted = self.inner.compacted_through.load(Ordering::Acquire);

@@ -341,6 +341,10 @@ mod tests {
             vec![("shop".to_string(), Some("shop".to_string()))]
         );
         dir.remove().await.unwrap();
+        assert!(
+            !dir.path().join(ENV_FILE).exists(),
+            ".env goes with its workload"
+        );
         dir.remove().await.unwrap();
         assert!(scan(root.path()).await.unwrap().is_empty());
     }

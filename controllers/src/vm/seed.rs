@@ -181,20 +181,15 @@ pub async fn ensure_seed(vm_dir: &Path, content: &SeedContent) -> Result<(PathBu
     }
     let files = vm_dir.join("seed");
     let io_error = |what: &str, e: io::Error| format!("{what}: {e}");
-    let _ = tokio::fs::remove_dir_all(&files).await;
-    tokio::fs::create_dir_all(&files)
-        .await
-        .map_err(|e| io_error("creating the seed folder", e))?;
-    let mut names = Vec::new();
-    for (name, text) in content.files() {
-        tokio::fs::write(files.join(name), text)
-            .await
-            .map_err(|e| io_error(&format!("writing {name}"), e))?;
-        names.push(name);
-    }
     let partial = vm_dir.join("seed.iso.partial");
     let _ = tokio::fs::remove_file(&partial).await;
-    build_iso(&files, &names, &partial).await?;
+    let built = build_seed(&files, content, &partial).await;
+    // The files hold user-data in clear: they go as soon as the ISO is made.
+    let _ = tokio::fs::remove_dir_all(&files).await;
+    if let Err(error) = built {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(error);
+    }
     tokio::fs::rename(&partial, &iso)
         .await
         .map_err(|e| io_error("installing seed.iso", e))?;
@@ -202,6 +197,45 @@ pub async fn ensure_seed(vm_dir: &Path, content: &SeedContent) -> Result<(PathBu
         .await
         .map_err(|e| io_error("recording the seed digest", e))?;
     Ok((iso, true))
+}
+
+/// Writes the seed's files (0600, in a 0700 folder) and builds the ISO
+/// from them at `output`, made 0600: it carries user-data in clear.
+async fn build_seed(files: &Path, content: &SeedContent, output: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let io_error = |what: &str, e: io::Error| format!("{what}: {e}");
+    let _ = tokio::fs::remove_dir_all(files).await;
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(files)
+        .await
+        .map_err(|e| io_error("creating the seed folder", e))?;
+    let mut names = Vec::new();
+    for (name, text) in content.files() {
+        write_private(&files.join(name), text.as_bytes())
+            .await
+            .map_err(|e| io_error(&format!("writing {name}"), e))?;
+        names.push(name);
+    }
+    build_iso(files, &names, output).await?;
+    tokio::fs::set_permissions(output, std::fs::Permissions::from_mode(0o600))
+        .await
+        .map_err(|e| io_error("restricting seed.iso to its owner", e))
+}
+
+/// Writes a new file readable by its owner only.
+async fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .await?;
+    file.write_all(content).await?;
+    file.flush().await
 }
 
 /// The ISO tools, in order of preference: `genisoimage`, `xorriso -as
@@ -285,6 +319,32 @@ mod tests {
             cloud_init_config: config,
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn the_seed_iso_is_owner_only_and_its_clear_files_do_not_stay() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let content = SeedContent {
+            user_data: "#cloud-config\npassword: s3cret-seed\n".into(),
+            meta_data: "instance-id: i-1\n".into(),
+            network_config: None,
+            vendor_data: None,
+        };
+        let (iso, built) = match ensure_seed(dir.path(), &content).await {
+            Ok(done) => done,
+            Err(error) if error.contains("no ISO tool") => {
+                eprintln!("skipped: {error}");
+                return;
+            }
+            Err(error) => panic!("{error}"),
+        };
+        assert!(built);
+        assert_eq!(iso, dir.path().join(SEED_FILE));
+        let mode = std::fs::metadata(&iso).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!dir.path().join("seed").exists(), "clear files removed");
+        assert!(!dir.path().join("seed.iso.partial").exists());
     }
 
     #[test]
