@@ -46,9 +46,7 @@ async fn client_as(
     certs: &Certs,
     who: &(String, String),
 ) -> AgentServiceClient<Channel> {
-    common::client_with(agent.port, &certs.ca.cert_pem, Some((&who.0, &who.1)))
-        .await
-        .expect("mTLS connect")
+    AgentServiceClient::new(channel_as(agent, certs, who).await)
 }
 
 const POLICY: &str = "\
@@ -177,8 +175,9 @@ fn allowed(role: &str, rpc: &str) -> bool {
     }
 }
 
-async fn health_code(agent: &AgentProcess, certs: &Certs, who: &(String, String)) -> Code {
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", agent.port))
+/// An mTLS channel to the agent presenting `who`'s certificate.
+async fn channel_as(agent: &AgentProcess, certs: &Certs, who: &(String, String)) -> Channel {
+    Channel::from_shared(format!("https://127.0.0.1:{}", agent.port))
         .unwrap()
         .tls_config(
             tonic::transport::ClientTlsConfig::new()
@@ -187,9 +186,15 @@ async fn health_code(agent: &AgentProcess, certs: &Certs, who: &(String, String)
                 .identity(tonic::transport::Identity::from_pem(&who.0, &who.1)),
         )
         .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
         .connect()
         .await
-        .unwrap();
+        .expect("mTLS connect")
+}
+
+async fn health_code(agent: &AgentProcess, certs: &Certs, who: &(String, String)) -> Code {
+    let channel = channel_as(agent, certs, who).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     match health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -206,18 +211,7 @@ async fn reflection_code(agent: &AgentProcess, certs: &Certs, who: &(String, Str
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_response};
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{}", agent.port))
-        .unwrap()
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&certs.ca.cert_pem))
-                .domain_name("localhost")
-                .identity(tonic::transport::Identity::from_pem(&who.0, &who.1)),
-        )
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel_as(agent, certs, who).await;
     let mut client = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
