@@ -237,7 +237,7 @@ always = """PERSYS_GRPC_ADDR PERSYS_GRPC_PORT PERSYS_TLS_ENABLED PERSYS_TLS_CERT
 optional = """PERSYS_VM_DOMAIN_TYPE PERSYS_COMPOSE_BINARY PERSYS_ALLOWED_HOST_PATHS PERSYS_VERSION PERSYS_SCHEDULER_ADDR
   PERSYS_SCHEDULER_INSECURE PERSYS_AGENT_GRPC_ENDPOINT PERSYS_CLUSTER_ID PERSYS_NODE_LABELS
   PERSYS_NODE_REGION PERSYS_NODE_ENV PERSYS_SCHEDULER_TLS_CERT PERSYS_SCHEDULER_TLS_KEY
-  PERSYS_AUTHZ_FILE""".split()
+  PERSYS_AUTHZ_FILE PERSYS_STATE_KEY_FILE""".split()
 for v in always + (optional if name == "full" else []):
     need(v in env, f"env {v} missing")
 if name != "full":
@@ -356,6 +356,9 @@ check "must fail: gRPC probes with mutual TLS" must_fail 'probes.mode=grpc canno
 check "must fail: TLS without a certificate source" must_fail 'set tls.existingSecret' --set tls.existingSecret=
 check "must fail: cert-manager without an issuer" must_fail 'set tls.certManager.issuerRef.name' --set tls.certManager.enabled=true
 check "must fail: state path outside the state hostPath" must_fail 'statePath .* must lie under' --set config.statePath=/data/state
+check "must fail: state key outside the state hostPath" must_fail 'state key file .* must lie under' --set config.statePath=/var/lib/persys
+check "must fail: state key inside the state directory" must_fail 'must not lie inside config.statePath' \
+  --set config.stateKeyFile=/var/lib/persys/state/key
 check "must fail: client auth on the nodes' server certificate" must_fail 'usages includes client auth' \
   --set tls.certManager.enabled=true --set tls.certManager.issuerRef.name=ca --set 'tls.certManager.usages={server auth,client auth}'
 check "must fail: a role's name on the nodes' server certificate" must_fail 'commonName persys-scheduler is a name' \

@@ -23,6 +23,10 @@ drops the names that extraEnv sets.
   value: {{ printf "%s/ca.crt" (trimSuffix "/" .Values.tls.mountPath) | quote }}
 - name: PERSYS_STATE_PATH
   value: {{ .Values.config.statePath | quote }}
+{{- with .Values.config.stateKeyFile }}
+- name: PERSYS_STATE_KEY_FILE
+  value: {{ . | quote }}
+{{- end }}
 - name: PERSYS_LOG_MAX_ENTRIES
   value: {{ .Values.config.logMaxEntries | int64 | quote }}
 - name: PERSYS_LOG_MAX_AGE

@@ -179,6 +179,13 @@ message naming the values to change.
 {{- if not (or (eq .Values.config.statePath $state) (hasPrefix (printf "%s/" $state) .Values.config.statePath)) }}
 {{- fail (printf "config.statePath (%s) must lie under hostPaths.state.path (%s), or the agent's state would not survive a pod restart" .Values.config.statePath $state) }}
 {{- end }}
+{{- $key := default (printf "%s.key" (trimSuffix "/" .Values.config.statePath)) .Values.config.stateKeyFile }}
+{{- if not (hasPrefix (printf "%s/" $state) $key) }}
+{{- fail (printf "the state key file (%s: config.stateKeyFile, default <config.statePath>.key) must lie under hostPaths.state.path (%s), or a pod restart would lose the key and the agent could not read its state; set config.statePath below hostPaths.state.path (the default /var/lib/persys/state) or config.stateKeyFile" $key $state) }}
+{{- end }}
+{{- if hasPrefix (printf "%s/" (trimSuffix "/" .Values.config.statePath)) $key }}
+{{- fail (printf "config.stateKeyFile (%s) must not lie inside config.statePath: a copy of the state directory would carry its key" $key) }}
+{{- end }}
 {{- end }}
 
 {{/*
