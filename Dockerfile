@@ -20,7 +20,7 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin persys-agent --bin persysctl \
+RUN cargo build --release --locked -p persys-agent -p persysctl \
  && install -D -m 0755 target/release/persys-agent /out/persys-agent \
  && install -D -m 0755 target/release/persysctl /out/persysctl
 

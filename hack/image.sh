@@ -110,12 +110,8 @@ fi
 if [[ $MODE == offline ]]; then
   target=${CARGO_TARGET_DIR:-$root/target}/release
 
-  # Binaries: persys-agent, and persysctl once the package defines it.
-  bins=(persys-agent)
-  if [[ -e $root/src/bin/persysctl.rs || -e $root/src/bin/persysctl/main.rs ]] ||
-    grep -qE '^[[:space:]]*name[[:space:]]*=[[:space:]]*"persysctl"' "$root/Cargo.toml"; then
-    bins+=(persysctl)
-  fi
+  # Binaries: persys-agent, and persysctl (its own package, ./persysctl).
+  bins=(persys-agent persysctl)
   missing=()
   for b in "${bins[@]}"; do [[ -x $target/$b ]] || missing+=("$b"); done
   build=()
@@ -137,13 +133,14 @@ if [[ $MODE == offline ]]; then
       export PATH="$HOME/.cargo/bin:$PATH"
     fi
     args=()
-    for b in "${build[@]}"; do args+=(--bin "$b"); done
+    # Each binary is the package of the same name.
+    for b in "${build[@]}"; do args+=(-p "$b"); done
     log "cargo build --release ${args[*]}"
     cargo build --release "${args[@]}"
   fi
   for b in "${bins[@]}"; do
     [[ -x $target/$b ]] || die "$target/$b was not built"
-    newer=$(find "$root/src" "$root/api" "$root/controllers" "$root/Cargo.toml" "$root/Cargo.lock" \
+    newer=$(find "$root/src" "$root/api" "$root/controllers" "$root/persysctl" "$root/Cargo.toml" "$root/Cargo.lock" \
       \( -name '*.rs' -o -name '*.proto' -o -name 'Cargo.*' \) -newer "$target/$b" -print -quit 2>/dev/null || true)
     if [[ -n $newer ]]; then
       log "WARNING: $target/$b is older than $newer; PERSYS_IMAGE_CARGO=always rebuilds it"
