@@ -107,16 +107,15 @@ async fn a_vm_with_a_new_disk_and_cloud_init_converges_to_running() {
     );
     assert!(devices.child("serial").is_some(), "a serial console");
     assert_eq!(iso_volume_id(&seed), "cidata");
-    let files = bed.state_dir().join("vm").join(&id).join("seed");
     assert_eq!(
-        std::fs::read_to_string(files.join("user-data")).expect("user-data"),
+        vm_support::iso_file(&seed, "user-data"),
         user_data,
         "base64 user-data is decoded"
     );
-    let meta = std::fs::read_to_string(files.join("meta-data")).expect("meta-data");
+    let meta = vm_support::iso_file(&seed, "meta-data");
     assert!(meta.contains(&format!("instance-id: {id}-")), "{meta}");
     assert!(meta.contains(&format!("local-hostname: {id}")), "{meta}");
-    assert!(files.join("network-config").exists());
+    assert!(!vm_support::iso_file(&seed, "network-config").is_empty());
 
     assert_eq!(s.facts["vm.disks"], format!("vda={}", disk.display()));
     assert_eq!(s.facts["vm.memory_mb"], "64");

@@ -114,7 +114,7 @@ async fn a_vm_is_defined_started_stopped_started_replaced_and_deleted() {
     );
 
     // A new spec: stopped, redefined in place (same UUID), started.
-    let user_data = bed.state_dir().join("vm").join(&id).join("seed/user-data");
+
     let bigger = VmSpec {
         vcpus: 2,
         cloud_init: "#cloud-config\nhostname: bigger\n".into(),
@@ -133,7 +133,7 @@ async fn a_vm_is_defined_started_stopped_started_replaced_and_deleted() {
     assert_eq!(marks.spec_hash, second.spec_hash());
     assert_eq!(marks.revision, "r2");
     assert_eq!(
-        std::fs::read_to_string(&user_data).expect("user-data"),
+        iso_file(&seed, "user-data"),
         "#cloud-config\nhostname: bigger\n",
         "the seed is rebuilt from the new user-data"
     );

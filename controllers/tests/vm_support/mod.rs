@@ -168,6 +168,23 @@ pub fn iso_volume_id(path: &Path) -> String {
         .to_string()
 }
 
+/// A file of an ISO 9660 image (Rock Ridge names), read with `isoinfo`
+/// (from genisoimage): the seed's clear files do not outlive the ISO.
+pub fn iso_file(path: &Path, name: &str) -> String {
+    let output = std::process::Command::new("isoinfo")
+        .args(["-R", "-i"])
+        .arg(path)
+        .args(["-x", &format!("/{name}")])
+        .output()
+        .expect("run isoinfo");
+    assert!(
+        output.status.success(),
+        "isoinfo {}: {output:?}",
+        path.display()
+    );
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
 /// The domains marked with `scope` (optionally of one workload).
 pub async fn managed(hypervisor: &Hypervisor, scope: &str, id: Option<&str>) -> Vec<FoundDomain> {
     hypervisor
