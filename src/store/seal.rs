@@ -3,7 +3,10 @@
 //! A sealed value is `version (1) | key id (4) | nonce (24) | ciphertext |
 //! tag (16)`. The key id is the first 4 bytes of the key's SHA-256: it
 //! says which key a value is under without revealing it. Each value gets a
-//! fresh random nonce from the OS. The associated data binds a value to what
+//! fresh nonce: 16 bytes drawn from the OS once per key and process, then an
+//! 8-byte counter, so no two values under a key share one (a 128-bit random
+//! prefix per start makes a repeat across restarts as unlikely as a random
+//! 24-byte nonce would), without a system call per value. The associated data binds a value to what
 //! it is and where it belongs ([`Aad`]): an object sealed for one id does not
 //! open as another's, nor as an event.
 //!
@@ -13,6 +16,7 @@
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use chacha20poly1305::aead::{AeadInOut, Generate, Key, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
@@ -125,7 +129,13 @@ pub fn key_id_hex(id: &KeyId) -> String {
 struct Keyed {
     id: KeyId,
     cipher: XChaCha20Poly1305,
+    /// The random first 16 bytes of every nonce this process seals with.
+    nonce_prefix: [u8; NONCE_PREFIX_BYTES],
+    /// The last 8 bytes: one more for every value sealed.
+    nonce_counter: AtomicU64,
 }
+
+const NONCE_PREFIX_BYTES: usize = 16;
 
 impl Keyed {
     fn new(key: &NodeKey) -> Result<Keyed, StoreError> {
@@ -133,10 +143,27 @@ impl Keyed {
             XChaCha20Poly1305::new_from_slice(&key.0[..]).map_err(|_| StoreError::Key {
                 message: "a node key is 32 bytes".into(),
             })?;
+        let random = XNonce::try_generate()
+            .map_err(|e| StoreError::Io(format!("the OS random number generator failed: {e}")))?;
+        let mut nonce_prefix = [0u8; NONCE_PREFIX_BYTES];
+        nonce_prefix.copy_from_slice(&random[..NONCE_PREFIX_BYTES]);
         Ok(Keyed {
             id: key.id(),
             cipher,
+            nonce_prefix,
+            nonce_counter: AtomicU64::new(0),
         })
+    }
+
+    fn next_nonce(&self) -> Result<XNonce, StoreError> {
+        let count = self
+            .nonce_counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
+            .map_err(|_| StoreError::Io("the nonce counter is spent; restart the agent".into()))?;
+        let mut nonce = XNonce::default();
+        nonce[..NONCE_PREFIX_BYTES].copy_from_slice(&self.nonce_prefix);
+        nonce[NONCE_PREFIX_BYTES..].copy_from_slice(&count.to_le_bytes());
+        Ok(nonce)
     }
 }
 
@@ -197,8 +224,7 @@ impl Sealer {
             encode(&mut out);
             return Ok(out);
         };
-        let nonce = XNonce::try_generate()
-            .map_err(|e| StoreError::Io(format!("the OS random number generator failed: {e}")))?;
+        let nonce = keyed.next_nonce()?;
         let mut out = Vec::with_capacity(OVERHEAD + size);
         out.push(VERSION_SEALED);
         out.extend_from_slice(&keyed.id);
@@ -413,6 +439,28 @@ mod tests {
             sealed,
             sealer.seal(Aad::Object(b"web"), b"SECRET=hunter2").unwrap()
         );
+    }
+
+    #[test]
+    fn nonces_never_repeat_under_a_key_within_a_run_or_across_runs() {
+        let key = NodeKey::generate().unwrap();
+        let nonce = |sealed: &[u8]| sealed[5..HEADER_BYTES].to_vec();
+        let first_run = Sealer::new(&key).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let sealed = first_run.seal(Aad::KeyCheck, b"v").unwrap();
+            assert!(seen.insert(nonce(&sealed)), "a nonce repeated in one run");
+        }
+        // A restart (a new sealer for the same key) starts from a new
+        // random prefix, not from the first run's nonces.
+        let second_run = Sealer::new(&key).unwrap();
+        let sealed = second_run.seal(Aad::KeyCheck, b"v").unwrap();
+        assert!(seen.insert(nonce(&sealed)), "a restart reused a nonce");
+        assert_ne!(
+            sealed[5..5 + NONCE_PREFIX_BYTES],
+            first_run.seal(Aad::KeyCheck, b"v").unwrap()[5..5 + NONCE_PREFIX_BYTES]
+        );
+        assert_eq!(second_run.open(Aad::KeyCheck, &sealed, "x").unwrap(), b"v");
     }
 
     #[test]
