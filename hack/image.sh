@@ -140,7 +140,7 @@ if [[ $MODE == offline ]]; then
   fi
   for b in "${bins[@]}"; do
     [[ -x $target/$b ]] || die "$target/$b was not built"
-    newer=$(find "$root/src" "$root/api" "$root/controllers" "$root/persysctl" "$root/Cargo.toml" "$root/Cargo.lock" \
+    newer=$(find "$root/src" "$root/api" "$root/controllers" "$root/persysctl" "$root/store" "$root/Cargo.toml" "$root/Cargo.lock" \
       \( -name '*.rs' -o -name '*.proto' -o -name 'Cargo.*' \) -newer "$target/$b" -print -quit 2>/dev/null || true)
     if [[ -n $newer ]]; then
       log "WARNING: $target/$b is older than $newer; PERSYS_IMAGE_CARGO=always rebuilds it"

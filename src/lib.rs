@@ -23,4 +23,5 @@ pub mod node;
 pub mod runtimes;
 pub mod scheduler;
 pub mod server;
-pub mod store;
+/// The durable event log (the `persys-store` crate).
+pub use persys_store as store;

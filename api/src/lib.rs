@@ -7,10 +7,14 @@
 //!   so the stored form, the Watch stream and the CLI speak one language.
 //! - [`model`]: behaviour of those types — spec hashes, derived revisions,
 //!   conditions, and the flattening into the scheduler's `WorkloadStatus`.
+//! - [`source`]: what a change of the store is ([`source::Change`]), its one
+//!   mapping to and from the wire's `WatchEventType`, and the two traits
+//!   through which controllers see the store.
 //! - [`control::v1`]: `persys.control.v1.AgentControl`, the service the
 //!   scheduler serves and the agent calls to register and heartbeat.
 
 pub mod model;
+pub mod source;
 
 pub mod v1 {
     #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]

@@ -1,8 +1,8 @@
 //! The engine every runtime controller of persys-agent stands on.
 //!
-//! - [`source`]: the two small traits through which controllers see the
-//!   store: a list + watch source of workload changes, and a writer for
-//!   status, finalizers and events.
+//! - [`source`] (from `persys-api`): the two small traits through which
+//!   controllers see the store: a list + watch source of workload changes,
+//!   and a writer for status, finalizers and events.
 //! - [`informer`]: lists, then follows the change log into one shared cache
 //!   ([`informer::Cache`]) and fans changes out to every subscriber.
 //! - [`queue`]: the work queue — deduplicating, one reconcile per key at a
@@ -26,7 +26,6 @@ pub mod crash_loop;
 pub mod docker;
 pub mod informer;
 pub mod queue;
-pub mod source;
 pub mod usage;
 pub mod vm;
 
@@ -34,7 +33,9 @@ pub use controller::{
     Action, Cleanup, Controller, ControllerConfig, ControllerObserver, NoObserver, Reconciler,
 };
 pub use informer::{Cache, Informer, Notification};
-pub use queue::WorkQueue;
-pub use source::{
+/// The store-facing types, defined once in `persys-api`.
+pub use persys_api::source;
+pub use persys_api::source::{
     Change, ChangeKind, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError,
 };
+pub use queue::WorkQueue;

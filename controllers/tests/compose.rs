@@ -497,9 +497,8 @@ async fn the_health_probe_reports_the_compose_kind_and_version() {
     let Some(bed) = TestBed::new("probe").await else {
         return;
     };
-    let store =
-        persys_agent::store::Store::open(persys_agent::store::StoreConfig::new(bed.state_dir()))
-            .expect("open the store");
+    let store = persys_store::Store::open(persys_store::StoreConfig::new(bed.state_dir()))
+        .expect("open the store");
     let controller = ComposeController::new(
         bed.config(),
         std::sync::Arc::new(store.clone()),

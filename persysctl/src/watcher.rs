@@ -16,22 +16,7 @@ use tonic::{Code, Status, Streaming};
 use crate::connection::Agent;
 use crate::error::CliError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    Added,
-    Modified,
-    Deleted,
-}
-
-impl ChangeKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            ChangeKind::Added => "ADDED",
-            ChangeKind::Modified => "MODIFIED",
-            ChangeKind::Deleted => "DELETED",
-        }
-    }
-}
+pub use persys_api::source::ChangeKind;
 
 /// One change of one workload.
 #[derive(Debug, Clone)]
@@ -245,11 +230,8 @@ impl Watcher {
     /// Records an event and reports it, unless it repeats what was
     /// reported already (a relist resends every object).
     fn observe(&mut self, event: WatchEvent) {
-        let kind = match event.r#type() {
-            WatchEventType::Added => ChangeKind::Added,
-            WatchEventType::Modified => ChangeKind::Modified,
-            WatchEventType::Deleted => ChangeKind::Deleted,
-            WatchEventType::Bookmark | WatchEventType::Unspecified => return,
+        let Some(kind) = ChangeKind::from_wire(event.r#type()) else {
+            return;
         };
         let Some(workload) = event.object else {
             return;

@@ -26,7 +26,7 @@ use persys_api::v1::{
     WatchEvent, WatchEventType, WatchRequest, Workload, WorkloadStatus, WorkloadType,
     WorkloadUsageSnapshot,
 };
-use persys_controllers::{ChangeKind, Informer};
+use persys_controllers::Informer;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -444,11 +444,7 @@ impl AgentService for Agent {
                         }
                         bookmark.reset();
                         let event = WatchEvent {
-                            r#type: match change.kind {
-                                ChangeKind::Added => WatchEventType::Added,
-                                ChangeKind::Modified => WatchEventType::Modified,
-                                ChangeKind::Deleted => WatchEventType::Deleted,
-                            } as i32,
+                            r#type: WatchEventType::from(change.kind) as i32,
                             resource_version: change.resource_version,
                             object: Some(shown(&change.object)),
                         };

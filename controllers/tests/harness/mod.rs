@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use persys_agent::store::{ApplyOutcome, ApplyRequest, Store, StoreConfig};
 use persys_api::v1::{DesiredState, Event, Workload, WorkloadSpec, workload_spec};
 use persys_controllers::{Controller, ControllerConfig, Informer, Reconciler};
+use persys_store::{ApplyOutcome, ApplyRequest, Store, StoreConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

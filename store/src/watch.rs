@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::Stream;
-use persys_api::v1::WatchEventType;
-use persys_controllers::{Change, ChangeKind};
+use persys_api::source::{Change, ChangeKind};
 use tokio::sync::broadcast;
 
 use super::record::{LogRecord, log_key};
@@ -134,11 +133,9 @@ impl Watch {
 }
 
 pub(super) fn change_of(record: LogRecord) -> Change {
-    let kind = match record.kind() {
-        WatchEventType::Added => ChangeKind::Added,
-        WatchEventType::Deleted => ChangeKind::Deleted,
-        _ => ChangeKind::Modified,
-    };
+    // The log holds only changes; a record of any other type reads as a
+    // modification, as it always has.
+    let kind = ChangeKind::from_wire(record.kind()).unwrap_or(ChangeKind::Modified);
     Change {
         kind,
         resource_version: record.resource_version,

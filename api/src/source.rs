@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use crate::v1::{EventType, ObjectStatus, WatchEventType, Workload};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use persys_api::v1::{EventType, ObjectStatus, Workload};
 
 /// What happened to an object at one resource version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,6 +14,38 @@ pub enum ChangeKind {
     Added,
     Modified,
     Deleted,
+}
+
+impl ChangeKind {
+    /// The wire name, as a watch prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "ADDED",
+            ChangeKind::Modified => "MODIFIED",
+            ChangeKind::Deleted => "DELETED",
+        }
+    }
+
+    /// The change a Watch event carries; `None` for a bookmark (or an
+    /// unset type), which carries no change.
+    pub fn from_wire(kind: WatchEventType) -> Option<ChangeKind> {
+        match kind {
+            WatchEventType::Added => Some(ChangeKind::Added),
+            WatchEventType::Modified => Some(ChangeKind::Modified),
+            WatchEventType::Deleted => Some(ChangeKind::Deleted),
+            WatchEventType::Bookmark | WatchEventType::Unspecified => None,
+        }
+    }
+}
+
+impl From<ChangeKind> for WatchEventType {
+    fn from(kind: ChangeKind) -> WatchEventType {
+        match kind {
+            ChangeKind::Added => WatchEventType::Added,
+            ChangeKind::Modified => WatchEventType::Modified,
+            ChangeKind::Deleted => WatchEventType::Deleted,
+        }
+    }
 }
 
 /// One entry of the change log.
@@ -98,4 +130,20 @@ pub trait WorkloadWriter: Send + Sync + 'static {
         reason: String,
         message: String,
     ) -> BoxFuture<'_, Result<(), WriteError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_change_kind_goes_to_the_wire_and_back_and_a_bookmark_is_no_change() {
+        for kind in [ChangeKind::Added, ChangeKind::Modified, ChangeKind::Deleted] {
+            let wire = WatchEventType::from(kind);
+            assert_eq!(ChangeKind::from_wire(wire), Some(kind));
+            assert!(wire.as_str_name().ends_with(kind.name()), "{wire:?}");
+        }
+        assert_eq!(ChangeKind::from_wire(WatchEventType::Bookmark), None);
+        assert_eq!(ChangeKind::from_wire(WatchEventType::Unspecified), None);
+    }
 }

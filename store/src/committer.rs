@@ -13,11 +13,11 @@ use std::sync::atomic::Ordering;
 
 use fjall::PersistMode;
 use persys_api::now_ms;
+use persys_api::source::{Change, ChangeKind};
 use persys_api::v1::{
     DesiredState, Event, EventType, ObjectMeta, ObjectSpec, ObjectStatus, WatchEventType, Workload,
     WorkloadSpec, WorkloadType,
 };
-use persys_controllers::{Change, ChangeKind};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -427,11 +427,7 @@ impl Committer {
         group.next_resource_version = rv;
         let object = Arc::new(object);
         let mut record = SealedLogRecord {
-            kind: match kind {
-                ChangeKind::Added => WatchEventType::Added,
-                ChangeKind::Modified => WatchEventType::Modified,
-                ChangeKind::Deleted => WatchEventType::Deleted,
-            } as i32,
+            kind: WatchEventType::from(kind) as i32,
             resource_version: rv,
             action: action.to_string(),
             at_ms: now,

@@ -43,8 +43,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fjall::{Database, Keyspace, Readable};
+use persys_api::source::{Change, Listing};
 use persys_api::v1::{Event, EventType, ObjectStatus, Workload, WorkloadType};
-use persys_controllers::{Change, Listing};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, mpsc, oneshot};

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use persys_api::v1::{EventType, ObjectStatus, Workload};
-use persys_controllers::{
+use persys_api::source::{
     Change, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError,
 };
+use persys_api::v1::{EventType, ObjectStatus, Workload};
 
 use super::{Store, StoreError};
 
