@@ -567,12 +567,17 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .unwrap_or_default();
     assert_eq!(
         web.failure_reason(),
-        persys_agent::scheduler::report::failure_reason(&failure),
+        persys_api::FailureReason::control_of_code(&failure),
         "{web:?}"
     );
     if !failure.is_empty() {
         assert_ne!(web.failure_reason(), FailureReason::Unspecified);
-        assert_eq!(reason.code, failure, "the agent's own code travels too");
+        let agent_code = persys_api::FailureReason::from_code(&failure).map(|r| r.code());
+        assert_eq!(
+            Some(reason.code.as_str()),
+            agent_code,
+            "the agent's own code travels too"
+        );
     }
     let usage = heartbeat.usage.unwrap();
     assert_eq!(usage.cpu_allocated_millicores, 500 + 2000);

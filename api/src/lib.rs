@@ -7,12 +7,15 @@
 //!   so the stored form, the Watch stream and the CLI speak one language.
 //! - [`model`]: behaviour of those types — spec hashes, derived revisions,
 //!   conditions, and the flattening into the scheduler's `WorkloadStatus`.
+//! - [`failure`]: why a workload is not running, in one vocabulary for
+//!   status, the scheduler's metadata and the heartbeat.
 //! - [`source`]: what a change of the store is ([`source::Change`]), its one
 //!   mapping to and from the wire's `WatchEventType`, and the two traits
 //!   through which controllers see the store.
 //! - [`control::v1`]: `persys.control.v1.AgentControl`, the service the
 //!   scheduler serves and the agent calls to register and heartbeat.
 
+pub mod failure;
 pub mod model;
 pub mod source;
 
@@ -32,4 +35,5 @@ pub mod control {
     }
 }
 
+pub use failure::FailureReason;
 pub use model::*;

@@ -231,10 +231,23 @@ impl Workload {
         metadata.insert("restart_count".into(), status.restart_count.to_string());
         metadata.insert("uid".into(), meta.uid.clone());
         if !status.failure_reason.is_empty() {
-            metadata.insert("failure_reason".into(), status.failure_reason.clone());
+            // The agent's codes in the scheduler's words (it halts on
+            // INVALID_SPECIFICATION); any other code goes as it is.
+            let code = match crate::FailureReason::from_code(&status.failure_reason) {
+                Some(reason) if reason.code() == status.failure_reason => reason.scheduler_code(),
+                _ => status.failure_reason.as_str(),
+            };
+            metadata.insert("failure_reason".into(), code.to_string());
         }
         if status.retry_terminal {
             metadata.insert("retry_terminal".into(), "true".into());
+            // Why no retry helps, in the agent's own code.
+            if !status.failure_reason.is_empty() {
+                metadata.insert(
+                    "retry_terminal_reason".into(),
+                    status.failure_reason.clone(),
+                );
+            }
         }
         if !status.last_error.is_empty() {
             metadata.insert("last_error".into(), status.last_error.clone());
@@ -397,6 +410,28 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_spec_reaches_the_scheduler_as_the_value_it_halts_on() {
+        let workload = |code: &str, terminal: bool| Workload {
+            status: Some(ObjectStatus {
+                actual_state: ActualState::Failed as i32,
+                failure_reason: code.into(),
+                retry_terminal: terminal,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let wire = workload("INVALID_SPEC", true).to_wire_status();
+        assert_eq!(wire.metadata["failure_reason"], "INVALID_SPECIFICATION");
+        assert_eq!(wire.metadata["retry_terminal_reason"], "INVALID_SPEC");
+        let wire = workload("CRASH_LOOP_BACKOFF", false).to_wire_status();
+        assert_eq!(wire.metadata["failure_reason"], "CRASH_LOOP_BACKOFF");
+        assert!(!wire.metadata.contains_key("retry_terminal"));
+        assert!(!wire.metadata.contains_key("retry_terminal_reason"));
+        let wire = workload("SOMETHING_NEW", false).to_wire_status();
+        assert_eq!(wire.metadata["failure_reason"], "SOMETHING_NEW");
+    }
+
+    #[test]
     fn wire_status_carries_what_the_scheduler_reads() {
         let workload = Workload {
             metadata: Some(crate::v1::ObjectMeta {
@@ -420,6 +455,7 @@ mod tests {
         assert_eq!(wire.desired_state(), DesiredState::Running);
         assert_eq!(wire.metadata["failure_reason"], "INVALID_IMAGE");
         assert_eq!(wire.metadata["retry_terminal"], "true");
+        assert_eq!(wire.metadata["retry_terminal_reason"], "INVALID_IMAGE");
         assert_eq!(wire.metadata["last_error"], "no such image");
         assert_eq!(wire.metadata["resource_version"], "42");
         assert_eq!(wire.metadata["generation"], "3");

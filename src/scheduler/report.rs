@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use persys_api::CONDITION_READY;
 use persys_api::control::v1::{
-    FailureReason, HeartbeatRequest, NodeCapabilities, NodeUsage, ReasonDetail,
-    RegisterNodeRequest, StoragePool, WorkloadStatus, WorkloadUsageSnapshot,
+    HeartbeatRequest, NodeCapabilities, NodeUsage, ReasonDetail, RegisterNodeRequest, StoragePool,
+    WorkloadStatus, WorkloadUsageSnapshot,
 };
 use persys_api::v1::{self as agent, ActualState, Workload, WorkloadType, workload_spec};
 use persys_controllers::Cache;
@@ -246,7 +246,8 @@ impl Allocation {
 }
 
 /// One workload's status in the scheduler's words. The failure is the
-/// scheduler's coarser [`FailureReason`] (see [`failure_reason`]); the
+/// scheduler's coarser `persys.control.v1.FailureReason` (see
+/// [`persys_api::FailureReason::control`]); the
 /// agent's own code, and without a failure the reason of the `Ready`
 /// condition, goes in `reason.code`, so nothing is lost.
 pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) -> WorkloadStatus {
@@ -267,7 +268,7 @@ pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) 
     WorkloadStatus {
         workload_id: workload.id().to_string(),
         state: state.short_name().to_string(),
-        failure_reason: failure_reason(&status.failure_reason) as i32,
+        failure_reason: persys_api::FailureReason::control_of_code(&status.failure_reason) as i32,
         message: status.message.clone(),
         last_transition,
         reason: Some(ReasonDetail {
@@ -278,53 +279,6 @@ pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) 
             retryable: !status.retry_terminal,
         }),
         usage,
-    }
-}
-
-/// The scheduler's [`FailureReason`] for the agent's `status.failure_reason`
-/// code. The scheduler's enum is coarser than the agent's codes; where no
-/// value says the same thing, the nearest one is used:
-///
-/// | agent code                          | `FailureReason`              |
-/// |-------------------------------------|------------------------------|
-/// | (none)                              | `FAILURE_REASON_UNSPECIFIED` |
-/// | `IMAGE_PULL_FAILED`                 | `IMAGE_PULL_FAILED`          |
-/// | `IMAGE_NOT_FOUND`, `INVALID_IMAGE`  | `IMAGE_NOT_FOUND`            |
-/// | `INSUFFICIENT_RESOURCES`            | `INSUFFICIENT_RESOURCES`     |
-/// | `INVALID_SPEC`                      | `INVALID_SPEC`               |
-/// | `INVALID_SPECIFICATION`             | `INVALID_SPEC`               |
-/// | `INVALID_CONFIGURATION`             | `INVALID_SPEC`               |
-/// | `RUNTIME_ERROR`                     | `RUNTIME_ERROR`              |
-/// | `CRASH_LOOP_BACKOFF`                | `RUNTIME_ERROR`              |
-/// | `CONTAINER_EXITED`                  | `RUNTIME_ERROR`              |
-/// | `NETWORK_ERROR`                     | `NETWORK_ERROR`              |
-/// | `PORT_BIND_CONFLICT`                | `NETWORK_ERROR`              |
-/// | `STORAGE_ERROR`                     | `STORAGE_ERROR`              |
-/// | `VM_BOOT_FAILED`                    | `VM_BOOT_FAILED`             |
-/// | any other code                      | `RUNTIME_ERROR`              |
-///
-/// `INVALID_IMAGE`, `INVALID_SPECIFICATION` and `INVALID_CONFIGURATION` are
-/// the names the scheduler reads in AgentService status metadata (WIRE.md)
-/// for the same failures. A workload that keeps
-/// crashing or has exited ran and then failed, which the scheduler calls a
-/// runtime error; a host port already taken is a network failure. An
-/// unknown code is still a failure, and `RUNTIME_ERROR` is the agent's own
-/// catch-all.
-pub fn failure_reason(code: &str) -> FailureReason {
-    match code {
-        "" => FailureReason::Unspecified,
-        "IMAGE_PULL_FAILED" => FailureReason::ImagePullFailed,
-        "IMAGE_NOT_FOUND" | "INVALID_IMAGE" => FailureReason::ImageNotFound,
-        "INSUFFICIENT_RESOURCES" => FailureReason::InsufficientResources,
-        "INVALID_SPEC" | "INVALID_SPECIFICATION" | "INVALID_CONFIGURATION" => {
-            FailureReason::InvalidSpec
-        }
-        "NETWORK_ERROR" | "PORT_BIND_CONFLICT" => FailureReason::NetworkError,
-        "STORAGE_ERROR" => FailureReason::StorageError,
-        "VM_BOOT_FAILED" => FailureReason::VmBootFailed,
-        // RUNTIME_ERROR, CRASH_LOOP_BACKOFF, CONTAINER_EXITED, and anything
-        // else.
-        _ => FailureReason::RuntimeError,
     }
 }
 
@@ -404,6 +358,7 @@ fn disk_used_gb(path: &Path) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use persys_api::control::v1::FailureReason;
     use persys_api::v1::{
         ContainerSpec, DesiredState, DiskConfig, ManagedVolumeSpec, ObjectMeta, ObjectSpec,
         ObjectStatus, ResourceLimits, VmSpec, WorkloadSpec,
@@ -544,44 +499,6 @@ mod tests {
         assert_eq!(reason.code, "Pulling");
         assert!(reason.retryable);
         assert_eq!(reason.next_retry_at, None, "no retry scheduled: unset");
-    }
-
-    #[test]
-    fn every_agent_failure_code_has_the_nearest_scheduler_reason() {
-        use FailureReason::*;
-        for (code, expected) in [
-            ("", Unspecified),
-            ("IMAGE_PULL_FAILED", ImagePullFailed),
-            ("IMAGE_NOT_FOUND", ImageNotFound),
-            ("INVALID_IMAGE", ImageNotFound),
-            ("INSUFFICIENT_RESOURCES", InsufficientResources),
-            ("INVALID_SPEC", InvalidSpec),
-            ("INVALID_SPECIFICATION", InvalidSpec),
-            ("INVALID_CONFIGURATION", InvalidSpec),
-            ("RUNTIME_ERROR", RuntimeError),
-            ("CRASH_LOOP_BACKOFF", RuntimeError),
-            ("CONTAINER_EXITED", RuntimeError),
-            ("NETWORK_ERROR", NetworkError),
-            ("PORT_BIND_CONFLICT", NetworkError),
-            ("STORAGE_ERROR", StorageError),
-            ("VM_BOOT_FAILED", VmBootFailed),
-            ("SOMETHING_NEW", RuntimeError),
-        ] {
-            assert_eq!(failure_reason(code), expected, "{code:?}");
-        }
-        // Where the names agree, the mapping is the identity.
-        for reason in [
-            ImagePullFailed,
-            ImageNotFound,
-            InsufficientResources,
-            InvalidSpec,
-            RuntimeError,
-            NetworkError,
-            StorageError,
-            VmBootFailed,
-        ] {
-            assert_eq!(failure_reason(reason.as_str_name()), reason);
-        }
     }
 
     #[test]

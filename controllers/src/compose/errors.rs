@@ -37,67 +37,9 @@ impl fmt::Display for Operation {
     }
 }
 
-/// Why a compose workload is not running as declared: the codes of
-/// `status.failure_reason` (DESIGN §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureReason {
-    /// An image could not be pulled. Retried with back-off.
-    ImagePullFailed,
-    /// The compose file or the spec cannot be run as it is. Terminal: the
-    /// retries are spaced out to the back-off's cap.
-    InvalidSpec,
-    /// A published host port is taken. Retried with back-off.
-    PortBindConflict,
-    /// The node is out of memory or disk. Retried with back-off.
-    InsufficientResources,
-    /// Anything else compose or the engine failed at, a timeout, or no
-    /// compose binary.
-    RuntimeError,
-    /// The project folder could not be written.
-    StorageError,
-    /// Services keep exiting; repairs are spaced out.
-    CrashLoopBackOff,
-}
-
-impl FailureReason {
-    /// The code in `status.failure_reason`.
-    pub fn code(self) -> &'static str {
-        match self {
-            FailureReason::ImagePullFailed => "IMAGE_PULL_FAILED",
-            FailureReason::InvalidSpec => "INVALID_SPEC",
-            FailureReason::PortBindConflict => "PORT_BIND_CONFLICT",
-            FailureReason::InsufficientResources => "INSUFFICIENT_RESOURCES",
-            FailureReason::RuntimeError => "RUNTIME_ERROR",
-            FailureReason::StorageError => "STORAGE_ERROR",
-            FailureReason::CrashLoopBackOff => "CRASH_LOOP_BACKOFF",
-        }
-    }
-
-    /// True when retrying cannot help until the spec changes
-    /// (`status.retry_terminal`).
-    pub fn is_terminal(self) -> bool {
-        self == FailureReason::InvalidSpec
-    }
-
-    /// The reason of the `Ready` and `Degraded` conditions.
-    pub fn condition_reason(self) -> &'static str {
-        match self {
-            FailureReason::ImagePullFailed => "ImagePullBackOff",
-            FailureReason::InvalidSpec => "InvalidSpec",
-            FailureReason::PortBindConflict => "PortBindConflict",
-            FailureReason::InsufficientResources => "InsufficientResources",
-            FailureReason::RuntimeError => "ComposeFailed",
-            FailureReason::StorageError => "StorageError",
-            FailureReason::CrashLoopBackOff => "CrashLoopBackOff",
-        }
-    }
-}
-
-impl fmt::Display for FailureReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())
-    }
-}
+/// Why a workload is not running as declared: one vocabulary for every
+/// runtime (`persys_api::failure`).
+pub use persys_api::FailureReason;
 
 /// Classifies a failed compose command by what it wrote to stderr.
 ///

@@ -49,86 +49,9 @@ impl fmt::Display for Operation {
     }
 }
 
-/// Why a workload is not running as declared: the codes status carries in
-/// `failure_reason` (DESIGN §5), plus the two that describe the container
-/// itself rather than an engine error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureReason {
-    /// The registry could not be reached, refused the credentials, or the
-    /// pull broke off. Retried with back-off.
-    ImagePullFailed,
-    /// The image does not exist (in the registry, or locally under the
-    /// `Never` pull policy). Retried with back-off: a tag can be pushed later.
-    ImageNotFound,
-    /// The engine refused the spec (HTTP 400: a bad entrypoint, a limit
-    /// below the minimum…) or it failed validation. Terminal.
-    InvalidSpec,
-    /// A published host port is taken. Retried with back-off.
-    PortBindConflict,
-    /// The node is out of memory or disk. Retried with back-off.
-    InsufficientResources,
-    /// Anything else the engine failed at, and an unreachable engine.
-    RuntimeError,
-    /// The container keeps exiting; restarts are spaced out.
-    CrashLoopBackOff,
-    /// The container exited and its restart policy does not restart it.
-    /// Terminal until the spec changes.
-    ContainerExited,
-}
-
-impl FailureReason {
-    /// The code in `status.failure_reason`.
-    pub fn code(self) -> &'static str {
-        match self {
-            FailureReason::ImagePullFailed => "IMAGE_PULL_FAILED",
-            FailureReason::ImageNotFound => "IMAGE_NOT_FOUND",
-            FailureReason::InvalidSpec => "INVALID_SPEC",
-            FailureReason::PortBindConflict => "PORT_BIND_CONFLICT",
-            FailureReason::InsufficientResources => "INSUFFICIENT_RESOURCES",
-            FailureReason::RuntimeError => "RUNTIME_ERROR",
-            FailureReason::CrashLoopBackOff => "CRASH_LOOP_BACKOFF",
-            FailureReason::ContainerExited => "CONTAINER_EXITED",
-        }
-    }
-
-    /// The code the Persys scheduler knows for this reason (WIRE.md), where
-    /// it has one: `INVALID_SPECIFICATION` and `PORT_BIND_CONFLICT` stop it
-    /// from re-applying.
-    pub fn scheduler_code(self) -> &'static str {
-        match self {
-            FailureReason::InvalidSpec => "INVALID_SPECIFICATION",
-            other => other.code(),
-        }
-    }
-
-    /// True when retrying cannot help until the spec changes
-    /// (`status.retry_terminal`).
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            FailureReason::InvalidSpec | FailureReason::ContainerExited
-        )
-    }
-
-    /// The `Ready` condition's reason, in the CamelCase of conditions.
-    pub fn condition_reason(self) -> &'static str {
-        match self {
-            FailureReason::ImagePullFailed | FailureReason::ImageNotFound => "ImagePullBackOff",
-            FailureReason::InvalidSpec => "InvalidSpec",
-            FailureReason::PortBindConflict => "PortBindConflict",
-            FailureReason::InsufficientResources => "InsufficientResources",
-            FailureReason::RuntimeError => "RuntimeError",
-            FailureReason::CrashLoopBackOff => "CrashLoopBackOff",
-            FailureReason::ContainerExited => "Exited",
-        }
-    }
-}
-
-impl fmt::Display for FailureReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())
-    }
-}
+/// Why a workload is not running as declared: one vocabulary for every
+/// runtime (`persys_api::failure`).
+pub use persys_api::FailureReason;
 
 /// True when `error` means the engine did not answer at all (no socket,
 /// connection refused or reset, timeout), as opposed to an answer that

@@ -53,63 +53,9 @@ impl fmt::Display for Operation {
     }
 }
 
-/// Why a VM is not running as declared: the codes status carries in
-/// `failure_reason` (DESIGN §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FailureReason {
-    /// The hypervisor refused to start the guest (qemu failed, KVM missing,
-    /// out of memory…). Retried with the crash-loop back-off.
-    VmBootFailed,
-    /// A disk or the seed ISO could not be created, found or opened.
-    /// Retried: a file can appear, a full disk can be cleaned up.
-    StorageError,
-    /// The spec cannot be run as it is (libvirt refused the domain XML, a
-    /// disk path outside the roots…). Terminal until the spec changes.
-    InvalidSpec,
-    /// A libvirt network or host bridge is missing or failed.
-    NetworkError,
-    /// Anything else libvirt failed at, and an unreachable libvirtd.
-    RuntimeError,
-    /// The guest keeps stopping; restarts are spaced out.
-    CrashLoopBackOff,
-}
-
-impl FailureReason {
-    /// The code in `status.failure_reason`.
-    pub fn code(self) -> &'static str {
-        match self {
-            FailureReason::VmBootFailed => "VM_BOOT_FAILED",
-            FailureReason::StorageError => "STORAGE_ERROR",
-            FailureReason::InvalidSpec => "INVALID_SPEC",
-            FailureReason::NetworkError => "NETWORK_ERROR",
-            FailureReason::RuntimeError => "RUNTIME_ERROR",
-            FailureReason::CrashLoopBackOff => "CRASH_LOOP_BACKOFF",
-        }
-    }
-
-    /// True when retrying cannot help until the spec changes.
-    pub fn is_terminal(self) -> bool {
-        self == FailureReason::InvalidSpec
-    }
-
-    /// The `Ready` condition's reason.
-    pub fn condition_reason(self) -> &'static str {
-        match self {
-            FailureReason::VmBootFailed => "BootFailed",
-            FailureReason::StorageError => "StorageError",
-            FailureReason::InvalidSpec => "InvalidSpec",
-            FailureReason::NetworkError => "NetworkError",
-            FailureReason::RuntimeError => "RuntimeError",
-            FailureReason::CrashLoopBackOff => "CrashLoopBackOff",
-        }
-    }
-}
-
-impl fmt::Display for FailureReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())
-    }
-}
+/// Why a workload is not running as declared: one vocabulary for every
+/// runtime (`persys_api::failure`).
+pub use persys_api::FailureReason;
 
 /// A libvirt error, kept as its typed code and origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
