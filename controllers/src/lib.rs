@@ -12,6 +12,9 @@
 //!   spacing for any repeated attempt.
 //! - [`usage`]: the last usage sample of each running workload, as the
 //!   Docker and VM controllers' samplers leave it.
+//! - `kit`: what every runtime reconciler shares: per-workload memory and
+//!   orphan timers, the event recorder, and status publishing with the
+//!   resource-version check, conflict requeue and requeue floor.
 //! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
 //!   drives one from informer changes, runtime triggers and a periodic resync.
 //! - [`docker`]: the Docker controller — container workloads.
@@ -25,6 +28,7 @@ pub mod controller;
 pub mod crash_loop;
 pub mod docker;
 pub mod informer;
+mod kit;
 pub mod queue;
 pub mod usage;
 pub mod vm;

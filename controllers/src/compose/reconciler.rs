@@ -7,8 +7,8 @@
 //! last brought up or a service is not running; `stop` when the desired
 //! state is stopped; `down --remove-orphans` (named volumes stay) on delete.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -38,11 +38,8 @@ use crate::crash_loop::{CrashLoop, Gate, RetryGate};
 use crate::docker::follow;
 use crate::docker::{Engine, EngineVersion};
 use crate::informer::Cache;
-use crate::source::{WorkloadWriter, WriteError};
-
-/// How soon to look again when the store had a newer version of the object
-/// than the cache: the informer catches up within milliseconds.
-const CONFLICT_REQUEUE: Duration = Duration::from_millis(200);
+use crate::kit::{self, Recorder, Workloads};
+use crate::source::WorkloadWriter;
 
 /// How soon to look again at a project that is coming up (a service the
 /// engine is restarting, one that exited right after `up`): engine events
@@ -148,13 +145,10 @@ pub struct ComposeController {
     /// so concurrent reconciles detect once. Empty until a detection
     /// succeeds; cleared when the binary disappears.
     binary: tokio::sync::Mutex<Option<ComposeBinary>>,
-    /// Back-offs per workload. A std mutex: held only to read or update an
-    /// entry, never across an await; the work queue runs one reconcile per
-    /// workload at a time, so entries are not contended.
-    memory: Mutex<HashMap<String, Memory>>,
-    /// When each orphan project folder was first seen; it is taken down
-    /// once the grace period has passed.
-    orphans: Mutex<HashMap<String, Instant>>,
+    /// What is remembered per workload between reconciles, and since when
+    /// each orphan project folder has been seen.
+    workloads: Workloads<Memory>,
+    events: Recorder,
     /// Project name → workload id of the folders on disk, shared with the
     /// event trigger.
     index: ProjectIndex,
@@ -170,12 +164,12 @@ impl ComposeController {
         ComposeController {
             config,
             engine,
+            events: Recorder::new(writer.clone()),
             writer,
             cache,
             runner,
             binary: tokio::sync::Mutex::new(None),
-            memory: Mutex::default(),
-            orphans: Mutex::default(),
+            workloads: Workloads::default(),
             index: ProjectIndex::default(),
         }
     }
@@ -242,43 +236,19 @@ impl ComposeController {
         )
     }
 
-    fn memory<T>(&self, id: &str, f: impl FnOnce(&mut Memory) -> T) -> T {
-        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        f(memory.entry(id.to_string()).or_default())
-    }
-
     /// The repair count of the workload's current spec, once this process
     /// has reconciled it.
     fn restarts(&self, id: &str) -> Option<i32> {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .filter(|m| !m.spec_hash.is_empty())
-            .map(|m| m.crash.restarts())
+        self.workloads
+            .get(id, |m| {
+                (!m.spec_hash.is_empty()).then(|| m.crash.restarts())
+            })
+            .flatten()
     }
 
     fn forget(&self, id: &str) {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.workloads.forget(id);
         self.index.remove_workload(id);
-    }
-
-    /// Records an event; a failure to record one is logged, not fatal.
-    async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
-        if let Err(error) = self
-            .writer
-            .record_event(id.to_string(), kind, reason.to_string(), message)
-            .await
-        {
-            tracing::debug!(%error, reason, "recording an event failed");
-        }
     }
 
     /// The spec, checked and rendered into project files.
@@ -391,30 +361,17 @@ impl ComposeController {
                 restarts,
             },
         );
-        let mut action = match converged.requeue {
-            Some(after) => Action::requeue(after.max(Duration::from_millis(10))),
-            None => Action::await_change(),
-        };
-        if status != previous {
-            match self
-                .writer
-                .update_status(id.to_string(), workload.resource_version(), status)
-                .await
-            {
-                Ok(written) => action = action.wrote(written.resource_version()),
-                Err(WriteError::Conflict { .. }) => action = Action::requeue(CONFLICT_REQUEUE),
-                Err(WriteError::NotFound(_)) => action = Action::await_change(),
-                Err(source) => {
-                    return Err(converged.error.unwrap_or(ComposeError::Store {
-                        id: id.to_string(),
-                        source,
-                    }));
-                }
-            }
-        }
-        match converged.error {
-            Some(error) => Err(error),
-            None => Ok(action),
+        let written =
+            kit::publish_status(self.writer.as_ref(), workload, status, converged.requeue).await;
+        match (converged.error, written) {
+            // The reconcile's own error goes to the runtime's back-off, even
+            // when the status that reports it could not be written.
+            (Some(error), _) => Err(error),
+            (None, Ok(action)) => Ok(action),
+            (None, Err(source)) => Err(ComposeError::Store {
+                id: id.to_string(),
+                source,
+            }),
         }
     }
 
@@ -456,7 +413,7 @@ impl ComposeController {
     ) -> Result<Converged, ComposeError> {
         let id = workload.id();
         let hash = workload.spec_hash();
-        let first_sight = self.memory(id, |m| {
+        let first_sight = self.workloads.with(id, |m| {
             let fresh = m.spec_hash.is_empty();
             if m.spec_hash != hash {
                 let carried = if fresh {
@@ -481,16 +438,17 @@ impl ComposeController {
         if first_sight && !observed.is_empty() {
             let count = observed.containers().count();
             tracing::info!(project = %prepared.project, containers = count, "adopted an existing compose project");
-            self.event(
-                id,
-                EventType::Normal,
-                "Adopted",
-                format!(
-                    "adopted compose project {} ({count} containers)",
-                    prepared.project
-                ),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Adopted",
+                    format!(
+                        "adopted compose project {} ({count} containers)",
+                        prepared.project
+                    ),
+                )
+                .await;
         }
         match workload.desired_state() {
             DesiredState::Stopped => self.converge_stopped(docker, id, prepared, observed).await,
@@ -509,7 +467,7 @@ impl ComposeController {
         observed: Observed,
     ) -> Result<Converged, ComposeError> {
         // A later start is a fresh start, not a repair.
-        self.memory(id, |m| {
+        self.workloads.with(id, |m| {
             let restarts = m.crash.restarts();
             m.crash = CrashLoop::new(restarts);
         });
@@ -545,13 +503,14 @@ impl ComposeController {
                 .await
                 .map_err(|e| ComposeError::engine(id, Operation::StopContainer, e))?;
         }
-        self.event(
-            id,
-            EventType::Normal,
-            "Stopped",
-            format!("stopped compose project {}", prepared.project),
-        )
-        .await;
+        self.events
+            .event(
+                id,
+                EventType::Normal,
+                "Stopped",
+                format!("stopped compose project {}", prepared.project),
+            )
+            .await;
         let observed = observe::observe(docker, id, &prepared.project).await?;
         Ok(Converged::new(
             Outcome::Stopped,
@@ -599,7 +558,7 @@ impl ComposeController {
         if reason == UpReason::Repair {
             let (now, now_wall) = (Instant::now(), now_ms());
             let policy = self.config.crash_loop;
-            let gate = self.memory(id, |m| m.crash.gate(&policy, now));
+            let gate = self.workloads.with(id, |m| m.crash.gate(&policy, now));
             if let Gate::Closed {
                 delay,
                 remaining,
@@ -643,12 +602,13 @@ impl ComposeController {
                         },
                     ),
                 };
-                self.event(id, kind, reason, message).await;
+                self.events.event(id, kind, reason, message).await;
             }
-            self.memory(id, |m| m.crash.restarted(now, now_wall));
+            self.workloads
+                .with(id, |m| m.crash.restarted(now, now_wall));
         } else {
             let (now, now_wall) = (Instant::now(), now_ms());
-            self.memory(id, |m| m.crash.started(now, now_wall));
+            self.workloads.with(id, |m| m.crash.started(now, now_wall));
         }
 
         let binary = self.binary_for(id).await?;
@@ -691,7 +651,9 @@ impl ComposeController {
             ),
             UpReason::Start => format!("compose project {} started", prepared.project),
         };
-        self.event(id, EventType::Normal, "Up", message).await;
+        self.events
+            .event(id, EventType::Normal, "Up", message)
+            .await;
         let still: Vec<&ServiceReport> = reports.iter().filter(|r| !r.is_satisfied()).collect();
         if still.is_empty() {
             return Ok(Converged::new(Outcome::Running, reports));
@@ -721,7 +683,7 @@ impl ComposeController {
         observed: &Observed,
     ) -> Option<Converged> {
         let backoff = self.config.failure_backoff;
-        let (gate, failure) = self.memory(id, |m| {
+        let (gate, failure) = self.workloads.with(id, |m| {
             (
                 m.failures.gate(&backoff, Duration::MAX, Instant::now()),
                 m.last_failure.clone(),
@@ -773,7 +735,7 @@ impl ComposeController {
         };
         let backoff = self.config.failure_backoff;
         let (now, now_wall) = (Instant::now(), now_ms());
-        let gate = self.memory(id, |m| {
+        let gate = self.workloads.with(id, |m| {
             m.failures.counted(now, now_wall);
             m.last_failure = Some(Failure {
                 reason,
@@ -787,13 +749,14 @@ impl ComposeController {
             Gate::Open => None,
         };
         tracing::warn!(%error, "compose failed");
-        self.event(
-            id,
-            EventType::Warning,
-            "ComposeFailed",
-            format!("{message}\n{}", status::keep_end(&detail, 1024)),
-        )
-        .await;
+        self.events
+            .event(
+                id,
+                EventType::Warning,
+                "ComposeFailed",
+                format!("{message}\n{}", status::keep_end(&detail, 1024)),
+            )
+            .await;
         Converged {
             outcome: Outcome::Failed {
                 reason,
@@ -809,7 +772,7 @@ impl ComposeController {
 
     /// A command succeeded: the failure back-off is over.
     fn succeeded(&self, id: &str) {
-        self.memory(id, |m| {
+        self.workloads.with(id, |m| {
             if m.last_failure.is_some() || m.failures.attempts() > 0 {
                 m.failures = RetryGate::default();
                 m.last_failure = None;
@@ -905,16 +868,17 @@ impl ComposeController {
         tracing::info!(from = %previous, to = %prepared.project, "the project was renamed; taking the old one down");
         self.take_down(docker, id, &previous, &prepared.dir, Some(&prepared.env))
             .await?;
-        self.event(
-            id,
-            EventType::Normal,
-            "ProjectRenamed",
-            format!(
-                "took down compose project {previous}; the workload now runs as {}",
-                prepared.project
-            ),
-        )
-        .await;
+        self.events
+            .event(
+                id,
+                EventType::Normal,
+                "ProjectRenamed",
+                format!(
+                    "took down compose project {previous}; the workload now runs as {}",
+                    prepared.project
+                ),
+            )
+            .await;
         Ok(())
     }
 
@@ -969,10 +933,7 @@ impl Reconciler for ComposeController {
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, ComposeError> {
         let id = workload.id();
-        self.orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.workloads.claimed(id);
         let fallback_project = project_name_of(&workload).unwrap_or_default();
         let prepared = match self.prepare(&workload) {
             Ok(prepared) => prepared,
@@ -1111,15 +1072,10 @@ impl Reconciler for ComposeController {
             self.forget(id);
             return Ok(Action::await_change());
         }
-        let first_seen = *self
-            .orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_insert_with(Instant::now);
-        let waited = first_seen.elapsed();
-        if waited < self.config.orphan_grace {
-            let remaining = self.config.orphan_grace - waited;
+        if let Some(remaining) = self
+            .workloads
+            .orphan_grace_left(id, self.config.orphan_grace)
+        {
             tracing::debug!(%project, ?remaining, "orphan compose project within its grace period");
             return Ok(Action::requeue(remaining));
         }

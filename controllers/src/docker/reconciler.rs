@@ -1,8 +1,7 @@
 //! The Docker controller: makes the engine's containers match the container
 //! workloads, one level-triggered reconcile at a time.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -34,11 +33,8 @@ use super::validate::{SpecError, validate_container_spec};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::crash_loop::{CrashLoop, Gate, RetryGate};
 use crate::informer::Cache;
-use crate::source::{WorkloadWriter, WriteError};
-
-/// How soon to look again when the store had a newer version of the object
-/// than the cache: the informer catches up within milliseconds.
-const CONFLICT_REQUEUE: Duration = Duration::from_millis(200);
+use crate::kit::{self, Recorder, Workloads};
+use crate::source::WorkloadWriter;
 
 /// How soon to look again at a container in a passing state (stopping,
 /// being removed).
@@ -106,13 +102,9 @@ pub struct DockerController {
     config: DockerConfig,
     engine: Engine,
     writer: Arc<dyn WorkloadWriter>,
-    /// Back-offs per workload. A std mutex: held only to read or update an
-    /// entry, never across an await; the work queue runs one reconcile per
-    /// workload at a time, so entries are not contended.
-    memory: Mutex<HashMap<String, Memory>>,
-    /// When each orphan (a managed container without a workload) was first
-    /// seen; it is removed once the grace period has passed.
-    orphans: Mutex<HashMap<String, Instant>>,
+    /// What is remembered per workload between reconciles, and orphans.
+    workloads: Workloads<Memory>,
+    events: Recorder,
     /// The last usage sample of each running workload.
     usage: UsageSnapshots,
     /// Containers as last seen, valid until an event or a change of ours.
@@ -127,9 +119,9 @@ impl DockerController {
         DockerController {
             config,
             engine,
+            events: Recorder::new(writer.clone()),
             writer,
-            memory: Mutex::default(),
-            orphans: Mutex::default(),
+            workloads: Workloads::default(),
             usage: UsageSnapshots::default(),
             observed: Arc::new(Observed::default()),
         }
@@ -186,42 +178,14 @@ impl DockerController {
         }
     }
 
-    fn memory<T>(&self, id: &str, f: impl FnOnce(&mut Memory) -> T) -> T {
-        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        f(memory.entry(id.to_string()).or_default())
-    }
-
     /// The restart count of the workload's current spec, once this process
     /// has reconciled it.
     fn restarts(&self, id: &str) -> Option<i32> {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .filter(|m| !m.spec_hash.is_empty())
-            .map(|m| m.crash.restarts())
-    }
-
-    fn forget(&self, id: &str) {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-
-    /// Records an event; a failure to record one is logged, not fatal.
-    async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
-        if let Err(error) = self
-            .writer
-            .record_event(id.to_string(), kind, reason.to_string(), message)
-            .await
-        {
-            tracing::debug!(%error, reason, "recording an event failed");
-        }
+        self.workloads
+            .get(id, |m| {
+                (!m.spec_hash.is_empty()).then(|| m.crash.restarts())
+            })
+            .flatten()
     }
 
     /// The container spec, validated.
@@ -259,26 +223,12 @@ impl DockerController {
                 log_tail: converged.log_tail,
             },
         );
-        let action = match converged.requeue {
-            Some(after) => Action::requeue(after),
-            None => Action::await_change(),
-        };
-        if status == previous {
-            return Ok(action);
-        }
-        match self
-            .writer
-            .update_status(id.to_string(), workload.resource_version(), status)
+        kit::publish_status(self.writer.as_ref(), workload, status, converged.requeue)
             .await
-        {
-            Ok(written) => Ok(action.wrote(written.resource_version())),
-            Err(WriteError::Conflict { .. }) => Ok(Action::requeue(CONFLICT_REQUEUE)),
-            Err(WriteError::NotFound(_)) => Ok(Action::await_change()),
-            Err(source) => Err(DockerError::Store {
+            .map_err(|source| DockerError::Store {
                 id: id.to_string(),
                 source,
-            }),
-        }
+            })
     }
 
     /// Reports an error that stopped the reconcile and hands it to the
@@ -318,7 +268,7 @@ impl DockerController {
     ) -> Result<Converged, Halt> {
         let id = workload.id();
         let hash = workload.spec_hash();
-        let first_sight = self.memory(id, |m| {
+        let first_sight = self.workloads.with(id, |m| {
             let fresh = m.spec_hash.is_empty();
             if m.spec_hash != hash {
                 let carried = if fresh {
@@ -360,13 +310,14 @@ impl DockerController {
         if first_sight && let Some(found) = &inspected {
             let name = display_name(found);
             tracing::info!(container = %name, "adopted an existing container");
-            self.event(
-                id,
-                EventType::Normal,
-                "Adopted",
-                format!("adopted container {name}"),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Adopted",
+                    format!("adopted container {name}"),
+                )
+                .await;
         }
 
         match workload.desired_state() {
@@ -391,7 +342,7 @@ impl DockerController {
     ) -> Result<Converged, Halt> {
         let id = workload.id();
         // A later start is a fresh start, not a crash-loop restart.
-        self.memory(id, |m| {
+        self.workloads.with(id, |m| {
             let restarts = m.crash.restarts();
             m.crash = CrashLoop::new(restarts);
         });
@@ -411,13 +362,14 @@ impl DockerController {
             tracing::info!(container = %cid, ?grace, "stopping: desired state is stopped");
             self.observed.invalidate();
             container::stop(docker, id, &cid, Some(grace)).await?;
-            self.event(
-                id,
-                EventType::Normal,
-                "Stopped",
-                format!("stopped container {}", display_name(&found)),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Stopped",
+                    format!("stopped container {}", display_name(&found)),
+                )
+                .await;
         }
         let found = container::inspect(docker, id, &cid).await?;
         Ok(Converged::new(Outcome::Stopped, found))
@@ -448,13 +400,14 @@ impl DockerController {
                     .unpause_container(&cid)
                     .await
                     .map_err(|e| DockerError::engine(id, Operation::Unpause, e))?;
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "Unpaused",
-                    format!("unpaused container {}", display_name(&found)),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "Unpaused",
+                        format!("unpaused container {}", display_name(&found)),
+                    )
+                    .await;
                 let found = container::inspect(docker, id, &cid).await?;
                 Ok(Converged::new(Outcome::Running, found))
             }
@@ -497,7 +450,7 @@ impl DockerController {
         let id = workload.id();
         let cid = found.id.clone().unwrap_or_default();
         let exit_code = found.state.as_ref().and_then(|s| s.exit_code).unwrap_or(0);
-        let restarts = self.memory(id, |m| m.crash.restarts());
+        let restarts = self.workloads.with(id, |m| m.crash.restarts());
         match RestartRule::of(spec).decide(exit_code, restarts) {
             ExitDecision::Completed => Ok(Converged::new(Outcome::Completed, Some(found))),
             ExitDecision::GaveUp { limit_reached } => {
@@ -519,7 +472,7 @@ impl DockerController {
                 Ok(converged)
             }
             ExitDecision::Restart => {
-                let gate = self.memory(id, |m| {
+                let gate = self.workloads.with(id, |m| {
                     m.crash.gate(&self.config.crash_loop, Instant::now())
                 });
                 if let Gate::Closed {
@@ -540,33 +493,36 @@ impl DockerController {
                     converged.requeue = Some(remaining);
                     converged.log_tail =
                         container::tail_log(docker, &cid, self.config.log_tail_lines).await;
-                    self.event(
-                        id,
-                        EventType::Warning,
-                        "BackOff",
-                        format!("back-off restarting failed container {name}"),
-                    )
-                    .await;
+                    self.events
+                        .event(
+                            id,
+                            EventType::Warning,
+                            "BackOff",
+                            format!("back-off restarting failed container {name}"),
+                        )
+                        .await;
                     return Ok(converged);
                 }
                 if state_of(&found) == Some(ContainerStateStatusEnum::DEAD) {
                     // A dead container cannot start again: replace it.
                     container::remove(docker, id, &cid).await?;
-                    self.memory(id, |m| m.crash.restarted(Instant::now(), now_ms()));
+                    self.workloads
+                        .with(id, |m| m.crash.restarted(Instant::now(), now_ms()));
                     return self
                         .create_and_start(docker, workload, spec, Vec::new())
                         .await;
                 }
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "Restarting",
-                    format!(
-                        "restarting container {} (exit code {exit_code})",
-                        display_name(&found)
-                    ),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "Restarting",
+                        format!(
+                            "restarting container {} (exit code {exit_code})",
+                            display_name(&found)
+                        ),
+                    )
+                    .await;
                 self.start(docker, workload, &found, StartKind::Restart)
                     .await
             }
@@ -584,7 +540,7 @@ impl DockerController {
         self.observed.invalidate();
         let id = workload.id();
         let cid = found.id.clone().unwrap_or_default();
-        if let Some((reason, detail)) = self.memory(id, |m| m.terminal.clone()) {
+        if let Some((reason, detail)) = self.workloads.with(id, |m| m.terminal.clone()) {
             return Ok(Converged::new(
                 Outcome::Failed {
                     reason,
@@ -605,25 +561,27 @@ impl DockerController {
         let now = (Instant::now(), now_ms());
         match started {
             Ok(()) => {
-                self.memory(id, |m| {
+                self.workloads.with(id, |m| {
                     match kind {
                         StartKind::First => m.crash.started(now.0, now.1),
                         StartKind::Restart => m.crash.restarted(now.0, now.1),
                     }
                     m.last_failure = None;
                 });
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "Started",
-                    format!("started container {}", display_name(found)),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "Started",
+                        format!("started container {}", display_name(found)),
+                    )
+                    .await;
                 self.after_start(docker, id, &cid).await
             }
             Err(e) => {
                 let error = DockerError::engine(id, Operation::Start, e);
-                self.memory(id, |m| m.crash.start_failed(now.0, now.1));
+                self.workloads
+                    .with(id, |m| m.crash.start_failed(now.0, now.1));
                 Err(self.failed_attempt(id, error).await)
             }
         }
@@ -640,7 +598,7 @@ impl DockerController {
     ) -> Result<Converged, Halt> {
         self.observed.invalidate();
         let id = workload.id();
-        if let Some((reason, detail)) = self.memory(id, |m| m.terminal.clone()) {
+        if let Some((reason, detail)) = self.workloads.with(id, |m| m.terminal.clone()) {
             return Ok(Converged::new(
                 Outcome::Failed {
                     reason,
@@ -701,18 +659,20 @@ impl DockerController {
                     };
                 }
                 let (now, now_wall) = (Instant::now(), now_ms());
-                self.memory(id, |m| m.crash.start_failed(now, now_wall));
+                self.workloads
+                    .with(id, |m| m.crash.start_failed(now, now_wall));
                 return Err(self.failed_attempt(id, error).await);
             }
         };
         tracing::info!(container = %created.id, %name, "created");
-        self.event(
-            id,
-            EventType::Normal,
-            "Created",
-            format!("created container {name}"),
-        )
-        .await;
+        self.events
+            .event(
+                id,
+                EventType::Normal,
+                "Created",
+                format!("created container {name}"),
+            )
+            .await;
         let found = container::inspect(docker, id, &created.id)
             .await?
             .unwrap_or_else(|| ContainerInspectResponse {
@@ -726,7 +686,7 @@ impl DockerController {
     /// Refuses a start while the back-off of failed starts runs.
     fn gate_start(&self, id: &str) -> Result<(), Halt> {
         let crash_loop = self.config.crash_loop;
-        let (gate, last) = self.memory(id, |m| {
+        let (gate, last) = self.workloads.with(id, |m| {
             (
                 m.crash.gate(&crash_loop, Instant::now()),
                 m.last_failure.clone(),
@@ -757,10 +717,11 @@ impl DockerController {
         let reason = error.reason();
         let detail = error.detail();
         tracing::warn!(%error, "container did not start");
-        self.event(id, EventType::Warning, "Failed", detail.clone())
+        self.events
+            .event(id, EventType::Warning, "Failed", detail.clone())
             .await;
         let crash_loop = self.config.crash_loop;
-        let gate = self.memory(id, |m| {
+        let gate = self.workloads.with(id, |m| {
             if reason.is_terminal() {
                 m.terminal = Some((reason, detail.clone()));
             }
@@ -796,7 +757,7 @@ impl DockerController {
             return Ok(());
         }
         let backoff = self.config.pull_backoff;
-        let gate = self.memory(id, |m| {
+        let gate = self.workloads.with(id, |m| {
             if m.pull_image != spec.image {
                 m.pull_image = spec.image.clone();
                 m.pull = RetryGate::default();
@@ -807,10 +768,13 @@ impl DockerController {
             remaining, due_ms, ..
         } = gate
         {
-            let (reason, detail) = self.memory(id, |m| m.last_failure.clone()).unwrap_or((
-                FailureReason::ImagePullFailed,
-                format!("back-off pulling image {}", spec.image),
-            ));
+            let (reason, detail) = self
+                .workloads
+                .with(id, |m| m.last_failure.clone())
+                .unwrap_or((
+                    FailureReason::ImagePullFailed,
+                    format!("back-off pulling image {}", spec.image),
+                ));
             return Err(Halt::Failed {
                 reason,
                 detail,
@@ -832,14 +796,14 @@ impl DockerController {
         let (now, now_wall) = (Instant::now(), now_ms());
         match result {
             Ok(()) => {
-                self.memory(id, |m| {
+                self.workloads.with(id, |m| {
                     m.pull = RetryGate::default();
                     m.last_failure = None;
                 });
                 Ok(())
             }
             Err((reason, detail)) => {
-                let gate = self.memory(id, |m| {
+                let gate = self.workloads.with(id, |m| {
                     m.pull.counted(now, now_wall);
                     m.last_failure = Some((reason, detail.clone()));
                     m.pull.gate(&backoff, Duration::MAX, Instant::now())
@@ -884,33 +848,36 @@ impl DockerController {
             },
             None => None,
         };
-        self.event(
-            id,
-            EventType::Normal,
-            "Pulling",
-            format!("pulling image {image}"),
-        )
-        .await;
+        self.events
+            .event(
+                id,
+                EventType::Normal,
+                "Pulling",
+                format!("pulling image {image}"),
+            )
+            .await;
         let started = Instant::now();
         match container::pull(docker, id, &reference, credentials).await {
             Ok(()) => {
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "Pulled",
-                    format!(
-                        "pulled image {image} in {:.1}s",
-                        started.elapsed().as_secs_f64()
-                    ),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "Pulled",
+                        format!(
+                            "pulled image {image} in {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    )
+                    .await;
                 Ok(Ok(()))
             }
             Err(error @ DockerError::Unreachable { .. }) => Err(error),
             Err(error) => {
                 let detail = format!("pulling image {image}: {}", error.detail());
                 tracing::warn!(%error, "pull failed");
-                self.event(id, EventType::Warning, "Failed", detail.clone())
+                self.events
+                    .event(id, EventType::Warning, "Failed", detail.clone())
                     .await;
                 Ok(Err((error.reason(), detail)))
             }
@@ -934,17 +901,18 @@ impl DockerController {
             };
             let marks = Marks::read(old.labels.as_ref());
             tracing::info!(container = cid, old_revision = ?marks.revision, "replacing: the spec changed");
-            self.event(
-                id,
-                EventType::Normal,
-                "Replacing",
-                format!(
-                    "spec changed (revision {} → {}); replacing the container",
-                    marks.revision.as_deref().unwrap_or("?"),
-                    workload.revision_id()
-                ),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Replacing",
+                    format!(
+                        "spec changed (revision {} → {}); replacing the container",
+                        marks.revision.as_deref().unwrap_or("?"),
+                        workload.revision_id()
+                    ),
+                )
+                .await;
             // The old container's own stop timeout (its spec's grace).
             container::stop_and_remove(docker, id, cid, None).await?;
         }
@@ -1037,10 +1005,7 @@ impl Reconciler for DockerController {
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, DockerError> {
         let id = workload.id();
-        self.orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.workloads.claimed(id);
         let image = match workload.workload_spec() {
             Some(workload_spec::Spec::Container(spec)) => spec.image.clone(),
             _ => String::new(),
@@ -1117,7 +1082,7 @@ impl Reconciler for DockerController {
             }
         }
         container::remove_volumes(&docker, &self.config.scope, id).await?;
-        self.forget(id);
+        self.workloads.forget(id);
         self.usage.remove(id);
         Ok(Cleanup::Done)
     }
@@ -1131,20 +1096,16 @@ impl Reconciler for DockerController {
             .map_err(|e| DockerError::engine(id, Operation::Connect, e))?;
         let found = container::list_for(&docker, &self.config.scope, id).await?;
         if found.is_empty() {
-            self.forget(id);
+            self.workloads.forget(id);
             self.usage.remove(id);
             return Ok(Action::await_change());
         }
-        let first_seen = *self
-            .orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_insert_with(Instant::now);
-        let waited = first_seen.elapsed();
-        if waited < self.config.orphan_grace {
-            tracing::debug!(remaining = ?(self.config.orphan_grace - waited), "orphan container within its grace period");
-            return Ok(Action::requeue(self.config.orphan_grace - waited));
+        if let Some(left) = self
+            .workloads
+            .orphan_grace_left(id, self.config.orphan_grace)
+        {
+            tracing::debug!(remaining = ?left, "orphan container within its grace period");
+            return Ok(Action::requeue(left));
         }
         for orphan in found {
             if let Some(cid) = orphan.id.as_deref() {
@@ -1157,7 +1118,7 @@ impl Reconciler for DockerController {
             }
         }
         container::remove_volumes(&docker, &self.config.scope, id).await?;
-        self.forget(id);
+        self.workloads.forget(id);
         self.usage.remove(id);
         Ok(Action::await_change())
     }
@@ -1167,6 +1128,7 @@ impl Reconciler for DockerController {
 mod tests {
     use super::*;
     use bollard::models::ContainerSummaryStateEnum;
+    use std::collections::HashMap;
 
     fn summary(
         id: &str,

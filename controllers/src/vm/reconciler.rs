@@ -8,9 +8,9 @@
 //! older spec; restart a guest that stopped on its own, with kubelet's
 //! crash-loop back-off. The status is written only when it changed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -35,11 +35,8 @@ use super::usage::{UsageSampler, UsageSnapshots};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::crash_loop::{CrashLoop, Gate};
 use crate::informer::Cache;
-use crate::source::{WorkloadWriter, WriteError};
-
-/// How soon to look again when the store had a newer version of the object
-/// than the cache: the informer catches up within milliseconds.
-const CONFLICT_REQUEUE: Duration = Duration::from_millis(200);
+use crate::kit::{self, Recorder, Workloads};
+use crate::source::WorkloadWriter;
 
 /// How soon to look again at a guest in a passing state (shutting down on
 /// its own, suspended).
@@ -134,13 +131,10 @@ pub struct VmController {
     domain_type: String,
     hypervisor: Hypervisor,
     writer: Arc<dyn WorkloadWriter>,
-    /// Per-workload state. A std mutex: held only to read or update an
-    /// entry, never across an await; the work queue runs one reconcile per
-    /// workload at a time, so entries are not contended.
-    memory: Mutex<HashMap<String, Memory>>,
-    /// When each orphan (a managed domain without a workload) was first
-    /// seen; it is removed once the grace period has passed.
-    orphans: Mutex<HashMap<String, Instant>>,
+    /// What is remembered per workload between reconciles, and since when
+    /// each orphan (a managed domain without a workload) has been seen.
+    workloads: Workloads<Memory>,
+    events: Recorder,
     /// Domain UUID → workload id, shared with the event trigger.
     index: DomainIndex,
     usage: UsageSnapshots,
@@ -159,9 +153,9 @@ impl VmController {
             config,
             domain_type,
             hypervisor,
+            events: Recorder::new(writer.clone()),
             writer,
-            memory: Mutex::default(),
-            orphans: Mutex::default(),
+            workloads: Workloads::default(),
             index: DomainIndex::default(),
             usage: UsageSnapshots::default(),
             sys_class_net: PathBuf::from("/sys/class/net"),
@@ -219,33 +213,10 @@ impl VmController {
         )
     }
 
-    fn memory<T>(&self, id: &str, f: impl FnOnce(&mut Memory) -> T) -> T {
-        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
-        f(memory.entry(id.to_string()).or_default())
-    }
-
     fn forget(&self, id: &str) {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.workloads.forget(id);
         self.index.remove_workload(id);
         self.usage.remove(id);
-    }
-
-    /// Records an event; a failure to record one is logged, not fatal.
-    async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
-        if let Err(error) = self
-            .writer
-            .record_event(id.to_string(), kind, reason.to_string(), message)
-            .await
-        {
-            tracing::debug!(%error, reason, "recording an event failed");
-        }
     }
 
     /// The domain a workload asks for, with every spec rule checked again
@@ -304,7 +275,7 @@ impl VmController {
             }
             _ => None,
         };
-        let restarts = self.memory(id, |m| m.crash.restarts());
+        let restarts = self.workloads.with(id, |m| m.crash.restarts());
         let previous = workload.status_or_default();
         let status = status::build(
             &previous,
@@ -315,26 +286,12 @@ impl VmController {
                 restarts,
             },
         );
-        let action = match converged.requeue {
-            Some(after) => Action::requeue(after),
-            None => Action::await_change(),
-        };
-        if status == previous {
-            return Ok(action);
-        }
-        match self
-            .writer
-            .update_status(id.to_string(), workload.resource_version(), status)
+        kit::publish_status(self.writer.as_ref(), workload, status, converged.requeue)
             .await
-        {
-            Ok(written) => Ok(action.wrote(written.resource_version())),
-            Err(WriteError::Conflict { .. }) => Ok(Action::requeue(CONFLICT_REQUEUE)),
-            Err(WriteError::NotFound(_)) => Ok(Action::await_change()),
-            Err(source) => Err(VmError::Store {
+            .map_err(|source| VmError::Store {
                 id: id.to_string(),
                 source,
-            }),
-        }
+            })
     }
 
     /// Reports an error that stopped the reconcile and hands it to the
@@ -362,7 +319,7 @@ impl VmController {
     async fn converge(&self, workload: &Workload, plan: &Plan) -> Result<Converged, Halt> {
         let id = workload.id();
         let hash = plan.domain.marks.spec_hash.clone();
-        let (first_sight, scan) = self.memory(id, |m| {
+        let (first_sight, scan) = self.workloads.with(id, |m| {
             let fresh = m.spec_hash.is_empty();
             if m.spec_hash != hash {
                 let carried = if fresh {
@@ -424,26 +381,28 @@ impl VmController {
             tracing::warn!(domain = %duplicate.name, "removing a duplicate domain");
             self.hypervisor.destroy(id, &duplicate.uuid).await?;
             self.hypervisor.undefine(id, &duplicate.uuid).await?;
-            self.event(
-                id,
-                EventType::Normal,
-                "Undefined",
-                format!(
-                    "undefined duplicate domain {} ({})",
-                    duplicate.name, duplicate.uuid
-                ),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Undefined",
+                    format!(
+                        "undefined duplicate domain {} ({})",
+                        duplicate.name, duplicate.uuid
+                    ),
+                )
+                .await;
         }
         if first_sight && let Some(found) = &current {
             tracing::info!(domain = %found.name, uuid = %found.uuid, "adopted an existing domain");
-            self.event(
-                id,
-                EventType::Normal,
-                "Adopted",
-                format!("adopted domain {} ({})", found.name, found.uuid),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Adopted",
+                    format!("adopted domain {} ({})", found.name, found.uuid),
+                )
+                .await;
         }
 
         match workload.desired_state() {
@@ -461,7 +420,7 @@ impl VmController {
     ) -> Result<Converged, Halt> {
         let id = workload.id();
         // A later start is a fresh start, not a crash-loop restart.
-        self.memory(id, |m| {
+        self.workloads.with(id, |m| {
             let restarts = m.crash.restarts();
             m.crash = CrashLoop::new(restarts);
             m.last_failure = None;
@@ -509,23 +468,24 @@ impl VmController {
         use super::libvirt::PowerState as P;
         match domain.state.power {
             P::Running | P::Blocked => {
-                self.memory(id, |m| m.shutdown_since = None);
+                self.workloads.with(id, |m| m.shutdown_since = None);
                 Ok(Converged::new(Outcome::Running, Some(domain.uuid)))
             }
             P::Paused => {
                 tracing::info!(domain = %domain.name, reason = domain.state.reason_text(), "resuming a paused domain");
                 self.hypervisor.resume(id, &domain.uuid).await?;
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "Resumed",
-                    format!(
-                        "resumed domain {} (paused: {})",
-                        domain.name,
-                        domain.state.reason_text()
-                    ),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "Resumed",
+                        format!(
+                            "resumed domain {} (paused: {})",
+                            domain.name,
+                            domain.state.reason_text()
+                        ),
+                    )
+                    .await;
                 Ok(Converged::new(Outcome::Running, Some(domain.uuid)))
             }
             P::ShuttingDown | P::Suspended => Ok(Converged::new(
@@ -545,8 +505,8 @@ impl VmController {
             P::Shutoff | P::NoState => {
                 let stopped_on_its_own = !domain.state.never_ran()
                     && reported_running(workload)
-                    && self.memory(id, |m| m.shutdown_since.is_none());
-                self.memory(id, |m| m.shutdown_since = None);
+                    && self.workloads.with(id, |m| m.shutdown_since.is_none());
+                self.workloads.with(id, |m| m.shutdown_since = None);
                 if stopped_on_its_own {
                     let why = format!("the guest stopped ({})", domain.state.reason_text());
                     self.restart(workload, plan, &domain, &why).await
@@ -570,20 +530,23 @@ impl VmController {
     ) -> Result<Converged, Halt> {
         let id = workload.id();
         let policy = self.config.crash_loop;
-        let gate = self.memory(id, |m| m.crash.gate(&policy, Instant::now()));
+        let gate = self
+            .workloads
+            .with(id, |m| m.crash.gate(&policy, Instant::now()));
         if let Gate::Closed {
             delay,
             remaining,
             due_ms,
         } = gate
         {
-            self.event(
-                id,
-                EventType::Warning,
-                "BackOff",
-                format!("back-off restarting domain {}: {why}", domain.name),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Warning,
+                    "BackOff",
+                    format!("back-off restarting domain {}: {why}", domain.name),
+                )
+                .await;
             return Ok(Converged::new(
                 Outcome::BackingOff {
                     delay,
@@ -636,16 +599,17 @@ impl VmController {
             Some(domain.uuid.clone())
         } else {
             self.hypervisor.undefine(id, &domain.uuid).await?;
-            self.event(
-                id,
-                EventType::Normal,
-                "Undefined",
-                format!(
-                    "undefined domain {} ({why}; renamed to {})",
-                    domain.name, plan.domain.name
-                ),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Undefined",
+                    format!(
+                        "undefined domain {} ({why}; renamed to {})",
+                        domain.name, plan.domain.name
+                    ),
+                )
+                .await;
             None
         };
         self.gate_start(id)?;
@@ -662,30 +626,32 @@ impl VmController {
         why: &str,
     ) -> Result<StopProgress, VmError> {
         if !domain.state.power.is_active() {
-            self.memory(id, |m| m.shutdown_since = None);
+            self.workloads.with(id, |m| m.shutdown_since = None);
             return Ok(StopProgress::Off);
         }
         let timeout = self.config.stop_timeout;
-        match self.memory(id, |m| m.shutdown_since) {
+        match self.workloads.with(id, |m| m.shutdown_since) {
             None => {
                 tracing::info!(domain = %domain.name, why, "shutting down (ACPI)");
                 self.hypervisor.shutdown(id, &domain.uuid).await?;
-                self.memory(id, |m| m.shutdown_since = Some(Instant::now()));
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "ShuttingDown",
-                    format!(
-                        "sent an ACPI shutdown to domain {} ({why}); destroying it after {}s",
-                        domain.name,
-                        timeout.as_secs()
-                    ),
-                )
-                .await;
+                self.workloads
+                    .with(id, |m| m.shutdown_since = Some(Instant::now()));
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "ShuttingDown",
+                        format!(
+                            "sent an ACPI shutdown to domain {} ({why}); destroying it after {}s",
+                            domain.name,
+                            timeout.as_secs()
+                        ),
+                    )
+                    .await;
                 // Some guests (and the test driver) are off at once.
                 let state = self.hypervisor.state(id, &domain.uuid).await?;
                 if state.is_none_or(|s| !s.power.is_active()) {
-                    self.memory(id, |m| m.shutdown_since = None);
+                    self.workloads.with(id, |m| m.shutdown_since = None);
                     return Ok(StopProgress::Off);
                 }
                 Ok(StopProgress::Waiting(timeout))
@@ -693,18 +659,19 @@ impl VmController {
             Some(since) if since.elapsed() >= timeout => {
                 tracing::info!(domain = %domain.name, ?timeout, "the guest did not power off in time; destroying");
                 self.hypervisor.destroy(id, &domain.uuid).await?;
-                self.memory(id, |m| m.shutdown_since = None);
-                self.event(
-                    id,
-                    EventType::Warning,
-                    "Destroyed",
-                    format!(
-                        "domain {} did not power off within {}s; destroyed",
-                        domain.name,
-                        timeout.as_secs()
-                    ),
-                )
-                .await;
+                self.workloads.with(id, |m| m.shutdown_since = None);
+                self.events
+                    .event(
+                        id,
+                        EventType::Warning,
+                        "Destroyed",
+                        format!(
+                            "domain {} did not power off within {}s; destroyed",
+                            domain.name,
+                            timeout.as_secs()
+                        ),
+                    )
+                    .await;
                 Ok(StopProgress::Off)
             }
             Some(since) => Ok(StopProgress::Waiting(
@@ -718,7 +685,7 @@ impl VmController {
     /// Refuses a start while the back-off of failed starts runs.
     fn gate_start(&self, id: &str) -> Result<(), Halt> {
         let policy = self.config.crash_loop;
-        let (gate, last) = self.memory(id, |m| {
+        let (gate, last) = self.workloads.with(id, |m| {
             (
                 m.crash.gate(&policy, Instant::now()),
                 m.last_failure.clone(),
@@ -783,30 +750,32 @@ impl VmController {
                 )
             })?;
             tracing::info!(disk = %shown, size_gb = disk.size_gb, "created a disk");
-            self.event(
-                id,
-                EventType::Normal,
-                "DiskCreated",
-                format!(
-                    "created disk {shown} ({} GiB {})",
-                    disk.size_gb,
-                    disk.format.driver_type()
-                ),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "DiskCreated",
+                    format!(
+                        "created disk {shown} ({} GiB {})",
+                        disk.size_gb,
+                        disk.format.driver_type()
+                    ),
+                )
+                .await;
         }
         if let Some(content) = &plan.seed {
             let (path, built) = ensure_seed(&plan.vm_dir, content)
                 .await
                 .map_err(|message| storage(Operation::BuildSeed, message))?;
             if built {
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "SeedBuilt",
-                    format!("built the cloud-init seed {}", path.display()),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "SeedBuilt",
+                        format!("built the cloud-init seed {}", path.display()),
+                    )
+                    .await;
             }
         }
         for nic in &plan.domain.nics {
@@ -853,18 +822,19 @@ impl VmController {
         };
         self.index.insert(&uuid, id);
         tracing::info!(domain = %domain.name, %uuid, redefined, "defined");
-        self.event(
-            id,
-            EventType::Normal,
-            "Defined",
-            format!(
-                "{} domain {} ({uuid}, revision {})",
-                if redefined { "redefined" } else { "defined" },
-                domain.name,
-                domain.marks.revision
-            ),
-        )
-        .await;
+        self.events
+            .event(
+                id,
+                EventType::Normal,
+                "Defined",
+                format!(
+                    "{} domain {} ({uuid}, revision {})",
+                    if redefined { "redefined" } else { "defined" },
+                    domain.name,
+                    domain.marks.revision
+                ),
+            )
+            .await;
         Ok(uuid)
     }
 
@@ -888,7 +858,7 @@ impl VmController {
         let (now, wall) = (Instant::now(), now_ms());
         match started {
             Ok(()) => {
-                let restarts = self.memory(id, |m| {
+                let restarts = self.workloads.with(id, |m| {
                     match &kind {
                         StartKind::First => m.crash.started(now, wall),
                         StartKind::Restart(_) => m.crash.restarted(now, wall),
@@ -908,7 +878,9 @@ impl VmController {
                     ),
                 };
                 tracing::info!(domain = %plan.domain.name, %uuid, "{}", message);
-                self.event(id, EventType::Normal, reason, message).await;
+                self.events
+                    .event(id, EventType::Normal, reason, message)
+                    .await;
                 Ok(Converged::new(Outcome::Running, Some(uuid.to_string())))
             }
             Err(error) if error.is_unreachable() => Err(Halt::Error(error)),
@@ -923,11 +895,12 @@ impl VmController {
         let reason = error.reason();
         let detail = error.detail();
         tracing::warn!(%error, "the VM could not be started");
-        self.event(id, EventType::Warning, "Failed", detail.clone())
+        self.events
+            .event(id, EventType::Warning, "Failed", detail.clone())
             .await;
         let policy = self.config.crash_loop;
         let (now, wall) = (Instant::now(), now_ms());
-        let gate = self.memory(id, |m| {
+        let gate = self.workloads.with(id, |m| {
             if !reason.is_terminal() {
                 m.crash.start_failed(now, wall);
             }
@@ -965,13 +938,14 @@ impl VmController {
                 }
             } else if domain.state.power.is_active() {
                 self.hypervisor.destroy(id, &domain.uuid).await?;
-                self.event(
-                    id,
-                    EventType::Normal,
-                    "Destroyed",
-                    format!("destroyed domain {} ({why})", domain.name),
-                )
-                .await;
+                self.events
+                    .event(
+                        id,
+                        EventType::Normal,
+                        "Destroyed",
+                        format!("destroyed domain {} ({why})", domain.name),
+                    )
+                    .await;
             }
         }
         let mut created: BTreeSet<PathBuf> = BTreeSet::new();
@@ -981,13 +955,14 @@ impl VmController {
             }
             self.hypervisor.undefine(id, &domain.uuid).await?;
             tracing::info!(domain = %domain.name, why, "undefined");
-            self.event(
-                id,
-                EventType::Normal,
-                "Undefined",
-                format!("undefined domain {} ({why})", domain.name),
-            )
-            .await;
+            self.events
+                .event(
+                    id,
+                    EventType::Normal,
+                    "Undefined",
+                    format!("undefined domain {} ({why})", domain.name),
+                )
+                .await;
         }
         let vm_dir = self.config.vm_dir(id);
         match CreatedDisks::in_dir(&vm_dir).load().await {
@@ -1010,7 +985,8 @@ impl VmController {
                     // Never block a deletion on a file the rules now forbid
                     // touching: keep it, say so.
                     tracing::warn!(disk = %path.display(), %message, "keeping a disk");
-                    self.event(id, EventType::Warning, "DiskKept", message)
+                    self.events
+                        .event(id, EventType::Warning, "DiskKept", message)
                         .await;
                 }
             }
@@ -1095,10 +1071,7 @@ impl Reconciler for VmController {
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, VmError> {
         let id = workload.id();
-        self.orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.workloads.claimed(id);
         let plan = match self.plan(&workload) {
             Ok(plan) => plan,
             Err(error) => {
@@ -1173,16 +1146,12 @@ impl Reconciler for VmController {
             self.forget(id);
             return Ok(Action::await_change());
         }
-        let first_seen = *self
-            .orphans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_insert_with(Instant::now);
-        let waited = first_seen.elapsed();
-        if waited < self.config.orphan_grace {
-            tracing::debug!(remaining = ?(self.config.orphan_grace - waited), "orphan domain within its grace period");
-            return Ok(Action::requeue(self.config.orphan_grace - waited));
+        if let Some(left) = self
+            .workloads
+            .orphan_grace_left(id, self.config.orphan_grace)
+        {
+            tracing::debug!(remaining = ?left, "orphan domain within its grace period");
+            return Ok(Action::requeue(left));
         }
         tracing::info!(
             domains = lookup.managed.len(),

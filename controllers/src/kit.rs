@@ -1,0 +1,327 @@
+//! What every runtime reconciler needs besides its runtime, written once:
+//! - [`Workloads`]: the per-workload attempt memory between reconciles, and
+//!   the orphan timer of runtime objects whose workload is gone;
+//! - [`Recorder`]: events, where a failed write is logged, never fatal
+//!   (the store folds repeats);
+//! - [`publish_status`]: writes a status only when it changed, guarded by
+//!   the resource version it was built from.
+//!
+//! The rules decided here hold for Docker, Compose and VM alike:
+//! - a status write that lost a race with another write requeues after
+//!   [`CONFLICT_REQUEUE`]; the object then comes from the informer again;
+//! - a status write for an object that left the store awaits the next
+//!   change (the delete reaches the controller as one);
+//! - every requeue is at least [`MIN_REQUEUE`], so a computed delay that
+//!   rounds to zero does not spin.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use persys_api::v1::{EventType, ObjectStatus, Workload};
+
+use crate::controller::Action;
+use crate::source::{WorkloadWriter, WriteError};
+
+/// How soon to look again after a status write lost a race with another
+/// write. The informer catches up within milliseconds.
+pub(crate) const CONFLICT_REQUEUE: Duration = Duration::from_millis(200);
+
+/// The shortest requeue any reconciler asks for.
+pub(crate) const MIN_REQUEUE: Duration = Duration::from_millis(10);
+
+/// What a controller remembers per workload between reconciles (`M`), and
+/// since when each orphan has been seen. None of it needs to survive a
+/// restart: kubelet forgets its back-offs too.
+///
+/// Std mutexes: held only to read or update an entry, never across an
+/// await; the work queue runs one reconcile per workload at a time, so
+/// entries are not contended.
+pub(crate) struct Workloads<M> {
+    memory: Mutex<HashMap<String, M>>,
+    orphans: Mutex<HashMap<String, Instant>>,
+}
+
+impl<M> Default for Workloads<M> {
+    fn default() -> Self {
+        Workloads {
+            memory: Mutex::default(),
+            orphans: Mutex::default(),
+        }
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A reconcile that panicked while holding the lock left the map whole:
+    // every update is a single insert or field write.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<M: Default> Workloads<M> {
+    /// Runs `f` on the workload's memory, made fresh if there was none.
+    pub(crate) fn with<T>(&self, id: &str, f: impl FnOnce(&mut M) -> T) -> T {
+        f(locked(&self.memory).entry(id.to_string()).or_default())
+    }
+}
+
+impl<M> Workloads<M> {
+    /// Reads the workload's memory, if there is any.
+    pub(crate) fn get<T>(&self, id: &str, f: impl FnOnce(&M) -> T) -> Option<T> {
+        locked(&self.memory).get(id).map(f)
+    }
+
+    /// Drops everything remembered of the workload: it is gone.
+    pub(crate) fn forget(&self, id: &str) {
+        locked(&self.memory).remove(id);
+        locked(&self.orphans).remove(id);
+    }
+
+    /// The workload exists: what runs under its id is not an orphan.
+    pub(crate) fn claimed(&self, id: &str) {
+        locked(&self.orphans).remove(id);
+    }
+
+    /// For a runtime object without a workload: how much longer it is
+    /// spared, counted from when it was first seen so. `None` once the
+    /// grace has passed and it may be removed.
+    pub(crate) fn orphan_grace_left(&self, id: &str, grace: Duration) -> Option<Duration> {
+        let first_seen = *locked(&self.orphans)
+            .entry(id.to_string())
+            .or_insert_with(Instant::now);
+        grace
+            .checked_sub(first_seen.elapsed())
+            .filter(|left| !left.is_zero())
+    }
+}
+
+/// Records events for a controller. The store folds a repeat into a count,
+/// so a reconcile may record the same event each time it sees the same
+/// thing.
+#[derive(Clone)]
+pub(crate) struct Recorder {
+    writer: Arc<dyn WorkloadWriter>,
+}
+
+impl Recorder {
+    pub(crate) fn new(writer: Arc<dyn WorkloadWriter>) -> Self {
+        Recorder { writer }
+    }
+
+    /// Records an event; a failure to record one is logged, not fatal.
+    pub(crate) async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
+        if let Err(error) = self
+            .writer
+            .record_event(id.to_string(), kind, reason.to_string(), message)
+            .await
+        {
+            tracing::debug!(%error, reason, "recording an event failed");
+        }
+    }
+}
+
+/// The action after a reconcile that wants another look after `requeue`,
+/// if set, and otherwise waits for a change.
+pub(crate) fn next(requeue: Option<Duration>) -> Action {
+    match requeue {
+        Some(after) => Action::requeue(after.max(MIN_REQUEUE)),
+        None => Action::await_change(),
+    }
+}
+
+/// Writes `status` for `workload` unless it equals the stored one, checked
+/// against the resource version the workload was read at. Answers the
+/// action to take: `next(requeue)` (with the written version, if any), a
+/// conflict requeue, or waiting when the object is gone. Any other write
+/// error is the caller's to report, with its workload and operation.
+pub(crate) async fn publish_status(
+    writer: &dyn WorkloadWriter,
+    workload: &Workload,
+    status: ObjectStatus,
+    requeue: Option<Duration>,
+) -> Result<Action, WriteError> {
+    let action = next(requeue);
+    let unchanged = match &workload.status {
+        Some(stored) => *stored == status,
+        None => status == ObjectStatus::default(),
+    };
+    if unchanged {
+        return Ok(action);
+    }
+    match writer
+        .update_status(
+            workload.id().to_string(),
+            workload.resource_version(),
+            status,
+        )
+        .await
+    {
+        Ok(written) => Ok(action.wrote(written.resource_version())),
+        Err(WriteError::Conflict { .. }) => Ok(Action::requeue(CONFLICT_REQUEUE)),
+        Err(WriteError::NotFound(_)) => Ok(Action::await_change()),
+        Err(other) => Err(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+    use persys_api::v1::ObjectMeta;
+
+    /// A writer that answers every status write with one fixed result and
+    /// counts the writes.
+    struct Answering {
+        answer: Result<u64, WriteError>,
+        writes: Mutex<u32>,
+    }
+
+    impl WorkloadWriter for Answering {
+        fn update_status(
+            &self,
+            id: String,
+            _expected: u64,
+            status: ObjectStatus,
+        ) -> BoxFuture<'_, Result<Arc<Workload>, WriteError>> {
+            *locked(&self.writes) += 1;
+            let answer = self.answer.clone().map(|rv| {
+                Arc::new(Workload {
+                    metadata: Some(ObjectMeta {
+                        id,
+                        resource_version: rv,
+                        ..Default::default()
+                    }),
+                    spec: None,
+                    status: Some(status),
+                })
+            });
+            Box::pin(async move { answer })
+        }
+
+        fn remove_finalizer(&self, _: String, _: String) -> BoxFuture<'_, Result<(), WriteError>> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn record_event(
+            &self,
+            _: String,
+            _: EventType,
+            _: String,
+            _: String,
+        ) -> BoxFuture<'_, Result<(), WriteError>> {
+            Box::pin(async { Err(WriteError::Unavailable("down".into())) })
+        }
+    }
+
+    fn writer(answer: Result<u64, WriteError>) -> Answering {
+        Answering {
+            answer,
+            writes: Mutex::new(0),
+        }
+    }
+
+    fn workload(message: &str) -> Workload {
+        Workload {
+            metadata: Some(ObjectMeta {
+                id: "web".into(),
+                resource_version: 7,
+                ..Default::default()
+            }),
+            spec: None,
+            status: Some(ObjectStatus {
+                message: message.into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn status(message: &str) -> ObjectStatus {
+        ObjectStatus {
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_is_written_only_when_it_changed_and_each_write_outcome_has_its_action() {
+        let second = Some(Duration::from_secs(1));
+        // Unchanged: nothing written, the requested requeue stands.
+        let w = writer(Ok(8));
+        let action = publish_status(&w, &workload("up"), status("up"), second)
+            .await
+            .unwrap();
+        assert_eq!((action.requeue_after, action.wrote), (second, None));
+        assert_eq!(*locked(&w.writes), 0);
+        // Changed: written, and the written version is reported.
+        let action = publish_status(&w, &workload("up"), status("down"), second)
+            .await
+            .unwrap();
+        assert_eq!((action.requeue_after, action.wrote), (second, Some(8)));
+        assert_eq!(*locked(&w.writes), 1);
+        // Lost a race: look again soon, whatever was asked.
+        let w = writer(Err(WriteError::Conflict {
+            id: "web".into(),
+            expected: 7,
+            actual: 9,
+        }));
+        let action = publish_status(&w, &workload("up"), status("down"), None)
+            .await
+            .unwrap();
+        assert_eq!(action.requeue_after, Some(CONFLICT_REQUEUE));
+        // Gone: wait for the delete to arrive as a change.
+        let w = writer(Err(WriteError::NotFound("web".into())));
+        let action = publish_status(&w, &workload("up"), status("down"), second)
+            .await
+            .unwrap();
+        assert_eq!((action.requeue_after, action.wrote), (None, None));
+        // Anything else is the caller's to report.
+        let w = writer(Err(WriteError::Unavailable("disk".into())));
+        assert_eq!(
+            publish_status(&w, &workload("up"), status("down"), None)
+                .await
+                .unwrap_err(),
+            WriteError::Unavailable("disk".into())
+        );
+    }
+
+    #[test]
+    fn a_requeue_is_never_shorter_than_the_floor() {
+        assert_eq!(next(Some(Duration::ZERO)).requeue_after, Some(MIN_REQUEUE));
+        assert_eq!(
+            next(Some(Duration::from_secs(3))).requeue_after,
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(next(None).requeue_after, None);
+    }
+
+    #[tokio::test]
+    async fn a_failed_event_write_does_not_fail_the_reconcile() {
+        let recorder = Recorder::new(Arc::new(writer(Ok(1))));
+        recorder
+            .event("web", EventType::Warning, "Failed", "boom".into())
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_orphan_is_spared_for_its_grace_from_first_sight_and_a_claim_or_forget_resets_it() {
+        let grace = Duration::from_secs(30);
+        let second = Duration::from_secs(1);
+        let workloads = Workloads::<u32>::default();
+        assert_eq!(workloads.orphan_grace_left("old", grace), Some(grace));
+        tokio::time::advance(10 * second).await;
+        // Counted from first sight, not from this look.
+        assert_eq!(workloads.orphan_grace_left("old", grace), Some(20 * second));
+        tokio::time::advance(20 * second).await;
+        assert_eq!(workloads.orphan_grace_left("old", grace), None);
+        // Its workload came back: the count starts over.
+        workloads.claimed("old");
+        assert_eq!(workloads.orphan_grace_left("old", grace), Some(grace));
+        workloads.with("old", |m| *m += 1);
+        assert_eq!(workloads.get("old", |m| *m), Some(1));
+        tokio::time::advance(30 * second).await;
+        workloads.forget("old");
+        assert_eq!(workloads.get("old", |m| *m), None);
+        assert_eq!(workloads.orphan_grace_left("old", grace), Some(grace));
+    }
+}
