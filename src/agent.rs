@@ -1,12 +1,10 @@
 //! Wiring: the store, the informer, the controllers, the gRPC server and the
 //! background samplers, started together and stopped in order.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use persys_api::v1::WorkloadType;
 use persys_api::v1::agent_service_server::AgentServiceServer;
 use persys_controllers::Informer;
 use tokio::net::TcpListener;
@@ -15,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::node::NodeSampler;
-use crate::runtimes::RuntimeBoard;
+use crate::runtimes::{Registry, RuntimeBoard};
 use crate::server::authz::{
     Authentication, AuthzLayer, AuthzMetrics, Policy, PolicyError, PolicyHandle,
 };
@@ -98,19 +96,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     });
 
     let runtimes = RuntimeBoard::default();
-    let mut enabled = BTreeSet::new();
-    if config.docker_enabled {
-        enabled.insert(WorkloadType::Container as i32);
-    }
-    if config.compose_enabled {
-        enabled.insert(WorkloadType::Compose as i32);
-    }
-    if config.vm_enabled {
-        enabled.insert(WorkloadType::Vm as i32);
-    }
+    let registry = Registry::new(&config);
     let metrics = Metrics::new(&store, metrics_authz);
     let controllers = crate::runtimes::start_controllers(
         &config,
+        &registry,
         &store,
         &informer,
         &runtimes,
@@ -158,7 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             host_paths: crate::runtimes::host_path_policy(&config),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
         }),
-        enabled: Arc::new(enabled),
+        registry: registry.clone(),
         runtimes: runtimes.clone(),
         node,
         version: config.agent_version(),

@@ -1,17 +1,95 @@
-//! What each runtime's health is, as HealthCheck reports it.
+//! The runtimes of this node: which workload types run here, how each is
+//! started and probed ([`Registry`]), and what each one's health is, as
+//! HealthCheck reports it ([`RuntimeBoard`]).
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
+use persys_api::v1::WorkloadType;
 use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::{DockerConfig, DockerController, HostPathPolicy};
 use persys_controllers::vm::{VmConfig, VmController, default_disk_roots};
-use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer};
+use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer, Reconciler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::Store;
+
+/// One workload type's runtime, as the agent's wiring sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runtime {
+    pub kind: WorkloadType,
+    /// Its name on the health board, in metrics and in HealthCheck.
+    pub name: &'static str,
+    /// The variable that turns it on or off.
+    pub variable: &'static str,
+    /// The finalizer its controller holds on every workload of its type.
+    pub finalizer: &'static str,
+    pub enabled: bool,
+}
+
+/// Every runtime the agent knows, in one place: the server (which types
+/// it accepts), the scheduler link (which types it offers) and the
+/// controllers' start-up ask it instead of keeping lists of their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    runtimes: [Runtime; 3],
+}
+
+impl Registry {
+    pub fn new(config: &Config) -> Self {
+        let runtime = |kind, name, variable, enabled| Runtime {
+            kind,
+            name,
+            variable,
+            finalizer: WorkloadType::finalizer(kind).unwrap_or_default(),
+            enabled,
+        };
+        Registry {
+            runtimes: [
+                runtime(
+                    WorkloadType::Container,
+                    "docker",
+                    "PERSYS_DOCKER_ENABLED",
+                    config.docker_enabled,
+                ),
+                runtime(
+                    WorkloadType::Compose,
+                    "compose",
+                    "PERSYS_COMPOSE_ENABLED",
+                    config.compose_enabled,
+                ),
+                runtime(
+                    WorkloadType::Vm,
+                    "vm",
+                    "PERSYS_VM_ENABLED",
+                    config.vm_enabled,
+                ),
+            ],
+        }
+    }
+
+    /// Every runtime, enabled or not.
+    pub fn all(&self) -> impl Iterator<Item = &Runtime> {
+        self.runtimes.iter()
+    }
+
+    pub fn enabled(&self) -> impl Iterator<Item = &Runtime> {
+        self.runtimes.iter().filter(|r| r.enabled)
+    }
+
+    /// The runtime of a workload type (an unspecified type is a container).
+    pub fn get(&self, kind: WorkloadType) -> &Runtime {
+        match kind {
+            WorkloadType::Container | WorkloadType::Unspecified => &self.runtimes[0],
+            WorkloadType::Compose => &self.runtimes[1],
+            WorkloadType::Vm => &self.runtimes[2],
+        }
+    }
+}
 
 /// `runtime name → "healthy" or the reason it is not`. Written by the
 /// runtime probes, read by HealthCheck and metrics.
@@ -118,85 +196,110 @@ fn controller_config(config: &Config, observer: Arc<dyn ControllerObserver>) -> 
     }
 }
 
-/// Starts the controller of every enabled runtime. A runtime that cannot be
-/// reached does not stop the agent: its controller keeps retrying and the
-/// board says why it is unhealthy.
-pub fn start_controllers(
-    config: &Config,
-    store: &Store,
-    informer: &Informer,
-    board: &RuntimeBoard,
+/// What every runtime's start-up shares: the agent's settings for its
+/// controller, and where its tasks go.
+struct Starter<'a> {
+    config: &'a Config,
+    store: &'a Store,
+    informer: &'a Informer,
+    board: &'a RuntimeBoard,
     observer: Arc<dyn ControllerObserver>,
     shutdown: CancellationToken,
-) -> Controllers {
-    let mut controllers = Controllers::default();
-    if config.docker_enabled {
-        let docker = Arc::new(DockerController::new(
-            docker_config(config),
-            Arc::new(store.clone()),
-        ));
+    controllers: Controllers,
+}
+
+impl Starter<'_> {
+    /// Runs a runtime's controller, woken by the informer and `trigger`.
+    fn controller<R: Reconciler>(
+        &mut self,
+        reconciler: Arc<R>,
+        trigger: BoxStream<'static, String>,
+    ) {
         let controller = Controller::new(
-            docker.clone(),
-            informer.clone(),
-            Arc::new(store.clone()),
-            controller_config(config, observer.clone()),
+            reconciler,
+            self.informer.clone(),
+            Arc::new(self.store.clone()),
+            controller_config(self.config, self.observer.clone()),
         )
-        .with_trigger(docker.trigger(informer.cache()));
-        controllers
-            .tasks
-            .push(tokio::spawn(controller.run(shutdown.clone())));
-        controllers
-            .tasks
-            .push(tokio::spawn(docker.usage_sampler().run(shutdown.clone())));
-        let usage = docker.usage();
-        controllers.usage = Some(Arc::new(move |id: &str| usage.get(id)));
-        let board = board.clone();
-        let stop = shutdown.clone();
-        controllers.tasks.push(tokio::spawn(async move {
+        .with_trigger(trigger);
+        self.spawn(controller.run(self.shutdown.clone()));
+    }
+
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.controllers.tasks.push(tokio::spawn(task));
+    }
+
+    /// Probes a runtime every [`PROBE_INTERVAL`] until shutdown; `probe`
+    /// writes what it found on the board.
+    fn probe<F, Fut>(&mut self, probe: F)
+    where
+        F: Fn(RuntimeBoard) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let board = self.board.clone();
+        let stop = self.shutdown.clone();
+        self.spawn(async move {
             let mut ticker = tokio::time::interval(PROBE_INTERVAL);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
+                probe(board.clone()).await;
+            }
+        });
+    }
+
+    /// Adds a runtime's usage samples to what the server can look up.
+    fn usage(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<persys_api::v1::WorkloadUsageSnapshot> + Send + Sync + 'static,
+    ) {
+        let others = self.controllers.usage.take();
+        self.controllers.usage = Some(Arc::new(move |id: &str| {
+            others
+                .as_ref()
+                .and_then(|lookup| lookup(id))
+                .or_else(|| lookup(id))
+        }));
+    }
+
+    fn docker(&mut self) {
+        let docker = Arc::new(DockerController::new(
+            docker_config(self.config),
+            Arc::new(self.store.clone()),
+        ));
+        self.controller(docker.clone(), docker.trigger(self.informer.cache()));
+        self.spawn(docker.usage_sampler().run(self.shutdown.clone()));
+        let usage = docker.usage();
+        self.usage(move |id| usage.get(id));
+        self.probe(move |board| {
+            let docker = docker.clone();
+            async move {
                 match docker.ping().await {
                     Ok(_) => board.set("docker", HEALTHY),
                     Err(error) => board.set("docker", format!("unreachable: {error}")),
                 }
             }
-        }));
+        });
     }
-    if config.compose_enabled {
+
+    fn compose(&mut self) {
         let compose_config = ComposeConfig {
-            host: Some(config.docker_host.clone()),
-            binary: config.compose_binary.clone(),
-            command_timeout: config.compose_timeout,
-            ..ComposeConfig::new(&config.state_path)
+            host: Some(self.config.docker_host.clone()),
+            binary: self.config.compose_binary.clone(),
+            command_timeout: self.config.compose_timeout,
+            ..ComposeConfig::new(&self.config.state_path)
         };
         let compose = Arc::new(ComposeController::new(
             compose_config,
-            Arc::new(store.clone()),
-            informer.cache(),
+            Arc::new(self.store.clone()),
+            self.informer.cache(),
         ));
-        let controller = Controller::new(
-            compose.clone(),
-            informer.clone(),
-            Arc::new(store.clone()),
-            controller_config(config, observer.clone()),
-        )
-        .with_trigger(compose.trigger());
-        controllers
-            .tasks
-            .push(tokio::spawn(controller.run(shutdown.clone())));
-        let board = board.clone();
-        let stop = shutdown.clone();
-        controllers.tasks.push(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(PROBE_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
+        self.controller(compose.clone(), compose.trigger());
+        self.probe(move |board| {
+            let compose = compose.clone();
+            async move {
                 let health = compose.probe().await;
                 board.set("compose", health.status.clone());
                 if let Some(binary) = &health.binary {
@@ -206,46 +309,82 @@ pub fn start_controllers(
                     );
                 }
             }
-        }));
+        });
     }
-    if config.vm_enabled {
+
+    fn vm(&mut self) {
         let vm = Arc::new(VmController::new(
-            vm_config(config),
-            Arc::new(store.clone()),
+            vm_config(self.config),
+            Arc::new(self.store.clone()),
         ));
-        let controller = Controller::new(
-            vm.clone(),
-            informer.clone(),
-            Arc::new(store.clone()),
-            controller_config(config, observer.clone()),
-        )
-        .with_trigger(vm.trigger(informer.cache()));
-        controllers
-            .tasks
-            .push(tokio::spawn(controller.run(shutdown.clone())));
-        controllers
-            .tasks
-            .push(tokio::spawn(vm.usage_sampler().run(shutdown.clone())));
-        let vm_usage = vm.usage();
-        let others = controllers.usage.take();
-        controllers.usage = Some(Arc::new(move |id: &str| {
-            others
-                .as_ref()
-                .and_then(|lookup| lookup(id))
-                .or_else(|| vm_usage.get(id))
-        }));
-        let board = board.clone();
-        let stop = shutdown.clone();
-        controllers.tasks.push(tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(PROBE_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                board.set("vm", vm.health().await);
-            }
-        }));
+        self.controller(vm.clone(), vm.trigger(self.informer.cache()));
+        self.spawn(vm.usage_sampler().run(self.shutdown.clone()));
+        let usage = vm.usage();
+        self.usage(move |id| usage.get(id));
+        self.probe(move |board| {
+            let vm = vm.clone();
+            async move { board.set("vm", vm.health().await) }
+        });
     }
-    controllers
+}
+
+/// Starts the controller of every enabled runtime. A runtime that cannot be
+/// reached does not stop the agent: its controller keeps retrying and the
+/// board says why it is unhealthy.
+pub fn start_controllers(
+    config: &Config,
+    registry: &Registry,
+    store: &Store,
+    informer: &Informer,
+    board: &RuntimeBoard,
+    observer: Arc<dyn ControllerObserver>,
+    shutdown: CancellationToken,
+) -> Controllers {
+    let mut starter = Starter {
+        config,
+        store,
+        informer,
+        board,
+        observer,
+        shutdown,
+        controllers: Controllers::default(),
+    };
+    for runtime in registry.enabled() {
+        match runtime.kind {
+            WorkloadType::Container | WorkloadType::Unspecified => starter.docker(),
+            WorkloadType::Compose => starter.compose(),
+            WorkloadType::Vm => starter.vm(),
+        }
+    }
+    starter.controllers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_registry_knows_every_type_its_variable_and_finalizer_and_follows_the_config() {
+        let config =
+            Config::try_parse_from_iter(["persys-agent", "--compose-enabled", "false"]).unwrap();
+        let registry = Registry::new(&config);
+        let enabled: Vec<_> = registry.enabled().map(|r| r.name).collect();
+        assert_eq!(enabled, ["docker", "vm"]);
+        assert_eq!(registry.get(WorkloadType::Unspecified).name, "docker");
+        // Each variable is the one the configuration reads, and each
+        // finalizer the one its type's controller holds.
+        let variables: Vec<_> = Config::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        for runtime in registry.all() {
+            assert_eq!(registry.get(runtime.kind), runtime);
+            assert!(
+                variables.iter().any(|v| v == runtime.variable),
+                "{runtime:?}"
+            );
+            assert_eq!(Some(runtime.finalizer), runtime.kind.finalizer());
+        }
+    }
 }

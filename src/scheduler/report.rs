@@ -19,6 +19,7 @@ use persys_controllers::Cache;
 
 use crate::config::Config;
 use crate::node::NodeSampler;
+use crate::runtimes::Registry;
 use crate::runtimes::RuntimeBoard;
 use crate::server::UsageLookup;
 
@@ -57,18 +58,10 @@ impl NodeReporter {
         runtimes: RuntimeBoard,
         usage: Option<UsageLookup>,
     ) -> Self {
-        // Each runtime by its name on the board and the type it runs.
-        let enabled = [
-            (config.docker_enabled, "docker", WorkloadType::Container),
-            (config.compose_enabled, "compose", WorkloadType::Compose),
-            (config.vm_enabled, "vm", WorkloadType::Vm),
-        ]
-        .into_iter()
-        .filter(|(on, _, _)| *on)
-        .map(|(_, name, kind)| (name, kind))
-        .collect();
+        let registry = Registry::new(config);
+        let enabled = registry.enabled().map(|r| (r.name, r.kind)).collect();
         let mut storage_pools = vec![config.state_path.clone()];
-        if config.vm_enabled {
+        if registry.get(WorkloadType::Vm).enabled {
             storage_pools.push(PathBuf::from(LIBVIRT_IMAGES));
         }
         NodeReporter {

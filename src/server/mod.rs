@@ -11,7 +11,7 @@ pub mod redact;
 pub mod tls;
 pub mod validate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::node::NodeSampler;
-use crate::runtimes::RuntimeBoard;
+use crate::runtimes::{Registry, RuntimeBoard};
 use crate::store::{ApplyOutcome, DeleteOutcome, LogRecord, Store, StoreError};
 use validate::Limits;
 
@@ -47,9 +47,9 @@ pub struct Agent {
     pub store: Store,
     pub informer: Informer,
     pub limits: Arc<Limits>,
-    /// Workload types whose runtime is enabled on this node, with the
-    /// variable that disables each.
-    pub enabled: Arc<BTreeSet<i32>>,
+    /// The runtimes of this node: which workload types it accepts, and the
+    /// variable that turns each on.
+    pub registry: Registry,
     pub runtimes: RuntimeBoard,
     pub node: NodeSampler,
     pub version: String,
@@ -94,14 +94,6 @@ fn audit_caller<T>(request: &Request<T>) -> crate::store::Caller {
             role: caller.role.name().to_string(),
         },
         None => crate::store::Caller::default(),
-    }
-}
-
-fn disabled_variable(kind: WorkloadType) -> &'static str {
-    match kind {
-        WorkloadType::Compose => "PERSYS_COMPOSE_ENABLED",
-        WorkloadType::Vm => "PERSYS_VM_ENABLED",
-        _ => "PERSYS_DOCKER_ENABLED",
     }
 }
 
@@ -154,12 +146,13 @@ impl AgentService for Agent {
                 self.metrics.apply("invalid");
                 Status::invalid_argument(e.to_string())
             })?;
-        if !self.enabled.contains(&(apply.workload_type as i32)) {
+        let runtime = self.registry.get(apply.workload_type);
+        if !runtime.enabled {
             self.metrics.apply("refused");
             return Err(Status::failed_precondition(format!(
                 "{} workloads are disabled on this node ({}=false)",
                 apply.workload_type.short_name(),
-                disabled_variable(apply.workload_type)
+                runtime.variable
             )));
         }
         apply.caller = caller;
