@@ -366,8 +366,16 @@ mod tests {
 
     #[test]
     fn the_registry_knows_every_type_its_variable_and_finalizer_and_follows_the_config() {
-        let config =
-            Config::try_parse_from_iter(["persys-agent", "--compose-enabled", "false"]).unwrap();
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "--docker-enabled",
+            "true",
+            "--compose-enabled",
+            "false",
+            "--vm-enabled",
+            "true",
+        ])
+        .unwrap();
         let registry = Registry::new(&config);
         let enabled: Vec<_> = registry.enabled().map(|r| r.name).collect();
         assert_eq!(enabled, ["docker", "vm"]);
