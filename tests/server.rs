@@ -475,6 +475,13 @@ async fn every_invalid_request_is_refused_naming_the_field_and_stores_nothing() 
         ),
         ("spec.vm.vcpus", with_vm(&|v| v.vcpus = 0)),
         ("spec.vm.memory_mb", with_vm(&|v| v.memory_mb = 32)),
+        // The VM controller's own rules, run at apply.
+        (
+            "spec.vm.metadata[\"graphics\"]",
+            with_vm(&|v| {
+                v.metadata.insert("graphics".into(), "rdp".into());
+            }),
+        ),
         (
             "spec.vm.disks[0].format",
             with_vm(&|v| {

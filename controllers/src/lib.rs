@@ -30,6 +30,7 @@ pub mod docker;
 pub mod informer;
 mod kit;
 pub mod queue;
+pub mod spec;
 pub mod usage;
 pub mod vm;
 
@@ -43,3 +44,4 @@ pub use persys_api::source::{
     Change, ChangeKind, Listing, SourceError, WorkloadSource, WorkloadWriter, WriteError,
 };
 pub use queue::WorkQueue;
+pub use spec::SpecError;

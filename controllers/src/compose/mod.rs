@@ -45,8 +45,10 @@ pub mod project;
 pub mod reconciler;
 pub mod services;
 pub mod status;
+mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};
 pub use config::ComposeConfig;
 pub use errors::{ComposeError, FailureReason};
 pub use reconciler::{ComposeController, ComposeHealth};
+pub use validate::validate_compose_spec;

@@ -31,8 +31,9 @@ use super::events::ProjectEvents;
 use super::naming::{self, project_name_of};
 use super::observe::{self, Observed, ServiceReport, assess, project_filter};
 use super::project::{ProjectDir, ProjectFiles, ProjectIndex, render_env};
-use super::services::{DeclaredServices, declared_services};
+use super::services::DeclaredServices;
 use super::status::{self, Outcome, Report};
+use super::validate::validate_compose_spec;
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::crash_loop::{CrashLoop, Gate, RetryGate};
 use crate::docker::follow;
@@ -270,9 +271,8 @@ impl ComposeController {
                 "spec.compose.project_name: {project:?} is not a valid compose project name"
             )));
         }
+        let declared = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
         let compose = persys_api::compose_file_text(&spec.compose_yaml)
-            .map_err(|why| invalid(format!("spec.compose.compose_yaml {why}")))?;
-        let declared = declared_services(&compose, &spec.env)
             .map_err(|why| invalid(format!("spec.compose.compose_yaml {why}")))?;
         Ok(Prepared {
             files: ProjectFiles {

@@ -12,23 +12,7 @@ use persys_api::v1::ContainerSpec;
 use super::image::ImageReference;
 use super::labels::RESERVED_PREFIX;
 
-/// A spec field that cannot be accepted, named by its path in the request
-/// (`spec.container.volumes[0].host_path`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct SpecError {
-    pub field: String,
-    pub message: String,
-}
-
-impl SpecError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::spec::SpecError;
 
 /// Host paths that are never mountable: the host's identity, kernel
 /// interfaces, credentials and the engine's own socket. Anything below them

@@ -87,15 +87,18 @@ pub fn domain_name(id: &str, spec: &VmSpec) -> Result<String, SpecError> {
     Ok(name.to_string())
 }
 
+/// The least memory a guest is given; below it no distribution boots.
+pub const MIN_MEMORY_MB: i64 = 64;
+
 /// Checks vCPUs and memory.
 pub fn resources(spec: &VmSpec) -> Result<(u32, u64), SpecError> {
     if spec.vcpus < 1 {
         return Err(SpecError::new("spec.vm.vcpus", "must be at least 1"));
     }
-    if spec.memory_mb < 16 {
+    if spec.memory_mb < MIN_MEMORY_MB {
         return Err(SpecError::new(
             "spec.vm.memory_mb",
-            "must be at least 16 (MiB)",
+            format!("must be at least {MIN_MEMORY_MB} (MiB)"),
         ));
     }
     Ok((spec.vcpus as u32, spec.memory_mb as u64))

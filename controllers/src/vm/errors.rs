@@ -188,22 +188,7 @@ pub fn classify(operation: Operation, error: &LibvirtError) -> FailureReason {
     }
 }
 
-/// A spec the controller cannot run, with the field at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct SpecError {
-    pub field: String,
-    pub message: String,
-}
-
-impl SpecError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::spec::SpecError;
 
 /// `workload <id>: `, or nothing for calls made for no one workload (the
 /// health probe, the event trigger, the usage sampler).

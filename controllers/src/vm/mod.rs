@@ -39,6 +39,7 @@ pub mod reconciler;
 pub mod seed;
 pub mod status;
 pub mod usage;
+mod validate;
 pub mod xml;
 
 pub use crate::crash_loop::CrashLoopPolicy;
@@ -47,3 +48,4 @@ pub use errors::{FailureReason, SpecError, VmError};
 pub use marks::Marks;
 pub use reconciler::VmController;
 pub use usage::{UsageSampler, UsageSnapshots};
+pub use validate::validate_vm_spec;
