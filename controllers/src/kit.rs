@@ -4,7 +4,8 @@
 //! - [`Recorder`]: events, where a failed write is logged, never fatal
 //!   (the store folds repeats);
 //! - [`publish_status`]: writes a status only when it changed, guarded by
-//!   the resource version it was built from.
+//!   the resource version it was built from;
+//! - [`start_gate`] and [`failed_start`]: the back-off of failed starts.
 //!
 //! The rules decided here hold for Docker, Compose and VM alike:
 //! - a status write that lost a race with another write requeues after
@@ -12,7 +13,12 @@
 //! - a status write for an object that left the store awaits the next
 //!   change (the delete reaches the controller as one);
 //! - every requeue is at least [`MIN_REQUEUE`], so a computed delay that
-//!   rounds to zero does not spin.
+//!   rounds to zero does not spin;
+//! - a failed start or create counts toward the crash-loop back-off only
+//!   when a retry can help and the runtime answered: a terminal failure
+//!   waits for a new spec, and an unreachable runtime is the outage probe's
+//!   to wait out. The next start waits the back-off since the failed one
+//!   (the base, then doubling), never less than the base.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,9 +26,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use persys_api::FailureReason;
 use persys_api::v1::{EventType, ObjectStatus, Workload};
 
 use crate::controller::Action;
+use crate::crash_loop::{CrashLoop, CrashLoopPolicy, Gate};
 use crate::source::{WorkloadWriter, WriteError};
 
 /// How soon to look again after a status write lost a race with another
@@ -164,6 +172,87 @@ pub(crate) async fn publish_status(
     }
 }
 
+/// A failure to report, with when it is retried: `retry_in` from now,
+/// at wall-clock `due_ms`; neither for a terminal failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failed {
+    pub(crate) reason: FailureReason,
+    pub(crate) detail: String,
+    pub(crate) retry_in: Option<Duration>,
+    pub(crate) due_ms: Option<i64>,
+}
+
+/// How a convergence stopped short of the desired state.
+pub(crate) enum Halt<E> {
+    /// A failure to report in status; retried after `retry_in` if set.
+    Failed(Failed),
+    /// The runtime failed outside what is reported as the workload's
+    /// failure (unreachable, or an unexpected answer): the runtime's error
+    /// back-off retries.
+    Error(E),
+}
+
+impl<E> From<Failed> for Halt<E> {
+    fn from(failed: Failed) -> Self {
+        Halt::Failed(failed)
+    }
+}
+
+/// Whether a start may be made now: `Err` with the last failure while the
+/// back-off of failed starts runs. A workload that never failed to start
+/// is never held (its crash loop gates restarts, not starts).
+pub(crate) fn start_gate(
+    crash: &mut CrashLoop,
+    last_failure: Option<&(FailureReason, String)>,
+    policy: &CrashLoopPolicy,
+    now: Instant,
+) -> Result<(), Failed> {
+    match (crash.gate(policy, now), last_failure) {
+        (
+            Gate::Closed {
+                remaining, due_ms, ..
+            },
+            Some((reason, detail)),
+        ) => Err(Failed {
+            reason: *reason,
+            detail: detail.clone(),
+            retry_in: Some(remaining),
+            due_ms: Some(due_ms),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Records a start or create the runtime refused, and answers what to
+/// report (see the module's rules).
+pub(crate) fn failed_start(
+    crash: &mut CrashLoop,
+    last_failure: &mut Option<(FailureReason, String)>,
+    reason: FailureReason,
+    detail: &str,
+    policy: &CrashLoopPolicy,
+    (now, now_ms): (Instant, i64),
+) -> Failed {
+    *last_failure = Some((reason, detail.to_string()));
+    let (retry_in, due_ms) = if reason.is_terminal() {
+        (None, None)
+    } else {
+        crash.start_failed(now, now_ms);
+        match crash.gate(policy, now) {
+            Gate::Closed {
+                remaining, due_ms, ..
+            } => (Some(remaining), Some(due_ms)),
+            Gate::Open => (Some(policy.backoff.base), None),
+        }
+    };
+    Failed {
+        reason,
+        detail: detail.to_string(),
+        retry_in,
+        due_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,6 +372,48 @@ mod tests {
                 .unwrap_err(),
             WriteError::Unavailable("disk".into())
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_starts_wait_the_doubling_back_off_and_a_terminal_one_waits_for_a_new_spec() {
+        let policy = CrashLoopPolicy::default();
+        let base = policy.backoff.base;
+        let mut crash = CrashLoop::new(0);
+        let mut last = None;
+        let at = |_: ()| (Instant::now(), 1_000);
+        // Never failed: starts are not held.
+        assert_eq!(
+            start_gate(&mut crash, last.as_ref(), &policy, Instant::now()),
+            Ok(())
+        );
+        // The first failure waits the base, and the start is held meanwhile.
+        let reason = FailureReason::PortBindConflict;
+        let failed = failed_start(&mut crash, &mut last, reason, "taken", &policy, at(()));
+        assert_eq!(failed.retry_in, Some(base));
+        assert_eq!(failed.due_ms, Some(1_000 + base.as_millis() as i64));
+        let held = start_gate(&mut crash, last.as_ref(), &policy, Instant::now()).unwrap_err();
+        assert_eq!((held.reason, held.detail.as_str()), (reason, "taken"));
+        // Once the wait is over the start may go; a second failure doubles it.
+        tokio::time::advance(base).await;
+        assert_eq!(
+            start_gate(&mut crash, last.as_ref(), &policy, Instant::now()),
+            Ok(())
+        );
+        let failed = failed_start(&mut crash, &mut last, reason, "taken", &policy, at(()));
+        assert_eq!(failed.retry_in, Some(2 * base));
+        // A terminal failure is reported, not retried, and not counted.
+        let mut fresh = CrashLoop::new(0);
+        let mut last = None;
+        let failed = failed_start(
+            &mut fresh,
+            &mut last,
+            FailureReason::InvalidSpec,
+            "bad",
+            &policy,
+            at(()),
+        );
+        assert_eq!((failed.retry_in, failed.due_ms), (None, None));
+        assert!(!fresh.is_backing_off());
     }
 
     #[test]

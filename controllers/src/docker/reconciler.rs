@@ -33,7 +33,7 @@ use super::validate::{SpecError, validate_container_spec};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::crash_loop::{CrashLoop, Gate, RetryGate};
 use crate::informer::Cache;
-use crate::kit::{self, Recorder, Workloads};
+use crate::kit::{self, Failed, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon to look again at a container in a passing state (stopping,
@@ -58,19 +58,7 @@ struct Memory {
 }
 
 /// How a convergence stopped short of the desired state.
-enum Halt {
-    /// A failure to report in status; retried after `retry_in` if set.
-    Failed {
-        reason: FailureReason,
-        detail: String,
-        retry_in: Option<Duration>,
-        due_ms: Option<i64>,
-    },
-    /// The engine failed outside what is reported as the workload's
-    /// failure (unreachable, or an unexpected answer): the runtime's error
-    /// back-off retries.
-    Error(DockerError),
-}
+type Halt = kit::Halt<DockerError>;
 
 impl From<DockerError> for Halt {
     fn from(error: DockerError) -> Self {
@@ -580,8 +568,6 @@ impl DockerController {
             }
             Err(e) => {
                 let error = DockerError::engine(id, Operation::Start, e);
-                self.workloads
-                    .with(id, |m| m.crash.start_failed(now.0, now.1));
                 Err(self.failed_attempt(id, error).await)
             }
         }
@@ -658,9 +644,6 @@ impl DockerController {
                         },
                     };
                 }
-                let (now, now_wall) = (Instant::now(), now_ms());
-                self.workloads
-                    .with(id, |m| m.crash.start_failed(now, now_wall));
                 return Err(self.failed_attempt(id, error).await);
             }
         };
@@ -685,27 +668,17 @@ impl DockerController {
 
     /// Refuses a start while the back-off of failed starts runs.
     fn gate_start(&self, id: &str) -> Result<(), Halt> {
-        let crash_loop = self.config.crash_loop;
-        let (gate, last) = self.workloads.with(id, |m| {
-            (
-                m.crash.gate(&crash_loop, Instant::now()),
-                m.last_failure.clone(),
-            )
-        });
-        match (gate, last) {
-            (
-                Gate::Closed {
-                    remaining, due_ms, ..
-                },
-                Some((reason, detail)),
-            ) => Err(Halt::Failed {
-                reason,
-                detail,
-                retry_in: Some(remaining),
-                due_ms: Some(due_ms),
-            }),
-            _ => Ok(()),
-        }
+        let policy = self.config.crash_loop;
+        self.workloads
+            .with(id, |m| {
+                kit::start_gate(
+                    &mut m.crash,
+                    m.last_failure.as_ref(),
+                    &policy,
+                    Instant::now(),
+                )
+            })
+            .map_err(Halt::from)
     }
 
     /// Turns a failed create or start into what is reported: terminal
@@ -720,27 +693,22 @@ impl DockerController {
         self.events
             .event(id, EventType::Warning, "Failed", detail.clone())
             .await;
-        let crash_loop = self.config.crash_loop;
-        let gate = self.workloads.with(id, |m| {
+        let policy = self.config.crash_loop;
+        let now = (Instant::now(), now_ms());
+        let failed = self.workloads.with(id, |m| {
             if reason.is_terminal() {
                 m.terminal = Some((reason, detail.clone()));
             }
-            m.last_failure = Some((reason, detail.clone()));
-            m.crash.gate(&crash_loop, Instant::now())
+            kit::failed_start(
+                &mut m.crash,
+                &mut m.last_failure,
+                reason,
+                &detail,
+                &policy,
+                now,
+            )
         });
-        let (retry_in, due_ms) = match gate {
-            _ if reason.is_terminal() => (None, None),
-            Gate::Closed {
-                remaining, due_ms, ..
-            } => (Some(remaining), Some(due_ms)),
-            Gate::Open => (Some(Duration::ZERO), None),
-        };
-        Halt::Failed {
-            reason,
-            detail,
-            retry_in,
-            due_ms,
-        }
+        Halt::from(failed)
     }
 
     /// Makes sure the engine has the spec's image, pulling as its policy says
@@ -775,12 +743,12 @@ impl DockerController {
                     FailureReason::ImagePullFailed,
                     format!("back-off pulling image {}", spec.image),
                 ));
-            return Err(Halt::Failed {
+            return Err(Halt::Failed(Failed {
                 reason,
                 detail,
                 retry_in: Some(remaining),
                 due_ms: Some(due_ms),
-            });
+            }));
         }
         let result = if policy == PullPolicy::Never {
             Err((
@@ -814,12 +782,12 @@ impl DockerController {
                     } => (Some(remaining), Some(due_ms)),
                     Gate::Open => (Some(Duration::ZERO), None),
                 };
-                Err(Halt::Failed {
+                Err(Halt::Failed(Failed {
                     reason,
                     detail,
                     retry_in,
                     due_ms,
-                })
+                }))
             }
         }
     }
@@ -1034,12 +1002,12 @@ impl Reconciler for DockerController {
         };
         match self.converge(&docker, &workload, spec).await {
             Ok(converged) => self.publish(&workload, &image, converged).await,
-            Err(Halt::Failed {
+            Err(Halt::Failed(Failed {
                 reason,
                 detail,
                 retry_in,
                 due_ms,
-            }) => {
+            })) => {
                 let current = container::list_for(&docker, &self.config.scope, id)
                     .await
                     .ok()

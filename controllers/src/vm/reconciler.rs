@@ -35,7 +35,7 @@ use super::usage::{UsageSampler, UsageSnapshots};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::crash_loop::{CrashLoop, Gate};
 use crate::informer::Cache;
-use crate::kit::{self, Recorder, Workloads};
+use crate::kit::{self, Failed, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon to look again at a guest in a passing state (shutting down on
@@ -65,19 +65,7 @@ struct Memory {
 }
 
 /// How a convergence stopped short of the desired state.
-enum Halt {
-    /// A failure to report in status; retried after `retry_in` if set.
-    Failed {
-        reason: FailureReason,
-        detail: String,
-        retry_in: Option<Duration>,
-        due_ms: Option<i64>,
-    },
-    /// libvirt failed outside what is reported as the workload's failure
-    /// (unreachable, or an unexpected answer): the runtime's error back-off
-    /// retries.
-    Error(VmError),
-}
+type Halt = kit::Halt<VmError>;
 
 impl From<VmError> for Halt {
     fn from(error: VmError) -> Self {
@@ -359,7 +347,7 @@ impl VmController {
                 Some(marks) => format!("a domain of another persys scope ({:?})", marks.scope),
                 None => "a domain persys does not manage".to_string(),
             };
-            return Err(Halt::Failed {
+            return Err(Halt::Failed(Failed {
                 reason: FailureReason::RuntimeError,
                 detail: format!(
                     "the domain name {:?} is taken by {holder}",
@@ -367,7 +355,7 @@ impl VmController {
                 ),
                 retry_in: Some(NAME_TAKEN_RETRY),
                 due_ms: Some(now_ms() + NAME_TAKEN_RETRY.as_millis() as i64),
-            });
+            }));
         }
         let mut managed = lookup.managed;
         // The domain with the planned name first.
@@ -685,26 +673,16 @@ impl VmController {
     /// Refuses a start while the back-off of failed starts runs.
     fn gate_start(&self, id: &str) -> Result<(), Halt> {
         let policy = self.config.crash_loop;
-        let (gate, last) = self.workloads.with(id, |m| {
-            (
-                m.crash.gate(&policy, Instant::now()),
-                m.last_failure.clone(),
-            )
-        });
-        match (gate, last) {
-            (
-                Gate::Closed {
-                    remaining, due_ms, ..
-                },
-                Some((reason, detail)),
-            ) => Err(Halt::Failed {
-                reason,
-                detail,
-                retry_in: Some(remaining),
-                due_ms: Some(due_ms),
-            }),
-            _ => Ok(()),
-        }
+        self.workloads
+            .with(id, |m| {
+                kit::start_gate(
+                    &mut m.crash,
+                    m.last_failure.as_ref(),
+                    &policy,
+                    Instant::now(),
+                )
+            })
+            .map_err(Halt::from)
     }
 
     /// Creates what the domain needs on the host: missing disks (recorded
@@ -899,27 +877,18 @@ impl VmController {
             .event(id, EventType::Warning, "Failed", detail.clone())
             .await;
         let policy = self.config.crash_loop;
-        let (now, wall) = (Instant::now(), now_ms());
-        let gate = self.workloads.with(id, |m| {
-            if !reason.is_terminal() {
-                m.crash.start_failed(now, wall);
-            }
-            m.last_failure = Some((reason, detail.clone()));
-            m.crash.gate(&policy, Instant::now())
+        let now = (Instant::now(), now_ms());
+        let failed = self.workloads.with(id, |m| {
+            kit::failed_start(
+                &mut m.crash,
+                &mut m.last_failure,
+                reason,
+                &detail,
+                &policy,
+                now,
+            )
         });
-        let (retry_in, due_ms) = match gate {
-            _ if reason.is_terminal() => (None, None),
-            Gate::Closed {
-                remaining, due_ms, ..
-            } => (Some(remaining), Some(due_ms)),
-            Gate::Open => (Some(policy.backoff.base), None),
-        };
-        Halt::Failed {
-            reason,
-            detail,
-            retry_in,
-            due_ms,
-        }
+        Halt::from(failed)
     }
 
     /// Stops (gracefully, step by step) and undefines every domain of a
@@ -1089,12 +1058,12 @@ impl Reconciler for VmController {
         };
         match self.converge(&workload, &plan).await {
             Ok(converged) => self.publish(&workload, converged).await,
-            Err(Halt::Failed {
+            Err(Halt::Failed(Failed {
                 reason,
                 detail,
                 retry_in,
                 due_ms,
-            }) => {
+            })) => {
                 let uuid = self
                     .hypervisor
                     .lookup(id, &self.config.scope, &plan.domain.name, false)
