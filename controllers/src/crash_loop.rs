@@ -85,6 +85,12 @@ impl RetryGate {
         }
     }
 
+    /// What [`RetryGate::gate`] would answer at `now`, without forgetting
+    /// a stale count: for a plan that only reads the memory.
+    pub fn peek(&self, backoff: &Backoff, reset_after: Duration, now: Instant) -> Gate {
+        self.clone().gate(backoff, reset_after, now)
+    }
+
     /// An attempt that does not make the next one wait.
     pub fn attempted(&mut self, now: Instant, now_ms: i64) {
         self.last = Some(Stamp {
@@ -136,6 +142,11 @@ impl CrashLoop {
     /// Whether a start may happen at `now`.
     pub fn gate(&mut self, policy: &CrashLoopPolicy, now: Instant) -> Gate {
         self.gate.gate(&policy.backoff, policy.reset_after, now)
+    }
+
+    /// What [`CrashLoop::gate`] would answer at `now`, changing nothing.
+    pub fn peek(&self, policy: &CrashLoopPolicy, now: Instant) -> Gate {
+        self.gate.peek(&policy.backoff, policy.reset_after, now)
     }
 
     /// A first start (or one asked for after a requested stop): no back-off
@@ -221,6 +232,20 @@ mod tests {
             Gate::Closed { remaining, .. } if remaining == Duration::from_secs(9)
         ));
         assert_eq!(state.restarts(), 9, "the count carries on");
+    }
+
+    #[test]
+    fn peeking_answers_like_the_gate_but_forgets_nothing() {
+        let policy = policy();
+        let t0 = Instant::now();
+        let mut state = CrashLoop::new(0);
+        state.restarted(t0, 0);
+        state.restarted(t0, 0);
+        let late = t0 + Duration::from_secs(600);
+        assert_eq!(state.peek(&policy, late), Gate::Open);
+        assert!(state.is_backing_off(), "a peek keeps the count");
+        assert_eq!(state.gate(&policy, late), Gate::Open);
+        assert!(!state.is_backing_off(), "the gate forgets it");
     }
 
     #[test]

@@ -207,19 +207,33 @@ pub(crate) fn start_gate(
     policy: &CrashLoopPolicy,
     now: Instant,
 ) -> Result<(), Failed> {
-    match (crash.gate(policy, now), last_failure) {
+    let held = start_held(crash, last_failure, policy, now);
+    // Forgets a count older than the policy's reset, as the gate does.
+    crash.gate(policy, now);
+    held.map_or(Ok(()), Err)
+}
+
+/// What [`start_gate`] answers, read without changing the memory: for a
+/// plan.
+pub(crate) fn start_held(
+    crash: &CrashLoop,
+    last_failure: Option<&(FailureReason, String)>,
+    policy: &CrashLoopPolicy,
+    now: Instant,
+) -> Option<Failed> {
+    match (crash.peek(policy, now), last_failure) {
         (
             Gate::Closed {
                 remaining, due_ms, ..
             },
             Some((reason, detail)),
-        ) => Err(Failed {
+        ) => Some(Failed {
             reason: *reason,
             detail: detail.clone(),
             retry_in: Some(remaining),
             due_ms: Some(due_ms),
         }),
-        _ => Ok(()),
+        _ => None,
     }
 }
 
