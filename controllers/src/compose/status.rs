@@ -6,14 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use persys_api::v1::{ActualState, ObjectStatus};
-use persys_api::{CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY};
+use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
 use super::observe::ServiceReport;
-
-/// `last_error` holds at most this many bytes.
-pub const MAX_LAST_ERROR: usize = 4096;
+use crate::kit::status::StatusBuilder;
+pub(crate) use crate::kit::status::{MAX_LAST_ERROR, keep_end};
 /// `message` holds at most this many bytes.
 const MAX_MESSAGE: usize = 512;
 
@@ -55,95 +53,38 @@ pub struct Report<'a> {
 
 /// The status `report` describes, starting from `previous`.
 pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
-    let mut status = previous.clone();
-    status.observed_generation = report.generation;
-    status.restart_count = report.restarts;
+    let mut status = StatusBuilder::new(previous, report.generation, report.restarts)
+        .with_progressing()
+        .with_max_message(MAX_MESSAGE);
     if !matches!(report.outcome, Outcome::Unknown { .. }) {
-        status.runtime_ref = report.project.to_string();
-        if let Some(services) = report.services {
-            status.facts = facts(services);
+        match report.services {
+            Some(services) => status.observed(report.project.to_string(), facts(services)),
+            None => status.runtime_ref(report.project.to_string()),
         }
     }
-    status.next_retry_at_ms = 0;
-    status.failure_reason.clear();
-    status.retry_terminal = false;
-    status.last_error.clear();
-
+    // Compose writes the error last: keep the end.
+    let last_error = |detail: &str| keep_end(detail.trim(), MAX_LAST_ERROR).to_string();
     match report.outcome {
-        Outcome::Running => {
-            status.transition_to(ActualState::Running);
-            status.message = "all services running".into();
-            status.set_condition(CONDITION_READY, true, "Running", "");
-            status.set_condition(CONDITION_PROGRESSING, false, "Running", "");
-            status.set_condition(CONDITION_DEGRADED, false, "Running", "");
-        }
-        Outcome::Stopped => {
-            status.transition_to(ActualState::Stopped);
-            status.message = "stopped".into();
-            status.set_condition(
-                CONDITION_READY,
-                false,
-                "Stopped",
-                "desired state is stopped",
-            );
-            status.set_condition(CONDITION_PROGRESSING, false, "Stopped", "");
-            status.set_condition(CONDITION_DEGRADED, false, "Stopped", "");
-        }
-        Outcome::Pending { message } => {
-            let message = cut(&message, MAX_MESSAGE);
-            status.transition_to(ActualState::Pending);
-            status.set_condition(CONDITION_READY, false, "Starting", &message);
-            status.set_condition(CONDITION_PROGRESSING, true, "Starting", &message);
-            status.set_condition(CONDITION_DEGRADED, false, "Starting", "");
-            status.message = message;
-        }
-        Outcome::BackingOff { message, due_ms } => {
-            let reason = FailureReason::CrashLoopBackOff;
-            fail(&mut status, reason, &message, &message, Some(due_ms));
-        }
+        Outcome::Running => status.running("all services running"),
+        Outcome::Stopped => status.stopped(),
+        Outcome::Pending { message } => status.pending("Starting", &message),
+        Outcome::BackingOff { message, due_ms } => status.failed(
+            FailureReason::CrashLoopBackOff,
+            &message,
+            last_error(&message),
+            Some(due_ms),
+        ),
         Outcome::Failed {
             reason,
             message,
             detail,
             due_ms,
-        } => fail(&mut status, reason, &message, &detail, due_ms),
+        } => status.failed(reason, &message, last_error(&detail), due_ms),
         Outcome::Unknown { detail } => {
-            let message = cut(&detail, MAX_MESSAGE);
-            status.transition_to(ActualState::Unknown);
-            status.last_error = keep_end(&detail, MAX_LAST_ERROR).to_string();
-            status.failure_reason = FailureReason::RuntimeError.code().into();
-            status.set_condition(CONDITION_READY, false, "RuntimeUnreachable", &message);
-            status.set_condition(CONDITION_PROGRESSING, false, "RuntimeUnreachable", "");
-            status.set_condition(CONDITION_DEGRADED, true, "RuntimeUnreachable", &message);
-            status.message = message;
+            let kept = keep_end(&detail, MAX_LAST_ERROR).to_string();
+            status.unknown(&detail, kept)
         }
     }
-    status
-}
-
-fn fail(
-    status: &mut ObjectStatus,
-    reason: FailureReason,
-    message: &str,
-    detail: &str,
-    due_ms: Option<i64>,
-) {
-    let message = cut(message, MAX_MESSAGE);
-    status.transition_to(ActualState::Failed);
-    status.failure_reason = reason.code().into();
-    status.retry_terminal = reason.is_terminal();
-    status.next_retry_at_ms = due_ms.unwrap_or(0);
-    // Compose writes the error last: keep the end.
-    status.last_error = keep_end(detail.trim(), MAX_LAST_ERROR).to_string();
-    status.set_condition(CONDITION_READY, false, reason.condition_reason(), &message);
-    status.set_condition(CONDITION_PROGRESSING, false, reason.condition_reason(), "");
-    status.set_condition(
-        CONDITION_DEGRADED,
-        true,
-        reason.condition_reason(),
-        &message,
-    );
-    status.message = message;
 }
 
 /// `service.<name>` = its state, `service.<name>.exit_code` of a stopped
@@ -171,33 +112,11 @@ fn facts(services: &[ServiceReport]) -> BTreeMap<String, String> {
     facts
 }
 
-/// At most `max` bytes of the start of `text`, on a character boundary.
-fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
-}
-
-/// At most `max` bytes of the end of `text`, on a character boundary.
-pub fn keep_end(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use persys_api::v1::ActualState;
+    use persys_api::{CONDITION_DEGRADED, CONDITION_READY};
 
     fn service(name: &str, state: &'static str, exit_code: Option<i64>) -> ServiceReport {
         ServiceReport {

@@ -7,13 +7,11 @@
 use std::time::Duration;
 
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
-use persys_api::v1::{ActualState, ObjectStatus};
-use persys_api::{CONDITION_DEGRADED, CONDITION_READY};
+use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
-
-/// `last_error` holds at most this many bytes.
-pub const MAX_LAST_ERROR: usize = 4096;
+pub(crate) use crate::kit::status::{MAX_LAST_ERROR, keep_end};
+use crate::kit::status::{StatusBuilder, keep_start};
 
 /// Docker's "never" timestamp.
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
@@ -61,61 +59,42 @@ pub struct Report<'a> {
 
 /// The status `report` describes, starting from `previous`.
 pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
-    let mut status = previous.clone();
-    status.observed_generation = report.generation;
-    status.restart_count = report.restarts;
+    let mut status = StatusBuilder::new(previous, report.generation, report.restarts);
     if !matches!(report.outcome, Outcome::Unknown { .. }) {
-        status.runtime_ref = report
-            .container
-            .and_then(|c| c.id.clone())
-            .unwrap_or_default();
-        status.facts = facts(report.container, report.image);
+        status.observed(
+            report
+                .container
+                .and_then(|c| c.id.clone())
+                .unwrap_or_default(),
+            facts(report.container, report.image),
+        );
     }
-    status.next_retry_at_ms = 0;
-    status.failure_reason.clear();
-    status.retry_terminal = false;
-    status.last_error.clear();
-
     let exit_code = report
         .container
         .and_then(|c| c.state.as_ref())
         .and_then(|s| s.exit_code)
         .unwrap_or(0);
+    let log_tail = report.log_tail.as_deref();
     match report.outcome {
-        Outcome::Running => {
-            status.transition_to(ActualState::Running);
-            status.message = "running".into();
-            status.set_condition(CONDITION_READY, true, "Running", "");
-            status.set_condition(CONDITION_DEGRADED, false, "Running", "");
-        }
-        Outcome::Stopped => {
-            status.transition_to(ActualState::Stopped);
-            status.message = "stopped".into();
-            status.set_condition(
-                CONDITION_READY,
-                false,
-                "Stopped",
-                "desired state is stopped",
-            );
-            status.set_condition(CONDITION_DEGRADED, false, "Stopped", "");
-        }
-        Outcome::Completed => {
-            status.transition_to(ActualState::Stopped);
-            status.message = "completed (exit code 0)".into();
-            status.set_condition(CONDITION_READY, false, "Completed", "exited with code 0");
-            status.set_condition(CONDITION_DEGRADED, false, "Completed", "");
-        }
+        Outcome::Running => status.running("running"),
+        Outcome::Stopped => status.stopped(),
+        Outcome::Completed => status.completed("completed (exit code 0)", "exited with code 0"),
         Outcome::BackingOff {
             exit_code,
             delay,
             due_ms,
         } => {
-            let reason = FailureReason::CrashLoopBackOff;
             let message = format!(
                 "back-off {} restarting failed container (exit code {exit_code})",
                 human(delay)
             );
-            fail(&mut status, reason, &message, Some(due_ms), report.log_tail);
+            let last_error = last_error(&message, log_tail);
+            status.failed(
+                FailureReason::CrashLoopBackOff,
+                &message,
+                last_error,
+                Some(due_ms),
+            )
         }
         Outcome::Failed {
             reason,
@@ -127,79 +106,28 @@ pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
             } else {
                 detail
             };
-            fail(&mut status, reason, &detail, due_ms, report.log_tail);
+            let last_error = last_error(&detail, log_tail);
+            status.failed(reason, &detail, last_error, due_ms)
         }
-        Outcome::Pending { message } => {
-            status.transition_to(ActualState::Pending);
-            status.set_condition(CONDITION_READY, false, "Starting", &message);
-            status.set_condition(CONDITION_DEGRADED, false, "Starting", "");
-            status.message = message;
-        }
+        Outcome::Pending { message } => status.pending("Starting", &message),
         Outcome::Unknown { detail } => {
-            status.transition_to(ActualState::Unknown);
-            status.message = detail.clone();
-            status.last_error = truncate_start(&detail, MAX_LAST_ERROR);
-            status.failure_reason = FailureReason::RuntimeError.code().into();
-            status.set_condition(CONDITION_READY, false, "RuntimeUnreachable", &detail);
-            status.set_condition(CONDITION_DEGRADED, true, "RuntimeUnreachable", &detail);
+            status.unknown(&detail, keep_start(&detail, MAX_LAST_ERROR).to_string())
         }
     }
-    status
-}
-
-fn fail(
-    status: &mut ObjectStatus,
-    reason: FailureReason,
-    message: &str,
-    due_ms: Option<i64>,
-    log_tail: Option<String>,
-) {
-    status.transition_to(ActualState::Failed);
-    status.message = message.to_string();
-    status.failure_reason = reason.code().into();
-    status.retry_terminal = reason.is_terminal();
-    status.next_retry_at_ms = due_ms.unwrap_or(0);
-    status.last_error = last_error(message, log_tail.as_deref());
-    status.set_condition(CONDITION_READY, false, reason.condition_reason(), message);
-    status.set_condition(CONDITION_DEGRADED, true, reason.condition_reason(), message);
 }
 
 /// The failure, then as much of the end of the log as fits in 4 KiB.
 fn last_error(message: &str, log_tail: Option<&str>) -> String {
-    let message = truncate_start(message, MAX_LAST_ERROR);
+    let message = keep_start(message, MAX_LAST_ERROR);
     let Some(tail) = log_tail.map(str::trim_end).filter(|t| !t.is_empty()) else {
-        return message;
+        return message.to_string();
     };
     const HEADER: &str = "\n--- last log lines ---\n";
     let room = MAX_LAST_ERROR.saturating_sub(message.len() + HEADER.len());
     if room == 0 {
-        return message;
+        return message.to_string();
     }
     format!("{message}{HEADER}{}", keep_end(tail, room))
-}
-
-/// At most `max` bytes of the start of `text`, on a character boundary.
-fn truncate_start(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
-}
-
-/// At most `max` bytes of the end of `text`, on a character boundary.
-pub(crate) fn keep_end(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut start = text.len() - max;
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    &text[start..]
 }
 
 fn human(delay: Duration) -> String {
@@ -295,6 +223,8 @@ fn facts(
 mod tests {
     use super::*;
     use bollard::models::{ContainerState, EndpointSettings, NetworkSettings, PortBinding};
+    use persys_api::CONDITION_READY;
+    use persys_api::v1::ActualState;
     use std::collections::HashMap;
 
     fn container(status: ContainerStateStatusEnum, exit_code: i64) -> ContainerInspectResponse {

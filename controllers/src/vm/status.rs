@@ -7,14 +7,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use persys_api::v1::{ActualState, ObjectStatus};
-use persys_api::{CONDITION_DEGRADED, CONDITION_READY};
+use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
 use super::libvirt::LiveDomain;
-
-/// `last_error` holds at most this many bytes.
-pub const MAX_LAST_ERROR: usize = 4096;
+use crate::kit::status::{MAX_LAST_ERROR, StatusBuilder, keep_start};
 
 /// The state a reconcile left the workload in.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,88 +50,34 @@ pub struct Report<'a> {
 
 /// The status `report` describes, starting from `previous`.
 pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
-    let mut status = previous.clone();
-    status.observed_generation = report.generation;
-    status.restart_count = report.restarts;
+    let mut status = StatusBuilder::new(previous, report.generation, report.restarts);
     if !matches!(report.outcome, Outcome::Unknown { .. }) {
-        status.runtime_ref = report.domain.map(|d| d.uuid.clone()).unwrap_or_default();
-        status.facts = facts(report.domain);
+        status.observed(
+            report.domain.map(|d| d.uuid.clone()).unwrap_or_default(),
+            facts(report.domain),
+        );
     }
-    status.next_retry_at_ms = 0;
-    status.failure_reason.clear();
-    status.retry_terminal = false;
-    status.last_error.clear();
+    let last_error = |text: &str| keep_start(text, MAX_LAST_ERROR).to_string();
     match report.outcome {
-        Outcome::Running => {
-            status.transition_to(ActualState::Running);
-            status.message = "running".into();
-            status.set_condition(CONDITION_READY, true, "Running", "");
-            status.set_condition(CONDITION_DEGRADED, false, "Running", "");
-        }
-        Outcome::Stopped => {
-            status.transition_to(ActualState::Stopped);
-            status.message = "stopped".into();
-            status.set_condition(
-                CONDITION_READY,
-                false,
-                "Stopped",
-                "desired state is stopped",
-            );
-            status.set_condition(CONDITION_DEGRADED, false, "Stopped", "");
-        }
-        Outcome::Pending { message } => {
-            status.transition_to(ActualState::Pending);
-            status.set_condition(CONDITION_READY, false, "Progressing", &message);
-            status.set_condition(CONDITION_DEGRADED, false, "Progressing", "");
-            status.message = message;
-        }
+        Outcome::Running => status.running("running"),
+        Outcome::Stopped => status.stopped(),
+        Outcome::Pending { message } => status.pending("Progressing", &message),
         Outcome::BackingOff { delay, due_ms, why } => {
             let message = format!("back-off {}s restarting the VM: {why}", delay.as_secs());
-            fail(
-                &mut status,
+            status.failed(
                 FailureReason::CrashLoopBackOff,
                 &message,
+                last_error(&message),
                 Some(due_ms),
-            );
+            )
         }
         Outcome::Failed {
             reason,
             detail,
             due_ms,
-        } => fail(&mut status, reason, &detail, due_ms),
-        Outcome::Unknown { detail } => {
-            status.transition_to(ActualState::Unknown);
-            status.message = detail.clone();
-            status.last_error = truncate(&detail);
-            status.failure_reason = FailureReason::RuntimeError.code().into();
-            status.set_condition(CONDITION_READY, false, "RuntimeUnreachable", &detail);
-            status.set_condition(CONDITION_DEGRADED, true, "RuntimeUnreachable", &detail);
-        }
+        } => status.failed(reason, &detail, last_error(&detail), due_ms),
+        Outcome::Unknown { detail } => status.unknown(&detail, last_error(&detail)),
     }
-    status
-}
-
-fn fail(status: &mut ObjectStatus, reason: FailureReason, message: &str, due_ms: Option<i64>) {
-    status.transition_to(ActualState::Failed);
-    status.message = message.to_string();
-    status.failure_reason = reason.code().into();
-    status.retry_terminal = reason.is_terminal();
-    status.next_retry_at_ms = due_ms.unwrap_or(0);
-    status.last_error = truncate(message);
-    status.set_condition(CONDITION_READY, false, reason.condition_reason(), message);
-    status.set_condition(CONDITION_DEGRADED, true, reason.condition_reason(), message);
-}
-
-/// At most [`MAX_LAST_ERROR`] bytes, on a character boundary.
-fn truncate(text: &str) -> String {
-    if text.len() <= MAX_LAST_ERROR {
-        return text.to_string();
-    }
-    let mut end = MAX_LAST_ERROR;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
 }
 
 /// Runtime facts: what an operator or the scheduler wants to know about the
@@ -199,6 +142,8 @@ fn facts(domain: Option<&LiveDomain>) -> BTreeMap<String, String> {
 mod tests {
     use super::*;
     use crate::vm::libvirt::{DomainState, LiveDisk, PowerState};
+    use persys_api::CONDITION_READY;
+    use persys_api::v1::ActualState;
 
     fn domain() -> LiveDomain {
         LiveDomain {

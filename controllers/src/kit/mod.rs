@@ -5,7 +5,9 @@
 //!   (the store folds repeats);
 //! - [`publish_status`]: writes a status only when it changed, guarded by
 //!   the resource version it was built from;
-//! - [`start_gate`] and [`failed_start`]: the back-off of failed starts.
+//! - [`start_gate`] and [`failed_start`]: the back-off of failed starts;
+//! - [`status::StatusBuilder`]: the states and conditions every runtime's
+//!   status shares, with the few differences as parameters.
 //!
 //! The rules decided here hold for Docker, Compose and VM alike:
 //! - a status write that lost a race with another write requeues after
@@ -19,6 +21,8 @@
 //!   waits for a new spec, and an unreachable runtime is the outage probe's
 //!   to wait out. The next start waits the back-off since the failed one
 //!   (the base, then doubling), never less than the base.
+
+pub(crate) mod status;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
