@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::backoff::{Backoff, KeyedBackoff};
 use crate::informer::Informer;
+use crate::kit::{Classify, ErrorClass};
 use crate::queue::WorkQueue;
 use crate::source::WorkloadWriter;
 
@@ -70,7 +71,7 @@ pub enum Cleanup {
 /// the desired object and the runtime's actual state, acts on the difference,
 /// and is harmless to run twice.
 pub trait Reconciler: Send + Sync + 'static {
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: std::error::Error + Classify + Send + Sync + 'static;
 
     /// Short name for logs and metrics: "docker", "compose", "vm".
     fn name(&self) -> &'static str;
@@ -96,8 +97,7 @@ pub trait Reconciler: Send + Sync + 'static {
     /// every workload on its own back-off, and reconciles the others as soon
     /// as the runtime answers again.
     fn is_runtime_unreachable(&self, error: &Self::Error) -> bool {
-        let _ = error;
-        false
+        error.class() == ErrorClass::Unreachable
     }
 
     /// A key with no workload in the cache: a runtime object whose workload is

@@ -38,6 +38,7 @@ pub use controller::{
     Action, Cleanup, Controller, ControllerConfig, ControllerObserver, NoObserver, Reconciler,
 };
 pub use informer::{Cache, Informer, Notification};
+pub use kit::{Classify, ErrorClass};
 /// The store-facing types, defined once in `persys-api`.
 pub use persys_api::source;
 pub use persys_api::source::{

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use persys_api::v1::{ActualState, ObjectStatus, Workload, WorkloadType};
 use persys_controllers::{
-    Action, Cleanup, Controller, ControllerConfig, Informer, Reconciler, WorkloadWriter,
+    Action, Classify, Cleanup, Controller, ControllerConfig, ErrorClass, Informer, Reconciler,
+    WorkloadWriter,
 };
 use support::MemoryLog;
 use tokio::sync::Semaphore;
@@ -19,6 +20,16 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct TestError(String);
+
+impl Classify for TestError {
+    fn class(&self) -> ErrorClass {
+        if self.0 == RUNTIME_DOWN {
+            ErrorClass::Unreachable
+        } else {
+            ErrorClass::Retryable
+        }
+    }
+}
 
 /// Records every call; behaviour per id is scripted.
 struct Recorder {
@@ -83,10 +94,6 @@ impl Reconciler for Recorder {
 
     fn workload_type(&self) -> WorkloadType {
         WorkloadType::Container
-    }
-
-    fn is_runtime_unreachable(&self, error: &TestError) -> bool {
-        error.0 == RUNTIME_DOWN
     }
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, TestError> {

@@ -9,6 +9,7 @@ use bollard::errors::Error as EngineError;
 use super::binary::DetectError;
 use super::cli::Verb;
 use crate::docker::errors::is_unreachable;
+use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
 
 /// An engine call of the Compose controller, for messages.
@@ -189,19 +190,6 @@ impl ComposeError {
         }
     }
 
-    /// True when the same operation may succeed later without a spec change.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            ComposeError::Unreachable { .. }
-            | ComposeError::Engine { .. }
-            | ComposeError::NoBinary { .. }
-            | ComposeError::Files { .. } => true,
-            ComposeError::Command { reason, .. } => !reason.is_terminal(),
-            ComposeError::InvalidSpec { .. } => false,
-            ComposeError::Store { source, .. } => !matches!(source, WriteError::NotFound(_)),
-        }
-    }
-
     /// The failure reason this error is reported under.
     pub fn reason(&self) -> FailureReason {
         match self {
@@ -236,6 +224,16 @@ impl ComposeError {
             }
             ComposeError::InvalidSpec { message, .. } => message.clone(),
             ComposeError::Store { source, .. } => source.to_string(),
+        }
+    }
+}
+
+impl Classify for ComposeError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ComposeError::Unreachable { .. } => ErrorClass::Unreachable,
+            ComposeError::Store { source, .. } => store_class(source),
+            other => ErrorClass::of(other.reason()),
         }
     }
 }
@@ -303,14 +301,14 @@ mod tests {
         };
         assert!(failed.to_string().contains("workload shop"));
         assert!(failed.to_string().contains("compose up"));
-        assert!(failed.is_retryable());
+        assert_eq!(failed.class(), ErrorClass::Retryable);
         let invalid = ComposeError::Command {
             id: "shop".into(),
             verb: Verb::Up,
             reason: FailureReason::InvalidSpec,
             detail: "is invalid because".into(),
         };
-        assert!(!invalid.is_retryable());
+        assert_eq!(invalid.class(), ErrorClass::Terminal);
         assert!(FailureReason::InvalidSpec.is_terminal());
         assert!(!FailureReason::PortBindConflict.is_terminal());
         let unreachable = ComposeError::engine(
@@ -319,6 +317,6 @@ mod tests {
             EngineError::SocketNotFoundError("/nope.sock".into()),
         );
         assert!(matches!(unreachable, ComposeError::Unreachable { .. }));
-        assert!(unreachable.is_retryable());
+        assert_eq!(unreachable.class(), ErrorClass::Unreachable);
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use bollard::errors::Error as EngineError;
 
 use super::validate::SpecError;
+use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
 
 /// An engine operation, for classification and messages.
@@ -162,16 +163,6 @@ impl DockerError {
         }
     }
 
-    /// True when the same call may succeed later without a spec change.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            DockerError::Unreachable { .. } => true,
-            DockerError::Engine { reason, .. } => !reason.is_terminal(),
-            DockerError::InvalidSpec { .. } => false,
-            DockerError::Store { source, .. } => !matches!(source, WriteError::NotFound(_)),
-        }
-    }
-
     /// The failure reason this error is reported under.
     pub fn reason(&self) -> FailureReason {
         match self {
@@ -199,6 +190,16 @@ impl DockerError {
             },
             DockerError::InvalidSpec { source, .. } => source.to_string(),
             DockerError::Store { source, .. } => source.to_string(),
+        }
+    }
+}
+
+impl Classify for DockerError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            DockerError::Unreachable { .. } => ErrorClass::Unreachable,
+            DockerError::Store { source, .. } => store_class(source),
+            other => ErrorClass::of(other.reason()),
         }
     }
 }
@@ -312,10 +313,10 @@ mod tests {
             EngineError::SocketNotFoundError("/nope.sock".into()),
         );
         assert!(matches!(error, DockerError::Unreachable { .. }));
-        assert!(error.is_retryable());
+        assert_eq!(error.class(), ErrorClass::Unreachable);
         let refused = DockerError::engine("w", Operation::Create, server(400, "bad"));
         assert_eq!(refused.reason(), FailureReason::InvalidSpec);
-        assert!(!refused.is_retryable());
+        assert_eq!(refused.class(), ErrorClass::Terminal);
         assert!(refused.to_string().contains("workload w"));
     }
 

@@ -6,6 +6,8 @@
 //! - [`publish_status`]: writes a status only when it changed, guarded by
 //!   the resource version it was built from;
 //! - [`start_gate`] and [`failed_start`]: the back-off of failed starts;
+//! - [`ErrorClass`]: retryable, terminal or unreachable, for every error
+//!   of every runtime;
 //! - [`status::StatusBuilder`]: the states and conditions every runtime's
 //!   status shares, with the few differences as parameters.
 //!
@@ -173,6 +175,46 @@ pub(crate) async fn publish_status(
         Err(WriteError::Conflict { .. }) => Ok(Action::requeue(CONFLICT_REQUEUE)),
         Err(WriteError::NotFound(_)) => Ok(Action::await_change()),
         Err(other) => Err(other),
+    }
+}
+
+/// What an error means for what comes next, decided once for every
+/// runtime (kube-rs: every error variant says whether it is retryable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The runtime answered, and the same call may succeed later without a
+    /// spec change: back off and retry.
+    Retryable,
+    /// Only a new spec helps (or the object is gone): reported, then held.
+    Terminal,
+    /// The runtime could not be reached: nothing is known of any workload,
+    /// the status is `Unknown`, and the runner's outage probe waits it out.
+    Unreachable,
+}
+
+impl ErrorClass {
+    /// The class of a failure the runtime answered with `reason`.
+    pub fn of(reason: FailureReason) -> ErrorClass {
+        if reason.is_terminal() {
+            ErrorClass::Terminal
+        } else {
+            ErrorClass::Retryable
+        }
+    }
+}
+
+/// An error of a runtime controller, classified: the runner and the kit
+/// decide from the class, each runtime only says which class its errors
+/// fall in.
+pub trait Classify {
+    fn class(&self) -> ErrorClass;
+}
+
+/// A status write that failed: retried unless the object left the store.
+pub(crate) fn store_class(error: &WriteError) -> ErrorClass {
+    match error {
+        WriteError::NotFound(_) => ErrorClass::Terminal,
+        _ => ErrorClass::Retryable,
     }
 }
 

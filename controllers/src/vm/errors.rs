@@ -5,6 +5,7 @@ use std::fmt;
 
 use virt::error::{ErrorDomain, ErrorNumber};
 
+use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
 
 /// An operation of the VM controller, for classification and messages.
@@ -277,16 +278,6 @@ impl VmError {
         }
     }
 
-    /// True when the same call may succeed later without a spec change.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            VmError::Unreachable { .. } => true,
-            VmError::Libvirt { reason, .. } | VmError::Host { reason, .. } => !reason.is_terminal(),
-            VmError::InvalidSpec { .. } => false,
-            VmError::Store { source, .. } => !matches!(source, WriteError::NotFound(_)),
-        }
-    }
-
     pub fn is_unreachable(&self) -> bool {
         matches!(self, VmError::Unreachable { .. })
     }
@@ -322,6 +313,16 @@ impl VmError {
             } => format!("could not {operation}: {message}"),
             VmError::InvalidSpec { source, .. } => source.to_string(),
             VmError::Store { source, .. } => source.to_string(),
+        }
+    }
+}
+
+impl Classify for VmError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            VmError::Unreachable { .. } => ErrorClass::Unreachable,
+            VmError::Store { source, .. } => store_class(source),
+            other => ErrorClass::of(other.reason()),
         }
     }
 }
@@ -426,13 +427,13 @@ mod tests {
         ] {
             let e = VmError::libvirt("w", Operation::Start, lost);
             assert!(e.is_unreachable(), "{e}");
-            assert!(e.is_retryable());
+            assert_eq!(e.class(), ErrorClass::Unreachable);
             assert_eq!(e.reason(), FailureReason::RuntimeError);
         }
         assert!(!error(N::SystemError, D::Qemu).is_connection_lost());
         let refused = VmError::libvirt("w", Operation::Define, error(N::XmlError, D::Domain));
         assert_eq!(refused.reason(), FailureReason::InvalidSpec);
-        assert!(!refused.is_retryable());
+        assert_eq!(refused.class(), ErrorClass::Terminal);
         assert!(refused.to_string().contains("workload w"));
         assert!(refused.to_string().contains("define the domain"));
     }
@@ -455,7 +456,7 @@ mod tests {
             FailureReason::StorageError,
             "full",
         );
-        assert!(storage.is_retryable());
+        assert_eq!(storage.class(), ErrorClass::Retryable);
         assert_eq!(storage.detail(), "could not create a disk: full");
     }
 }
