@@ -2,7 +2,12 @@
 //! runtimes that sample usage in the background (Docker, VMs).
 
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
 
 use persys_api::v1::WorkloadUsageSnapshot;
 
@@ -46,4 +51,38 @@ impl UsageSnapshots {
             .unwrap_or_else(|p| p.into_inner())
             .remove(workload_id);
     }
+}
+
+/// Runs one sampling round every `interval` until `shutdown`; a round that
+/// fails is logged and the next one tries again. A late round delays the
+/// next rather than bunching them up.
+pub(crate) async fn sample_every<E: Display, R: Future<Output = Result<usize, E>>>(
+    interval: Duration,
+    shutdown: &CancellationToken,
+    what: &str,
+    mut round: impl FnMut() -> R,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let sampled = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            sampled = round() => sampled,
+        };
+        if let Err(error) = sampled {
+            tracing::debug!(%error, "{what} usage sampling failed");
+        }
+    }
+}
+
+/// Now, in seconds since the Unix epoch: a snapshot's `collected_at`.
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

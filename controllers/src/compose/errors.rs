@@ -8,7 +8,7 @@ use bollard::errors::Error as EngineError;
 
 use super::binary::DetectError;
 use super::cli::Verb;
-use crate::docker::errors::is_unreachable;
+use crate::docker::errors::{engine_says, is_unreachable};
 use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
 
@@ -211,12 +211,7 @@ impl ComposeError {
             } => format!("docker engine unreachable while trying to {operation}: {source}"),
             ComposeError::Engine {
                 operation, source, ..
-            } => match source {
-                EngineError::DockerResponseServerError { message, .. } => {
-                    format!("docker could not {operation}: {message}")
-                }
-                other => format!("docker could not {operation}: {other}"),
-            },
+            } => format!("docker could not {operation}: {}", engine_says(source)),
             ComposeError::NoBinary { source, .. } => format!("no compose binary: {source}"),
             ComposeError::Command { verb, detail, .. } => format!("compose {verb}: {detail}"),
             ComposeError::Files { path, source, .. } => {
@@ -232,8 +227,13 @@ impl Classify for ComposeError {
     fn class(&self) -> ErrorClass {
         match self {
             ComposeError::Unreachable { .. } => ErrorClass::Unreachable,
+            // The engine refused, no binary yet, a full disk: may pass.
+            ComposeError::Engine { .. }
+            | ComposeError::NoBinary { .. }
+            | ComposeError::Files { .. } => ErrorClass::Retryable,
+            ComposeError::Command { reason, .. } => ErrorClass::of(*reason),
+            ComposeError::InvalidSpec { .. } => ErrorClass::Terminal,
             ComposeError::Store { source, .. } => store_class(source),
-            other => ErrorClass::of(other.reason()),
         }
     }
 }

@@ -182,15 +182,18 @@ impl DockerError {
             } => format!("docker engine unreachable while trying to {operation}: {source}"),
             DockerError::Engine {
                 operation, source, ..
-            } => match source {
-                EngineError::DockerResponseServerError { message, .. } => {
-                    format!("could not {operation}: {message}")
-                }
-                other => format!("could not {operation}: {other}"),
-            },
+            } => format!("could not {operation}: {}", engine_says(source)),
             DockerError::InvalidSpec { source, .. } => source.to_string(),
             DockerError::Store { source, .. } => source.to_string(),
         }
+    }
+}
+
+/// The engine's own words: the message of a refusal, else the error.
+pub(crate) fn engine_says(source: &EngineError) -> String {
+    match source {
+        EngineError::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -198,8 +201,9 @@ impl Classify for DockerError {
     fn class(&self) -> ErrorClass {
         match self {
             DockerError::Unreachable { .. } => ErrorClass::Unreachable,
+            DockerError::Engine { reason, .. } => ErrorClass::of(*reason),
+            DockerError::InvalidSpec { .. } => ErrorClass::Terminal,
             DockerError::Store { source, .. } => store_class(source),
-            other => ErrorClass::of(other.reason()),
         }
     }
 }

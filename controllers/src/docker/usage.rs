@@ -1,7 +1,7 @@
 //! Resource usage of running workloads, sampled from the engine's stats.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bollard::errors::Error as EngineError;
 use bollard::models::{ContainerStatsResponse, ContainerSummaryStateEnum};
@@ -15,6 +15,7 @@ use super::engine::Engine;
 use super::labels::Marks;
 
 pub use crate::usage::UsageSnapshots;
+use crate::usage::{sample_every, unix_now};
 
 /// One stats request may take this long (the engine samples twice, about
 /// a second apart, to compute CPU use).
@@ -34,21 +35,7 @@ pub struct UsageSampler {
 impl UsageSampler {
     /// Samples every `interval` until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let sampled = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                sampled = self.sample_once() => sampled,
-            };
-            if let Err(error) = sampled {
-                tracing::debug!(%error, "usage sampling failed");
-            }
-        }
+        sample_every(self.interval, &shutdown, "container", || self.sample_once()).await;
     }
 
     /// One round; returns how many workloads were sampled.
@@ -95,13 +82,6 @@ impl UsageSampler {
         self.snapshots.replace(samples);
         Ok(count)
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// A usage snapshot from one stats answer, computed as `docker stats` does.

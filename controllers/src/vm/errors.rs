@@ -321,8 +321,11 @@ impl Classify for VmError {
     fn class(&self) -> ErrorClass {
         match self {
             VmError::Unreachable { .. } => ErrorClass::Unreachable,
+            VmError::Libvirt { reason, .. } | VmError::Host { reason, .. } => {
+                ErrorClass::of(*reason)
+            }
+            VmError::InvalidSpec { .. } => ErrorClass::Terminal,
             VmError::Store { source, .. } => store_class(source),
-            other => ErrorClass::of(other.reason()),
         }
     }
 }

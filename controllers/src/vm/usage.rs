@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use persys_api::v1::{WorkloadType, WorkloadUsageSnapshot};
 use tokio::time::Instant;
@@ -16,6 +16,7 @@ use super::libvirt::{DomainState, Hypervisor, LiveDomain, PowerState};
 use super::marks::{Marks, NAMESPACE};
 
 pub use crate::usage::UsageSnapshots;
+use crate::usage::{sample_every, unix_now};
 
 /// Counters read from one domain in one sample.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,21 +61,7 @@ impl UsageSampler {
 
     /// Samples every `interval` until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let sampled = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                sampled = self.sample_once() => sampled,
-            };
-            if let Err(error) = sampled {
-                tracing::debug!(%error, "VM usage sampling failed");
-            }
-        }
+        sample_every(self.interval, &shutdown, "VM", || self.sample_once()).await;
     }
 
     /// One round; returns how many workloads were sampled.
@@ -85,10 +72,7 @@ impl UsageSampler {
             .call("", Operation::Stats, move |conn| read_samples(conn, &scope))
             .await?;
         let now = Instant::now();
-        let collected_at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let collected_at = unix_now();
         let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
         let mut next_previous = HashMap::new();
         let mut samples = HashMap::new();
