@@ -134,11 +134,6 @@ impl CrashLoop {
         self.restarts
     }
 
-    /// True while a back-off is building up.
-    pub fn is_backing_off(&self) -> bool {
-        self.gate.attempts() > 0
-    }
-
     /// Whether a start may happen at `now`.
     pub fn gate(&mut self, policy: &CrashLoopPolicy, now: Instant) -> Gate {
         self.gate.gate(&policy.backoff, policy.reset_after, now)
@@ -225,7 +220,7 @@ mod tests {
             state.gate(&policy, t0 + Duration::from_secs(600)),
             Gate::Open
         );
-        assert!(!state.is_backing_off());
+        assert_eq!(state.gate.attempts(), 0);
         state.restarted(t0 + Duration::from_secs(600), 600_000);
         assert!(matches!(
             state.gate(&policy, t0 + Duration::from_secs(601)),
@@ -243,9 +238,9 @@ mod tests {
         state.restarted(t0, 0);
         let late = t0 + Duration::from_secs(600);
         assert_eq!(state.peek(&policy, late), Gate::Open);
-        assert!(state.is_backing_off(), "a peek keeps the count");
+        assert_eq!(state.gate.attempts(), 2, "a peek keeps the count");
         assert_eq!(state.gate(&policy, late), Gate::Open);
-        assert!(!state.is_backing_off(), "the gate forgets it");
+        assert_eq!(state.gate.attempts(), 0, "the gate forgets it");
     }
 
     #[test]

@@ -1,22 +1,27 @@
-//! The engine every runtime controller of persys-agent stands on.
+//! The engine every runtime controller of persys-agent stands on, the kit
+//! they share, and the three runtime controllers. Only what the agent and
+//! the tests use is public: the controllers, their configuration, the
+//! [`Reconciler`] trait and its runner, the informer and the validators.
 //!
 //! - [`source`] (from `persys-api`): the two small traits through which
 //!   controllers see the store: a list + watch source of workload changes,
 //!   and a writer for status, finalizers and events.
-//! - [`informer`]: lists, then follows the change log into one shared cache
-//!   ([`informer::Cache`]) and fans changes out to every subscriber.
-//! - [`queue`]: the work queue — deduplicating, one reconcile per key at a
+//! - `informer`: lists, then follows the change log into one shared cache
+//!   ([`Cache`]) and fans changes out to every subscriber.
+//! - `queue`: the work queue — deduplicating, one reconcile per key at a
 //!   time, with delayed re-adds.
 //! - [`backoff`]: exponential backoff with jitter, per key.
-//! - [`crash_loop`]: kubelet's crash-loop rule for restarts, and the same
+//! - `crash_loop`: kubelet's crash-loop rule for restarts, and the same
 //!   spacing for any repeated attempt.
-//! - [`usage`]: the last usage sample of each running workload, as the
+//! - `usage`: the last usage sample of each running workload, as the
 //!   Docker and VM controllers' samplers leave it.
 //! - `kit`: what every runtime reconciler shares: per-workload memory and
-//!   orphan timers, the event recorder, and status publishing with the
-//!   resource-version check, conflict requeue and requeue floor.
-//! - [`controller`]: the [`controller::Reconciler`] trait and the runner that
-//!   drives one from informer changes, runtime triggers and a periodic resync.
+//!   orphan timers, the event recorder, status building and publishing
+//!   (resource-version check, conflict requeue, requeue floor), the start
+//!   gate and failed-start policy, and error classes ([`ErrorClass`]).
+//! - `controller`: the [`Reconciler`] trait and the runner ([`Controller`])
+//!   that drives one from informer changes, runtime triggers and a periodic
+//!   resync.
 //! - [`docker`]: the Docker controller — container workloads.
 //! - [`compose`]: the Compose controller — compose projects through the
 //!   compose CLI, observed through the Docker API.
@@ -24,14 +29,14 @@
 
 pub mod backoff;
 pub mod compose;
-pub mod controller;
-pub mod crash_loop;
+mod controller;
+mod crash_loop;
 pub mod docker;
-pub mod informer;
+mod informer;
 mod kit;
-pub mod queue;
-pub mod spec;
-pub mod usage;
+mod queue;
+mod spec;
+mod usage;
 pub mod vm;
 
 pub use controller::{

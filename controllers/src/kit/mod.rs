@@ -473,7 +473,11 @@ mod tests {
             at(()),
         );
         assert_eq!((failed.retry_in, failed.due_ms), (None, None));
-        assert!(!fresh.is_backing_off());
+        assert_eq!(
+            start_held(&fresh, last.as_ref(), &policy, Instant::now()),
+            None,
+            "a terminal failure does not hold the next start"
+        );
     }
 
     #[test]
