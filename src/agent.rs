@@ -79,15 +79,11 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs the agent until `shutdown` is cancelled (a signal), then stops
 /// accepting, lets in-flight RPCs and reconciles finish, and syncs the store.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    // Stopped after the gRPC server, so nothing it serves is gone early.
     let background = CancellationToken::new();
     let metrics_authz = AuthzMetrics::default();
     let authentication = authentication(&config, &metrics_authz, &background)?;
-    let mut store_config = StoreConfig::new(&config.state_path);
-    store_config.key_file = config.state_key_file();
-    store_config.max_log_entries = config.log_max_entries;
-    store_config.max_log_age = config.log_max_age;
-    let store = Store::open(store_config)?;
-
+    let store = open_store(&config)?;
     let informer = Informer::new(Arc::new(store.clone()));
     let informer_task = tokio::spawn({
         let informer = informer.clone();
@@ -107,27 +103,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         Arc::new(metrics.clone()),
         background.clone(),
     );
-    let metrics_addr = std::net::SocketAddr::new(config.bind_addr(), config.metrics_port);
-    let metrics_listener =
-        TcpListener::bind(metrics_addr)
-            .await
-            .map_err(|source| AgentError::Listen {
-                addr: metrics_addr,
-                source,
-            })?;
-    tracing::info!(
-        addr = %metrics_listener.local_addr().unwrap_or(metrics_addr),
-        "serving /metrics, /healthz, /readyz"
-    );
-    let metrics_task = tokio::spawn(crate::metrics::serve(
-        metrics_listener,
-        metrics.clone(),
-        store.clone(),
-        informer.clone(),
-        runtimes.clone(),
-        background.clone(),
-    ));
-
+    let metrics_task =
+        serve_metrics(&config, &metrics, &store, &informer, &runtimes, &background).await?;
     let node = NodeSampler::start(
         config.state_path.clone(),
         Duration::from_secs(5),
@@ -148,8 +125,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             host_paths: crate::runtimes::host_path_policy(&config),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
         }),
-        registry: registry.clone(),
-        runtimes: runtimes.clone(),
+        registry,
+        runtimes,
         node,
         version: config.agent_version(),
         usage: controllers.usage.clone(),
@@ -159,59 +136,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         drain: link.drain.clone(),
         scheduler: link.status.clone(),
     };
+    let router = router(
+        agent,
+        authentication,
+        &metrics,
+        &store,
+        &informer,
+        &background,
+    )?;
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(persys_api::v1::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| AgentError::Tls(tls::TlsError::from_message(format!("reflection: {e}"))))?;
-    tokio::spawn({
-        let informer = informer.clone();
-        let store = store.clone();
-        let stop = background.clone();
-        async move {
-            informer.wait_until_synced().await;
-            let mut ticker = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                let serving = store.is_writable() && informer.is_synced();
-                let status = if serving {
-                    tonic_health::ServingStatus::Serving
-                } else {
-                    tonic_health::ServingStatus::NotServing
-                };
-                health_reporter
-                    .set_service_status("persys.agent.v1.AgentService", status)
-                    .await;
-                health_reporter.set_service_status("", status).await;
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-            }
-        }
-    });
-
-    let service = AgentServiceServer::new(agent)
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    // TCP keepalive is set on accepted sockets by the accept loops below:
-    // tonic's own `tcp_keepalive` does not apply to `serve_with_incoming`.
-    let router = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
-        .layer(GrpcMetricsLayer::new(metrics.clone()))
-        .layer(AuthzLayer::new(authentication, metrics.authz.clone()))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(service);
-
-    let addr = config.grpc_socket();
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AgentError::Listen { addr, source })?;
-    let bound = listener.local_addr().unwrap_or(addr);
-    let stop_serving = shutdown.clone();
     // Everything must be down this long after the signal.
     let deadline = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -221,35 +154,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             tokio::time::Instant::now() + timeout
         }
     });
-    let grace = SHUTDOWN_GRACE.min(config.shutdown_timeout);
-    if config.tls_enabled {
-        let files = TlsFiles {
-            cert: config.tls_cert.clone(),
-            key: config.tls_key.clone(),
-            ca: config.tls_ca.clone(),
-        };
-        let reloading = ReloadingConfig::watch(files, TLS_RELOAD_INTERVAL, background.clone())?;
-        tracing::info!(addr = %bound, node_id = %config.node_id(), "serving gRPC with mutual TLS");
-        let failures = tls::HandshakeFailures::new(metrics.tls_handshake_failures.clone());
-        let incoming = tls::incoming(listener, reloading, failures, shutdown.clone());
-        let serving = router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(incoming),
-            stop_serving.clone().cancelled_owned(),
-        );
-        serve_with_grace(serving, stop_serving, grace).await?;
-    } else {
-        tracing::warn!(
-            addr = %bound,
-            "PERSYS_TLS_ENABLED=false: serving gRPC in PLAINTEXT without client authentication; every caller is an operator, so anyone who can reach this port controls the node"
-        );
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(tls::TCP_KEEPALIVE))
-            .map(|accepted| accepted.map(Coalesced::new));
-        let serving =
-            router.serve_with_incoming_shutdown(incoming, stop_serving.clone().cancelled_owned());
-        serve_with_grace(serving, stop_serving, grace).await?;
-    }
+    serve(&config, router, &metrics, &shutdown, &background).await?;
 
     tracing::info!("gRPC server stopped; stopping controllers");
     background.cancel();
@@ -264,6 +169,162 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let _ = metrics_task.await;
     store.close().await;
     tracing::info!("store closed; bye");
+    Ok(())
+}
+
+/// Opens the store at the configured path, with its key and log limits.
+fn open_store(config: &Config) -> Result<Store, AgentError> {
+    let mut store_config = StoreConfig::new(&config.state_path);
+    store_config.key_file = config.state_key_file();
+    store_config.max_log_entries = config.log_max_entries;
+    store_config.max_log_age = config.log_max_age;
+    Ok(Store::open(store_config)?)
+}
+
+/// Binds the metrics port and serves `/metrics`, `/healthz` and `/readyz`
+/// until `stop`.
+async fn serve_metrics(
+    config: &Config,
+    metrics: &Metrics,
+    store: &Store,
+    informer: &Informer,
+    runtimes: &RuntimeBoard,
+    stop: &CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, AgentError> {
+    let addr = std::net::SocketAddr::new(config.bind_addr(), config.metrics_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })?;
+    tracing::info!(
+        addr = %listener.local_addr().unwrap_or(addr),
+        "serving /metrics, /healthz, /readyz"
+    );
+    Ok(tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        store.clone(),
+        informer.clone(),
+        runtimes.clone(),
+        stop.clone(),
+    )))
+}
+
+/// The gRPC services behind the metrics and authorization layers: the
+/// agent's service, grpc.health.v1 (serving while the store is writable
+/// and the informer synced) and reflection.
+fn router(
+    agent: Agent,
+    authentication: Authentication,
+    metrics: &Metrics,
+    store: &Store,
+    informer: &Informer,
+    stop: &CancellationToken,
+) -> Result<tonic::transport::server::Router<GrpcLayers>, AgentError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(persys_api::v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| AgentError::Tls(tls::TlsError::from_message(format!("reflection: {e}"))))?;
+    tokio::spawn(report_health(
+        health_reporter,
+        store.clone(),
+        informer.clone(),
+        stop.clone(),
+    ));
+    let service = AgentServiceServer::new(agent)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    // TCP keepalive is set on accepted sockets by the accept loops in
+    // `serve`: tonic's own `tcp_keepalive` does not apply to
+    // `serve_with_incoming`.
+    Ok(tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
+        .layer(AuthzLayer::new(authentication, metrics.authz.clone()))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service))
+}
+
+/// The layers every call passes, outermost first.
+type GrpcLayers = tower::layer::util::Stack<
+    AuthzLayer,
+    tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
+/// Keeps grpc.health.v1 in step with the store and the informer, every 5 s
+/// once the informer has synced, until `stop`.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    store: Store,
+    informer: Informer,
+    stop: CancellationToken,
+) {
+    informer.wait_until_synced().await;
+    let mut ticker = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        let status = if store.is_writable() && informer.is_synced() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter
+            .set_service_status("persys.agent.v1.AgentService", status)
+            .await;
+        reporter.set_service_status("", status).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+    }
+}
+
+/// Serves gRPC on the configured address, with mutual TLS (certificates
+/// reloaded as they rotate) or in plaintext, until `shutdown` and the
+/// grace after it.
+async fn serve(
+    config: &Config,
+    router: tonic::transport::server::Router<GrpcLayers>,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    background: &CancellationToken,
+) -> Result<(), AgentError> {
+    let addr = config.grpc_socket();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })?;
+    let bound = listener.local_addr().unwrap_or(addr);
+    let stop = shutdown.clone();
+    let grace = SHUTDOWN_GRACE.min(config.shutdown_timeout);
+    if config.tls_enabled {
+        let files = TlsFiles {
+            cert: config.tls_cert.clone(),
+            key: config.tls_key.clone(),
+            ca: config.tls_ca.clone(),
+        };
+        let reloading = ReloadingConfig::watch(files, TLS_RELOAD_INTERVAL, background.clone())?;
+        tracing::info!(addr = %bound, node_id = %config.node_id(), "serving gRPC with mutual TLS");
+        let failures = tls::HandshakeFailures::new(metrics.tls_handshake_failures.clone());
+        let incoming = tls::incoming(listener, reloading, failures, shutdown.clone());
+        let serving = router.serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
+            stop.clone().cancelled_owned(),
+        );
+        serve_with_grace(serving, stop, grace).await?;
+    } else {
+        tracing::warn!(
+            addr = %bound,
+            "PERSYS_TLS_ENABLED=false: serving gRPC in PLAINTEXT without client authentication; every caller is an operator, so anyone who can reach this port controls the node"
+        );
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(tls::TCP_KEEPALIVE))
+            .map(|accepted| accepted.map(Coalesced::new));
+        let serving = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+        serve_with_grace(serving, stop, grace).await?;
+    }
     Ok(())
 }
 
