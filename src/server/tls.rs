@@ -349,7 +349,7 @@ impl HandshakeFailure {
 }
 
 /// Which failed handshakes to log: at most one line per peer address per
-/// [`FAILURE_LOG_PERIOD`], each saying how many were not logged since.
+/// `FAILURE_LOG_PERIOD`, each saying how many were not logged since.
 /// Remembers at most `capacity` addresses: entries older than the period
 /// are dropped when it is full, and while it is still full (failures from
 /// more addresses than that within one period) the failures of addresses it

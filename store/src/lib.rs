@@ -22,7 +22,7 @@
 //! (schemas 1 and 2) is sealed into a fresh database that replaces it whole,
 //! and [`rotate_key`] re-seals everything under a new key the same way.
 //!
-//! Writes go through the [`committer`] (one thread, group commit, fsync
+//! Writes go through the committer (`committer.rs`) (one thread, group commit, fsync
 //! before acknowledging); reads go straight to fjall and see every
 //! acknowledged write. [`Store::watch`] replays the log, then follows live.
 
