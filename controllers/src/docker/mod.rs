@@ -1,8 +1,12 @@
 //! The Docker controller: container workloads as Docker containers.
 //!
 //! - [`reconciler`]: [`DockerController`], the [`crate::Reconciler`] for
-//!   `WorkloadType::Container` — observe by labels, act on the difference,
-//!   write status; cleanup on delete; orphan collection.
+//!   `WorkloadType::Container`: each reconcile observes the workload's
+//!   containers (`observe`), decides one `Plan` from them and what
+//!   is remembered (`plan`, pure and table-tested), and carries it out
+//!   (`act`) through the `runtime` facade, which keeps the observation
+//!   cache coherent; then writes status. Cleanup on delete; orphan
+//!   collection.
 //! - [`events`]: the engine's `/events` as the controller's trigger, so drift
 //!   is repaired within about a second; reconnects after an engine restart.
 //! - [`spec`]: a `ContainerSpec` as the engine's create request.
@@ -27,6 +31,7 @@
 //! tokio::spawn(docker.usage_sampler().run(shutdown));
 //! ```
 
+mod act;
 pub mod config;
 pub mod container;
 pub mod credentials;
@@ -36,9 +41,12 @@ pub mod events;
 pub mod follow;
 pub mod image;
 pub mod labels;
+mod observe;
 pub mod observed;
+mod plan;
 pub mod reconciler;
 pub mod restart;
+mod runtime;
 pub mod spec;
 pub mod status;
 pub mod usage;
