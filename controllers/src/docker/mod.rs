@@ -41,6 +41,7 @@ pub mod events;
 pub mod follow;
 pub mod image;
 pub mod labels;
+mod memory;
 mod observe;
 pub mod observed;
 mod plan;

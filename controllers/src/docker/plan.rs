@@ -11,54 +11,12 @@ use tokio::time::Instant;
 use super::config::DockerConfig;
 use super::errors::FailureReason;
 use super::image::PullPolicy;
+use super::memory::Memory;
 use super::observe::{Observation, state_of};
 use super::restart::{ExitDecision, RestartRule};
 use crate::backoff::Backoff;
-use crate::crash_loop::{CrashLoop, CrashLoopPolicy, Gate, RetryGate};
+use crate::crash_loop::{CrashLoopPolicy, Gate};
 use crate::kit::{self, Failed};
-
-/// What the controller remembers of one workload between reconciles. None of
-/// it needs to survive an agent restart: kubelet forgets its back-offs too,
-/// and the restart count is carried over from the stored status.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Memory {
-    /// The spec the state below belongs to: a new spec starts afresh.
-    pub(crate) spec_hash: String,
-    pub(crate) crash: CrashLoop,
-    /// Pull attempts of `pull_image`.
-    pub(crate) pull: RetryGate,
-    pub(crate) pull_image: String,
-    /// Why the last pull, create or start failed, reported while backing off.
-    pub(crate) last_failure: Option<(FailureReason, String)>,
-    /// The spec failed in a way no retry fixes (the engine answered 400).
-    pub(crate) terminal: Option<(FailureReason, String)>,
-}
-
-impl Memory {
-    /// Makes this the memory of spec `hash`: a new spec starts afresh, and a
-    /// workload this process has not seen carries `restarts` (from its
-    /// stored status) over. True on that first sight.
-    pub(crate) fn renew(&mut self, hash: &str, restarts: i32) -> bool {
-        let first_sight = self.spec_hash.is_empty();
-        if self.spec_hash != hash {
-            *self = Memory {
-                spec_hash: hash.to_string(),
-                crash: CrashLoop::new(if first_sight { restarts } else { 0 }),
-                ..Default::default()
-            };
-        }
-        first_sight
-    }
-
-    /// Before `image` is pulled: the pull back-off of another image does not
-    /// hold it.
-    pub(crate) fn pulling(&mut self, image: &str) {
-        if self.pull_image != image {
-            self.pull_image = image.to_string();
-            self.pull = RetryGate::default();
-        }
-    }
-}
 
 /// What the workload asks for, and the rules it is held to.
 #[derive(Debug, Clone)]
@@ -284,3 +242,7 @@ fn create(desired: &Desired, observed: &Observation, memory: &Memory, now: Insta
     }
     Plan::Create { pull_first: true }
 }
+
+/// The rules as tables, in their own file for its length.
+#[cfg(test)]
+mod tests;
