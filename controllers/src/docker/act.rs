@@ -19,8 +19,8 @@ use super::observe::{display_name, state_of};
 use super::runtime::Runtime;
 use super::spec::{create_body, stop_grace, volume_requests};
 use super::status::Outcome;
-use crate::crash_loop::{CrashLoop, Gate, RetryGate};
-use crate::kit::{self, Failed, Recorder, Workloads};
+use crate::crash_loop::CrashLoop;
+use crate::kit::{self, Recorder, Workloads};
 
 /// How a convergence stopped short of the desired state.
 pub(crate) type Halt = kit::Halt<DockerError>;
@@ -51,7 +51,8 @@ impl Converged {
         }
     }
 
-    fn requeue(mut self, after: Duration) -> Self {
+    /// Asks for another look after `after`.
+    pub(crate) fn requeue_after(mut self, after: Duration) -> Self {
         self.requeue = Some(after);
         self
     }
@@ -195,7 +196,7 @@ impl Act<'_> {
             delay,
             due_ms,
         };
-        let mut converged = Converged::new(outcome, Some(found)).requeue(remaining);
+        let mut converged = Converged::new(outcome, Some(found)).requeue_after(remaining);
         converged.log_tail = log_tail;
         let message = format!("back-off restarting failed container {name}");
         self.event(EventType::Warning, "BackOff", message).await;
@@ -233,11 +234,9 @@ impl Act<'_> {
         Ok(())
     }
 
-    /// A start the plan let through begins from the count the gate would
-    /// have left: one older than the policy's reset is forgotten.
     fn forget_stale_attempts(&self) {
         let policy = self.config.crash_loop;
-        self.memory(|m| m.crash.gate(&policy, Instant::now()));
+        self.memory(|m| m.forget_stale_attempts(&policy, Instant::now()));
     }
 
     /// Starts an existing container.
@@ -276,7 +275,8 @@ impl Act<'_> {
             // policy.
             Some(state) => {
                 let message = format!("container is {state} right after its start");
-                Ok(Converged::new(Outcome::Pending { message }, found).requeue(Duration::ZERO))
+                Ok(Converged::new(Outcome::Pending { message }, found)
+                    .requeue_after(Duration::ZERO))
             }
         }
     }
@@ -293,15 +293,12 @@ impl Act<'_> {
         self.forget_stale_attempts();
         if pull_first {
             let image = &self.spec.image;
-            self.memory(|m| m.pulling(image));
             match self.pull(image).await? {
-                Ok(()) => self.memory(|m| {
-                    m.pull = RetryGate::default();
-                    m.last_failure = None;
-                }),
+                Ok(()) => self.memory(|m| m.pulled(image)),
                 Err((reason, detail)) => return Err(self.failed_pull(reason, detail)),
             }
         }
+        // After the pull: a bad new image leaves the old container running.
         self.remove_stale(stale).await?;
         for request in volume_requests(self.workload, self.spec, &self.config.scope) {
             self.runtime.create_volume(request).await?;
@@ -372,27 +369,9 @@ impl Act<'_> {
     /// A pull that failed (or that the policy forbids) waits the pull
     /// back-off; reported meanwhile.
     pub(crate) fn failed_pull(&self, reason: FailureReason, detail: String) -> Halt {
-        let backoff = self.config.pull_backoff;
+        let (backoff, now) = (self.config.pull_backoff, (Instant::now(), now_ms()));
         let image = &self.spec.image;
-        let (now, now_wall) = (Instant::now(), now_ms());
-        let gate = self.memory(|m| {
-            m.pulling(image);
-            m.pull.counted(now, now_wall);
-            m.last_failure = Some((reason, detail.clone()));
-            m.pull.gate(&backoff, Duration::MAX, Instant::now())
-        });
-        let (retry_in, due_ms) = match gate {
-            Gate::Closed {
-                remaining, due_ms, ..
-            } => (Some(remaining), Some(due_ms)),
-            Gate::Open => (Some(Duration::ZERO), None),
-        };
-        Halt::Failed(Failed {
-            reason,
-            detail,
-            retry_in,
-            due_ms,
-        })
+        Halt::Failed(self.memory(|m| m.pull_failed(image, (reason, detail), &backoff, now)))
     }
 
     /// Turns a failed create or start into what is reported: terminal
@@ -401,26 +380,11 @@ impl Act<'_> {
         if matches!(error, DockerError::Unreachable { .. }) {
             return Halt::Error(error);
         }
-        let reason = error.reason();
-        let detail = error.detail();
+        let (reason, detail) = (error.reason(), error.detail());
         tracing::warn!(%error, "container did not start");
         self.event(EventType::Warning, "Failed", detail.clone())
             .await;
-        let policy = self.config.crash_loop;
-        let now = (Instant::now(), now_ms());
-        let failed = self.memory(|m| {
-            if reason.is_terminal() {
-                m.terminal = Some((reason, detail.clone()));
-            }
-            kit::failed_start(
-                &mut m.crash,
-                &mut m.last_failure,
-                reason,
-                &detail,
-                &policy,
-                now,
-            )
-        });
-        Halt::from(failed)
+        let (policy, now) = (self.config.crash_loop, (Instant::now(), now_ms()));
+        Halt::from(self.memory(|m| m.start_failed(reason, &detail, &policy, now)))
     }
 }

@@ -229,11 +229,14 @@ impl DockerController {
         if plan::replaces_stale_first(&desired, &observed) {
             act.remove_stale(&mut observed.stale).await?;
         }
+        // At most three rounds: a dead container replaced, the image looked
+        // for, then a create.
         loop {
             let memory = self.workloads.with(id, |m| m.clone());
             let plan = plan::plan(&desired, &observed, &memory, Instant::now());
             tracing::debug!(?plan, "planned");
             let kept = observed.kept.clone();
+            // A plan that acts on a container is made only when there is one.
             let found = || kept.clone().unwrap_or_default();
             return match plan {
                 Plan::Stop => act.stop(kept, true).await,
@@ -266,9 +269,7 @@ impl DockerController {
                         detail: format!("container is {state}"),
                         due_ms: None,
                     };
-                    let mut converged = Converged::new(outcome, kept);
-                    converged.requeue = Some(TRANSIENT_REQUEUE);
-                    Ok(converged)
+                    Ok(Converged::new(outcome, kept).requeue_after(TRANSIENT_REQUEUE))
                 }
                 Plan::HeldByTerminalFailure {
                     reason,
@@ -357,7 +358,7 @@ impl Reconciler for DockerController {
                     due_ms,
                 };
                 let mut converged = Converged::new(outcome, found);
-                converged.requeue = retry_in.map(|d| d.max(Duration::from_millis(10)));
+                converged.requeue = retry_in.map(|d| d.max(kit::MIN_REQUEUE));
                 self.publish(&workload, &image, converged).await
             }
             Err(Halt::Error(error)) => self.publish_error(&workload, &image, error).await,
