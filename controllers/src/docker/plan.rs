@@ -23,10 +23,15 @@ use crate::kit::{self, Failed};
 pub(crate) struct Desired {
     /// Running (or unspecified), rather than stopped.
     pub(crate) running: bool,
+    /// The spec's image: what a create needs on the node.
     pub(crate) image: String,
+    /// When that image is pulled.
     pub(crate) pull: PullPolicy,
+    /// Whether an exited container starts again.
     pub(crate) restart: RestartRule,
+    /// When it starts again, and how long a failed start holds the next.
     pub(crate) crash_loop: CrashLoopPolicy,
+    /// How long a failed pull holds the next.
     pub(crate) pull_backoff: Backoff,
 }
 

@@ -58,6 +58,18 @@ impl<'a> Runtime<'a> {
         self.observed.invalidate();
     }
 
+    /// Makes the engine `call` (sent when awaited, so after the cache is
+    /// invalidated), its error naming the workload and `operation`.
+    async fn change<T>(
+        &self,
+        operation: Operation,
+        call: impl Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, DockerError> {
+        self.changing();
+        call.await
+            .map_err(|e| DockerError::engine(self.id, operation, e))
+    }
+
     /// The workload's containers, from the cached listing while it holds.
     pub(crate) async fn listed(&self) -> Result<Vec<ContainerSummary>, DockerError> {
         self.observed
@@ -111,12 +123,8 @@ impl<'a> Runtime<'a> {
         &self,
         request: VolumeCreateRequest,
     ) -> Result<(), DockerError> {
-        self.changing();
-        self.docker
-            .create_volume(request)
-            .await
-            .map(drop)
-            .map_err(|e| DockerError::engine(self.id, Operation::CreateVolume, e))
+        let call = self.docker.create_volume(request);
+        self.change(Operation::CreateVolume, call).await.map(drop)
     }
 
     /// Creates the container `name`; answers its id.
@@ -151,20 +159,18 @@ impl<'a> Runtime<'a> {
         }
     }
 
+    /// Starts the container (the engine answers once its process runs).
     pub(crate) async fn start(&self, cid: &str) -> Result<(), DockerError> {
-        self.changing();
-        self.docker
-            .start_container(cid, None::<StartContainerOptions>)
-            .await
-            .map_err(|e| DockerError::engine(self.id, Operation::Start, e))
+        let call = self
+            .docker
+            .start_container(cid, None::<StartContainerOptions>);
+        self.change(Operation::Start, call).await
     }
 
+    /// Resumes a paused container.
     pub(crate) async fn unpause(&self, cid: &str) -> Result<(), DockerError> {
-        self.changing();
-        self.docker
-            .unpause_container(cid)
-            .await
-            .map_err(|e| DockerError::engine(self.id, Operation::Unpause, e))
+        let call = self.docker.unpause_container(cid);
+        self.change(Operation::Unpause, call).await
     }
 
     /// Stops with `grace` (none: the container's own stop timeout).
