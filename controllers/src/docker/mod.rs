@@ -1,8 +1,12 @@
 //! The Docker controller: container workloads as Docker containers.
 //!
 //! - [`reconciler`]: [`DockerController`], the [`crate::Reconciler`] for
-//!   `WorkloadType::Container` — observe by labels, act on the difference,
-//!   write status; cleanup on delete; orphan collection.
+//!   `WorkloadType::Container`: each reconcile observes the workload's
+//!   containers (`observe`), decides one `Plan` from them and what is
+//!   remembered of the workload (`plan`, pure and table-tested; `memory`),
+//!   and carries it out (`act`) through the `runtime` facade, which keeps
+//!   the observation cache coherent; then writes status. Cleanup on
+//!   delete; orphan collection.
 //! - [`events`]: the engine's `/events` as the controller's trigger, so drift
 //!   is repaired within about a second; reconnects after an engine restart.
 //! - [`spec`]: a `ContainerSpec` as the engine's create request.
@@ -12,9 +16,9 @@
 //! - [`status`]: what a reconcile found, as the workload's status.
 //! - [`validate`], [`image`]: checks the API server also runs at apply time.
 //! - [`usage`]: the stats sampler behind `WorkloadStatus.usage`.
-//! - [`observed`]: the engine's containers as last seen, kept until an event
+//! - `observed`: the engine's containers as last seen, kept until an event
 //!   says otherwise, so a resync costs one list rather than calls per workload.
-//! - [`engine`], [`container`], [`credentials`]: the engine connection, the
+//! - [`engine`], `container`, [`credentials`]: the engine connection, the
 //!   calls made on it, and registry credentials for pulls.
 //!
 //! Wiring, in the agent:
@@ -27,8 +31,9 @@
 //! tokio::spawn(docker.usage_sampler().run(shutdown));
 //! ```
 
+mod act;
 pub mod config;
-pub mod container;
+pub(crate) mod container;
 pub mod credentials;
 pub mod engine;
 pub mod errors;
@@ -36,9 +41,13 @@ pub mod events;
 pub mod follow;
 pub mod image;
 pub mod labels;
-pub mod observed;
+mod memory;
+mod observe;
+pub(crate) mod observed;
+mod plan;
 pub mod reconciler;
 pub mod restart;
+mod runtime;
 pub mod spec;
 pub mod status;
 pub mod usage;

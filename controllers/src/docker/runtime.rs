@@ -1,0 +1,203 @@
+//! The engine as one reconcile of one workload uses it: every call names
+//! the workload in its errors, and every change it makes discards the
+//! observation cache first, so no later look trusts what was seen before.
+
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::errors::Error as EngineError;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, VolumeCreateRequest,
+};
+use bollard::query_parameters::{CreateContainerOptions, StartContainerOptions};
+
+use super::container;
+use super::engine::Engine;
+use super::errors::{DockerError, FailureReason, Operation};
+use super::image::ImageReference;
+use super::observed::Observed;
+
+/// The engine client of one reconcile, and the observation cache it keeps
+/// coherent. Made per reconcile: connecting is where an unreachable engine
+/// is first noticed.
+pub(crate) struct Runtime<'a> {
+    /// The connected, version-negotiated client.
+    docker: Docker,
+    /// Shared with the event trigger, which invalidates it on every event;
+    /// this facade invalidates it on every change of its own.
+    observed: &'a Observed,
+    /// The agent's `persys.scope`: only its containers are looked at.
+    scope: &'a str,
+    /// The workload every call is made for, named in every error.
+    id: &'a str,
+}
+
+impl<'a> Runtime<'a> {
+    /// Connects to the engine for workload `id`.
+    pub(crate) async fn connect(
+        engine: &Engine,
+        observed: &'a Observed,
+        scope: &'a str,
+        id: &'a str,
+    ) -> Result<Runtime<'a>, DockerError> {
+        let docker = engine
+            .client()
+            .await
+            .map_err(|e| DockerError::engine(id, Operation::Connect, e))?;
+        Ok(Runtime {
+            docker,
+            observed,
+            scope,
+            id,
+        })
+    }
+
+    /// Called before every change: what was observed no longer holds.
+    fn changing(&self) {
+        self.observed.invalidate();
+    }
+
+    /// Makes the engine `call` (sent when awaited, so after the cache is
+    /// invalidated), its error naming the workload and `operation`.
+    async fn change<T>(
+        &self,
+        operation: Operation,
+        call: impl Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, DockerError> {
+        self.changing();
+        call.await
+            .map_err(|e| DockerError::engine(self.id, operation, e))
+    }
+
+    /// The workload's containers, from the cached listing while it holds.
+    pub(crate) async fn listed(&self) -> Result<Vec<ContainerSummary>, DockerError> {
+        self.observed
+            .list_for(&self.docker, self.scope, self.id)
+            .await
+    }
+
+    /// A listed container, inspected (reused while its state holds).
+    pub(crate) async fn inspect_listed(
+        &self,
+        summary: &ContainerSummary,
+    ) -> Result<Option<ContainerInspectResponse>, DockerError> {
+        self.observed.inspect(&self.docker, self.id, summary).await
+    }
+
+    /// The workload's containers, listed afresh.
+    pub(crate) async fn list(&self) -> Result<Vec<ContainerSummary>, DockerError> {
+        container::list_for(&self.docker, self.scope, self.id).await
+    }
+
+    /// The container, inspected afresh; none if it is gone.
+    pub(crate) async fn inspect(
+        &self,
+        cid: &str,
+    ) -> Result<Option<ContainerInspectResponse>, DockerError> {
+        container::inspect(&self.docker, self.id, cid).await
+    }
+
+    /// True if the engine has `image`.
+    pub(crate) async fn image_present(&self, image: &str) -> Result<bool, DockerError> {
+        container::image_present(&self.docker, self.id, image).await
+    }
+
+    /// The last `lines` lines of the container's output, if they can be read.
+    pub(crate) async fn tail_log(&self, cid: &str, lines: usize) -> Option<String> {
+        container::tail_log(&self.docker, cid, lines).await
+    }
+
+    /// Pulls `reference` to its end.
+    pub(crate) async fn pull(
+        &self,
+        reference: &ImageReference,
+        credentials: Option<DockerCredentials>,
+    ) -> Result<(), DockerError> {
+        self.changing();
+        container::pull(&self.docker, self.id, reference, credentials).await
+    }
+
+    /// Creates a named volume (the engine returns an existing one).
+    pub(crate) async fn create_volume(
+        &self,
+        request: VolumeCreateRequest,
+    ) -> Result<(), DockerError> {
+        let call = self.docker.create_volume(request);
+        self.change(Operation::CreateVolume, call).await.map(drop)
+    }
+
+    /// Creates the container `name`; answers its id.
+    pub(crate) async fn create(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<String, DockerError> {
+        self.changing();
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        match self.docker.create_container(Some(options), body).await {
+            Ok(created) => Ok(created.id),
+            // The name is held by a container the agent does not manage
+            // (its own would have been listed).
+            Err(EngineError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Err(DockerError::Engine {
+                id: self.id.to_string(),
+                operation: Operation::Create,
+                reason: FailureReason::RuntimeError,
+                source: EngineError::DockerResponseServerError {
+                    status_code: 409,
+                    message: format!(
+                        "the container name {name:?} is taken by a container persys does not manage"
+                    ),
+                },
+            }),
+            Err(e) => Err(DockerError::engine(self.id, Operation::Create, e)),
+        }
+    }
+
+    /// Starts the container (the engine answers once its process runs).
+    pub(crate) async fn start(&self, cid: &str) -> Result<(), DockerError> {
+        let call = self
+            .docker
+            .start_container(cid, None::<StartContainerOptions>);
+        self.change(Operation::Start, call).await
+    }
+
+    /// Resumes a paused container.
+    pub(crate) async fn unpause(&self, cid: &str) -> Result<(), DockerError> {
+        let call = self.docker.unpause_container(cid);
+        self.change(Operation::Unpause, call).await
+    }
+
+    /// Stops with `grace` (none: the container's own stop timeout).
+    pub(crate) async fn stop(&self, cid: &str, grace: Option<Duration>) -> Result<(), DockerError> {
+        self.changing();
+        container::stop(&self.docker, self.id, cid, grace).await
+    }
+
+    /// Removes the container and its anonymous volumes.
+    pub(crate) async fn remove(&self, cid: &str) -> Result<(), DockerError> {
+        self.changing();
+        container::remove(&self.docker, self.id, cid).await
+    }
+
+    /// Stops with `grace`, then removes.
+    pub(crate) async fn stop_and_remove(
+        &self,
+        cid: &str,
+        grace: Option<Duration>,
+    ) -> Result<(), DockerError> {
+        self.changing();
+        container::stop_and_remove(&self.docker, self.id, cid, grace).await
+    }
+
+    /// Removes the workload's managed volumes, except retained ones.
+    pub(crate) async fn remove_volumes(&self) -> Result<(), DockerError> {
+        self.changing();
+        container::remove_volumes(&self.docker, self.scope, self.id).await
+    }
+}
