@@ -2,8 +2,12 @@
 //! `/dev/kvm` is not usable).
 //!
 //! - [`reconciler`]: [`VmController`], the [`crate::Reconciler`] for
-//!   `WorkloadType::Vm` — find the workload's domain by its marks, act on
-//!   the difference, write status; cleanup on delete; orphan collection.
+//!   `WorkloadType::Vm` — each reconcile observes, plans, acts and writes
+//!   status; cleanup on delete; orphan collection.
+//! - `observe`: the workload's domains, found by their marks; `memory`:
+//!   what is remembered between reconciles; `plan`: the decision, a pure
+//!   function of the two and the spec, table-tested; `act` and `host`:
+//!   the operations a plan is carried out with (libvirt, disks, seed).
 //! - [`events`]: libvirt's lifecycle events as the controller's trigger
 //!   (the default event loop on a thread of its own), so drift is repaired
 //!   within about a second; reconnects after a libvirtd restart.
@@ -28,13 +32,18 @@
 //! tokio::spawn(vm.usage_sampler().run(shutdown));
 //! ```
 
+mod act;
 pub mod config;
 pub mod disks;
 pub mod domain_xml;
 pub mod errors;
 pub mod events;
+mod host;
 pub mod libvirt;
 pub mod marks;
+mod memory;
+mod observe;
+mod plan;
 pub mod reconciler;
 pub mod seed;
 pub mod status;
