@@ -88,17 +88,9 @@ impl VmController {
         }
     }
 
-    pub fn config(&self) -> &VmConfig {
-        &self.config
-    }
-
     /// `kvm` or `qemu`: the type new domains are defined with.
     pub fn domain_type(&self) -> &str {
         &self.domain_type
-    }
-
-    pub fn hypervisor(&self) -> &Hypervisor {
-        &self.hypervisor
     }
 
     /// The health probe, for HealthCheck's `runtime_status`: `"healthy"`,
