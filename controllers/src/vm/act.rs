@@ -30,9 +30,11 @@ impl From<VmError> for Halt {
 
 /// The result of one convergence, to publish as status.
 pub(crate) struct Converged {
+    /// Where the workload is.
     pub(crate) outcome: Outcome,
     /// The domain to describe in status.
     pub(crate) uuid: Option<String>,
+    /// When to look again, if before the next change.
     pub(crate) requeue: Option<Duration>,
 }
 

@@ -2,7 +2,7 @@
 //! workload asks for, what libvirt shows and what the controller remembers.
 //!
 //! [`plan`] is pure: no I/O, no clock (time is a parameter), no events, no
-//! memory written, so every rule is a row of the table tests below. What
+//! memory written, so every rule is a row of a table test (`tests.rs`). What
 //! it leaves to others: an invalid spec is refused before anything is
 //! observed, and an unreachable libvirt is the error path's to report.
 
@@ -40,6 +40,7 @@ pub(crate) struct Desired<'a> {
     /// between restarts): a guest found off since then stopped on its own.
     /// Read from the status, so it holds across agent restarts.
     pub(crate) reported_running: bool,
+    /// The controller's timings, from its configuration.
     pub(crate) rules: Rules,
 }
 
@@ -89,6 +90,8 @@ pub(crate) enum Plan {
     /// look again when it has passed.
     BackOff {
         restart: Restart,
+        /// The back-off since the last restart, due in `remaining`, at
+        /// wall-clock `due_ms` (the crash loop's [`Gate::Closed`]).
         delay: Duration,
         remaining: Duration,
         due_ms: i64,

@@ -43,7 +43,9 @@ const TRANSIENT_REQUEUE: Duration = Duration::from_secs(1);
 
 /// A workload's domain and host files, laid out from its spec.
 pub(crate) struct Layout {
+    /// The domain to define, marked with the spec it comes from.
     pub(crate) domain: DomainPlan,
+    /// The cloud-init seed to build, if the spec asks for one.
     pub(crate) seed: Option<SeedContent>,
     /// `<state>/vm/<id>`.
     pub(crate) vm_dir: PathBuf,
