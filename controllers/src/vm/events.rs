@@ -44,7 +44,7 @@ static EVENT_LOOP: OnceLock<Result<(), String>> = OnceLock::new();
 /// per process; also silences libvirt's default error printer (errors are
 /// reported through results). Returns why the loop is unavailable, if it
 /// is.
-pub fn ensure_event_loop() -> Result<(), String> {
+pub(crate) fn ensure_event_loop() -> Result<(), String> {
     EVENT_LOOP
         .get_or_init(|| {
             virt::error::clear_error_callback();
@@ -70,13 +70,13 @@ pub fn ensure_event_loop() -> Result<(), String> {
 /// reconciles (and by the trigger itself), read by the trigger so most
 /// events need no libvirt call. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct DomainIndex {
+pub(crate) struct DomainIndex {
     /// A std lock: held only to read or write one entry.
     inner: Arc<RwLock<HashMap<String, String>>>,
 }
 
 impl DomainIndex {
-    pub fn get(&self, uuid: &str) -> Option<String> {
+    pub(crate) fn get(&self, uuid: &str) -> Option<String> {
         self.inner
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -84,7 +84,7 @@ impl DomainIndex {
             .cloned()
     }
 
-    pub fn insert(&self, uuid: &str, workload_id: &str) {
+    pub(crate) fn insert(&self, uuid: &str, workload_id: &str) {
         self.inner
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -92,7 +92,7 @@ impl DomainIndex {
     }
 
     /// Forgets every domain of a workload.
-    pub fn remove_workload(&self, workload_id: &str) {
+    pub(crate) fn remove_workload(&self, workload_id: &str) {
         self.inner
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -110,19 +110,19 @@ enum Signal {
 }
 
 /// Builds the trigger stream; see [`super::VmController::trigger`].
-pub struct LifecycleTrigger {
-    pub hypervisor: Hypervisor,
-    pub scope: String,
+pub(crate) struct LifecycleTrigger {
+    pub(crate) hypervisor: Hypervisor,
+    pub(crate) scope: String,
     /// Every VM workload is queued on (re)connect.
-    pub cache: Cache,
-    pub index: DomainIndex,
-    pub backoff: Backoff,
+    pub(crate) cache: Cache,
+    pub(crate) index: DomainIndex,
+    pub(crate) backoff: Backoff,
 }
 
 impl LifecycleTrigger {
     /// The ids to reconcile, for as long as the stream is polled; dropping
     /// it stops the event thread (within [`CHECK_INTERVAL`]).
-    pub fn into_stream(self) -> BoxStream<'static, String> {
+    pub(crate) fn into_stream(self) -> BoxStream<'static, String> {
         let (tx, rx) = unbounded_channel();
         let uri = self.hypervisor.uri().to_string();
         let backoff = self.backoff;

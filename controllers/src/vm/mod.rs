@@ -1,10 +1,14 @@
 //! The VM controller: VM workloads as libvirt domains (KVM, or TCG where
 //! `/dev/kvm` is not usable).
 //!
-//! - [`reconciler`]: [`VmController`], the [`crate::Reconciler`] for
-//!   `WorkloadType::Vm` — find the workload's domain by its marks, act on
-//!   the difference, write status; cleanup on delete; orphan collection.
-//! - [`events`]: libvirt's lifecycle events as the controller's trigger
+//! - `reconciler`: [`VmController`], the [`crate::Reconciler`] for
+//!   `WorkloadType::Vm` — each reconcile observes, plans, acts and writes
+//!   status; cleanup on delete; orphan collection.
+//! - `observe`: the workload's domains, found by their marks; `memory`:
+//!   what is remembered between reconciles; `plan`: the decision, a pure
+//!   function of the two and the spec, table-tested; `act` and `host`:
+//!   the operations a plan is carried out with (libvirt, disks, seed).
+//! - `events`: libvirt's lifecycle events as the controller's trigger
 //!   (the default event loop on a thread of its own), so drift is repaired
 //!   within about a second; reconnects after a libvirtd restart.
 //! - [`libvirt`]: the blocking wrapper over `virt`, used only through
@@ -12,7 +16,7 @@
 //! - [`domain_xml`]: a `VMSpec` as domain XML; [`marks`]: the `<metadata>`
 //!   element domains are adopted by; [`xml`]: escaping and reading XML.
 //! - [`disks`]: disk plans, path rules, `qemu-img create`, the record of
-//!   agent-created disks; [`seed`]: the cloud-init NoCloud seed ISO.
+//!   agent-created disks; `seed`: the cloud-init NoCloud seed ISO.
 //! - [`crash_loop`]: kubelet's restart back-off; [`errors`]: typed errors
 //!   classified from libvirt's error codes; [`status`]: what a reconcile
 //!   found, as the workload's status; [`usage`]: the background sampler
@@ -28,15 +32,20 @@
 //! tokio::spawn(vm.usage_sampler().run(shutdown));
 //! ```
 
+mod act;
 pub mod config;
 pub mod disks;
 pub mod domain_xml;
 pub mod errors;
-pub mod events;
+mod events;
+mod host;
 pub mod libvirt;
 pub mod marks;
-pub mod reconciler;
-pub mod seed;
+mod memory;
+mod observe;
+mod plan;
+mod reconciler;
+mod seed;
 pub mod status;
 pub mod usage;
 mod validate;

@@ -1,130 +1,70 @@
 //! The VM controller: makes libvirt's domains match the VM workloads, one
 //! level-triggered reconcile at a time.
 //!
-//! Each reconcile plans the domain from the spec (checking it again), looks
-//! the workload's domains up by the marks in their metadata, and takes one
-//! step: define and start; ACPI shutdown, then destroy once the stop timeout
-//! has passed (by requeueing, never by sleeping); replace a domain of an
-//! older spec; restart a guest that stopped on its own, with kubelet's
-//! crash-loop back-off. The status is written only when it changed.
+//! Each reconcile lays the workload's domain out from its spec (checking
+//! it again), observes its domains ([`super::observe`]), decides one step
+//! ([`super::plan`]) and carries it out below, through the operations of
+//! [`super::act`] and [`super::host`]: define and start; ACPI shutdown,
+//! then destroy once the stop timeout has passed (by requeueing, never by
+//! sleeping); replace a domain of an older spec; restart a guest that
+//! stopped on its own, with kubelet's crash-loop back-off. The status is
+//! written only when it changed.
 
-use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use persys_api::now_ms;
-use persys_api::v1::{
-    ActualState, DesiredState, EventType, VmSpec, Workload, WorkloadType, workload_spec,
-};
+use persys_api::v1::{ActualState, DesiredState, VmSpec, Workload, WorkloadType, workload_spec};
 use tokio::time::Instant;
 
+use super::act::{Converged, Halt, StartKind, name_taken};
 use super::config::{VmConfig, resolve_domain_type};
-use super::disks::{self, CreatedDisks, DiskKind, add_seed, plan_disks};
-use super::domain_xml::{
-    DomainPlan, NicSource, dhcp_host_xml, domain_name, graphics, plan_nics, resources,
-};
-use super::errors::{FailureReason, Operation, SpecError, VmError};
+use super::disks::{add_seed, plan_disks};
+use super::domain_xml::{DomainPlan, domain_name, graphics, plan_nics, resources};
+use super::errors::{FailureReason, SpecError, VmError};
 use super::events::{DomainIndex, LifecycleTrigger};
-use super::libvirt::{FoundDomain, Hypervisor};
+use super::libvirt::Hypervisor;
 use super::marks::Marks;
-use super::seed::{SEED_FILE, SeedContent, ensure_seed, seed_content};
+use super::memory::Memory;
+use super::observe::observe;
+use super::plan::{Desired, Plan, Rules, plan};
+use super::seed::{SEED_FILE, SeedContent, seed_content};
 use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
 use crate::controller::{Action, Cleanup, Reconciler};
-use crate::crash_loop::{CrashLoop, Gate};
 use crate::informer::Cache;
-use crate::kit::{self, Failed, Recorder, Workloads};
+use crate::kit::{self, Failed, MIN_REQUEUE, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon to look again at a guest in a passing state (shutting down on
 /// its own, suspended).
 const TRANSIENT_REQUEUE: Duration = Duration::from_secs(1);
 
-/// How soon to retry when the domain name is held by a domain the agent
-/// does not manage.
-const NAME_TAKEN_RETRY: Duration = Duration::from_secs(30);
-
-/// What the controller remembers of one workload between reconciles. None
-/// of it needs to survive an agent restart: a shutdown in progress starts
-/// over (ACPI again, a full timeout), back-offs are forgotten as kubelet
-/// forgets them, and the restart count comes back from the stored status.
-#[derive(Debug, Default)]
-struct Memory {
-    /// The spec the state below belongs to: a new spec starts afresh.
-    spec_hash: String,
-    crash: CrashLoop,
-    /// When the ACPI shutdown in progress was asked for.
-    shutdown_since: Option<Instant>,
-    /// Whether every domain was searched for this workload's marks since
-    /// the agent started (later reconciles look it up by name).
-    scanned: bool,
-    /// Why the last define or start failed, reported while backing off.
-    last_failure: Option<(FailureReason, String)>,
-}
-
-/// How a convergence stopped short of the desired state.
-type Halt = kit::Halt<VmError>;
-
-impl From<VmError> for Halt {
-    fn from(error: VmError) -> Self {
-        Halt::Error(error)
-    }
-}
-
-/// The result of one convergence, to publish as status.
-struct Converged {
-    outcome: Outcome,
-    /// The domain to describe in status.
-    uuid: Option<String>,
-    requeue: Option<Duration>,
-}
-
-impl Converged {
-    fn new(outcome: Outcome, uuid: Option<String>) -> Self {
-        Converged {
-            outcome,
-            uuid,
-            requeue: None,
-        }
-    }
-
-    fn requeue(mut self, after: Duration) -> Self {
-        self.requeue = Some(after);
-        self
-    }
-}
-
-/// Where a stop is.
-enum StopProgress {
-    /// The domain is off.
-    Off,
-    /// Waiting for the guest to power off; look again after this long.
-    Waiting(Duration),
-}
-
-/// A workload's domain, planned from its spec.
-struct Plan {
-    domain: DomainPlan,
-    seed: Option<SeedContent>,
+/// A workload's domain and host files, laid out from its spec.
+pub(crate) struct Layout {
+    /// The domain to define, marked with the spec it comes from.
+    pub(crate) domain: DomainPlan,
+    /// The cloud-init seed to build, if the spec asks for one.
+    pub(crate) seed: Option<SeedContent>,
     /// `<state>/vm/<id>`.
-    vm_dir: PathBuf,
+    pub(crate) vm_dir: PathBuf,
 }
 
 /// Converges libvirt domains to the VM workloads.
 pub struct VmController {
-    config: VmConfig,
+    pub(super) config: VmConfig,
     /// `kvm` or `qemu`, decided once.
     domain_type: String,
-    hypervisor: Hypervisor,
+    /// The facade every libvirt call goes through.
+    pub(super) hypervisor: Hypervisor,
     writer: Arc<dyn WorkloadWriter>,
     /// What is remembered per workload between reconciles, and since when
     /// each orphan (a managed domain without a workload) has been seen.
-    workloads: Workloads<Memory>,
-    events: Recorder,
+    pub(super) workloads: Workloads<Memory>,
+    pub(super) events: Recorder,
     /// Domain UUID → workload id, shared with the event trigger.
-    index: DomainIndex,
+    pub(super) index: DomainIndex,
     usage: UsageSnapshots,
     /// `/sys/class/net`, where host bridges are recognised.
     sys_class_net: PathBuf,
@@ -150,17 +90,9 @@ impl VmController {
         }
     }
 
-    pub fn config(&self) -> &VmConfig {
-        &self.config
-    }
-
     /// `kvm` or `qemu`: the type new domains are defined with.
     pub fn domain_type(&self) -> &str {
         &self.domain_type
-    }
-
-    pub fn hypervisor(&self) -> &Hypervisor {
-        &self.hypervisor
     }
 
     /// The health probe, for HealthCheck's `runtime_status`: `"healthy"`,
@@ -209,7 +141,7 @@ impl VmController {
 
     /// The domain a workload asks for, with every spec rule checked again
     /// (disk paths against the roots, names, networks, cloud-init).
-    fn plan(&self, workload: &Workload) -> Result<Plan, SpecError> {
+    pub(crate) fn layout(&self, workload: &Workload) -> Result<Layout, SpecError> {
         let id = workload.id();
         let spec = vm_spec(workload)?;
         let name = domain_name(id, spec)?;
@@ -223,7 +155,7 @@ impl VmController {
         if let Some(path) = &seed_path {
             add_seed(&mut disks, path.clone());
         }
-        Ok(Plan {
+        Ok(Layout {
             domain: DomainPlan {
                 name,
                 uuid: None,
@@ -303,692 +235,121 @@ impl VmController {
         Err(error)
     }
 
-    /// Brings libvirt in line with a live workload.
-    async fn converge(&self, workload: &Workload, plan: &Plan) -> Result<Converged, Halt> {
+    /// Brings libvirt in line with a live workload: observe, plan, act.
+    async fn converge(&self, workload: &Workload, layout: &Layout) -> Result<Converged, Halt> {
         let id = workload.id();
-        let hash = plan.domain.marks.spec_hash.clone();
-        let (first_sight, scan) = self.workloads.with(id, |m| {
-            let fresh = m.spec_hash.is_empty();
-            if m.spec_hash != hash {
-                let carried = if fresh {
-                    workload
-                        .status
-                        .as_ref()
-                        .map(|s| s.restart_count)
-                        .unwrap_or(0)
-                } else {
-                    0
-                };
-                let scanned = m.scanned;
-                *m = Memory {
-                    spec_hash: hash.clone(),
-                    crash: CrashLoop::new(carried),
-                    scanned,
-                    ..Default::default()
-                };
-            }
-            let scan = !m.scanned;
-            m.scanned = true;
-            (fresh, scan)
-        });
-
-        let scope = &self.config.scope;
-        let lookup = self
-            .hypervisor
-            .lookup(id, scope, &plan.domain.name, scan)
-            .await?;
-        if let Some(named) = &lookup.by_name
-            && !named.marks.as_ref().is_some_and(|m| m.is(id, scope))
-        {
-            let holder = match &named.marks {
-                Some(marks) if marks.scope == *scope => {
-                    format!("the domain of workload {:?}", marks.workload_id)
-                }
-                Some(marks) => format!("a domain of another persys scope ({:?})", marks.scope),
-                None => "a domain persys does not manage".to_string(),
-            };
-            return Err(Halt::Failed(Failed {
-                reason: FailureReason::RuntimeError,
-                detail: format!(
-                    "the domain name {:?} is taken by {holder}",
-                    plan.domain.name
-                ),
-                retry_in: Some(NAME_TAKEN_RETRY),
-                due_ms: Some(now_ms() + NAME_TAKEN_RETRY.as_millis() as i64),
-            }));
-        }
-        let mut managed = lookup.managed;
-        // The domain with the planned name first.
-        managed.sort_by_key(|d| d.name != plan.domain.name);
-        for domain in &managed {
-            self.index.insert(&domain.uuid, id);
-        }
-        let mut managed = managed.into_iter();
-        let current = managed.next();
-        for duplicate in managed {
-            tracing::warn!(domain = %duplicate.name, "removing a duplicate domain");
-            self.hypervisor.destroy(id, &duplicate.uuid).await?;
-            self.hypervisor.undefine(id, &duplicate.uuid).await?;
-            self.events
-                .event(
-                    id,
-                    EventType::Normal,
-                    "Undefined",
-                    format!(
-                        "undefined duplicate domain {} ({})",
-                        duplicate.name, duplicate.uuid
-                    ),
-                )
-                .await;
-        }
-        if first_sight && let Some(found) = &current {
-            tracing::info!(domain = %found.name, uuid = %found.uuid, "adopted an existing domain");
-            self.events
-                .event(
-                    id,
-                    EventType::Normal,
-                    "Adopted",
-                    format!("adopted domain {} ({})", found.name, found.uuid),
-                )
-                .await;
-        }
-
-        match workload.desired_state() {
-            DesiredState::Stopped => self.converge_stopped(workload, current).await,
-            DesiredState::Running | DesiredState::Unspecified => {
-                self.converge_running(workload, plan, current).await
-            }
-        }
-    }
-
-    async fn converge_stopped(
-        &self,
-        workload: &Workload,
-        current: Option<FoundDomain>,
-    ) -> Result<Converged, Halt> {
-        let id = workload.id();
-        // A later start is a fresh start, not a crash-loop restart.
-        self.workloads.with(id, |m| {
-            let restarts = m.crash.restarts();
-            m.crash = CrashLoop::new(restarts);
-            m.last_failure = None;
-        });
-        let Some(domain) = current else {
-            // Nothing is created to stay stopped.
-            return Ok(Converged::new(Outcome::Stopped, None));
-        };
-        match self
-            .stop_step(id, &domain, "the desired state is stopped")
-            .await?
-        {
-            StopProgress::Off => Ok(Converged::new(Outcome::Stopped, Some(domain.uuid))),
-            StopProgress::Waiting(remaining) => Ok(Converged::new(
-                Outcome::Pending {
-                    message: format!(
-                        "stopping: waiting up to {}s for the guest to power off",
-                        remaining.as_secs().max(1)
-                    ),
-                },
-                Some(domain.uuid),
-            )
-            .requeue(remaining)),
-        }
-    }
-
-    async fn converge_running(
-        &self,
-        workload: &Workload,
-        plan: &Plan,
-        current: Option<FoundDomain>,
-    ) -> Result<Converged, Halt> {
-        let id = workload.id();
-        let Some(domain) = current else {
-            self.gate_start(id)?;
-            let uuid = self.define(id, plan, None).await?;
-            return self.start(workload, plan, &uuid, StartKind::First).await;
-        };
-        let stale = domain.name != plan.domain.name
-            || domain.marks.as_ref().map(|m| m.spec_hash.as_str())
-                != Some(plan.domain.marks.spec_hash.as_str());
-        if stale {
-            return self.replace(workload, plan, domain).await;
-        }
-        use super::libvirt::PowerState as P;
-        match domain.state.power {
-            P::Running | P::Blocked => {
-                self.workloads.with(id, |m| m.shutdown_since = None);
-                Ok(Converged::new(Outcome::Running, Some(domain.uuid)))
-            }
-            P::Paused => {
-                tracing::info!(domain = %domain.name, reason = domain.state.reason_text(), "resuming a paused domain");
-                self.hypervisor.resume(id, &domain.uuid).await?;
-                self.events
-                    .event(
-                        id,
-                        EventType::Normal,
-                        "Resumed",
-                        format!(
-                            "resumed domain {} (paused: {})",
-                            domain.name,
-                            domain.state.reason_text()
-                        ),
-                    )
-                    .await;
-                Ok(Converged::new(Outcome::Running, Some(domain.uuid)))
-            }
-            P::ShuttingDown | P::Suspended => Ok(Converged::new(
-                Outcome::Pending {
-                    message: format!("the guest is {}", domain.state.power.name()),
-                },
-                Some(domain.uuid),
-            )
-            .requeue(TRANSIENT_REQUEUE)),
-            P::Crashed => {
-                // A crashed guest keeps its qemu process: clear it, then
-                // restart as for any guest that stopped on its own.
-                self.hypervisor.destroy(id, &domain.uuid).await?;
-                self.restart(workload, plan, &domain, "the guest crashed")
-                    .await
-            }
-            P::Shutoff | P::NoState => {
-                let stopped_on_its_own = !domain.state.never_ran()
-                    && reported_running(workload)
-                    && self.workloads.with(id, |m| m.shutdown_since.is_none());
-                self.workloads.with(id, |m| m.shutdown_since = None);
-                if stopped_on_its_own {
-                    let why = format!("the guest stopped ({})", domain.state.reason_text());
-                    self.restart(workload, plan, &domain, &why).await
-                } else {
-                    self.gate_start(id)?;
-                    self.start(workload, plan, &domain.uuid, StartKind::First)
-                        .await
-                }
-            }
-        }
-    }
-
-    /// Starts a guest that stopped on its own, once the crash-loop back-off
-    /// allows.
-    async fn restart(
-        &self,
-        workload: &Workload,
-        plan: &Plan,
-        domain: &FoundDomain,
-        why: &str,
-    ) -> Result<Converged, Halt> {
-        let id = workload.id();
-        let policy = self.config.crash_loop;
-        let gate = self
+        let marks = &layout.domain.marks;
+        let stored_restarts = workload.status.as_ref().map_or(0, |s| s.restart_count);
+        let first_look = self
             .workloads
-            .with(id, |m| m.crash.gate(&policy, Instant::now()));
-        if let Gate::Closed {
-            delay,
-            remaining,
-            due_ms,
-        } = gate
-        {
-            self.events
-                .event(
-                    id,
-                    EventType::Warning,
-                    "BackOff",
-                    format!("back-off restarting domain {}: {why}", domain.name),
-                )
-                .await;
-            return Ok(Converged::new(
-                Outcome::BackingOff {
-                    delay,
-                    due_ms,
-                    why: why.to_string(),
-                },
-                Some(domain.uuid.clone()),
-            )
-            .requeue(remaining));
+            .with(id, |m| m.track(&marks.spec_hash, stored_restarts));
+        let scope = &self.config.scope;
+        let observed =
+            observe(&self.hypervisor, id, scope, &layout.domain.name, first_look).await?;
+        let desired = Desired {
+            name: &layout.domain.name,
+            marks,
+            running: workload.desired_state() != DesiredState::Stopped,
+            reported_running: reported_running(workload),
+            rules: Rules {
+                crash_loop: self.config.crash_loop,
+                stop_timeout: self.config.stop_timeout,
+            },
+        };
+        let now = Instant::now();
+        let plan = self
+            .workloads
+            .with(id, |m| plan(&desired, &observed, m, now));
+        if !matches!(plan, Plan::NameTaken { .. }) {
+            // Lifecycle events of these domains now map to the workload
+            // without reading their marks.
+            for domain in observed.domains() {
+                self.index.insert(&domain.uuid, id);
+            }
         }
-        tracing::info!(domain = %domain.name, why, "restarting a domain that stopped on its own");
-        self.start(
-            workload,
-            plan,
-            &domain.uuid,
-            StartKind::Restart(why.to_string()),
-        )
-        .await
+        self.act(workload, layout, plan, now).await
     }
 
-    /// Replaces a domain of an older spec (or name): stop with grace, then
-    /// redefine in place (same UUID) or, for a new name, undefine and define
-    /// anew; then start.
-    async fn replace(
+    /// Carries `plan` out; answers what to publish.
+    async fn act(
         &self,
         workload: &Workload,
-        plan: &Plan,
-        domain: FoundDomain,
+        layout: &Layout,
+        mut plan: Plan,
+        now: Instant,
     ) -> Result<Converged, Halt> {
         let id = workload.id();
-        let old_revision = domain
-            .marks
-            .as_ref()
-            .map(|m| m.revision.clone())
-            .unwrap_or_default();
-        let why = format!(
-            "the spec changed (revision {old_revision} → {})",
-            workload.revision_id()
-        );
-        if let StopProgress::Waiting(remaining) = self.stop_step(id, &domain, &why).await? {
-            return Ok(Converged::new(
-                Outcome::Pending {
-                    message: format!("replacing: waiting for the guest to power off ({why})"),
-                },
-                Some(domain.uuid),
-            )
-            .requeue(remaining));
-        }
-        let keep_uuid = if domain.name == plan.domain.name {
-            Some(domain.uuid.clone())
-        } else {
-            self.hypervisor.undefine(id, &domain.uuid).await?;
-            self.events
-                .event(
-                    id,
-                    EventType::Normal,
-                    "Undefined",
-                    format!(
-                        "undefined domain {} ({why}; renamed to {})",
-                        domain.name, plan.domain.name
-                    ),
-                )
-                .await;
-            None
-        };
-        self.gate_start(id)?;
-        let uuid = self.define(id, plan, keep_uuid).await?;
-        self.start(workload, plan, &uuid, StartKind::First).await
-    }
-
-    /// One step of a graceful stop: ACPI shutdown first, destroy once the
-    /// stop timeout has passed since.
-    async fn stop_step(
-        &self,
-        id: &str,
-        domain: &FoundDomain,
-        why: &str,
-    ) -> Result<StopProgress, VmError> {
-        if !domain.state.power.is_active() {
-            self.workloads.with(id, |m| m.shutdown_since = None);
-            return Ok(StopProgress::Off);
-        }
-        let timeout = self.config.stop_timeout;
-        match self.workloads.with(id, |m| m.shutdown_since) {
-            None => {
-                tracing::info!(domain = %domain.name, why, "shutting down (ACPI)");
-                self.hypervisor.shutdown(id, &domain.uuid).await?;
-                self.workloads
-                    .with(id, |m| m.shutdown_since = Some(Instant::now()));
-                self.events
-                    .event(
-                        id,
-                        EventType::Normal,
-                        "ShuttingDown",
-                        format!(
-                            "sent an ACPI shutdown to domain {} ({why}); destroying it after {}s",
-                            domain.name,
-                            timeout.as_secs()
-                        ),
-                    )
-                    .await;
-                // Some guests (and the test driver) are off at once.
-                let state = self.hypervisor.state(id, &domain.uuid).await?;
-                if state.is_none_or(|s| !s.power.is_active()) {
-                    self.workloads.with(id, |m| m.shutdown_since = None);
-                    return Ok(StopProgress::Off);
+        loop {
+            plan = match plan {
+                Plan::NameTaken { holder } => {
+                    return Err(name_taken(&layout.domain.name, &holder));
                 }
-                Ok(StopProgress::Waiting(timeout))
-            }
-            Some(since) if since.elapsed() >= timeout => {
-                tracing::info!(domain = %domain.name, ?timeout, "the guest did not power off in time; destroying");
-                self.hypervisor.destroy(id, &domain.uuid).await?;
-                self.workloads.with(id, |m| m.shutdown_since = None);
-                self.events
-                    .event(
-                        id,
-                        EventType::Warning,
-                        "Destroyed",
-                        format!(
-                            "domain {} did not power off within {}s; destroyed",
-                            domain.name,
-                            timeout.as_secs()
-                        ),
-                    )
-                    .await;
-                Ok(StopProgress::Off)
-            }
-            Some(since) => Ok(StopProgress::Waiting(
-                timeout
-                    .saturating_sub(since.elapsed())
-                    .max(Duration::from_millis(10)),
-            )),
-        }
-    }
-
-    /// Refuses a start while the back-off of failed starts runs.
-    fn gate_start(&self, id: &str) -> Result<(), Halt> {
-        let policy = self.config.crash_loop;
-        self.workloads
-            .with(id, |m| {
-                kit::start_gate(
-                    &mut m.crash,
-                    m.last_failure.as_ref(),
-                    &policy,
-                    Instant::now(),
-                )
-            })
-            .map_err(Halt::from)
-    }
-
-    /// Creates what the domain needs on the host: missing disks (recorded
-    /// as the agent's), the seed ISO, DHCP host entries. Returns the disks
-    /// the agent created for this VM so far.
-    async fn prepare(&self, id: &str, plan: &Plan) -> Result<Vec<String>, VmError> {
-        let storage = |operation, message: String| {
-            VmError::host(id, operation, FailureReason::StorageError, message)
-        };
-        tokio::fs::create_dir_all(&plan.vm_dir).await.map_err(|e| {
-            storage(
-                Operation::CreateDisk,
-                format!("creating {}: {e}", plan.vm_dir.display()),
-            )
-        })?;
-        let record = CreatedDisks::in_dir(&plan.vm_dir);
-        for disk in plan.domain.disks.iter().filter(|d| !d.is_seed) {
-            if tokio::fs::metadata(&disk.path).await.is_ok() {
-                continue;
-            }
-            let shown = disk.path.display();
-            if disk.kind == DiskKind::Cdrom {
-                return Err(storage(
-                    Operation::CreateDisk,
-                    format!("the cdrom image {shown} does not exist"),
-                ));
-            }
-            if disk.size_gb <= 0 {
-                return Err(storage(
-                    Operation::CreateDisk,
-                    format!(
-                        "the disk {shown} does not exist and size_gb is 0, so it cannot be created"
-                    ),
-                ));
-            }
-            disks::create_disk(&disk.path, disk.format, disk.size_gb)
-                .await
-                .map_err(|message| storage(Operation::CreateDisk, message))?;
-            record.add(&disk.path).await.map_err(|e| {
-                storage(
-                    Operation::CreateDisk,
-                    format!("recording {shown} as created by the agent: {e}"),
-                )
-            })?;
-            tracing::info!(disk = %shown, size_gb = disk.size_gb, "created a disk");
-            self.events
-                .event(
-                    id,
-                    EventType::Normal,
-                    "DiskCreated",
-                    format!(
-                        "created disk {shown} ({} GiB {})",
-                        disk.size_gb,
-                        disk.format.driver_type()
-                    ),
-                )
-                .await;
-        }
-        if let Some(content) = &plan.seed {
-            let (path, built) = ensure_seed(&plan.vm_dir, content)
-                .await
-                .map_err(|message| storage(Operation::BuildSeed, message))?;
-            if built {
-                self.events
-                    .event(
-                        id,
-                        EventType::Normal,
-                        "SeedBuilt",
-                        format!("built the cloud-init seed {}", path.display()),
-                    )
-                    .await;
-            }
-        }
-        for nic in &plan.domain.nics {
-            match (&nic.source, dhcp_host_xml(nic, &plan.domain.name)) {
-                (NicSource::Network(network), Some(host)) => {
-                    self.hypervisor
-                        .set_dhcp_host(id, network, host, &nic.mac)
-                        .await?;
+                Plan::RemoveDuplicates { duplicates, then } => {
+                    self.remove_duplicates(id, &duplicates).await?;
+                    *then
                 }
-                (_, Some(_)) => {
-                    tracing::warn!(mac = %nic.mac, "ip_address is only applied on libvirt-managed networks (DHCP host entry); configure it in the guest")
+                Plan::Adopt { domain, then } => {
+                    self.adopted(id, &domain).await;
+                    *then
                 }
-                _ => {}
-            }
-        }
-        let created = record.load().await.map_err(|e| {
-            storage(
-                Operation::CreateDisk,
-                format!("reading the record of created disks: {e}"),
-            )
-        })?;
-        Ok(created
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect())
-    }
-
-    /// Prepares the host and defines the domain (keeping `uuid` when
-    /// redefining); returns its UUID.
-    async fn define(&self, id: &str, plan: &Plan, uuid: Option<String>) -> Result<String, Halt> {
-        let created = match self.prepare(id, plan).await {
-            Ok(created) => created,
-            Err(error) if error.is_unreachable() => return Err(Halt::Error(error)),
-            Err(error) => return Err(self.failed_attempt(id, error).await),
-        };
-        let mut domain = plan.domain.clone();
-        domain.uuid = uuid;
-        domain.marks.created_disks = created;
-        let redefined = domain.uuid.is_some();
-        let uuid = match self.hypervisor.define(id, domain.to_xml()).await {
-            Ok(uuid) => uuid,
-            Err(error) if error.is_unreachable() => return Err(Halt::Error(error)),
-            Err(error) => return Err(self.failed_attempt(id, error).await),
-        };
-        self.index.insert(&uuid, id);
-        tracing::info!(domain = %domain.name, %uuid, redefined, "defined");
-        self.events
-            .event(
-                id,
-                EventType::Normal,
-                "Defined",
-                format!(
-                    "{} domain {} ({uuid}, revision {})",
-                    if redefined { "redefined" } else { "defined" },
-                    domain.name,
-                    domain.marks.revision
-                ),
-            )
-            .await;
-        Ok(uuid)
-    }
-
-    /// Starts a defined domain.
-    async fn start(
-        &self,
-        workload: &Workload,
-        plan: &Plan,
-        uuid: &str,
-        kind: StartKind,
-    ) -> Result<Converged, Halt> {
-        let id = workload.id();
-        // Disks or the seed may have been removed since the define.
-        if let Err(error) = self.prepare(id, plan).await {
-            if error.is_unreachable() {
-                return Err(Halt::Error(error));
-            }
-            return Err(self.failed_attempt(id, error).await);
-        }
-        let started = self.hypervisor.start(id, uuid).await;
-        let (now, wall) = (Instant::now(), now_ms());
-        match started {
-            Ok(()) => {
-                let restarts = self.workloads.with(id, |m| {
-                    match &kind {
-                        StartKind::First => m.crash.started(now, wall),
-                        StartKind::Restart(_) => m.crash.restarted(now, wall),
+                Plan::StayUndefined => {
+                    self.workloads.with(id, Memory::forget_starts);
+                    return Ok(Converged::new(Outcome::Stopped, None));
+                }
+                Plan::Stop { domain, step } => {
+                    self.workloads.with(id, Memory::forget_starts);
+                    return self.stop(id, domain, step).await;
+                }
+                Plan::Create => {
+                    self.pass_start_gate(id, now);
+                    let uuid = self.define(id, layout, None).await?;
+                    return self.start(id, layout, &uuid, StartKind::First).await;
+                }
+                Plan::HoldStart { failed, domain_off } => {
+                    if domain_off {
+                        self.shutdown_over(id);
                     }
-                    m.last_failure = None;
-                    m.shutdown_since = None;
-                    m.crash.restarts()
-                });
-                let (reason, message) = match &kind {
-                    StartKind::First => ("Started", format!("started domain {}", plan.domain.name)),
-                    StartKind::Restart(why) => (
-                        "Restarted",
-                        format!(
-                            "restarted domain {} ({why}; restart {restarts})",
-                            plan.domain.name
-                        ),
-                    ),
-                };
-                tracing::info!(domain = %plan.domain.name, %uuid, "{}", message);
-                self.events
-                    .event(id, EventType::Normal, reason, message)
-                    .await;
-                Ok(Converged::new(Outcome::Running, Some(uuid.to_string())))
-            }
-            Err(error) if error.is_unreachable() => Err(Halt::Error(error)),
-            Err(error) => Err(self.failed_attempt(id, error).await),
-        }
-    }
-
-    /// Turns a failed define, start or host preparation into what is
-    /// reported: terminal failures are not retried; others wait the
-    /// crash-loop back-off.
-    async fn failed_attempt(&self, id: &str, error: VmError) -> Halt {
-        let reason = error.reason();
-        let detail = error.detail();
-        tracing::warn!(%error, "the VM could not be started");
-        self.events
-            .event(id, EventType::Warning, "Failed", detail.clone())
-            .await;
-        let policy = self.config.crash_loop;
-        let now = (Instant::now(), now_ms());
-        let failed = self.workloads.with(id, |m| {
-            kit::failed_start(
-                &mut m.crash,
-                &mut m.last_failure,
-                reason,
-                &detail,
-                &policy,
-                now,
-            )
-        });
-        Halt::from(failed)
-    }
-
-    /// Stops (gracefully, step by step) and undefines every domain of a
-    /// workload, then removes the files the agent created for it.
-    async fn tear_down(
-        &self,
-        id: &str,
-        domains: Vec<FoundDomain>,
-        graceful: bool,
-        why: &str,
-    ) -> Result<Option<Duration>, VmError> {
-        for domain in &domains {
-            if graceful {
-                if let StopProgress::Waiting(remaining) = self.stop_step(id, domain, why).await? {
-                    return Ok(Some(remaining));
+                    return Err(Halt::Failed(failed));
                 }
-            } else if domain.state.power.is_active() {
-                self.hypervisor.destroy(id, &domain.uuid).await?;
-                self.events
-                    .event(
-                        id,
-                        EventType::Normal,
-                        "Destroyed",
-                        format!("destroyed domain {} ({why})", domain.name),
-                    )
-                    .await;
-            }
-        }
-        let mut created: BTreeSet<PathBuf> = BTreeSet::new();
-        for domain in &domains {
-            if let Some(marks) = &domain.marks {
-                created.extend(marks.created_disks.iter().map(PathBuf::from));
-            }
-            self.hypervisor.undefine(id, &domain.uuid).await?;
-            tracing::info!(domain = %domain.name, why, "undefined");
-            self.events
-                .event(
-                    id,
-                    EventType::Normal,
-                    "Undefined",
-                    format!("undefined domain {} ({why})", domain.name),
-                )
-                .await;
-        }
-        let vm_dir = self.config.vm_dir(id);
-        match CreatedDisks::in_dir(&vm_dir).load().await {
-            Ok(recorded) => created.extend(recorded),
-            Err(e) => {
-                return Err(VmError::host(
-                    id,
-                    Operation::RemoveDisk,
-                    FailureReason::StorageError,
-                    format!("reading the record of created disks: {e}"),
-                ));
-            }
-        }
-        for path in &created {
-            match disks::remove_disk(path, &self.config.disk_roots).await {
-                Ok(()) => {
-                    tracing::info!(disk = %path.display(), "removed a disk the agent created")
+                Plan::Report { domain } => {
+                    self.shutdown_over(id);
+                    return Ok(Converged::new(Outcome::Running, Some(domain.uuid)));
                 }
-                Err(message) => {
-                    // Never block a deletion on a file the rules now forbid
-                    // touching: keep it, say so.
-                    tracing::warn!(disk = %path.display(), %message, "keeping a disk");
-                    self.events
-                        .event(id, EventType::Warning, "DiskKept", message)
-                        .await;
+                Plan::Resume { domain } => return self.resume(id, domain).await,
+                Plan::AwaitTransient { domain } => {
+                    let message = format!("the guest is {}", domain.state.power.name());
+                    let pending = Converged::new(Outcome::Pending { message }, Some(domain.uuid));
+                    return Ok(pending.requeue(TRANSIENT_REQUEUE));
+                }
+                Plan::Restart(restart) => {
+                    self.clear_stopped(id, &restart).await?;
+                    self.pass_start_gate(id, now);
+                    let (name, why) = (&restart.domain.name, &restart.why);
+                    tracing::info!(domain = %name, why, "restarting a domain that stopped on its own");
+                    let kind = StartKind::Restart(why.clone());
+                    return self.start(id, layout, &restart.domain.uuid, kind).await;
+                }
+                Plan::BackOff {
+                    restart,
+                    delay,
+                    remaining,
+                    due_ms,
+                } => {
+                    self.clear_stopped(id, &restart).await?;
+                    let converged = self.back_off(id, restart, delay, due_ms).await;
+                    return Ok(converged.requeue(remaining));
+                }
+                Plan::Start { domain } => {
+                    self.shutdown_over(id);
+                    self.pass_start_gate(id, now);
+                    return self.start(id, layout, &domain.uuid, StartKind::First).await;
+                }
+                Plan::Replace(replacement) => {
+                    return self.replace(id, layout, replacement, now).await;
                 }
             }
         }
-        remove_vm_dir(id, &vm_dir).await?;
-        Ok(None)
     }
-
-    /// Removes the DHCP host entries the spec asked for (best effort).
-    async fn remove_dhcp_hosts(&self, workload: &Workload) {
-        let Ok(plan) = self.plan(workload) else {
-            return;
-        };
-        for nic in &plan.domain.nics {
-            if let (NicSource::Network(network), Some(_)) = (&nic.source, nic.ip)
-                && let Err(error) = self
-                    .hypervisor
-                    .remove_dhcp_host(workload.id(), network, &nic.mac)
-                    .await
-            {
-                tracing::warn!(%error, "removing a DHCP host entry failed");
-            }
-        }
-    }
-}
-
-/// Which start a domain is getting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum StartKind {
-    /// A first start, or a start after a requested stop.
-    First,
-    /// After it stopped on its own: counts as a restart.
-    Restart(String),
 }
 
 /// The VM spec of a workload.
@@ -1010,19 +371,6 @@ fn reported_running(workload: &Workload) -> bool {
     })
 }
 
-async fn remove_vm_dir(id: &str, vm_dir: &Path) -> Result<(), VmError> {
-    match tokio::fs::remove_dir_all(vm_dir).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmError::host(
-            id,
-            Operation::RemoveDisk,
-            FailureReason::StorageError,
-            format!("removing {}: {e}", vm_dir.display()),
-        )),
-    }
-}
-
 impl Reconciler for VmController {
     type Error = VmError;
 
@@ -1041,8 +389,8 @@ impl Reconciler for VmController {
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, VmError> {
         let id = workload.id();
         self.workloads.claimed(id);
-        let plan = match self.plan(&workload) {
-            Ok(plan) => plan,
+        let layout = match self.layout(&workload) {
+            Ok(layout) => layout,
             Err(error) => {
                 tracing::warn!(%error, "invalid spec; not acting on it");
                 let converged = Converged::new(
@@ -1056,7 +404,7 @@ impl Reconciler for VmController {
                 return self.publish(&workload, converged).await;
             }
         };
-        match self.converge(&workload, &plan).await {
+        match self.converge(&workload, &layout).await {
             Ok(converged) => self.publish(&workload, converged).await,
             Err(Halt::Failed(Failed {
                 reason,
@@ -1066,7 +414,7 @@ impl Reconciler for VmController {
             })) => {
                 let uuid = self
                     .hypervisor
-                    .lookup(id, &self.config.scope, &plan.domain.name, false)
+                    .lookup(id, &self.config.scope, &layout.domain.name, false)
                     .await
                     .ok()
                     .and_then(|l| l.managed.into_iter().next())
@@ -1079,7 +427,7 @@ impl Reconciler for VmController {
                     },
                     uuid,
                 );
-                converged.requeue = retry_in.map(|d| d.max(Duration::from_millis(10)));
+                converged.requeue = retry_in.map(|d| d.max(MIN_REQUEUE));
                 self.publish(&workload, converged).await
             }
             Err(Halt::Error(error)) => self.publish_error(&workload, error).await,

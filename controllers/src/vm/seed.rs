@@ -13,25 +13,25 @@ use sha2::{Digest, Sha256};
 
 use super::errors::SpecError;
 
-pub const SEED_FILE: &str = "seed.iso";
+pub(crate) const SEED_FILE: &str = "seed.iso";
 /// Holds the digest of the content the ISO was built from.
 const DIGEST_FILE: &str = "seed.iso.sha256";
 const BUILD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The files of a seed, decoded and completed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SeedContent {
-    pub user_data: String,
-    pub meta_data: String,
-    pub network_config: Option<String>,
-    pub vendor_data: Option<String>,
+pub(crate) struct SeedContent {
+    pub(crate) user_data: String,
+    pub(crate) meta_data: String,
+    pub(crate) network_config: Option<String>,
+    pub(crate) vendor_data: Option<String>,
 }
 
 /// Text sent as base64 (what the scheduler sends) or plain. User-data in
 /// any of cloud-init's formats holds a character base64 never uses (`#`,
 /// `:` or a space: `#cloud-config`, `#!`, `Content-Type:`), so the two
 /// cannot be confused.
-pub fn decode_text(field: &str, text: &str) -> Result<String, SpecError> {
+pub(crate) fn decode_text(field: &str, text: &str) -> Result<String, SpecError> {
     let trimmed = text.trim();
     let looks_base64 = !trimmed.is_empty()
         && trimmed
@@ -59,7 +59,7 @@ pub fn decode_text(field: &str, text: &str) -> Result<String, SpecError> {
 /// `cloud_init`. Meta-data gets an `instance-id` (the workload id and a
 /// digest of the content, so changed user-data is a new instance to
 /// cloud-init and runs again) and a `local-hostname` unless it has them.
-pub fn seed_content(
+pub(crate) fn seed_content(
     id: &str,
     hostname: &str,
     spec: &VmSpec,
@@ -139,7 +139,7 @@ fn hex(bytes: &[u8]) -> String {
 
 impl SeedContent {
     /// A digest of every file, names included.
-    pub fn digest(&self) -> String {
+    pub(crate) fn digest(&self) -> String {
         let mut digest = Sha256::new();
         for (name, text) in self.files() {
             digest.update(name.as_bytes());
@@ -169,7 +169,10 @@ impl SeedContent {
 /// missing or was built from something else. Returns the ISO's path and
 /// whether it was (re)built. The ISO is replaced by a rename, so a guest
 /// that has the old one open keeps reading the old one.
-pub async fn ensure_seed(vm_dir: &Path, content: &SeedContent) -> Result<(PathBuf, bool), String> {
+pub(crate) async fn ensure_seed(
+    vm_dir: &Path,
+    content: &SeedContent,
+) -> Result<(PathBuf, bool), String> {
     let iso = vm_dir.join(SEED_FILE);
     let digest_file = vm_dir.join(DIGEST_FILE);
     let digest = content.digest();
