@@ -5,7 +5,7 @@
 //!   (the store folds repeats);
 //! - [`publish_status`]: writes a status only when it changed, guarded by
 //!   the resource version it was built from;
-//! - [`start_gate`] and [`failed_start`]: the back-off of failed starts;
+//! - [`start_held`] and [`failed_start`]: the back-off of failed starts;
 //! - [`ErrorClass`]: retryable, terminal or unreachable, for every error
 //!   of every runtime;
 //! - [`status::StatusBuilder`]: the states and conditions every runtime's
@@ -244,23 +244,11 @@ impl<E> From<Failed> for Halt<E> {
     }
 }
 
-/// Whether a start may be made now: `Err` with the last failure while the
-/// back-off of failed starts runs. A workload that never failed to start
-/// is never held (its crash loop gates restarts, not starts).
-pub(crate) fn start_gate(
-    crash: &mut CrashLoop,
-    last_failure: Option<&(FailureReason, String)>,
-    policy: &CrashLoopPolicy,
-    now: Instant,
-) -> Result<(), Failed> {
-    let held = start_held(crash, last_failure, policy, now);
-    // Forgets a count older than the policy's reset, as the gate does.
-    crash.gate(policy, now);
-    held.map_or(Ok(()), Err)
-}
-
-/// What [`start_gate`] answers, read without changing the memory: for a
-/// plan.
+/// The last start failure while the back-off of failed starts runs, else
+/// `None`: a start may go. A workload that never failed to start is never
+/// held (its crash loop gates restarts, not starts). Reads the memory
+/// without changing it, for a plan; the start that follows forgets a count
+/// older than the policy's reset (`CrashLoop::gate`).
 pub(crate) fn start_held(
     crash: &CrashLoop,
     last_failure: Option<&(FailureReason, String)>,
@@ -443,21 +431,21 @@ mod tests {
         let at = |_: ()| (Instant::now(), 1_000);
         // Never failed: starts are not held.
         assert_eq!(
-            start_gate(&mut crash, last.as_ref(), &policy, Instant::now()),
-            Ok(())
+            start_held(&crash, last.as_ref(), &policy, Instant::now()),
+            None
         );
         // The first failure waits the base, and the start is held meanwhile.
         let reason = FailureReason::PortBindConflict;
         let failed = failed_start(&mut crash, &mut last, reason, "taken", &policy, at(()));
         assert_eq!(failed.retry_in, Some(base));
         assert_eq!(failed.due_ms, Some(1_000 + base.as_millis() as i64));
-        let held = start_gate(&mut crash, last.as_ref(), &policy, Instant::now()).unwrap_err();
+        let held = start_held(&crash, last.as_ref(), &policy, Instant::now()).unwrap();
         assert_eq!((held.reason, held.detail.as_str()), (reason, "taken"));
         // Once the wait is over the start may go; a second failure doubles it.
         tokio::time::advance(base).await;
         assert_eq!(
-            start_gate(&mut crash, last.as_ref(), &policy, Instant::now()),
-            Ok(())
+            start_held(&crash, last.as_ref(), &policy, Instant::now()),
+            None
         );
         let failed = failed_start(&mut crash, &mut last, reason, "taken", &policy, at(()));
         assert_eq!(failed.retry_in, Some(2 * base));
