@@ -33,16 +33,21 @@
 //! // HealthCheck: compose.probe().await → status ("healthy" or why), binary kind and version.
 //! ```
 
+mod act;
 pub mod binary;
 pub mod cli;
 pub mod command;
 pub mod config;
+mod desired;
 pub mod errors;
 pub mod events;
+mod memory;
 pub mod naming;
 pub mod observe;
+mod plan;
 pub mod project;
 pub mod reconciler;
+mod runtime;
 pub mod services;
 pub mod status;
 mod validate;

@@ -3,12 +3,18 @@
 //! (v1 has no machine-readable output).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use bollard::Docker;
 use bollard::models::ContainerSummaryStateEnum;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 
+use persys_api::v1::Workload;
+
+use super::desired::Desired;
 use super::errors::{ComposeError, Operation};
+use super::naming;
+use super::runtime::ComposeRuntime;
 use super::services::DeclaredServices;
 
 /// The label compose puts on everything of a project, with its name.
@@ -171,6 +177,53 @@ pub async fn observe(docker: &Docker, id: &str, project: &str) -> Result<Observe
     Ok(observed)
 }
 
+/// Everything a reconcile decides from, read before anything is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Observation {
+    /// Another live workload that runs the spec's project name. When set,
+    /// nothing else was looked at: the project is not this workload's.
+    pub(crate) owner: Option<String>,
+    /// The project the folder was last written for, when the spec renamed
+    /// it and no other workload runs that name: left over, to take down.
+    pub(crate) renamed_from: Option<String>,
+    /// The spec hash of the last successful `up`.
+    pub(crate) brought_up: Option<String>,
+    /// The project's containers.
+    pub(crate) containers: Observed,
+}
+
+impl Observation {
+    /// Reads the project of `desired` from the informer's `workloads`, the
+    /// project folder and the engine (connected first, so an unreachable
+    /// one is the error).
+    pub(crate) async fn read(
+        runtime: &ComposeRuntime,
+        workloads: &[Arc<Workload>],
+        desired: &Desired,
+    ) -> Result<Observation, ComposeError> {
+        let (id, prepared) = (desired.id.as_str(), &desired.prepared);
+        let other = |project: &str| naming::owner(project, workloads).filter(|w| w.id() != id);
+        if let Some(owner) = other(&prepared.project) {
+            return Ok(Observation {
+                owner: Some(owner.id().to_string()),
+                ..Default::default()
+            });
+        }
+        runtime.docker(id).await?;
+        let renamed_from = prepared
+            .dir
+            .recorded_project()
+            .await
+            .filter(|previous| *previous != prepared.project && other(previous).is_none());
+        Ok(Observation {
+            owner: None,
+            renamed_from,
+            brought_up: prepared.dir.recorded_hash().await,
+            containers: runtime.containers(id, &prepared.project).await?,
+        })
+    }
+}
+
 /// How one service is doing against its declared scale.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceReport {
@@ -232,6 +285,27 @@ pub fn assess(declared: &DeclaredServices, observed: &Observed) -> Vec<ServiceRe
         });
     }
     reports
+}
+
+/// `web, db`.
+pub(crate) fn names(services: &[ServiceReport]) -> String {
+    services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `web exited (code 3), db missing`.
+pub(crate) fn describe<'a>(services: impl IntoIterator<Item = &'a ServiceReport>) -> String {
+    services
+        .into_iter()
+        .map(|s| match s.exit_code {
+            Some(code) => format!("{} {} (code {code})", s.name, s.state),
+            None => format!("{} {}", s.name, s.state),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
