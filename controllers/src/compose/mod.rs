@@ -35,21 +35,21 @@
 
 mod act;
 pub mod binary;
-pub mod cli;
-pub mod command;
-pub mod config;
+pub(crate) mod cli;
+pub(crate) mod command;
+pub(crate) mod config;
 mod desired;
-pub mod errors;
-pub mod events;
+pub(crate) mod errors;
+pub(crate) mod events;
 mod memory;
-pub mod naming;
+pub(crate) mod naming;
 pub mod observe;
 mod plan;
-pub mod project;
-pub mod reconciler;
+pub(crate) mod project;
+pub(crate) mod reconciler;
 mod runtime;
-pub mod services;
-pub mod status;
+pub(crate) mod services;
+pub(crate) mod status;
 mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};

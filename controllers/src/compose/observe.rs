@@ -20,13 +20,13 @@ use super::services::DeclaredServices;
 /// The label compose puts on everything of a project, with its name.
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
 /// The service a container runs.
-pub const SERVICE_LABEL: &str = "com.docker.compose.service";
+pub(crate) const SERVICE_LABEL: &str = "com.docker.compose.service";
 /// `True` on `compose run` containers, which are not the project's services.
-pub const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+pub(crate) const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
 
 /// What a container is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContainerState {
+pub(crate) enum ContainerState {
     Running,
     /// The engine restarts it (a compose `restart:` policy).
     Restarting,
@@ -50,7 +50,7 @@ impl ContainerState {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ContainerState::Running => "running",
             ContainerState::Restarting => "restarting",
@@ -63,7 +63,7 @@ impl ContainerState {
     }
 
     /// Still holds its process (what `compose stop` stops).
-    pub fn is_up(self) -> bool {
+    pub(crate) fn is_up(self) -> bool {
         matches!(
             self,
             ContainerState::Running | ContainerState::Restarting | ContainerState::Paused
@@ -73,44 +73,37 @@ impl ContainerState {
 
 /// One container of the project.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceContainer {
-    pub id: String,
-    pub name: String,
-    pub state: ContainerState,
+pub(crate) struct ServiceContainer {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) state: ContainerState,
     /// For a container that has stopped.
-    pub exit_code: Option<i64>,
+    pub(crate) exit_code: Option<i64>,
 }
 
 /// The project's containers by service (`compose run` ones left out).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Observed {
-    pub by_service: BTreeMap<String, Vec<ServiceContainer>>,
+pub(crate) struct Observed {
+    pub(crate) by_service: BTreeMap<String, Vec<ServiceContainer>>,
 }
 
 impl Observed {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_service.values().all(Vec::is_empty)
     }
 
-    pub fn containers(&self) -> impl Iterator<Item = &ServiceContainer> {
+    pub(crate) fn containers(&self) -> impl Iterator<Item = &ServiceContainer> {
         self.by_service.values().flatten()
     }
 
     /// True when any container still runs (or restarts, or is paused).
-    pub fn any_up(&self) -> bool {
+    pub(crate) fn any_up(&self) -> bool {
         self.containers().any(|c| c.state.is_up())
-    }
-
-    /// Container ids by name, for events and tests.
-    pub fn ids(&self) -> BTreeMap<String, String> {
-        self.containers()
-            .map(|c| (c.name.clone(), c.id.clone()))
-            .collect()
     }
 }
 
 /// The engine-side filter selecting one project's containers.
-pub fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
+pub(crate) fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
     HashMap::from([(
         "label".to_string(),
         vec![format!("{PROJECT_LABEL}={project}")],
@@ -119,7 +112,11 @@ pub fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
 
 /// The containers of `project` now. Stopped ones are inspected for their
 /// exit code (the list does not carry it).
-pub async fn observe(docker: &Docker, id: &str, project: &str) -> Result<Observed, ComposeError> {
+pub(crate) async fn observe(
+    docker: &Docker,
+    id: &str,
+    project: &str,
+) -> Result<Observed, ComposeError> {
     let listed = docker
         .list_containers(Some(ListContainersOptions {
             all: true,
@@ -226,27 +223,27 @@ impl Observation {
 
 /// How one service is doing against its declared scale.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceReport {
-    pub name: String,
+pub(crate) struct ServiceReport {
+    pub(crate) name: String,
     /// Containers that should run.
-    pub scale: u32,
-    pub running: u32,
+    pub(crate) scale: u32,
+    pub(crate) running: u32,
     /// `running`, `restarting`, `exited`, `created`, `missing`…
-    pub state: &'static str,
+    pub(crate) state: &'static str,
     /// Of a stopped container, when the service is not running.
-    pub exit_code: Option<i64>,
+    pub(crate) exit_code: Option<i64>,
     /// Not in the compose file any more.
-    pub orphan: bool,
+    pub(crate) orphan: bool,
 }
 
 impl ServiceReport {
-    pub fn is_satisfied(&self) -> bool {
+    pub(crate) fn is_satisfied(&self) -> bool {
         !self.orphan && self.running >= self.scale
     }
 }
 
 /// Every declared service, and every service found that is not declared.
-pub fn assess(declared: &DeclaredServices, observed: &Observed) -> Vec<ServiceReport> {
+pub(crate) fn assess(declared: &DeclaredServices, observed: &Observed) -> Vec<ServiceReport> {
     let empty = Vec::new();
     let mut reports = Vec::new();
     let names: std::collections::BTreeSet<&String> =

@@ -3,7 +3,7 @@
 //!
 //! A reconcile reads the workload ([`Desired`]) and its project
 //! ([`Observation`]: the folder, the containers by compose's project
-//! label), lets [`plan`] decide, and acts: `up -d --remove-orphans` when
+//! label), lets [`plan()`] decide, and acts: `up -d --remove-orphans` when
 //! the spec hash differs from the one last brought up or a service is not
 //! running; `stop` when the desired state is stopped; `down
 //! --remove-orphans` (named volumes stay) on delete.
