@@ -15,10 +15,14 @@ use super::validate::validate_compose_spec;
 /// The project a valid spec describes, ready to write and run.
 #[derive(Debug, Clone)]
 pub(crate) struct Prepared {
+    /// The compose project name: the label its containers are found by.
     pub(crate) project: String,
+    /// Where the files are written and compose runs.
     pub(crate) dir: ProjectDir,
     pub(crate) files: ProjectFiles,
+    /// What "every service runs" means for this file.
     pub(crate) declared: DeclaredServices,
+    /// The spec's environment, for the compose process.
     pub(crate) env: BTreeMap<String, String>,
 }
 
@@ -26,6 +30,7 @@ pub(crate) struct Prepared {
 /// few facts of the workload that decide what to do with it.
 #[derive(Debug, Clone)]
 pub(crate) struct Desired {
+    /// The workload, for events, errors and memory.
     pub(crate) id: String,
     /// The spec's hash: the project is brought up again when it differs
     /// from the one recorded at the last `up`.
@@ -39,6 +44,7 @@ pub(crate) struct Desired {
     /// The stored restart count, carried over when this process first
     /// sees the workload.
     pub(crate) restarts: i32,
+    /// What to run.
     pub(crate) prepared: Prepared,
 }
 

@@ -306,6 +306,32 @@ pub(crate) fn describe<'a>(services: impl IntoIterator<Item = &'a ServiceReport>
 }
 
 #[cfg(test)]
+impl Observation {
+    /// A project of these services' containers, brought up from `hash`.
+    pub(crate) fn example(
+        services: &[(&str, ContainerState, Option<i64>)],
+        hash: &str,
+    ) -> Observation {
+        let mut containers = Observed::default();
+        for &(service, state, exit_code) in services {
+            let container = ServiceContainer {
+                id: format!("id-{service}"),
+                name: format!("shop-{service}-1"),
+                state,
+                exit_code,
+            };
+            let by_service = containers.by_service.entry(service.into());
+            by_service.or_default().push(container);
+        }
+        Observation {
+            brought_up: Some(hash.into()),
+            containers,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

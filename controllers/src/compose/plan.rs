@@ -1,7 +1,8 @@
 //! What a compose reconcile does, decided from what it read: the workload
 //! ([`Desired`]), the project ([`Observation`]) and what was remembered
 //! ([`Memory`]). Pure: the time is a parameter, nothing is written, so
-//! every rule is tested below without an engine. The back-offs it applies are [`Rules`].
+//! every rule is tested below without an engine. The back-offs it applies
+//! are [`Rules`].
 
 use std::time::Duration;
 
@@ -167,7 +168,7 @@ mod tests {
     use super::*;
     use crate::compose::config::ComposeConfig;
     use crate::compose::errors::FailureReason;
-    use crate::compose::observe::{ContainerState, Observed, ServiceContainer};
+    use crate::compose::observe::ContainerState;
     use ContainerState::{Exited, Paused, Restarting, Running};
 
     const HASH: &str = "h2";
@@ -202,6 +203,10 @@ mod tests {
             self.desired.stopped = true;
             self
         }
+        fn taken_by(mut self, owner: &str) -> Row {
+            self.observation.owner = Some(owner.into());
+            self
+        }
         fn reported_stopped(mut self) -> Row {
             self.desired.reported_stopped = true;
             self
@@ -222,6 +227,13 @@ mod tests {
             self.memory = memory;
             self
         }
+        /// The remembered failure is one compose calls terminal.
+        fn terminal(mut self) -> Row {
+            if let Some(failure) = &mut self.memory.last_failure {
+                failure.reason = FailureReason::InvalidSpec;
+            }
+            self
+        }
         fn of_old_spec(mut self) -> Row {
             self.memory.spec_hash = "h1".into();
             self
@@ -237,22 +249,7 @@ mod tests {
     }
 
     fn observed(services: &[(&str, ContainerState, Option<i64>)]) -> Observation {
-        let mut containers = Observed::default();
-        for &(service, state, exit_code) in services {
-            let container = ServiceContainer {
-                id: format!("id-{service}"),
-                name: format!("shop-{service}-1"),
-                state,
-                exit_code,
-            };
-            let by_service = containers.by_service.entry(service.into());
-            by_service.or_default().push(container);
-        }
-        Observation {
-            brought_up: Some(HASH.into()),
-            containers,
-            ..Default::default()
-        }
+        Observation::example(services, HASH)
     }
 
     /// The memory of the current spec: repairs and failed commands at
@@ -280,9 +277,8 @@ mod tests {
     }
 
     fn pull_failed() -> Failure {
-        let detail = "no such host".to_string();
-        let message = format!("compose up failed (ImagePullFailed): {detail}");
-        let reason = FailureReason::ImagePullFailed;
+        let (reason, detail) = (FailureReason::ImagePullFailed, "no such host".to_string());
+        let message = format!("compose up failed ({reason}): {detail}");
         Failure {
             reason,
             message,
@@ -292,8 +288,7 @@ mod tests {
 
     /// A service that is not running, as `assess` reports it.
     fn down(name: &str, state: &'static str, exit_code: Option<i64>) -> ServiceReport {
-        let (scale, running, orphan) = (1, 0, false);
-        let name = name.to_string();
+        let (name, scale, running, orphan) = (name.to_string(), 1, 0, false);
         ServiceReport {
             name,
             scale,
@@ -337,18 +332,14 @@ mod tests {
             scale: 0,
             ..down("old", "", None)
         };
-        let taken = Observation {
-            owner: Some("other".into()),
-            ..Default::default()
-        };
-        let owner = "other".to_string();
         vec![
             row("every_service_running_is_reported_running"),
-            Row {
-                observation: taken,
-                ..row("a_project_name_another_workload_runs_is_left_alone")
-            }
-            .expect(Plan::NameTaken { owner }),
+            row("a_project_name_another_workload_runs_is_left_alone")
+                .db_exited()
+                .taken_by("other")
+                .expect(Plan::NameTaken {
+                    owner: "other".into(),
+                }),
             row("a_spec_never_brought_up_is_brought_up")
                 .seeing(&[])
                 .brought_up(None)
@@ -441,6 +432,13 @@ mod tests {
                 .db_exited()
                 .brought_up(Some("h1"))
                 .remembering(memory(&[], &[0]))
+                .at(S)
+                .expect(Plan::Up(Up::NewSpec)),
+            row("a_failure_compose_calls_terminal_is_retried_after_the_back_off_too")
+                .db_exited()
+                .brought_up(Some("h1"))
+                .remembering(memory(&[], &[0]))
+                .terminal()
                 .at(S)
                 .expect(Plan::Up(Up::NewSpec)),
             row("a_failure_back_off_doubles_up_to_its_cap")
