@@ -159,14 +159,10 @@ impl ComposeController {
 
     /// `compose up`: counted in the crash loop when a repair (with an
     /// event per service it repairs), then reported as it came up.
-    pub(crate) async fn up(
-        &self,
-        desired: &Desired,
-        up: Up,
-        now: Instant,
-    ) -> Result<Converged, ComposeError> {
+    pub(crate) async fn up(&self, desired: &Desired, up: Up) -> Result<Converged, ComposeError> {
         let (id, prepared) = (desired.id.as_str(), &desired.prepared);
-        let now_wall = now_ms();
+        // Now, not when planned: claiming may have taken a project down.
+        let (now, now_wall) = (Instant::now(), now_ms());
         if let Up::Repair { unsatisfied } = &up {
             for service in unsatisfied {
                 let (kind, reason, message) = repair_event(service);

@@ -155,7 +155,6 @@ impl ComposeController {
         observation: &Observation,
         memory: &Memory,
         plan: Plan,
-        now: Instant,
     ) -> Result<Converged, ComposeError> {
         let (id, prepared) = (desired.id.as_str(), &desired.prepared);
         let (declared, observed) = (&prepared.declared, &observation.containers);
@@ -196,7 +195,7 @@ impl ComposeController {
                 Converged::new(outcome, declared, observed).after(remaining)
             }
             Plan::Stop => self.stop(desired, observation).await?,
-            Plan::Up(up) => self.up(desired, up, now).await?,
+            Plan::Up(up) => self.up(desired, up).await?,
         })
     }
 
@@ -320,7 +319,7 @@ impl Reconciler for ComposeController {
             &Rules::of(&self.config),
             now,
         );
-        match self.act(&desired, &observation, &memory, plan, now).await {
+        match self.act(&desired, &observation, &memory, plan).await {
             Ok(converged) => self.publish(&workload, project, converged).await,
             Err(error) => self.publish_error(&workload, project, error).await,
         }
