@@ -91,10 +91,6 @@ impl CommandRunner {
         }
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// Runs `invocation` to its end, or kills its process group once the
     /// timeout has passed. Dropping the returned future kills it too.
     pub async fn run(&self, invocation: &Invocation) -> Result<Output, RunError> {

@@ -1,24 +1,28 @@
 //! The Compose controller: compose workloads as Docker Compose projects.
 //!
-//! - [`reconciler`]: [`ComposeController`], the [`crate::Reconciler`] for
-//!   `WorkloadType::Compose` — render the project folder, observe the
-//!   project's containers by label, run `up`/`stop`/`down` on the
-//!   difference, write status; cleanup on delete; orphan folders taken down
-//!   after a grace period.
-//! - [`events`]: the engine's `/events` for compose containers as the
+//! - `reconciler`: [`ComposeController`], the [`crate::Reconciler`] for
+//!   `WorkloadType::Compose`, in three steps: `desired` and [`observe`]
+//!   read the workload and its project, `plan` decides (pure), `act`
+//!   carries the decision out through `runtime` and says what to
+//!   publish; cleanup on delete; orphan folders taken down after a grace
+//!   period.
+//! - `memory`: what is remembered per workload, and the back-offs.
+//! - `events`: the engine's `/events` for compose containers as the
 //!   controller's trigger, mapped to workloads by project name.
 //! - [`binary`]: which compose CLI (`PERSYS_COMPOSE_BINARY`, `docker
 //!   compose`, `docker-compose`), its kind and version.
-//! - [`cli`]: the compose commands and their environment.
-//! - [`command`]: running one: a timeout that kills the process group,
+//! - `cli`: the compose commands and their environment.
+//! - `command`: running one: a timeout that kills the process group,
 //!   bounded concurrency, the end of stderr kept.
-//! - [`project`]: the project folder under the state directory, written
+//! - `project`: the project folder under the state directory, written
 //!   atomically, and the spec hash last brought up.
-//! - [`naming`]: project names, and who owns a contested one.
-//! - [`services`]: the services a compose file declares, with their scale.
-//! - [`observe`]: the project's containers, from the engine.
-//! - [`status`]: what a reconcile found, as the workload's status.
-//! - [`errors`]: typed errors and the failure reasons status reports.
+//! - `naming`: project names, and who owns a contested one.
+//! - `services`: the services a compose file declares, with their scale.
+//! - [`observe`]: the project as found: its containers, from the engine,
+//!   and its folder.
+//! - `runtime`: the facade over the compose CLI and the engine.
+//! - `status`: what a reconcile found, as the workload's status.
+//! - `errors`: typed errors and the failure reasons status reports.
 //!
 //! Wiring, in the agent:
 //!
@@ -33,18 +37,23 @@
 //! // HealthCheck: compose.probe().await → status ("healthy" or why), binary kind and version.
 //! ```
 
+mod act;
 pub mod binary;
-pub mod cli;
-pub mod command;
-pub mod config;
-pub mod errors;
-pub mod events;
-pub mod naming;
+pub(crate) mod cli;
+pub(crate) mod command;
+pub(crate) mod config;
+mod desired;
+pub(crate) mod errors;
+pub(crate) mod events;
+mod memory;
+pub(crate) mod naming;
 pub mod observe;
-pub mod project;
-pub mod reconciler;
-pub mod services;
-pub mod status;
+mod plan;
+pub(crate) mod project;
+pub(crate) mod reconciler;
+mod runtime;
+pub(crate) mod services;
+pub(crate) mod status;
 mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};

@@ -3,24 +3,30 @@
 //! (v1 has no machine-readable output).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use bollard::Docker;
 use bollard::models::ContainerSummaryStateEnum;
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 
+use persys_api::v1::Workload;
+
+use super::desired::Desired;
 use super::errors::{ComposeError, Operation};
+use super::naming;
+use super::runtime::ComposeRuntime;
 use super::services::DeclaredServices;
 
 /// The label compose puts on everything of a project, with its name.
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
 /// The service a container runs.
-pub const SERVICE_LABEL: &str = "com.docker.compose.service";
+pub(crate) const SERVICE_LABEL: &str = "com.docker.compose.service";
 /// `True` on `compose run` containers, which are not the project's services.
-pub const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
+pub(crate) const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
 
 /// What a container is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContainerState {
+pub(crate) enum ContainerState {
     Running,
     /// The engine restarts it (a compose `restart:` policy).
     Restarting,
@@ -44,7 +50,7 @@ impl ContainerState {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ContainerState::Running => "running",
             ContainerState::Restarting => "restarting",
@@ -57,7 +63,7 @@ impl ContainerState {
     }
 
     /// Still holds its process (what `compose stop` stops).
-    pub fn is_up(self) -> bool {
+    pub(crate) fn is_up(self) -> bool {
         matches!(
             self,
             ContainerState::Running | ContainerState::Restarting | ContainerState::Paused
@@ -67,44 +73,37 @@ impl ContainerState {
 
 /// One container of the project.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceContainer {
-    pub id: String,
-    pub name: String,
-    pub state: ContainerState,
+pub(crate) struct ServiceContainer {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) state: ContainerState,
     /// For a container that has stopped.
-    pub exit_code: Option<i64>,
+    pub(crate) exit_code: Option<i64>,
 }
 
 /// The project's containers by service (`compose run` ones left out).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Observed {
-    pub by_service: BTreeMap<String, Vec<ServiceContainer>>,
+pub(crate) struct Observed {
+    pub(crate) by_service: BTreeMap<String, Vec<ServiceContainer>>,
 }
 
 impl Observed {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_service.values().all(Vec::is_empty)
     }
 
-    pub fn containers(&self) -> impl Iterator<Item = &ServiceContainer> {
+    pub(crate) fn containers(&self) -> impl Iterator<Item = &ServiceContainer> {
         self.by_service.values().flatten()
     }
 
     /// True when any container still runs (or restarts, or is paused).
-    pub fn any_up(&self) -> bool {
+    pub(crate) fn any_up(&self) -> bool {
         self.containers().any(|c| c.state.is_up())
-    }
-
-    /// Container ids by name, for events and tests.
-    pub fn ids(&self) -> BTreeMap<String, String> {
-        self.containers()
-            .map(|c| (c.name.clone(), c.id.clone()))
-            .collect()
     }
 }
 
 /// The engine-side filter selecting one project's containers.
-pub fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
+pub(crate) fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
     HashMap::from([(
         "label".to_string(),
         vec![format!("{PROJECT_LABEL}={project}")],
@@ -113,7 +112,11 @@ pub fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
 
 /// The containers of `project` now. Stopped ones are inspected for their
 /// exit code (the list does not carry it).
-pub async fn observe(docker: &Docker, id: &str, project: &str) -> Result<Observed, ComposeError> {
+pub(crate) async fn observe(
+    docker: &Docker,
+    id: &str,
+    project: &str,
+) -> Result<Observed, ComposeError> {
     let listed = docker
         .list_containers(Some(ListContainersOptions {
             all: true,
@@ -171,29 +174,76 @@ pub async fn observe(docker: &Docker, id: &str, project: &str) -> Result<Observe
     Ok(observed)
 }
 
+/// Everything a reconcile decides from, read before anything is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Observation {
+    /// Another live workload that runs the spec's project name. When set,
+    /// nothing else was looked at: the project is not this workload's.
+    pub(crate) owner: Option<String>,
+    /// The project the folder was last written for, when the spec renamed
+    /// it and no other workload runs that name: left over, to take down.
+    pub(crate) renamed_from: Option<String>,
+    /// The spec hash of the last successful `up`.
+    pub(crate) brought_up: Option<String>,
+    /// The project's containers.
+    pub(crate) containers: Observed,
+}
+
+impl Observation {
+    /// Reads the project of `desired` from the informer's `workloads`, the
+    /// project folder and the engine (connected first, so an unreachable
+    /// one is the error).
+    pub(crate) async fn read(
+        runtime: &ComposeRuntime,
+        workloads: &[Arc<Workload>],
+        desired: &Desired,
+    ) -> Result<Observation, ComposeError> {
+        let (id, prepared) = (desired.id.as_str(), &desired.prepared);
+        let other = |project: &str| naming::owner(project, workloads).filter(|w| w.id() != id);
+        if let Some(owner) = other(&prepared.project) {
+            return Ok(Observation {
+                owner: Some(owner.id().to_string()),
+                ..Default::default()
+            });
+        }
+        runtime.docker(id).await?;
+        let renamed_from = prepared
+            .dir
+            .recorded_project()
+            .await
+            .filter(|previous| *previous != prepared.project && other(previous).is_none());
+        Ok(Observation {
+            owner: None,
+            renamed_from,
+            brought_up: prepared.dir.recorded_hash().await,
+            containers: runtime.containers(id, &prepared.project).await?,
+        })
+    }
+}
+
 /// How one service is doing against its declared scale.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceReport {
-    pub name: String,
+pub(crate) struct ServiceReport {
+    pub(crate) name: String,
     /// Containers that should run.
-    pub scale: u32,
-    pub running: u32,
+    pub(crate) scale: u32,
+    pub(crate) running: u32,
     /// `running`, `restarting`, `exited`, `created`, `missing`…
-    pub state: &'static str,
+    pub(crate) state: &'static str,
     /// Of a stopped container, when the service is not running.
-    pub exit_code: Option<i64>,
+    pub(crate) exit_code: Option<i64>,
     /// Not in the compose file any more.
-    pub orphan: bool,
+    pub(crate) orphan: bool,
 }
 
 impl ServiceReport {
-    pub fn is_satisfied(&self) -> bool {
+    pub(crate) fn is_satisfied(&self) -> bool {
         !self.orphan && self.running >= self.scale
     }
 }
 
 /// Every declared service, and every service found that is not declared.
-pub fn assess(declared: &DeclaredServices, observed: &Observed) -> Vec<ServiceReport> {
+pub(crate) fn assess(declared: &DeclaredServices, observed: &Observed) -> Vec<ServiceReport> {
     let empty = Vec::new();
     let mut reports = Vec::new();
     let names: std::collections::BTreeSet<&String> =
@@ -232,6 +282,53 @@ pub fn assess(declared: &DeclaredServices, observed: &Observed) -> Vec<ServiceRe
         });
     }
     reports
+}
+
+/// `web, db`.
+pub(crate) fn names(services: &[ServiceReport]) -> String {
+    services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `web exited (code 3), db missing`.
+pub(crate) fn describe<'a>(services: impl IntoIterator<Item = &'a ServiceReport>) -> String {
+    services
+        .into_iter()
+        .map(|s| match s.exit_code {
+            Some(code) => format!("{} {} (code {code})", s.name, s.state),
+            None => format!("{} {}", s.name, s.state),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+impl Observation {
+    /// A project of these services' containers, brought up from `hash`.
+    pub(crate) fn example(
+        services: &[(&str, ContainerState, Option<i64>)],
+        hash: &str,
+    ) -> Observation {
+        let mut containers = Observed::default();
+        for &(service, state, exit_code) in services {
+            let container = ServiceContainer {
+                id: format!("id-{service}"),
+                name: format!("shop-{service}-1"),
+                state,
+                exit_code,
+            };
+            let by_service = containers.by_service.entry(service.into());
+            by_service.or_default().push(container);
+        }
+        Observation {
+            brought_up: Some(hash.into()),
+            containers,
+            ..Default::default()
+        }
+    }
 }
 
 #[cfg(test)]

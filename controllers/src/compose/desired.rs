@@ -1,0 +1,129 @@
+//! What a compose workload asks for, read from its spec and stored status
+//! without touching anything: the plan's first input.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use persys_api::v1::{ActualState, ComposeSpec, DesiredState, Workload, workload_spec};
+
+use super::errors::ComposeError;
+use super::naming::{self, project_name_of};
+use super::project::{ProjectDir, ProjectFiles, render_env};
+use super::services::DeclaredServices;
+use super::validate::validate_compose_spec;
+
+/// The project a valid spec describes, ready to write and run.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    /// The compose project name: the label its containers are found by.
+    pub(crate) project: String,
+    /// Where the files are written and compose runs.
+    pub(crate) dir: ProjectDir,
+    pub(crate) files: ProjectFiles,
+    /// What "every service runs" means for this file.
+    pub(crate) declared: DeclaredServices,
+    /// The spec's environment, for the compose process.
+    pub(crate) env: BTreeMap<String, String>,
+}
+
+/// A workload with a valid spec, as the plan needs it: the project, and the
+/// few facts of the workload that decide what to do with it.
+#[derive(Debug, Clone)]
+pub(crate) struct Desired {
+    /// The workload, for events, errors and memory.
+    pub(crate) id: String,
+    /// The spec's hash: the project is brought up again when it differs
+    /// from the one recorded at the last `up`.
+    pub(crate) hash: String,
+    /// For the `Up` event.
+    pub(crate) revision: String,
+    /// The desired state is stopped (unspecified means running).
+    pub(crate) stopped: bool,
+    /// The stored status says stopped: a start then is not a repair.
+    pub(crate) reported_stopped: bool,
+    /// The stored restart count, carried over when this process first
+    /// sees the workload.
+    pub(crate) restarts: i32,
+    /// What to run.
+    pub(crate) prepared: Prepared,
+}
+
+impl Desired {
+    /// The workload's spec, checked and rendered into project files under
+    /// `root`; `InvalidSpec` when it cannot run as it is.
+    pub(crate) fn read(workload: &Workload, root: &Path) -> Result<Desired, ComposeError> {
+        let status = workload.status.as_ref();
+        Ok(Desired {
+            id: workload.id().to_string(),
+            hash: workload.spec_hash(),
+            revision: workload.revision_id().to_string(),
+            stopped: workload.desired_state() == DesiredState::Stopped,
+            reported_stopped: status.map(|s| s.actual_state()) == Some(ActualState::Stopped),
+            restarts: status.map(|s| s.restart_count).unwrap_or(0),
+            prepared: prepare(workload, root)?,
+        })
+    }
+}
+
+/// The spec, checked and rendered into project files.
+pub(crate) fn prepare(workload: &Workload, root: &Path) -> Result<Prepared, ComposeError> {
+    let id = workload.id();
+    let invalid = |message: String| ComposeError::InvalidSpec {
+        id: id.to_string(),
+        message,
+    };
+    let spec: &ComposeSpec = match workload.workload_spec() {
+        Some(workload_spec::Spec::Compose(spec)) => spec,
+        _ => return Err(invalid("a compose workload needs a compose spec".into())),
+    };
+    let dir = ProjectDir::for_workload(root, id)
+        .ok_or_else(|| invalid(format!("id {id:?} cannot name a project folder")))?;
+    let project = project_name_of(workload).unwrap_or_default();
+    if !naming::is_valid_project_name(&project) {
+        return Err(invalid(format!(
+            "spec.compose.project_name: {project:?} is not a valid compose project name"
+        )));
+    }
+    let declared = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
+    let compose = persys_api::compose_file_text(&spec.compose_yaml)
+        .map_err(|why| invalid(format!("spec.compose.compose_yaml {why}")))?;
+    Ok(Prepared {
+        files: ProjectFiles {
+            compose,
+            env: render_env(&spec.env),
+            project: format!("{project}\n"),
+        },
+        project,
+        dir,
+        declared,
+        env: spec.env.clone(),
+    })
+}
+
+#[cfg(test)]
+impl Desired {
+    /// A workload `shop` running web and db, of spec `hash`, with 4
+    /// restarts in its stored status.
+    pub(crate) fn example(hash: &str, stopped: bool) -> Desired {
+        let dir = ProjectDir::for_workload(Path::new("/nowhere"), "shop");
+        Desired {
+            id: "shop".into(),
+            hash: hash.into(),
+            revision: "r2".into(),
+            stopped,
+            reported_stopped: false,
+            restarts: 4,
+            prepared: Prepared {
+                project: "shop".into(),
+                dir: dir.expect("a safe id"),
+                files: ProjectFiles {
+                    compose: String::new(),
+                    env: String::new(),
+                    project: "shop\n".into(),
+                },
+                declared: [("web".to_string(), 1), ("db".to_string(), 1)].into(),
+                env: BTreeMap::new(),
+            },
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The Compose runtime as the controller acts on it: the compose CLI (found
+//! once, forgotten when it disappears), the processes that run it, and the
+//! engine the projects' containers are read and removed through.
+
+use std::collections::BTreeMap;
+
+use bollard::Docker;
+use bollard::query_parameters::{
+    ListNetworksOptions, RemoveContainerOptions, StopContainerOptions,
+};
+
+use super::binary::{self, ComposeBinary, DetectError};
+use super::cli::{self, Verb};
+use super::command::{CommandRunner, Output, RunError};
+use super::config::ComposeConfig;
+use super::errors::{ComposeError, FailureReason, Operation, classify_stderr};
+use super::observe::{self, Observed, project_filter};
+use super::project::ProjectDir;
+use crate::docker::{Engine, EngineVersion};
+
+/// The facade every compose command and engine call goes through, so the
+/// detected CLI is cached in one place and dropped in the same place when
+/// it can no longer be started.
+pub(crate) struct ComposeRuntime {
+    engine: Engine,
+    runner: CommandRunner,
+    /// `PERSYS_COMPOSE_BINARY`, if set.
+    configured: Option<String>,
+    /// The detected compose CLI. A tokio mutex: held across the detection,
+    /// so concurrent reconciles detect once. Empty until a detection
+    /// succeeds; cleared when the binary disappears.
+    binary: tokio::sync::Mutex<Option<ComposeBinary>>,
+}
+
+impl ComposeRuntime {
+    /// Contacts neither the engine nor the CLI: both are found on first use.
+    pub(crate) fn new(config: &ComposeConfig) -> Self {
+        ComposeRuntime {
+            engine: Engine::new(config.host.clone()),
+            runner: CommandRunner::new(config.max_concurrent_commands, config.command_timeout),
+            configured: config.binary.clone(),
+            binary: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine's version: half of the health probe.
+    pub(crate) async fn engine_version(&self) -> Result<EngineVersion, bollard::errors::Error> {
+        self.engine.version().await
+    }
+
+    /// The compose CLI, detected on first use.
+    pub(crate) async fn binary(&self) -> Result<ComposeBinary, DetectError> {
+        let mut cached = self.binary.lock().await;
+        if let Some(found) = cached.as_ref() {
+            return Ok(found.clone());
+        }
+        let found = binary::detect(self.configured.as_deref(), &self.env(None)).await?;
+        tracing::info!(compose = %found, "compose CLI detected");
+        *cached = Some(found.clone());
+        Ok(found)
+    }
+
+    /// The compose CLI, or why there is none, as the workload's error.
+    pub(crate) async fn binary_for(&self, id: &str) -> Result<ComposeBinary, ComposeError> {
+        self.binary()
+            .await
+            .map_err(|source| ComposeError::NoBinary {
+                id: id.to_string(),
+                source,
+            })
+    }
+
+    /// The engine client, connecting on first use.
+    pub(crate) async fn docker(&self, id: &str) -> Result<Docker, ComposeError> {
+        self.engine
+            .client()
+            .await
+            .map_err(|e| ComposeError::engine(id, Operation::Connect, e))
+    }
+
+    /// The containers of `project` now.
+    pub(crate) async fn containers(
+        &self,
+        id: &str,
+        project: &str,
+    ) -> Result<Observed, ComposeError> {
+        observe::observe(&self.docker(id).await?, id, project).await
+    }
+
+    /// The environment of a compose process for a spec's `env` (none: an
+    /// orphan's, which compose reads from its `.env`).
+    fn env(&self, spec_env: Option<&BTreeMap<String, String>>) -> Vec<(String, String)> {
+        let empty = BTreeMap::new();
+        cli::environment(
+            std::env::vars(),
+            self.engine.host(),
+            spec_env.unwrap_or(&empty),
+        )
+    }
+
+    /// Runs `verb` on a project; a non-zero exit is a classified error.
+    pub(crate) async fn run(
+        &self,
+        id: &str,
+        binary: &ComposeBinary,
+        (project, dir): (&str, &ProjectDir),
+        verb: Verb,
+        env: Option<&BTreeMap<String, String>>,
+    ) -> Result<Output, ComposeError> {
+        let invocation = cli::invocation(binary, project, dir, verb, self.env(env));
+        tracing::info!(project, %verb, compose = %binary.command_line(), "running compose");
+        let failed = |reason: FailureReason, detail: String| ComposeError::Command {
+            id: id.to_string(),
+            verb,
+            reason,
+            detail,
+        };
+        match self.runner.run(&invocation).await {
+            Ok(output) if output.status.success() => {
+                if cli::printed_usage(&output.stdout, &output.stderr) {
+                    return Err(failed(
+                        FailureReason::RuntimeError,
+                        format!(
+                            "compose printed its usage instead of running: {}",
+                            output.stderr.trim()
+                        ),
+                    ));
+                }
+                tracing::debug!(project, %verb, took = ?output.took, "compose finished");
+                Ok(output)
+            }
+            Ok(output) => {
+                let stderr = output.stderr.trim();
+                let detail = if stderr.is_empty() {
+                    format!("exited with {}: {}", output.status, output.stdout.trim())
+                } else {
+                    stderr.to_string()
+                };
+                Err(failed(classify_stderr(stderr), detail))
+            }
+            Err(RunError::Spawn { program, source }) => {
+                // Uninstalled or replaced: detect again next time.
+                *self.binary.lock().await = None;
+                Err(failed(
+                    FailureReason::RuntimeError,
+                    format!("could not start {program}: {source}"),
+                ))
+            }
+            Err(error) => Err(failed(FailureReason::RuntimeError, error.to_string())),
+        }
+    }
+
+    /// Stops what `compose stop` left up: containers of services no longer
+    /// in the file.
+    pub(crate) async fn stop_leftovers(&self, id: &str, project: &str) -> Result<(), ComposeError> {
+        let docker = self.docker(id).await?;
+        let observed = observe::observe(&docker, id, project).await?;
+        for container in observed.containers().filter(|c| c.state.is_up()) {
+            tracing::info!(container = %container.name, "stopping a container compose left running");
+            docker
+                .stop_container(&container.id, None::<StopContainerOptions>)
+                .await
+                .map_err(|e| ComposeError::engine(id, Operation::StopContainer, e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes a project down: `compose down --remove-orphans` when the folder
+    /// and a compose CLI allow, then whatever is left of it (containers,
+    /// networks; never volumes) through the engine, so a delete completes
+    /// even when the compose file no longer parses.
+    pub(crate) async fn take_down(
+        &self,
+        id: &str,
+        project: &str,
+        dir: &ProjectDir,
+        env: Option<&BTreeMap<String, String>>,
+    ) -> Result<(), ComposeError> {
+        let docker = self.docker(id).await?;
+        if dir.exists().await {
+            match self.binary().await {
+                Ok(binary) => {
+                    if let Err(error) = self.run(id, &binary, (project, dir), Verb::Down, env).await
+                    {
+                        tracing::warn!(%error, "compose down failed; removing what is left through the engine");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "no compose CLI; removing the project through the engine");
+                }
+            }
+        }
+        let observed = observe::observe(&docker, id, project).await?;
+        for container in observed.containers() {
+            tracing::info!(container = %container.name, "removing a container compose left behind");
+            let options = RemoveContainerOptions {
+                force: true,
+                v: false,
+                link: false,
+            };
+            match docker.remove_container(&container.id, Some(options)).await {
+                Err(e) if !is_not_found(&e) => {
+                    return Err(ComposeError::engine(id, Operation::RemoveContainer, e));
+                }
+                _ => {}
+            }
+        }
+        let networks = docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(project_filter(project)),
+            }))
+            .await
+            .map_err(|e| ComposeError::engine(id, Operation::ListNetworks, e))?;
+        for network in networks {
+            let Some(name) = network.id.or(network.name) else {
+                continue;
+            };
+            match docker.remove_network(&name).await {
+                Err(e) if !is_not_found(&e) => {
+                    return Err(ComposeError::engine(id, Operation::RemoveNetwork, e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Already gone: what a removal wanted.
+fn is_not_found(error: &bollard::errors::Error) -> bool {
+    matches!(
+        error,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
