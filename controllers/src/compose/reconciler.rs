@@ -284,10 +284,6 @@ impl Reconciler for ComposeController {
         "compose"
     }
 
-    fn is_runtime_unreachable(&self, error: &ComposeError) -> bool {
-        matches!(error, ComposeError::Unreachable { .. })
-    }
-
     fn workload_type(&self) -> WorkloadType {
         WorkloadType::Compose
     }

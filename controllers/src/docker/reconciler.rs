@@ -309,10 +309,6 @@ impl Reconciler for DockerController {
         "docker"
     }
 
-    fn is_runtime_unreachable(&self, error: &DockerError) -> bool {
-        matches!(error, DockerError::Unreachable { .. })
-    }
-
     fn workload_type(&self) -> WorkloadType {
         WorkloadType::Container
     }

@@ -378,10 +378,6 @@ impl Reconciler for VmController {
         "vm"
     }
 
-    fn is_runtime_unreachable(&self, error: &VmError) -> bool {
-        matches!(error, VmError::Unreachable { .. })
-    }
-
     fn workload_type(&self) -> WorkloadType {
         WorkloadType::Vm
     }
