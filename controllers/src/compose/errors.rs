@@ -236,6 +236,10 @@ impl Classify for ComposeError {
             ComposeError::Store { source, .. } => store_class(source),
         }
     }
+
+    fn failure(&self) -> (FailureReason, String) {
+        (self.reason(), self.detail())
+    }
 }
 
 #[cfg(test)]

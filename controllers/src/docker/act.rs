@@ -377,14 +377,10 @@ impl Act<'_> {
     /// Turns a failed create or start into what is reported: terminal
     /// failures are remembered; others wait the crash-loop back-off.
     async fn failed_attempt(&self, error: DockerError) -> Halt {
-        if matches!(error, DockerError::Unreachable { .. }) {
-            return Halt::Error(error);
-        }
-        let (reason, detail) = (error.reason(), error.detail());
-        tracing::warn!(%error, "container did not start");
-        self.event(EventType::Warning, "Failed", detail.clone())
-            .await;
         let (policy, now) = (self.config.crash_loop, (Instant::now(), now_ms()));
-        Halt::from(self.memory(|m| m.start_failed(reason, &detail, &policy, now)))
+        kit::refused_start(self.events, self.id(), error, |reason, detail| {
+            self.memory(|m| m.start_failed(reason, detail, &policy, now))
+        })
+        .await
     }
 }

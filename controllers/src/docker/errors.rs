@@ -206,6 +206,10 @@ impl Classify for DockerError {
             DockerError::Store { source, .. } => store_class(source),
         }
     }
+
+    fn failure(&self) -> (FailureReason, String) {
+        (self.reason(), self.detail())
+    }
 }
 
 #[cfg(test)]

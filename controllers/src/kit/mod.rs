@@ -206,8 +206,36 @@ impl ErrorClass {
 /// An error of a runtime controller, classified: the runner and the kit
 /// decide from the class, each runtime only says which class its errors
 /// fall in.
-pub trait Classify {
+pub trait Classify: std::fmt::Display {
     fn class(&self) -> ErrorClass;
+
+    /// Why, in the agent's vocabulary, and what happened without the
+    /// workload prefix: what a status reports of this error. By default a
+    /// runtime error, in the error's own words.
+    fn failure(&self) -> (FailureReason, String) {
+        (FailureReason::RuntimeError, self.to_string())
+    }
+}
+
+/// A start or create the runtime refused. An unreachable runtime halts the
+/// reconcile as it is (the outage probe's to wait out); anything else is a
+/// `Failed` warning event and a failed start, which `count` records in the
+/// workload's memory (through [`failed_start`]) and answers.
+pub(crate) async fn refused_start<E: Classify>(
+    events: &Recorder,
+    id: &str,
+    error: E,
+    count: impl FnOnce(FailureReason, &str) -> Failed,
+) -> Halt<E> {
+    if error.class() == ErrorClass::Unreachable {
+        return Halt::Error(error);
+    }
+    let (reason, detail) = error.failure();
+    tracing::warn!(%error, "the start failed");
+    events
+        .event(id, EventType::Warning, "Failed", detail.clone())
+        .await;
+    Halt::Failed(count(reason, &detail))
 }
 
 /// A status write that failed: retried unless the object left the store.
@@ -307,11 +335,12 @@ mod tests {
     use futures::future::BoxFuture;
     use persys_api::v1::ObjectMeta;
 
-    /// A writer that answers every status write with one fixed result and
-    /// counts the writes.
+    /// A writer that answers every status write with one fixed result,
+    /// fails every event write, and counts both.
     struct Answering {
         answer: Result<u64, WriteError>,
         writes: Mutex<u32>,
+        events: Mutex<u32>,
     }
 
     impl WorkloadWriter for Answering {
@@ -347,6 +376,7 @@ mod tests {
             _: String,
             _: String,
         ) -> BoxFuture<'_, Result<(), WriteError>> {
+            *locked(&self.events) += 1;
             Box::pin(async { Err(WriteError::Unavailable("down".into())) })
         }
     }
@@ -355,6 +385,7 @@ mod tests {
         Answering {
             answer,
             writes: Mutex::new(0),
+            events: Mutex::new(0),
         }
     }
 
@@ -484,6 +515,52 @@ mod tests {
         recorder
             .event("web", EventType::Warning, "Failed", "boom".into())
             .await;
+    }
+
+    /// An error of a given class.
+    #[derive(Debug)]
+    struct Refusal(ErrorClass);
+
+    impl std::fmt::Display for Refusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "refused ({:?})", self.0)
+        }
+    }
+
+    impl Classify for Refusal {
+        fn class(&self) -> ErrorClass {
+            self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_start_is_told_and_counted_but_an_unreachable_runtime_is_neither() {
+        let writer = Arc::new(writer(Ok(1)));
+        let recorder = Recorder::new(writer.clone());
+        let counted = Mutex::new(Vec::new());
+        let count = |reason: FailureReason, detail: &str| {
+            locked(&counted).push(detail.to_string());
+            Failed {
+                reason,
+                detail: detail.to_string(),
+                retry_in: None,
+                due_ms: None,
+            }
+        };
+        let halt = refused_start(&recorder, "web", Refusal(ErrorClass::Unreachable), count).await;
+        assert!(matches!(
+            halt,
+            Halt::Error(Refusal(ErrorClass::Unreachable))
+        ));
+        assert_eq!((*locked(&writer.events), locked(&counted).len()), (0, 0));
+        let halt = refused_start(&recorder, "web", Refusal(ErrorClass::Retryable), count).await;
+        let Halt::Failed(failed) = halt else {
+            panic!("a refusal is a failure to report");
+        };
+        assert_eq!(failed.reason, FailureReason::RuntimeError);
+        assert_eq!(failed.detail, "refused (Retryable)");
+        assert_eq!(*locked(&writer.events), 1, "a Failed event is recorded");
+        assert_eq!(*locked(&counted), ["refused (Retryable)"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -367,20 +367,13 @@ impl VmController {
     /// reported: an unreachable libvirt is the error path's; terminal
     /// failures are not retried; others wait the crash-loop back-off.
     async fn failed_attempt(&self, id: &str, error: VmError) -> Halt {
-        if error.is_unreachable() {
-            return Halt::Error(error);
-        }
-        tracing::warn!(%error, "the VM could not be started");
-        let (reason, detail) = (error.reason(), error.detail());
-        let warning = detail.clone();
-        self.events
-            .event(id, EventType::Warning, "Failed", warning)
-            .await;
         let (policy, at) = (self.config.crash_loop, (Instant::now(), now_ms()));
-        let failed = self.workloads.with(id, |m| {
-            let (crash, last) = (&mut m.crash, &mut m.last_failure);
-            kit::failed_start(crash, last, reason, &detail, &policy, at)
-        });
-        Halt::from(failed)
+        kit::refused_start(&self.events, id, error, |reason, detail| {
+            self.workloads.with(id, |m| {
+                let (crash, last) = (&mut m.crash, &mut m.last_failure);
+                kit::failed_start(crash, last, reason, detail, &policy, at)
+            })
+        })
+        .await
     }
 }

@@ -328,6 +328,10 @@ impl Classify for VmError {
             VmError::Store { source, .. } => store_class(source),
         }
     }
+
+    fn failure(&self) -> (FailureReason, String) {
+        (self.reason(), self.detail())
+    }
 }
 
 #[cfg(test)]
