@@ -62,6 +62,7 @@ check() {
 
 check "cargo fmt --check" "$CARGO" fmt --all -- --check
 check "cargo clippy" "$CARGO" clippy --workspace --all-targets -- -D warnings
+check "cargo doc" env RUSTDOCFLAGS="-D warnings" "$CARGO" doc --workspace --no-deps
 check "cargo test" "$CARGO" test --workspace
 check "helm chart" bash "$root/hack/chart-check.sh"
 

@@ -1,6 +1,6 @@
 //! Restarts are the agent's job, not the engine's: containers are created
 //! with the engine's restart policy `no`, and this module decides whether an
-//! exited container starts again; when is [`crate::crash_loop`]'s job.
+//! exited container starts again; when is the crash loop's job (`crash_loop.rs`).
 
 use persys_api::v1::ContainerSpec;
 

@@ -9,7 +9,7 @@
 //! `virt`'s `Connect` panics in `Drop` when `virConnectClose` fails (as it
 //! may on a broken connection); [`Connection`] closes it itself and ignores
 //! the result. The event loop behind keepalives and lifecycle events is
-//! registered before the first connection is opened (see [`super::events`]).
+//! registered before the first connection is opened (see `events.rs`).
 
 use std::mem::ManuallyDrop;
 use std::ops::Deref;

@@ -17,7 +17,7 @@
 //!   element domains are adopted by; [`xml`]: escaping and reading XML.
 //! - [`disks`]: disk plans, path rules, `qemu-img create`, the record of
 //!   agent-created disks; `seed`: the cloud-init NoCloud seed ISO.
-//! - [`crash_loop`]: kubelet's restart back-off; [`errors`]: typed errors
+//! - `crash_loop`: kubelet's restart back-off; [`errors`]: typed errors
 //!   classified from libvirt's error codes; [`status`]: what a reconcile
 //!   found, as the workload's status; [`usage`]: the background sampler
 //!   behind `WorkloadStatus.usage`.
