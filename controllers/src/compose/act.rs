@@ -18,6 +18,7 @@ use super::reconciler::ComposeController;
 use super::services::DeclaredServices;
 use super::status::{self, Outcome};
 use crate::crash_loop::{Gate, RetryGate};
+use crate::kit::Classify;
 
 /// How soon to look again at a project that is coming up (a service the
 /// engine is restarting, one that exited right after `up`): engine events

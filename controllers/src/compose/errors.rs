@@ -8,7 +8,7 @@ use bollard::errors::Error as EngineError;
 
 use super::binary::DetectError;
 use super::cli::Verb;
-use crate::docker::errors::{engine_says, is_unreachable};
+use crate::docker::errors::{engine_says, is_unreachable, unreachable_detail};
 use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
 
@@ -189,38 +189,6 @@ impl ComposeError {
             }
         }
     }
-
-    /// The failure reason this error is reported under.
-    pub fn reason(&self) -> FailureReason {
-        match self {
-            ComposeError::Command { reason, .. } => *reason,
-            ComposeError::InvalidSpec { .. } => FailureReason::InvalidSpec,
-            ComposeError::Files { .. } => FailureReason::StorageError,
-            ComposeError::Unreachable { .. }
-            | ComposeError::Engine { .. }
-            | ComposeError::NoBinary { .. }
-            | ComposeError::Store { .. } => FailureReason::RuntimeError,
-        }
-    }
-
-    /// What went wrong without the workload prefix: for status.
-    pub fn detail(&self) -> String {
-        match self {
-            ComposeError::Unreachable {
-                operation, source, ..
-            } => format!("docker engine unreachable while trying to {operation}: {source}"),
-            ComposeError::Engine {
-                operation, source, ..
-            } => format!("docker could not {operation}: {}", engine_says(source)),
-            ComposeError::NoBinary { source, .. } => format!("no compose binary: {source}"),
-            ComposeError::Command { verb, detail, .. } => format!("compose {verb}: {detail}"),
-            ComposeError::Files { path, source, .. } => {
-                format!("project files at {}: {source}", path.display())
-            }
-            ComposeError::InvalidSpec { message, .. } => message.clone(),
-            ComposeError::Store { source, .. } => source.to_string(),
-        }
-    }
 }
 
 impl Classify for ComposeError {
@@ -237,8 +205,36 @@ impl Classify for ComposeError {
         }
     }
 
-    fn failure(&self) -> (FailureReason, String) {
-        (self.reason(), self.detail())
+    /// The failure reason this error is reported under.
+    fn reason(&self) -> FailureReason {
+        match self {
+            ComposeError::Command { reason, .. } => *reason,
+            ComposeError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+            ComposeError::Files { .. } => FailureReason::StorageError,
+            ComposeError::Unreachable { .. }
+            | ComposeError::Engine { .. }
+            | ComposeError::NoBinary { .. }
+            | ComposeError::Store { .. } => FailureReason::RuntimeError,
+        }
+    }
+
+    /// What went wrong without the workload prefix: for status.
+    fn detail(&self) -> String {
+        match self {
+            ComposeError::Unreachable {
+                operation, source, ..
+            } => unreachable_detail(operation, source),
+            ComposeError::Engine {
+                operation, source, ..
+            } => format!("docker could not {operation}: {}", engine_says(source)),
+            ComposeError::NoBinary { source, .. } => format!("no compose binary: {source}"),
+            ComposeError::Command { verb, detail, .. } => format!("compose {verb}: {detail}"),
+            ComposeError::Files { path, source, .. } => {
+                format!("project files at {}: {source}", path.display())
+            }
+            ComposeError::InvalidSpec { message, .. } => message.clone(),
+            ComposeError::Store { source, .. } => source.to_string(),
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::controller::{Action, Cleanup, Reconciler};
 use crate::docker::follow;
 use crate::docker::{Engine, EngineVersion};
 use crate::informer::Cache;
-use crate::kit::{self, Recorder, Workloads};
+use crate::kit::{self, Classify, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon a workload whose project name another workload owns looks

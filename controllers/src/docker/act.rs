@@ -20,7 +20,7 @@ use super::runtime::Runtime;
 use super::spec::{create_body, stop_grace, volume_requests};
 use super::status::Outcome;
 use crate::crash_loop::CrashLoop;
-use crate::kit::{self, Recorder, Workloads};
+use crate::kit::{self, Classify, Recorder, Workloads};
 
 /// How a convergence stopped short of the desired state.
 pub(crate) type Halt = kit::Halt<DockerError>;

@@ -162,31 +162,14 @@ impl DockerError {
             }
         }
     }
+}
 
-    /// The failure reason this error is reported under.
-    pub fn reason(&self) -> FailureReason {
-        match self {
-            DockerError::Unreachable { .. } | DockerError::Store { .. } => {
-                FailureReason::RuntimeError
-            }
-            DockerError::Engine { reason, .. } => *reason,
-            DockerError::InvalidSpec { .. } => FailureReason::InvalidSpec,
-        }
-    }
-
-    /// The engine's own words, without the workload prefix: for status.
-    pub fn detail(&self) -> String {
-        match self {
-            DockerError::Unreachable {
-                operation, source, ..
-            } => format!("docker engine unreachable while trying to {operation}: {source}"),
-            DockerError::Engine {
-                operation, source, ..
-            } => format!("could not {operation}: {}", engine_says(source)),
-            DockerError::InvalidSpec { source, .. } => source.to_string(),
-            DockerError::Store { source, .. } => source.to_string(),
-        }
-    }
+/// What a status says of an engine that could not be reached.
+pub(crate) fn unreachable_detail(
+    operation: impl std::fmt::Display,
+    source: &EngineError,
+) -> String {
+    format!("docker engine unreachable while trying to {operation}: {source}")
 }
 
 /// The engine's own words: the message of a refusal, else the error.
@@ -207,8 +190,29 @@ impl Classify for DockerError {
         }
     }
 
-    fn failure(&self) -> (FailureReason, String) {
-        (self.reason(), self.detail())
+    /// The failure reason this error is reported under.
+    fn reason(&self) -> FailureReason {
+        match self {
+            DockerError::Unreachable { .. } | DockerError::Store { .. } => {
+                FailureReason::RuntimeError
+            }
+            DockerError::Engine { reason, .. } => *reason,
+            DockerError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+        }
+    }
+
+    /// The engine's own words, without the workload prefix: for status.
+    fn detail(&self) -> String {
+        match self {
+            DockerError::Unreachable {
+                operation, source, ..
+            } => unreachable_detail(operation, source),
+            DockerError::Engine {
+                operation, source, ..
+            } => format!("could not {operation}: {}", engine_says(source)),
+            DockerError::InvalidSpec { source, .. } => source.to_string(),
+            DockerError::Store { source, .. } => source.to_string(),
+        }
     }
 }
 

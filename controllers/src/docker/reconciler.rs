@@ -26,7 +26,7 @@ use super::usage::{UsageSampler, UsageSnapshots};
 use super::validate::{SpecError, validate_container_spec};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::informer::Cache;
-use crate::kit::{self, Failed, Recorder, Workloads};
+use crate::kit::{self, Classify, Failed, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon to look again at a container in a passing state (stopping,

@@ -209,11 +209,16 @@ impl ErrorClass {
 pub trait Classify: std::fmt::Display {
     fn class(&self) -> ErrorClass;
 
-    /// Why, in the agent's vocabulary, and what happened without the
-    /// workload prefix: what a status reports of this error. By default a
-    /// runtime error, in the error's own words.
-    fn failure(&self) -> (FailureReason, String) {
-        (FailureReason::RuntimeError, self.to_string())
+    /// The failure reason a status reports for this error; by default a
+    /// runtime error.
+    fn reason(&self) -> FailureReason {
+        FailureReason::RuntimeError
+    }
+
+    /// What happened, without the workload prefix: for a status. By
+    /// default the error's own words.
+    fn detail(&self) -> String {
+        self.to_string()
     }
 }
 
@@ -230,7 +235,7 @@ pub(crate) async fn refused_start<E: Classify>(
     if error.class() == ErrorClass::Unreachable {
         return Halt::Error(error);
     }
-    let (reason, detail) = error.failure();
+    let (reason, detail) = (error.reason(), error.detail());
     tracing::warn!(%error, "the start failed");
     events
         .event(id, EventType::Warning, "Failed", detail.clone())

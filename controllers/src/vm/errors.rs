@@ -282,37 +282,11 @@ impl VmError {
         matches!(self, VmError::Unreachable { .. })
     }
 
-    /// The failure reason this error is reported under.
-    pub fn reason(&self) -> FailureReason {
-        match self {
-            VmError::Unreachable { .. } | VmError::Store { .. } => FailureReason::RuntimeError,
-            VmError::Libvirt { reason, .. } | VmError::Host { reason, .. } => *reason,
-            VmError::InvalidSpec { .. } => FailureReason::InvalidSpec,
-        }
-    }
-
     /// The libvirt error, if this is one.
     pub fn libvirt_error(&self) -> Option<&LibvirtError> {
         match self {
             VmError::Unreachable { source, .. } | VmError::Libvirt { source, .. } => Some(source),
             _ => None,
-        }
-    }
-
-    /// What happened, without the workload prefix: for status.
-    pub fn detail(&self) -> String {
-        match self {
-            VmError::Unreachable {
-                operation, source, ..
-            } => format!("libvirt unreachable while trying to {operation}: {source}"),
-            VmError::Libvirt {
-                operation, source, ..
-            } => format!("could not {operation}: {}", source.message),
-            VmError::Host {
-                operation, message, ..
-            } => format!("could not {operation}: {message}"),
-            VmError::InvalidSpec { source, .. } => source.to_string(),
-            VmError::Store { source, .. } => source.to_string(),
         }
     }
 }
@@ -329,8 +303,30 @@ impl Classify for VmError {
         }
     }
 
-    fn failure(&self) -> (FailureReason, String) {
-        (self.reason(), self.detail())
+    /// The failure reason this error is reported under.
+    fn reason(&self) -> FailureReason {
+        match self {
+            VmError::Unreachable { .. } | VmError::Store { .. } => FailureReason::RuntimeError,
+            VmError::Libvirt { reason, .. } | VmError::Host { reason, .. } => *reason,
+            VmError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+        }
+    }
+
+    /// What happened, without the workload prefix: for status.
+    fn detail(&self) -> String {
+        match self {
+            VmError::Unreachable {
+                operation, source, ..
+            } => format!("libvirt unreachable while trying to {operation}: {source}"),
+            VmError::Libvirt {
+                operation, source, ..
+            } => format!("could not {operation}: {}", source.message),
+            VmError::Host {
+                operation, message, ..
+            } => format!("could not {operation}: {message}"),
+            VmError::InvalidSpec { source, .. } => source.to_string(),
+            VmError::Store { source, .. } => source.to_string(),
+        }
     }
 }
 

@@ -34,7 +34,7 @@ use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
 use crate::controller::{Action, Cleanup, Reconciler};
 use crate::informer::Cache;
-use crate::kit::{self, Failed, MIN_REQUEUE, Recorder, Workloads};
+use crate::kit::{self, Classify, Failed, MIN_REQUEUE, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon to look again at a guest in a passing state (shutting down on
