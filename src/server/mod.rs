@@ -5,6 +5,7 @@
 //! append to the log — the controllers do the work.
 
 pub mod authz;
+pub mod ceilings;
 pub mod coalesce;
 pub mod grpc_metrics;
 pub mod redact;
@@ -24,7 +25,7 @@ use persys_api::v1::{
     GetWorkloadStatusRequest, GetWorkloadStatusResponse, HealthCheckRequest, HealthCheckResponse,
     ListActionsRequest, ListActionsResponse, ListWorkloadsRequest, ListWorkloadsResponse,
     WatchEvent, WatchEventType, WatchRequest, Workload, WorkloadStatus, WorkloadType,
-    WorkloadUsageSnapshot,
+    WorkloadUsageSnapshot, workload_spec,
 };
 use persys_controllers::Informer;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,8 @@ pub struct Agent {
     pub store: Store,
     pub informer: Informer,
     pub limits: Arc<Limits>,
+    /// The policy's ceilings, and the applies admitted under them.
+    pub admission: ceilings::Admission,
     /// The runtimes of this node: which workload types it accepts, and the
     /// variable that turns each on.
     pub registry: Registry,
@@ -161,8 +164,22 @@ impl AgentService for Agent {
             self.metrics.apply("refused");
             return Err(Status::failed_precondition("node is draining"));
         }
+        let spec = apply.spec.spec.clone().unwrap_or_else(|| {
+            workload_spec::Spec::Container(persys_api::v1::ContainerSpec::default())
+        });
+        let reservation = self
+            .admission
+            .admit(&id, &spec, apply.desired_state)
+            .await
+            .map_err(|e| {
+                self.metrics.apply("refused");
+                Status::resource_exhausted(e.to_string())
+            })?;
         let outcome = match self.store.apply(apply).await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => {
+                reservation.release_after(&self.informer, outcome.workload().resource_version());
+                outcome
+            }
             Err(error) => {
                 self.metrics.apply(
                     if error.is_retryable() || matches!(error, StoreError::Closed) {

@@ -2,13 +2,15 @@
 //! and nothing is stored.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use persys_api::v1::{ApplyWorkloadRequest, DesiredState, WorkloadType, workload_spec};
 
 use persys_controllers::SpecError;
 use persys_controllers::compose::validate_compose_spec;
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
-use persys_controllers::vm::validate_vm_spec;
+use persys_controllers::policy::NodePolicy;
+use persys_controllers::vm::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};
 
 use crate::store::ApplyRequest;
 
@@ -28,13 +30,30 @@ fn refuse<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, 
 }
 
 /// What validation needs to know about this node.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Limits {
-    /// Which host paths containers may bind-mount (never the host's critical
-    /// paths nor the agent's state; within PERSYS_ALLOWED_HOST_PATHS).
+    /// Which host paths workloads may bind-mount: the policy's roots, never
+    /// the host's critical paths, the agent's own files or the Docker
+    /// socket.
     pub host_paths: HostPathPolicy,
     /// Roots VM disk files must lie under.
     pub vm_disk_roots: Vec<PathBuf>,
+    /// The node's workload policy.
+    pub policy: Arc<NodePolicy>,
+    /// Where host network interfaces are listed (a parameter so tests can
+    /// fake a bridge).
+    pub sys_class_net: PathBuf,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            host_paths: HostPathPolicy::default(),
+            vm_disk_roots: Vec::new(),
+            policy: Arc::default(),
+            sys_class_net: PathBuf::from(SYS_CLASS_NET),
+        }
+    }
 }
 
 /// Checks a request and turns it into a store apply. Unspecified type is
@@ -84,7 +103,10 @@ pub fn apply_request(
     match spec {
         workload_spec::Spec::Container(c) => validate_container_spec(c, &limits.host_paths),
         workload_spec::Spec::Compose(c) => validate_compose_spec(c).map(drop),
-        workload_spec::Spec::Vm(v) => validate_vm_spec(&request.id, v, &limits.vm_disk_roots),
+        workload_spec::Spec::Vm(v) => validate_vm_spec(&request.id, v, &limits.vm_disk_roots)
+            .and_then(|()| {
+                check_vm_networks(&request.id, v, &limits.policy.vm, &limits.sys_class_net)
+            }),
     }
     .map_err(FieldError::from)?;
     Ok(ApplyRequest {
