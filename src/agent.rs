@@ -129,10 +129,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             policy.ceilings.clone(),
             informer.clone(),
         ),
+        compose_parses: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
         limits: Arc::new(Limits {
             host_paths: crate::policy::host_path_policy(&config, &policy),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
             policy: policy.clone(),
+            docker_host: config.docker_host.clone(),
             ..Limits::default()
         }),
         registry,

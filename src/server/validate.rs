@@ -7,7 +7,8 @@ use std::sync::Arc;
 use persys_api::v1::{ApplyWorkloadRequest, DesiredState, WorkloadType, workload_spec};
 
 use persys_controllers::SpecError;
-use persys_controllers::compose::validate_compose_spec;
+use persys_controllers::compose::cli::environment;
+use persys_controllers::compose::{ComposeRules, check_compose_policy, validate_compose_spec};
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
 use persys_controllers::policy::NodePolicy;
 use persys_controllers::vm::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};
@@ -43,6 +44,9 @@ pub struct Limits {
     /// Where host network interfaces are listed (a parameter so tests can
     /// fake a bridge).
     pub sys_class_net: PathBuf,
+    /// The engine compose drives: part of the environment compose files
+    /// interpolate from.
+    pub docker_host: String,
 }
 
 impl Default for Limits {
@@ -52,6 +56,7 @@ impl Default for Limits {
             vm_disk_roots: Vec::new(),
             policy: Arc::default(),
             sys_class_net: PathBuf::from(SYS_CLASS_NET),
+            docker_host: String::new(),
         }
     }
 }
@@ -102,7 +107,21 @@ pub fn apply_request(
     // acting, so a spec refused here is one it would refuse too.
     match spec {
         workload_spec::Spec::Container(c) => validate_container_spec(c, &limits.host_paths),
-        workload_spec::Spec::Compose(c) => validate_compose_spec(c).map(drop),
+        workload_spec::Spec::Compose(c) => validate_compose_spec(c).and_then(|_| {
+            // What compose will interpolate from: its own process's
+            // environment, the spec's variables included.
+            let vars = environment(std::env::vars(), &limits.docker_host, &c.env)
+                .into_iter()
+                .collect();
+            check_compose_policy(
+                c,
+                &ComposeRules {
+                    policy: &limits.policy,
+                    host_paths: &limits.host_paths,
+                    vars: &vars,
+                },
+            )
+        }),
         workload_spec::Spec::Vm(v) => validate_vm_spec(&request.id, v, &limits.vm_disk_roots)
             .and_then(|()| {
                 check_vm_networks(&request.id, v, &limits.policy.vm, &limits.sys_class_net)

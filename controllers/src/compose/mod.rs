@@ -16,6 +16,9 @@
 //!   atomically, and the spec hash last brought up.
 //! - [`naming`]: project names, and who owns a contested one.
 //! - [`services`]: the services a compose file declares, with their scale.
+//! - `document`: a compose file read within bounds (size, alias expansion,
+//!   depth), merge keys applied, `${VAR}` interpolated as compose does.
+//! - `policy`: a compose file against the node's workload policy.
 //! - [`observe`]: the project's containers, from the engine.
 //! - [`status`]: what a reconcile found, as the workload's status.
 //! - [`errors`]: typed errors and the failure reasons status reports.
@@ -37,10 +40,12 @@ pub mod binary;
 pub mod cli;
 pub mod command;
 pub mod config;
+mod document;
 pub mod errors;
 pub mod events;
 pub mod naming;
 pub mod observe;
+mod policy;
 pub mod project;
 pub mod reconciler;
 pub mod services;
@@ -49,6 +54,8 @@ mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};
 pub use config::ComposeConfig;
+pub use document::MAX_COMPOSE_BYTES;
 pub use errors::{ComposeError, FailureReason};
+pub use policy::{ComposeRules, check_compose_policy};
 pub use reconciler::{ComposeController, ComposeHealth};
 pub use validate::validate_compose_spec;
