@@ -109,8 +109,12 @@ impl HostPathPolicy {
         if !path.is_absolute() {
             return Err(format!("{host_path:?} is not an absolute path"));
         }
-        let canonical = canonicalize_lenient(path)
-            .map_err(|e| format!("{host_path:?} cannot be resolved: {e}"))?;
+        let canonical = canonicalize_lenient(path).map_err(|e| {
+            refusal(
+                format_args!("{host_path:?} cannot be resolved: {e}"),
+                ALWAYS,
+            )
+        })?;
         if canonical == Path::new("/") {
             return Err(refusal(
                 "the host's root directory cannot be mounted",
@@ -163,6 +167,14 @@ fn canonicalize_lenient(path: &Path) -> std::io::Result<PathBuf> {
         let prefix: PathBuf = components[..existing].iter().collect();
         match std::fs::canonicalize(&prefix) {
             Ok(resolved) => break resolved,
+            // Present but unresolvable: a link to nothing (which the engine
+            // would create, following the link) or one it cannot read.
+            Err(_) if std::fs::symlink_metadata(&prefix).is_ok() => {
+                return Err(std::io::Error::other(format!(
+                    "{} is a symbolic link that does not resolve",
+                    prefix.display()
+                )));
+            }
             Err(_) if existing > 1 => existing -= 1,
             Err(error) => return Err(error),
         }
