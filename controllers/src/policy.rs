@@ -162,13 +162,14 @@ pub struct NodeCeilings {
 }
 
 impl Default for NodeCeilings {
+    /// One workload's default ceilings, CPU four times over.
     fn default() -> Self {
-        let machine = Machine::get();
+        let one = WorkloadCeilings::default();
         NodeCeilings {
             workloads: DEFAULT_MAX_WORKLOADS,
-            vcpus: machine.cpus * 4,
-            memory_mib: machine.memory_mib,
-            disk_gib: machine.disk_gib,
+            vcpus: one.vcpus * 4,
+            memory_mib: one.memory_mib,
+            disk_gib: one.disk_gib,
         }
     }
 }
@@ -183,12 +184,17 @@ pub struct WorkloadCeilings {
 }
 
 impl Default for WorkloadCeilings {
+    /// The whole machine.
     fn default() -> Self {
-        let machine = Machine::get();
+        let Machine {
+            cpus,
+            memory_mib,
+            disk_gib,
+        } = Machine::get();
         WorkloadCeilings {
-            vcpus: machine.cpus,
-            memory_mib: machine.memory_mib,
-            disk_gib: machine.disk_gib,
+            vcpus: cpus,
+            memory_mib,
+            disk_gib,
         }
     }
 }

@@ -76,6 +76,11 @@ impl Figures {
             .unwrap_or_default()
     }
 
+    /// CPU (millicpus), memory (MiB), disk (GiB), as [`DIMENSIONS`].
+    fn each(self) -> [i64; 3] {
+        [self.millicpus, self.memory_mib, self.disk_gib]
+    }
+
     fn max(self, other: Figures) -> Figures {
         Figures {
             millicpus: self.millicpus.max(other.millicpus),
@@ -148,10 +153,15 @@ const CACHE_WAIT: Duration = Duration::from_secs(60);
 impl Reservation {
     /// Keeps the share until the informer has reached `resource_version`.
     pub fn release_after(self, informer: &Informer, resource_version: u64) {
-        let informer = informer.clone();
+        let cache = informer.clone();
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(CACHE_WAIT, informer.wait_for_version(resource_version)).await;
+            let reached = cache.wait_for_version(resource_version);
+            if tokio::time::timeout(CACHE_WAIT, reached).await.is_err() {
+                tracing::debug!(
+                    resource_version,
+                    "reservation released before the cache caught up"
+                );
+            }
             drop(self);
         });
     }
@@ -230,35 +240,21 @@ impl Admission {
 
     fn check_workload(&self, wanted: Figures) -> Result<(), String> {
         let ceiling = &self.ceilings.workload;
-        let over = |what: &str, limit: String, requested: String, rule| {
-            Err(refusal(
-                format_args!("workload {what} ceiling {limit}: {requested} requested"),
-                rule,
-            ))
-        };
-        if wanted.millicpus > ceiling.vcpus as i64 * 1000 {
-            return over(
-                "vCPU",
-                format!("{} vCPUs", ceiling.vcpus),
-                format!("{} vCPUs", cpus(wanted.millicpus)),
-                "ceilings.workload.vcpus",
-            );
-        }
-        if wanted.memory_mib > ceiling.memory_mib as i64 {
-            return over(
-                "memory",
-                format!("{} MiB", ceiling.memory_mib),
-                format!("{} MiB", wanted.memory_mib),
-                "ceilings.workload.memory_mib",
-            );
-        }
-        if wanted.disk_gib > ceiling.disk_gib as i64 {
-            return over(
-                "disk",
-                format!("{} GiB", ceiling.disk_gib),
-                format!("{} GiB", wanted.disk_gib),
-                "ceilings.workload.disk_gib",
-            );
+        let limits = [ceiling.vcpus * 1000, ceiling.memory_mib, ceiling.disk_gib];
+        for (dimension, (limit, wanted)) in
+            DIMENSIONS.iter().zip(limits.into_iter().zip(wanted.each()))
+        {
+            if wanted > limit as i64 {
+                return Err(refusal(
+                    format_args!(
+                        "workload {} ceiling {}: {} requested",
+                        dimension.name,
+                        dimension.show(limit as i64),
+                        dimension.show(wanted)
+                    ),
+                    dimension.workload_rule,
+                ));
+            }
         }
         Ok(())
     }
@@ -274,50 +270,67 @@ impl Admission {
                 "ceilings.node.workloads",
             ));
         }
-        let dimensions = [
-            (
-                "vCPU",
-                ceiling.vcpus as i64 * 1000,
-                in_use.millicpus,
-                requested.millicpus,
-                "ceilings.node.vcpus",
-            ),
-            (
-                "memory",
-                ceiling.memory_mib as i64,
-                in_use.memory_mib,
-                requested.memory_mib,
-                "ceilings.node.memory_mib",
-            ),
-            (
-                "disk",
-                ceiling.disk_gib as i64,
-                in_use.disk_gib,
-                requested.disk_gib,
-                "ceilings.node.disk_gib",
-            ),
-        ];
-        for (what, limit, used, wanted, rule) in dimensions {
-            if wanted > 0 && used + wanted > limit {
-                let show = |n: i64| match what {
-                    "vCPU" => format!("{} vCPUs", cpus(n)),
-                    "memory" => format!("{n} MiB"),
-                    _ => format!("{n} GiB"),
-                };
+        let limits = [ceiling.vcpus * 1000, ceiling.memory_mib, ceiling.disk_gib];
+        let figures = in_use.each().into_iter().zip(requested.each());
+        for (dimension, (limit, (used, wanted))) in
+            DIMENSIONS.iter().zip(limits.into_iter().zip(figures))
+        {
+            if wanted > 0 && used + wanted > limit as i64 {
                 return Err(refusal(
                     format_args!(
-                        "node {what} ceiling {}: {} in use, {} requested",
-                        show(limit),
-                        show(used),
-                        show(wanted)
+                        "node {} ceiling {}: {} in use, {} requested",
+                        dimension.name,
+                        dimension.show(limit as i64),
+                        dimension.show(used),
+                        dimension.show(wanted)
                     ),
-                    rule,
+                    dimension.node_rule,
                 ));
             }
         }
         Ok(())
     }
 }
+
+/// One thing a ceiling bounds: its name and unit in messages, and the
+/// policy keys of its two ceilings.
+struct Dimension {
+    name: &'static str,
+    unit: &'static str,
+    workload_rule: &'static str,
+    node_rule: &'static str,
+}
+
+impl Dimension {
+    fn show(&self, figure: i64) -> String {
+        match self.unit {
+            "vCPUs" => format!("{} vCPUs", cpus(figure)),
+            unit => format!("{figure} {unit}"),
+        }
+    }
+}
+
+/// In the order of [`Figures::each`].
+const DIMENSIONS: [Dimension; 3] = [
+    Dimension {
+        name: "vCPU",
+        unit: "vCPUs",
+        workload_rule: "ceilings.workload.vcpus",
+        node_rule: "ceilings.node.vcpus",
+    },
+    Dimension {
+        name: "memory",
+        unit: "MiB",
+        workload_rule: "ceilings.workload.memory_mib",
+        node_rule: "ceilings.node.memory_mib",
+    },
+    Dimension {
+        name: "disk",
+        unit: "GiB",
+        workload_rule: "ceilings.workload.disk_gib",
+        node_rule: "ceilings.node.disk_gib",
+    },
+];
 
 #[cfg(test)]
 mod tests {
@@ -386,63 +399,48 @@ mod tests {
         assert_eq!(cpus(3000), "3");
     }
 
+    /// Admits a running VM of `vcpus` and `memory_mb`.
+    async fn admit_vm(
+        admission: &Admission,
+        id: &str,
+        vcpus: i32,
+        memory_mb: i64,
+    ) -> Result<Reservation, Exceeded> {
+        admission
+            .admit(id, &vm(vcpus, memory_mb), DesiredState::Running)
+            .await
+    }
+
     #[tokio::test]
     async fn a_workload_beyond_its_own_ceiling_is_refused_naming_it() {
         let (_dir, _stop, admission) = admission();
-        let error = admission
-            .admit("big", &vm(1, 9000), DesiredState::Running)
-            .await
-            .err()
-            .unwrap();
+        let error = admit_vm(&admission, "big", 1, 9000).await.err().unwrap();
         assert_eq!(
             error.to_string(),
             "workload big: workload memory ceiling 8192 MiB: 9000 MiB requested (policy ceilings.workload.memory_mib)"
         );
-        assert!(
-            admission
-                .admit("big", &vm(3, 128), DesiredState::Running)
-                .await
-                .err()
-                .unwrap()
-                .message
-                .contains("ceilings.workload.vcpus")
-        );
+        let error = admit_vm(&admission, "big", 3, 128).await.err().unwrap();
+        assert!(error.message.contains("ceilings.workload.vcpus"), "{error}");
     }
 
     #[tokio::test]
     async fn reservations_count_until_released_and_a_reapply_replaces_its_own_share() {
         let (_dir, stop, admission) = admission();
-        let a = admission
-            .admit("a", &vm(2, 8000), DesiredState::Running)
-            .await
-            .unwrap();
-        let _b = admission
-            .admit("b", &vm(2, 7000), DesiredState::Running)
-            .await
-            .unwrap();
-        let error = admission
-            .admit("c", &vm(1, 2048), DesiredState::Running)
-            .await
-            .err()
-            .unwrap();
+        let a = admit_vm(&admission, "a", 2, 8000).await.unwrap();
+        let _b = admit_vm(&admission, "b", 2, 7000).await.unwrap();
+        let error = admit_vm(&admission, "c", 1, 2048).await.err().unwrap();
         assert_eq!(
             error.message,
             "node memory ceiling 16384 MiB: 15000 MiB in use, 2048 MiB requested (policy ceilings.node.memory_mib)"
         );
         // The same workload again replaces its share; stopped holds nothing.
-        admission
-            .admit("b", &vm(2, 8000), DesiredState::Running)
-            .await
-            .unwrap();
+        admit_vm(&admission, "b", 2, 8000).await.unwrap();
         admission
             .admit("c", &vm(2, 2048), DesiredState::Stopped)
             .await
             .unwrap();
         drop(a);
-        admission
-            .admit("c", &vm(1, 2048), DesiredState::Running)
-            .await
-            .unwrap();
+        admit_vm(&admission, "c", 1, 2048).await.unwrap();
         stop.cancel();
     }
 }
