@@ -40,13 +40,17 @@ pub fn load(text: &str) -> Result<Value, String> {
     }
     let budget = Budget {
         nodes: Cell::new(0),
+        exceeded: Cell::new(false),
     };
     Node {
         budget: &budget,
         depth: 0,
     }
     .deserialize(serde_yaml_ng::Deserializer::from_str(text))
-    .map_err(|e| format!("is not valid YAML within bounds: {e}"))?;
+    .map_err(|e| match budget.exceeded.get() {
+        true => format!("is refused: {e}"),
+        false => format!("is not valid YAML: {e}"),
+    })?;
     let mut value: Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("is not valid YAML: {e}"))?;
     value
@@ -58,6 +62,8 @@ pub fn load(text: &str) -> Result<Value, String> {
 /// Nodes visited so far, shared by the whole walk.
 struct Budget {
     nodes: Cell<usize>,
+    /// Set when a bound, not the YAML, stopped the walk.
+    exceeded: Cell<bool>,
 }
 
 /// One node of the walk: counts itself, then its children one level down.
@@ -71,15 +77,15 @@ impl Node<'_> {
     fn visit<E: de::Error>(self) -> Result<(), E> {
         let nodes = self.budget.nodes.get() + 1;
         self.budget.nodes.set(nodes);
-        if nodes > MAX_NODES {
-            return Err(E::custom(format!(
-                "expands to more than {MAX_NODES} nodes (aliases are counted at every use)"
-            )));
-        }
-        if self.depth > MAX_DEPTH {
-            return Err(E::custom(format!("nests deeper than {MAX_DEPTH} levels")));
-        }
-        Ok(())
+        let exceeded = if nodes > MAX_NODES {
+            format!("it expands to more than {MAX_NODES} nodes (aliases are counted at every use)")
+        } else if self.depth > MAX_DEPTH {
+            format!("it nests deeper than {MAX_DEPTH} levels")
+        } else {
+            return Ok(());
+        };
+        self.budget.exceeded.set(true);
+        Err(E::custom(exceeded))
     }
 
     fn child(self) -> Self {
