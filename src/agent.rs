@@ -125,9 +125,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let agent = Agent {
         store: store.clone(),
         informer: informer.clone(),
-        admission: crate::server::ceilings::Admission::new(
+        admission: crate::server::ceilings::Admission::start(
             policy.ceilings.clone(),
-            informer.clone(),
+            &informer,
+            background.clone(),
         ),
         compose_parses: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -3,19 +3,23 @@
 //! refused with RESOURCE_EXHAUSTED naming the ceiling and the figures, and
 //! nothing is stored.
 //!
-//! "In use" is what the other workloads' specs promise (the informer's
-//! cache), plus applies admitted but not yet in the cache: each admitted
-//! apply holds a [`Reservation`] until the cache has it, so concurrent
-//! applies cannot each fit alone and together overshoot. A re-apply of a
-//! workload replaces its own share.
+//! "In use" is what the other workloads' specs promise: a ledger kept from
+//! the informer's notifications (so an apply costs a lookup, not a sum over
+//! the node), plus applies admitted but not yet in it: each admitted apply
+//! holds a [`Reservation`] until the ledger has it, so concurrent applies
+//! cannot each fit alone and together overshoot. A re-apply of a workload
+//! replaces its own share.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use persys_api::v1::{DesiredState, Workload, workload_spec};
-use persys_controllers::Informer;
 use persys_controllers::policy::{Ceilings, refusal};
+use persys_controllers::source::ChangeKind;
+use persys_controllers::{Informer, Notification};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -94,6 +98,17 @@ impl Figures {
         self.memory_mib += other.memory_mib;
         self.disk_gib += other.disk_gib;
     }
+
+    fn sub(&mut self, other: Figures) {
+        self.millicpus -= other.millicpus;
+        self.memory_mib -= other.memory_mib;
+        self.disk_gib -= other.disk_gib;
+    }
+
+    fn minus(mut self, other: Figures) -> Figures {
+        self.sub(other);
+        self
+    }
 }
 
 /// `2500` → `2.5`.
@@ -114,66 +129,173 @@ pub struct Exceeded {
     pub message: String,
 }
 
-/// Applies admitted and not yet seen in the informer's cache.
+/// What every cached workload promises, kept up to date from the
+/// informer's notifications, so an apply sums nothing: it reads the total
+/// and takes its own share out.
 #[derive(Debug, Default)]
-struct Pending {
-    next: u64,
-    entries: HashMap<u64, (String, Figures)>,
+struct Ledger {
+    /// Every cached workload (being deleted and stopped ones too: they
+    /// count as workloads) and its figures.
+    figures: HashMap<String, Figures>,
+    /// The sum of `figures`.
+    total: Figures,
+    /// Applies admitted and not yet in `figures`, by token.
+    pending: HashMap<u64, (String, Figures)>,
+    next_token: u64,
 }
 
-/// The ceilings of the policy in force, and the applies on their way.
+impl Ledger {
+    fn set(&mut self, id: &str, figures: Figures) {
+        if let Some(old) = self.figures.insert(id.to_string(), figures) {
+            self.total.sub(old);
+        }
+        self.total.add(figures);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.figures.remove(id) {
+            self.total.sub(old);
+        }
+    }
+
+    fn refill(&mut self, workloads: &[Arc<Workload>]) {
+        self.figures.clear();
+        self.total = Figures::default();
+        for workload in workloads {
+            self.set(workload.id(), Figures::of(workload));
+        }
+    }
+
+    /// Workloads and figures in use by everyone but `id`: the ledger, and
+    /// the admitted applies it does not have yet (each id once, at the
+    /// larger of its figures).
+    fn others(&self, id: &str) -> (u64, Figures) {
+        let mut count = self.figures.len() as u64;
+        let mut in_use = self.total;
+        if let Some(own) = self.figures.get(id) {
+            count -= 1;
+            in_use.sub(*own);
+        }
+        let mut on_the_way: HashMap<&str, Figures> = HashMap::new();
+        for (other, figures) in self.pending.values().filter(|(other, _)| other != id) {
+            let entry = on_the_way.entry(other).or_default();
+            *entry = entry.max(*figures);
+        }
+        for (other, figures) in on_the_way {
+            match self.figures.get(other) {
+                Some(known) => in_use.add(figures.max(*known).minus(*known)),
+                None => {
+                    count += 1;
+                    in_use.add(figures);
+                }
+            }
+        }
+        (count, in_use)
+    }
+}
+
+/// The ceilings of the policy in force, and what is promised under them.
 #[derive(Clone)]
 pub struct Admission {
     ceilings: Ceilings,
-    informer: Informer,
-    /// A std lock: held only to sum and to record, never across an await.
-    pending: Arc<Mutex<Pending>>,
+    /// A std lock: held only to read, sum and record, never across an await.
+    ledger: Arc<Mutex<Ledger>>,
+    /// The resource version the ledger has reached; admissions wait for
+    /// its first fill, reservations for their own write.
+    version: tokio::sync::watch::Sender<Option<u64>>,
 }
 
-/// An admitted apply's share, held until the informer's cache has it (or
+/// An admitted apply's share, held until the ledger has the write (or
 /// dropped at once when the apply did not happen).
 pub struct Reservation {
-    pending: Arc<Mutex<Pending>>,
+    ledger: Arc<Mutex<Ledger>>,
     token: u64,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entries
-            .remove(&self.token);
+        lock(&self.ledger).pending.remove(&self.token);
     }
 }
 
-/// How long a reservation waits for the cache before it lets go anyway.
-const CACHE_WAIT: Duration = Duration::from_secs(60);
-
-impl Reservation {
-    /// Keeps the share until the informer has reached `resource_version`.
-    pub fn release_after(self, informer: &Informer, resource_version: u64) {
-        let cache = informer.clone();
-        tokio::spawn(async move {
-            let reached = cache.wait_for_version(resource_version);
-            if tokio::time::timeout(CACHE_WAIT, reached).await.is_err() {
-                tracing::debug!(
-                    resource_version,
-                    "reservation released before the cache caught up"
-                );
-            }
-            drop(self);
-        });
-    }
+fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// How long a reservation waits for the ledger before it lets go anyway.
+const LEDGER_WAIT: Duration = Duration::from_secs(60);
 
 impl Admission {
-    pub fn new(ceilings: Ceilings, informer: Informer) -> Admission {
-        Admission {
+    /// Follows `informer` into the ledger until `stop`.
+    pub fn start(ceilings: Ceilings, informer: &Informer, stop: CancellationToken) -> Admission {
+        let admission = Admission {
             ceilings,
-            informer,
-            pending: Arc::default(),
+            ledger: Arc::default(),
+            version: tokio::sync::watch::Sender::new(None),
+        };
+        // Subscribed before the first fill, so nothing falls between.
+        let mut changes = informer.subscribe();
+        let (informer, follower) = (informer.clone(), admission.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = informer.wait_until_synced() => {}
+            }
+            follower.refill(&informer);
+            loop {
+                let change = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    change = changes.recv() => change,
+                };
+                match change {
+                    Ok(change) => follower.record(&change),
+                    Err(RecvError::Lagged(_)) => follower.refill(&informer),
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+        admission
+    }
+
+    fn refill(&self, informer: &Informer) {
+        let (workloads, version) = informer.cache().snapshot();
+        lock(&self.ledger).refill(&workloads);
+        self.version.send_replace(Some(version));
+    }
+
+    fn record(&self, change: &Notification) {
+        if self
+            .version
+            .borrow()
+            .is_some_and(|v| change.resource_version <= v)
+        {
+            return;
         }
+        {
+            let mut ledger = lock(&self.ledger);
+            match change.kind {
+                ChangeKind::Deleted => ledger.remove(change.id()),
+                ChangeKind::Added | ChangeKind::Modified => {
+                    ledger.set(change.id(), Figures::of(&change.new))
+                }
+            }
+        }
+        self.version.send_replace(Some(change.resource_version));
+    }
+
+    /// Keeps `reservation` until the ledger has reached `resource_version`.
+    pub fn release_after(&self, reservation: Reservation, resource_version: u64) {
+        let mut version = self.version.subscribe();
+        tokio::spawn(async move {
+            let reached = version.wait_for(|v| v.is_some_and(|v| v >= resource_version));
+            if tokio::time::timeout(LEDGER_WAIT, reached).await.is_err() {
+                tracing::debug!(
+                    resource_version,
+                    "reservation released before the ledger caught up"
+                );
+            }
+            drop(reservation);
+        });
     }
 
     /// Admits workload `id` with `spec` and `desired` state, or says which
@@ -191,11 +313,12 @@ impl Admission {
         };
         let wanted = Figures::of_spec(spec);
         self.check_workload(wanted).map_err(exceeded)?;
-        if !self.informer.is_synced()
-            && tokio::time::timeout(Duration::from_secs(5), self.informer.wait_until_synced())
-                .await
-                .is_err()
-        {
+        let mut filled = self.version.subscribe();
+        let first_fill = filled.wait_for(Option::is_some);
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(5), first_fill).await,
+            Ok(Ok(_))
+        ) {
             return Err(exceeded(
                 "the workloads in use are not known yet (the informer has not listed); retry"
                     .into(),
@@ -206,34 +329,15 @@ impl Admission {
         } else {
             wanted
         };
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let mut others: HashMap<String, Figures> = self
-            .informer
-            .cache()
-            .list()
-            .iter()
-            .filter(|w| w.id() != id)
-            .map(|w| (w.id().to_string(), Figures::of(w)))
-            .collect();
-        for (other, figures) in pending.entries.values() {
-            if other != id {
-                others
-                    .entry(other.clone())
-                    .and_modify(|f| *f = f.max(*figures))
-                    .or_insert(*figures);
-            }
-        }
-        let mut in_use = Figures::default();
-        for figures in others.values() {
-            in_use.add(*figures);
-        }
-        self.check_node(others.len() as u64, in_use, requested)
+        let mut ledger = lock(&self.ledger);
+        let (others, in_use) = ledger.others(id);
+        self.check_node(others, in_use, requested)
             .map_err(exceeded)?;
-        let token = pending.next;
-        pending.next += 1;
-        pending.entries.insert(token, (id.to_string(), requested));
+        let token = ledger.next_token;
+        ledger.next_token += 1;
+        ledger.pending.insert(token, (id.to_string(), requested));
         Ok(Reservation {
-            pending: self.pending.clone(),
+            ledger: self.ledger.clone(),
             token,
         })
     }
@@ -335,18 +439,22 @@ const DIMENSIONS: [Dimension; 3] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use persys_api::v1::{ContainerSpec, ResourceLimits, VmSpec};
+    use persys_api::v1::{ContainerSpec, ResourceLimits, VmSpec, WorkloadSpec, WorkloadType};
     use persys_controllers::policy::{NodeCeilings, WorkloadCeilings};
-    use tokio_util::sync::CancellationToken;
 
-    use crate::store::{Store, StoreConfig};
+    use crate::store::{ApplyRequest, Store, StoreConfig};
 
     /// Admission over a real, empty store whose informer runs until the
     /// token is cancelled.
     fn admission() -> (tempfile::TempDir, CancellationToken, Admission) {
+        let (dir, _store, stop, admission) = admission_over_a_store();
+        (dir, stop, admission)
+    }
+
+    fn admission_over_a_store() -> (tempfile::TempDir, Store, CancellationToken, Admission) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(StoreConfig::new(dir.path().join("state"))).unwrap();
-        let informer = Informer::new(Arc::new(store));
+        let informer = Informer::new(Arc::new(store.clone()));
         let stop = CancellationToken::new();
         tokio::spawn({
             let informer = informer.clone();
@@ -366,7 +474,8 @@ mod tests {
                 disk_gib: 50,
             },
         };
-        (dir, stop, Admission::new(ceilings, informer))
+        let admission = Admission::start(ceilings, &informer, stop.clone());
+        (dir, store, stop, admission)
     }
 
     fn vm(vcpus: i32, memory_mb: i64) -> workload_spec::Spec {
@@ -441,6 +550,59 @@ mod tests {
             .unwrap();
         drop(a);
         admit_vm(&admission, "c", 1, 2048).await.unwrap();
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_ledger_follows_the_store_and_a_reservation_lasts_until_it_has_the_write() {
+        let (_dir, store, stop, admission) = admission_over_a_store();
+        let apply = |id: &str, memory_mb: i64, desired: DesiredState| ApplyRequest {
+            id: id.into(),
+            workload_type: WorkloadType::Vm,
+            revision_id: String::new(),
+            desired_state: desired,
+            spec: WorkloadSpec {
+                spec: Some(vm(1, memory_mb)),
+            },
+            finalizers: Vec::new(),
+            labels: Default::default(),
+            caller: Default::default(),
+        };
+        let reservation = admit_vm(&admission, "a", 1, 8192).await.unwrap();
+        let written = store
+            .apply(apply("a", 8192, DesiredState::Running))
+            .await
+            .unwrap();
+        admission.release_after(reservation, written.workload().resource_version());
+        let written = store
+            .apply(apply("c", 100, DesiredState::Running))
+            .await
+            .unwrap();
+        let version = written.workload().resource_version();
+        let mut ledger = admission.version.subscribe();
+        ledger
+            .wait_for(|v| v.is_some_and(|v| v >= version))
+            .await
+            .unwrap();
+        let error = admit_vm(&admission, "b", 1, 8192).await.err().unwrap();
+        assert!(
+            error
+                .message
+                .contains("8292 MiB in use, 8192 MiB requested"),
+            "{error}"
+        );
+        admit_vm(&admission, "b", 1, 8092).await.unwrap();
+        // Stopped, it holds nothing but its place in the count.
+        let written = store
+            .apply(apply("a", 8192, DesiredState::Stopped))
+            .await
+            .unwrap();
+        let version = written.workload().resource_version();
+        ledger
+            .wait_for(|v| v.is_some_and(|v| v >= version))
+            .await
+            .unwrap();
+        admit_vm(&admission, "b", 1, 8192).await.unwrap();
         stop.cancel();
     }
 }

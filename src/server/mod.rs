@@ -207,7 +207,8 @@ impl AgentService for Agent {
             })?;
         let outcome = match self.store.apply(apply).await {
             Ok(outcome) => {
-                reservation.release_after(&self.informer, outcome.workload().resource_version());
+                self.admission
+                    .release_after(reservation, outcome.workload().resource_version());
                 outcome
             }
             Err(error) => {
