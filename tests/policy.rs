@@ -730,3 +730,79 @@ fn policy_show_prints_the_policy_in_force_and_a_bad_file_exits_2_naming_its_line
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// The example specs of the Go agent's README, as they are written there:
+/// they apply once the policy opens their host path and sizes.
+#[tokio::test]
+async fn the_go_agent_s_example_specs_apply_under_a_policy_that_allows_their_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "host_paths:\n  allowed_roots: [/data]\nceilings:\n  node: {vcpus: 8, memory_mib: 16384, disk_gib: 100}\n  workload: {vcpus: 4, memory_mib: 8192, disk_gib: 50}\n",
+    )
+    .unwrap();
+    let mut f = Fixture::start(&[("PERSYS_POLICY_FILE", policy.to_str().unwrap())]).await;
+    let container = ContainerSpec {
+        image: "nginx:latest".into(),
+        command: vec!["/bin/sh".into()],
+        args: vec!["-c".into(), "nginx -g 'daemon off;'".into()],
+        env: [("ENV_VAR".to_string(), "value".to_string())].into(),
+        volumes: vec![VolumeMount {
+            host_path: "/data".into(),
+            container_path: "/app/data".into(),
+            read_only: false,
+        }],
+        ports: vec![PortMapping {
+            host_port: 8080,
+            container_port: 80,
+            protocol: "tcp".into(),
+        }],
+        resources: Some(ResourceLimits {
+            cpu_shares: 1024,
+            memory_bytes: 536870912,
+            memory_swap_bytes: 0,
+        }),
+        restart_policy: Some(RestartPolicy {
+            policy: "unless-stopped".into(),
+            max_retry_count: 3,
+        }),
+        ..Default::default()
+    };
+    let vm = VmSpec {
+        name: "web-vm".into(),
+        vcpus: 4,
+        memory_mb: 8192,
+        disks: vec![DiskConfig {
+            path: "/var/lib/libvirt/images/web-vm.qcow2".into(),
+            device: "vda".into(),
+            format: "qcow2".into(),
+            size_gb: 50,
+            ..Default::default()
+        }],
+        networks: vec![NetworkConfig {
+            network: "default".into(),
+            mac_address: "52:54:00:12:34:56".into(),
+            ip_address: "192.168.122.100".into(),
+        }],
+        ..Default::default()
+    };
+    let myapp = ComposeSpec {
+        project_name: "myapp".into(),
+        compose_yaml: "services:\n  web:\n    image: nginx:latest\n    ports: ['8080:80']\n    environment:\n      DATABASE_URL: ${DATABASE_URL}\n".into(),
+        env: [("DATABASE_URL".to_string(), "postgres://db/app".to_string())].into(),
+    };
+    for (id, spec) in [
+        ("web", workload_spec::Spec::Container(container)),
+        ("web-vm", workload_spec::Spec::Vm(vm)),
+        ("myapp", workload_spec::Spec::Compose(myapp)),
+    ] {
+        let response = f
+            .client
+            .apply_workload(request(id, spec))
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        assert!(response.get_ref().applied, "{id}");
+    }
+    assert_eq!(f.ids().await, ["myapp", "web", "web-vm"]);
+}
