@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use persys_api::v1::{DesiredState, Workload, workload_spec};
+use persys_api::v1::{DesiredState, Workload, WorkloadSpec, workload_spec};
 use persys_controllers::policy::{Ceilings, refusal};
 use persys_controllers::source::ChangeKind;
 use persys_controllers::{Informer, Notification};
@@ -304,14 +304,14 @@ impl Admission {
     pub async fn admit(
         &self,
         id: &str,
-        spec: &workload_spec::Spec,
+        spec: &WorkloadSpec,
         desired: DesiredState,
     ) -> Result<Reservation, Exceeded> {
         let exceeded = |message: String| Exceeded {
             id: id.to_string(),
             message,
         };
-        let wanted = Figures::of_spec(spec);
+        let wanted = spec.spec.as_ref().map(Figures::of_spec).unwrap_or_default();
         self.check_workload(wanted).map_err(exceeded)?;
         let mut filled = self.version.subscribe();
         let first_fill = filled.wait_for(Option::is_some);
@@ -439,7 +439,7 @@ const DIMENSIONS: [Dimension; 3] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use persys_api::v1::{ContainerSpec, ResourceLimits, VmSpec, WorkloadSpec, WorkloadType};
+    use persys_api::v1::{ContainerSpec, ResourceLimits, VmSpec, WorkloadType};
     use persys_controllers::policy::{NodeCeilings, WorkloadCeilings};
 
     use crate::store::{ApplyRequest, Store, StoreConfig};
@@ -476,6 +476,10 @@ mod tests {
         };
         let admission = Admission::start(ceilings, &informer, stop.clone());
         (dir, store, stop, admission)
+    }
+
+    fn in_spec(spec: workload_spec::Spec) -> WorkloadSpec {
+        WorkloadSpec { spec: Some(spec) }
     }
 
     fn vm(vcpus: i32, memory_mb: i64) -> workload_spec::Spec {
@@ -516,7 +520,7 @@ mod tests {
         memory_mb: i64,
     ) -> Result<Reservation, Exceeded> {
         admission
-            .admit(id, &vm(vcpus, memory_mb), DesiredState::Running)
+            .admit(id, &in_spec(vm(vcpus, memory_mb)), DesiredState::Running)
             .await
     }
 
@@ -545,7 +549,7 @@ mod tests {
         // The same workload again replaces its share; stopped holds nothing.
         admit_vm(&admission, "b", 2, 8000).await.unwrap();
         admission
-            .admit("c", &vm(2, 2048), DesiredState::Stopped)
+            .admit("c", &in_spec(vm(2, 2048)), DesiredState::Stopped)
             .await
             .unwrap();
         drop(a);
@@ -561,9 +565,7 @@ mod tests {
             workload_type: WorkloadType::Vm,
             revision_id: String::new(),
             desired_state: desired,
-            spec: WorkloadSpec {
-                spec: Some(vm(1, memory_mb)),
-            },
+            spec: in_spec(vm(1, memory_mb)),
             finalizers: Vec::new(),
             labels: Default::default(),
             caller: Default::default(),

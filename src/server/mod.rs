@@ -194,12 +194,9 @@ impl AgentService for Agent {
             self.metrics.apply("refused");
             return Err(Status::failed_precondition("node is draining"));
         }
-        let spec = apply.spec.spec.clone().unwrap_or_else(|| {
-            workload_spec::Spec::Container(persys_api::v1::ContainerSpec::default())
-        });
         let reservation = self
             .admission
-            .admit(&id, &spec, apply.desired_state)
+            .admit(&id, &apply.spec, apply.desired_state)
             .await
             .map_err(|e| {
                 self.metrics.apply("refused");

@@ -104,7 +104,9 @@ pub fn apply_request(
         return refuse("revision_id", "must be at most 128 printable characters");
     }
     // Each runtime owns its rules; the controller checks them again before
-    // acting, so a spec refused here is one it would refuse too.
+    // acting, so a spec refused here is one it would refuse too. The node
+    // policy's compose and VM network rules are enforced here, at apply;
+    // container bind paths at apply and again by the Docker controller.
     match spec {
         workload_spec::Spec::Container(c) => validate_container_spec(c, &limits.host_paths),
         workload_spec::Spec::Compose(c) => validate_compose_spec(c).and_then(|_| {
