@@ -383,6 +383,14 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
             INVALID,
             &["services.a.provider", ALWAYS],
         ),
+        case(
+            compose(
+                "f9",
+                "include: ['git@github.com:x/y.git']\nservices:\n  a: {image: x}\n",
+            ),
+            INVALID,
+            &["include[0]", "is remote", ALWAYS],
+        ),
         // VMs: networks.
         case(
             network("v1", "docker0"),

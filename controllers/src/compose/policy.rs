@@ -472,11 +472,22 @@ impl Checker<'_> {
     }
 
     /// A file the compose file names: relative, inside the project
-    /// directory (no absolute path, no `~`, no `..`).
+    /// directory (no absolute path, no `~`, no `..`), and local: a remote
+    /// one (an `include` from git or an OCI registry) would bring a
+    /// document nobody checked.
     fn project_file(&self, key: &str, path: &Value) -> Result<(), Refusal> {
         let Some(path) = text(path) else {
             return Ok(());
         };
+        if path.contains("://") || path.starts_with("git@") || path.starts_with("oci:") {
+            return refuse(
+                key,
+                format_args!(
+                    "{path:?} is remote: files a compose file names must lie in the project directory"
+                ),
+                ALWAYS,
+            );
+        }
         let escapes = path.starts_with('~')
             || Path::new(path).components().any(|c| {
                 matches!(
@@ -599,6 +610,14 @@ mod tests {
             (
                 "include:\n  - ../other/compose.yml\nservices:\n  a: {image: x}\n",
                 "include[0]",
+            ),
+            (
+                "include:\n  - oci://registry/app:1\nservices:\n  a: {image: x}\n",
+                "include[0]",
+            ),
+            (
+                "include:\n  - path: https://example.com/x.yml\nservices:\n  a: {image: x}\n",
+                "include[0].path",
             ),
             (
                 "services:\n  a: {image: x}\nsecrets:\n  s: {file: /etc/ssl/private/key.pem}\n",

@@ -527,6 +527,19 @@ mod tests {
         assert!(validate_host_path("f", "/srv/other", &socket).is_ok());
     }
 
+    #[test]
+    fn a_link_to_nothing_is_refused_not_resolved_lexically() {
+        let root = tempfile_dir().join("links");
+        std::fs::create_dir_all(&root).unwrap();
+        let link = root.join("dangling");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/nonexistent/persys-escape", &link).unwrap();
+        let policy = HostPathPolicy::new(None, vec![root.clone()]);
+        let error = validate_host_path("f", link.to_str().unwrap(), &policy).unwrap_err();
+        assert!(error.message.contains("does not resolve"), "{error}");
+        assert!(validate_host_path("f", root.join("absent/x").to_str().unwrap(), &policy).is_ok());
+    }
+
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("persys-validate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
