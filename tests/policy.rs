@@ -579,6 +579,19 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// User plus system CPU time of a process, in clock ticks (10 ms).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state is field 3, utime 14.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
 /// Nine aliases of nine aliases of …: about a billion strings from under
 /// a kilobyte.
 fn billion_laughs() -> String {
@@ -609,6 +622,7 @@ async fn an_alias_bomb_is_refused_quickly_and_without_memory_growth() {
         .await
         .unwrap();
     let before = rss_kib(pid);
+    let cpu_before = cpu_ticks(pid);
     let bomb = billion_laughs();
     assert!(bomb.len() < 1024);
     for i in 0..5 {
@@ -630,6 +644,10 @@ async fn an_alias_bomb_is_refused_quickly_and_without_memory_growth() {
     }
     let grown = rss_kib(pid).saturating_sub(before);
     assert!(grown < 20 * 1024, "RSS grew by {grown} KiB");
+    // The agent's CPU time for five bombs (and their TLS calls): under
+    // 100 ms each, in clock ticks of 10 ms.
+    let spent = cpu_ticks(pid) - cpu_before;
+    assert!(spent < 5 * 10, "five bombs took {spent} ticks of CPU");
     // Over the size cap: refused before parsing.
     let big = format!(
         "services:\n  web:\n    image: x\n# {}\n",
