@@ -100,7 +100,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let controllers = crate::runtimes::start_controllers(
         &config,
         &policy,
-        &registry,
         &store,
         &informer,
         &runtimes,

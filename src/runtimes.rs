@@ -326,14 +326,12 @@ impl Starter<'_> {
     }
 }
 
-/// Starts the controller of every enabled runtime. A runtime that cannot be
-/// reached does not stop the agent: its controller keeps retrying and the
-/// board says why it is unhealthy.
-#[allow(clippy::too_many_arguments)]
+/// Starts the controller of every runtime the configuration enables (its
+/// [`Registry`]). A runtime that cannot be reached does not stop the agent:
+/// its controller keeps retrying and the board says why it is unhealthy.
 pub fn start_controllers(
     config: &Config,
     policy: &NodePolicy,
-    registry: &Registry,
     store: &Store,
     informer: &Informer,
     board: &RuntimeBoard,
@@ -350,7 +348,7 @@ pub fn start_controllers(
         shutdown,
         controllers: Controllers::default(),
     };
-    for runtime in registry.enabled() {
+    for runtime in Registry::new(config).enabled() {
         match runtime.kind {
             WorkloadType::Container | WorkloadType::Unspecified => starter.docker(),
             WorkloadType::Compose => starter.compose(),
