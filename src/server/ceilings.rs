@@ -331,7 +331,8 @@ impl Admission {
         };
         let mut ledger = lock(&self.ledger);
         let (others, in_use) = ledger.others(id);
-        self.check_node(others, in_use, requested)
+        let own = ledger.figures.get(id).copied();
+        self.check_node(others, in_use, requested, own)
             .map_err(exceeded)?;
         let token = ledger.next_token;
         ledger.next_token += 1;
@@ -363,9 +364,19 @@ impl Admission {
         Ok(())
     }
 
-    fn check_node(&self, others: u64, in_use: Figures, requested: Figures) -> Result<(), String> {
+    /// The node's ceilings, for a workload that holds `own` now (none: a
+    /// new one). An update that asks for no more than it holds passes even
+    /// on a node over a ceiling (one lowered since), as Kubernetes' quotas
+    /// let through updates that do not grow.
+    fn check_node(
+        &self,
+        others: u64,
+        in_use: Figures,
+        requested: Figures,
+        own: Option<Figures>,
+    ) -> Result<(), String> {
         let ceiling = &self.ceilings.node;
-        if others + 1 > ceiling.workloads {
+        if own.is_none() && others + 1 > ceiling.workloads {
             return Err(refusal(
                 format_args!(
                     "node workload ceiling {}: {others} stored, 1 requested",
@@ -375,11 +386,12 @@ impl Admission {
             ));
         }
         let limits = [ceiling.vcpus * 1000, ceiling.memory_mib, ceiling.disk_gib];
-        let figures = in_use.each().into_iter().zip(requested.each());
-        for (dimension, (limit, (used, wanted))) in
+        let held = own.unwrap_or_default().each();
+        let figures = in_use.each().into_iter().zip(requested.each()).zip(held);
+        for (dimension, (limit, ((used, wanted), held))) in
             DIMENSIONS.iter().zip(limits.into_iter().zip(figures))
         {
-            if wanted > 0 && used + wanted > limit as i64 {
+            if wanted > held && used + wanted > limit as i64 {
                 return Err(refusal(
                     format_args!(
                         "node {} ceiling {}: {} in use, {} requested",
@@ -447,11 +459,21 @@ mod tests {
     /// Admission over a real, empty store whose informer runs until the
     /// token is cancelled.
     fn admission() -> (tempfile::TempDir, CancellationToken, Admission) {
-        let (dir, _store, stop, admission) = admission_over_a_store();
-        (dir, stop, admission)
+        let setup = admission_over_a_store();
+        (setup.dir, setup.stop, setup.admission)
     }
 
-    fn admission_over_a_store() -> (tempfile::TempDir, Store, CancellationToken, Admission) {
+    /// A real, empty store, its informer running until `stop`, and the
+    /// admission following it.
+    struct Setup {
+        dir: tempfile::TempDir,
+        store: Store,
+        informer: Informer,
+        stop: CancellationToken,
+        admission: Admission,
+    }
+
+    fn admission_over_a_store() -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(StoreConfig::new(dir.path().join("state"))).unwrap();
         let informer = Informer::new(Arc::new(store.clone()));
@@ -475,7 +497,13 @@ mod tests {
             },
         };
         let admission = Admission::start(ceilings, &informer, stop.clone());
-        (dir, store, stop, admission)
+        Setup {
+            dir,
+            store,
+            informer,
+            stop,
+            admission,
+        }
     }
 
     fn in_spec(spec: workload_spec::Spec) -> WorkloadSpec {
@@ -559,7 +587,13 @@ mod tests {
 
     #[tokio::test]
     async fn the_ledger_follows_the_store_and_a_reservation_lasts_until_it_has_the_write() {
-        let (_dir, store, stop, admission) = admission_over_a_store();
+        let Setup {
+            dir: _dir,
+            store,
+            informer,
+            stop,
+            admission,
+        } = admission_over_a_store();
         let apply = |id: &str, memory_mb: i64, desired: DesiredState| ApplyRequest {
             id: id.into(),
             workload_type: WorkloadType::Vm,
@@ -594,6 +628,29 @@ mod tests {
             "{error}"
         );
         admit_vm(&admission, "b", 1, 8092).await.unwrap();
+        // On a node over its ceiling, a workload may keep or shrink its
+        // share, not grow it.
+        let over = Admission::start(
+            Ceilings {
+                node: NodeCeilings {
+                    memory_mib: 4096,
+                    ..admission.ceilings.node.clone()
+                },
+                ..admission.ceilings.clone()
+            },
+            &informer,
+            stop.clone(),
+        );
+        admit_vm(&over, "a", 1, 8192).await.unwrap();
+        admit_vm(&over, "a", 1, 1000).await.unwrap();
+        admit_vm(&over, "c", 1, 100).await.unwrap();
+        let error = admit_vm(&over, "c", 1, 200).await.err().unwrap();
+        assert!(
+            error.message.contains("8192 MiB in use, 200 MiB requested"),
+            "{error}"
+        );
+        let error = admit_vm(&over, "d", 1, 64).await.err().unwrap();
+        assert!(error.message.contains("8292 MiB in use"), "{error}");
         // Stopped, it holds nothing but its place in the count.
         let written = store
             .apply(apply("a", 8192, DesiredState::Stopped))
