@@ -86,6 +86,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let metrics_authz = AuthzMetrics::default();
     let authentication = authentication(&config, &metrics_authz, &background)?;
     let policy = Arc::new(crate::policy::load(&config)?);
+    tracing::info!(
+        file = ?config.policy_file,
+        bind_roots = ?policy.host_paths.allowed_roots,
+        vm_networks = ?policy.vm.networks,
+        vm_bridges = ?policy.vm.bridges,
+        "workload policy in force (persys-agent policy show prints all of it)"
+    );
     let store = open_store(&config)?;
     let informer = Informer::new(Arc::new(store.clone()));
     let informer_task = tokio::spawn({
