@@ -534,6 +534,8 @@ fn main() {
                 ("PERSYS_DOCKER_ENABLED", "true"),
                 ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
                 ("PERSYS_LOG_LEVEL", "warn"),
+                // Clients × workloads each, beyond the default ceiling.
+                ("PERSYS_POLICY_MAX_WORKLOADS", "100000"),
             ],
         )
         .await;

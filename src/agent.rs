@@ -39,6 +39,8 @@ pub enum AgentError {
     Serve(#[from] tonic::transport::Error),
     #[error("invalid authorization policy: {0}")]
     Policy(#[from] PolicyError),
+    #[error("invalid workload policy: {0}")]
+    WorkloadPolicy(#[from] crate::policy::PolicyFileError),
 }
 
 impl AgentError {
@@ -46,7 +48,7 @@ impl AgentError {
     /// (as for an invalid variable), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            AgentError::Policy(_) => 2,
+            AgentError::Policy(_) | AgentError::WorkloadPolicy(_) => 2,
             _ => 1,
         }
     }
@@ -83,6 +85,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let background = CancellationToken::new();
     let metrics_authz = AuthzMetrics::default();
     let authentication = authentication(&config, &metrics_authz, &background)?;
+    let policy = Arc::new(crate::policy::load(&config)?);
+    tracing::info!(
+        file = ?config.policy_file,
+        bind_roots = ?policy.host_paths.allowed_roots,
+        vm_networks = ?policy.vm.networks,
+        vm_bridges = ?policy.vm.bridges,
+        "workload policy in force (persys-agent policy show prints all of it)"
+    );
     let store = open_store(&config)?;
     let informer = Informer::new(Arc::new(store.clone()));
     let informer_task = tokio::spawn({
@@ -96,7 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let metrics = Metrics::new(&store, metrics_authz);
     let controllers = crate::runtimes::start_controllers(
         &config,
-        &registry,
+        &policy,
         &store,
         &informer,
         &runtimes,
@@ -121,9 +131,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let agent = Agent {
         store: store.clone(),
         informer: informer.clone(),
+        admission: crate::server::ceilings::Admission::start(
+            policy.ceilings.clone(),
+            &informer,
+            background.clone(),
+        ),
+        compose_parses: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
         limits: Arc::new(Limits {
-            host_paths: crate::runtimes::host_path_policy(&config),
+            host_paths: crate::policy::host_path_policy(&config, &policy),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
+            policy: policy.clone(),
+            docker_host: config.docker_host.clone(),
+            ..Limits::default()
         }),
         registry,
         runtimes,

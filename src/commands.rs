@@ -1,8 +1,8 @@
 //! One-shot commands of the `persys-agent` binary (`persys-agent authz
-//! check …`, `persys-agent store rotate-key`): each returns the process's
+//! check …`, `persys-agent store rotate-key`, `persys-agent policy show`): each returns the process's
 //! exit status.
 
-use crate::config::{AuthzCommand, Command, Config, StoreCommand};
+use crate::config::{AuthzCommand, Command, Config, PolicyCommand, StoreCommand};
 use crate::server::authz::{Identity, Policy};
 
 /// Runs `command`; the exit status follows the command's own rules.
@@ -14,6 +14,23 @@ pub fn run(config: &Config, command: &Command) -> i32 {
         Command::Store {
             action: StoreCommand::RotateKey,
         } => rotate_key(config),
+        Command::Policy {
+            action: PolicyCommand::Show,
+        } => policy_show(config),
+    }
+}
+
+/// Prints the workload policy in force; 2 when it cannot be loaded.
+fn policy_show(config: &Config) -> i32 {
+    match crate::policy::load(config) {
+        Ok(policy) => {
+            print!("{}", crate::policy::show(&policy, config));
+            0
+        }
+        Err(error) => {
+            eprintln!("persys-agent: invalid workload policy: {error}");
+            2
+        }
     }
 }
 

@@ -174,10 +174,89 @@ pub struct Config {
     #[arg(long, env = "PERSYS_METRICS_PORT", default_value_t = 8089)]
     pub metrics_port: u16,
 
-    /// Bind mounts must lie under one of these prefixes (comma-separated;
-    /// empty: anywhere but the host's critical paths).
-    #[arg(long, env = "PERSYS_ALLOWED_HOST_PATHS", value_delimiter = ',')]
-    pub allowed_host_paths: Vec<PathBuf>,
+    /// Node workload policy (YAML): bind-mount roots, container
+    /// privileges, compose features, VM networks, ceilings. Default: the
+    /// secure default (`persys-agent policy show` prints the one in force).
+    #[arg(long, global = true, env = "PERSYS_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
+
+    /// Policy override, host_paths.allowed_roots: bind mounts must lie
+    /// under one of these (comma-separated; `/` for anywhere but the
+    /// always-refused paths). Default: /var/lib/persys/volumes.
+    #[arg(
+        long,
+        global = true,
+        env = "PERSYS_ALLOWED_HOST_PATHS",
+        value_delimiter = ','
+    )]
+    pub allowed_host_paths: Option<Vec<PathBuf>>,
+
+    /// Policy override, containers.privileged: compose services may run
+    /// privileged.
+    #[arg(long, global = true, env = "PERSYS_POLICY_PRIVILEGED", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub policy_privileged: Option<bool>,
+
+    /// Policy override, containers.host_network: compose services may use
+    /// the host's network namespace.
+    #[arg(long, global = true, env = "PERSYS_POLICY_HOST_NETWORK", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub policy_host_network: Option<bool>,
+
+    /// Policy override, containers.devices: compose services may map host
+    /// devices.
+    #[arg(long, global = true, env = "PERSYS_POLICY_DEVICES", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub policy_devices: Option<bool>,
+
+    /// Policy override, containers.capabilities: capabilities `cap_add`
+    /// may name (comma-separated; ALL for any).
+    #[arg(
+        long,
+        global = true,
+        env = "PERSYS_POLICY_CAPABILITIES",
+        value_delimiter = ','
+    )]
+    pub policy_capabilities: Option<Vec<String>>,
+
+    /// Policy override, compose.build: compose may build images.
+    #[arg(long, global = true, env = "PERSYS_POLICY_COMPOSE_BUILD", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub policy_compose_build: Option<bool>,
+
+    /// Policy override, vm.networks: libvirt networks VMs may attach to
+    /// (comma-separated). Default: default.
+    #[arg(
+        long,
+        global = true,
+        env = "PERSYS_POLICY_VM_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub policy_vm_networks: Option<Vec<String>>,
+
+    /// Policy override, vm.bridges: host bridges VMs may attach to
+    /// (comma-separated; never docker0). Default: none.
+    #[arg(
+        long,
+        global = true,
+        env = "PERSYS_POLICY_VM_BRIDGES",
+        value_delimiter = ','
+    )]
+    pub policy_vm_bridges: Option<Vec<String>>,
+
+    /// Policy override, ceilings.node.workloads: workloads stored on this
+    /// node. Default: 1000.
+    #[arg(long, global = true, env = "PERSYS_POLICY_MAX_WORKLOADS")]
+    pub policy_max_workloads: Option<u64>,
+
+    /// Policy override, ceilings.node.vcpus. Default: 4 × the node's CPUs.
+    #[arg(long, global = true, env = "PERSYS_POLICY_NODE_VCPUS")]
+    pub policy_node_vcpus: Option<u64>,
+
+    /// Policy override, ceilings.node.memory_mib. Default: the node's memory.
+    #[arg(long, global = true, env = "PERSYS_POLICY_NODE_MEMORY_MIB")]
+    pub policy_node_memory_mib: Option<u64>,
+
+    /// Policy override, ceilings.node.disk_gib. Default: the size of the
+    /// root filesystem.
+    #[arg(long, global = true, env = "PERSYS_POLICY_NODE_DISK_GIB")]
+    pub policy_node_disk_gib: Option<u64>,
 
     /// The scheduler's AgentControl service (host:port). When set, the agent
     /// registers with it and heartbeats; unset, the agent runs standalone.
@@ -239,6 +318,19 @@ pub enum Command {
         #[command(subcommand)]
         action: AuthzCommand,
     },
+    /// The node's workload policy.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum PolicyCommand {
+    /// Prints the workload policy in force (PERSYS_POLICY_FILE, else the
+    /// default, with the environment's overrides) as YAML. Exits 2 on a
+    /// bad file or override.
+    Show,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]

@@ -8,6 +8,7 @@
 //!   and orderly shutdown; [`config`]: every setting as env var and flag;
 //!   [`commands`]: one-shot commands (`persys-agent authz check`).
 //! - [`runtimes`]: starts the runtime controllers and probes their health.
+//! - [`policy`]: the node's workload policy, loaded once at start.
 //! - [`scheduler`]: registration and heartbeats to the Persys scheduler.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`; [`node`]: host
 //!   utilisation sampling.
@@ -20,6 +21,7 @@ pub mod commands;
 pub mod config;
 pub mod metrics;
 pub mod node;
+pub mod policy;
 pub mod runtimes;
 pub mod scheduler;
 pub mod server;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use persys_api::v1::WorkloadType;
 use persys_controllers::compose::{ComposeConfig, ComposeController};
-use persys_controllers::docker::{DockerConfig, DockerController, HostPathPolicy};
+use persys_controllers::docker::{DockerConfig, DockerController};
+use persys_controllers::policy::NodePolicy;
 use persys_controllers::vm::{VmConfig, VmController, default_disk_roots};
 use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer, Reconciler};
 use tokio_util::sync::CancellationToken;
@@ -162,11 +163,12 @@ pub struct Controllers {
 /// How often each runtime's health is probed for HealthCheck and metrics.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// The Docker controller's settings from the agent's configuration.
-pub fn docker_config(config: &Config) -> DockerConfig {
+/// The Docker controller's settings from the agent's configuration and
+/// the node's workload policy.
+pub fn docker_config(config: &Config, policy: &NodePolicy) -> DockerConfig {
     DockerConfig {
         host: Some(config.docker_host.clone()),
-        host_paths: host_path_policy(config),
+        host_paths: crate::policy::host_path_policy(config, policy),
         ..DockerConfig::default()
     }
 }
@@ -179,11 +181,6 @@ pub fn vm_config(config: &Config) -> VmConfig {
     vm.stop_timeout = config.vm_stop_timeout;
     vm.domain_type = config.vm_domain_type.clone();
     vm
-}
-
-/// Which host paths containers may bind-mount on this node.
-pub fn host_path_policy(config: &Config) -> HostPathPolicy {
-    HostPathPolicy::new(Some(&config.state_path), config.allowed_host_paths.clone())
 }
 
 fn controller_config(config: &Config, observer: Arc<dyn ControllerObserver>) -> ControllerConfig {
@@ -200,6 +197,7 @@ fn controller_config(config: &Config, observer: Arc<dyn ControllerObserver>) -> 
 /// controller, and where its tasks go.
 struct Starter<'a> {
     config: &'a Config,
+    policy: &'a NodePolicy,
     store: &'a Store,
     informer: &'a Informer,
     board: &'a RuntimeBoard,
@@ -266,7 +264,7 @@ impl Starter<'_> {
 
     fn docker(&mut self) {
         let docker = Arc::new(DockerController::new(
-            docker_config(self.config),
+            docker_config(self.config, self.policy),
             Arc::new(self.store.clone()),
         ));
         self.controller(docker.clone(), docker.trigger(self.informer.cache()));
@@ -328,12 +326,12 @@ impl Starter<'_> {
     }
 }
 
-/// Starts the controller of every enabled runtime. A runtime that cannot be
-/// reached does not stop the agent: its controller keeps retrying and the
-/// board says why it is unhealthy.
+/// Starts the controller of every runtime the configuration enables (its
+/// [`Registry`]). A runtime that cannot be reached does not stop the agent:
+/// its controller keeps retrying and the board says why it is unhealthy.
 pub fn start_controllers(
     config: &Config,
-    registry: &Registry,
+    policy: &NodePolicy,
     store: &Store,
     informer: &Informer,
     board: &RuntimeBoard,
@@ -342,6 +340,7 @@ pub fn start_controllers(
 ) -> Controllers {
     let mut starter = Starter {
         config,
+        policy,
         store,
         informer,
         board,
@@ -349,7 +348,7 @@ pub fn start_controllers(
         shutdown,
         controllers: Controllers::default(),
     };
-    for runtime in registry.enabled() {
+    for runtime in Registry::new(config).enabled() {
         match runtime.kind {
             WorkloadType::Container | WorkloadType::Unspecified => starter.docker(),
             WorkloadType::Compose => starter.compose(),

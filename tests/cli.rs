@@ -9,24 +9,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Authority, Certs, client};
+use common::{AgentProcess, Authority, Certs, UNREACHABLE_RUNTIMES, client};
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
 use tonic::transport::Channel;
-
-/// Runtimes enabled but unreachable: applies are accepted and stored, and
-/// nothing runs anywhere.
-const UNREACHABLE_RUNTIMES: &[(&str, &str)] = &[
-    ("PERSYS_DOCKER_ENABLED", "true"),
-    ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
-    ("PERSYS_COMPOSE_ENABLED", "true"),
-    ("PERSYS_COMPOSE_BINARY", "/nonexistent/docker-compose"),
-    ("PERSYS_VM_ENABLED", "true"),
-    (
-        "PERSYS_LIBVIRT_URI",
-        "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
-    ),
-];
 
 /// The persysctl binary of this checkout, built before its first use.
 ///

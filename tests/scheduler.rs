@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{AgentProcess, Certs, client, plaintext_client};
+use common::{AgentProcess, Certs, UNREACHABLE_RUNTIMES, client, plaintext_client};
 use persys_api::control::v1::agent_control_server::{AgentControl, AgentControlServer};
 use persys_api::control::v1::{
     FailureReason, HeartbeatRequest, HeartbeatResponse, RegisterNodeRequest, RegisterNodeResponse,
@@ -28,20 +28,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tonic::transport::{Certificate, Channel, Identity, Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
-
-/// Runtimes enabled but unreachable: applies are accepted and stored, and
-/// none of them may be offered to the scheduler.
-const UNREACHABLE_RUNTIMES: &[(&str, &str)] = &[
-    ("PERSYS_DOCKER_ENABLED", "true"),
-    ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
-    ("PERSYS_COMPOSE_ENABLED", "true"),
-    ("PERSYS_COMPOSE_BINARY", "/nonexistent/docker-compose"),
-    ("PERSYS_VM_ENABLED", "true"),
-    (
-        "PERSYS_LIBVIRT_URI",
-        "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
-    ),
-];
 
 /// How the fake scheduler answers; tests change it as they go.
 #[derive(Debug, Clone)]

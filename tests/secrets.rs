@@ -112,17 +112,7 @@ async fn a_secret_is_in_no_file_of_the_state_directory_and_the_key_is_needed_to_
     // Without the key the agent refuses to start, and says why.
     let aside = dir.path().join("key.aside");
     std::fs::rename(&key, &aside).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_persys-agent"))
-        .env_clear()
-        .env("PERSYS_STATE_PATH", &state)
-        .env("PERSYS_TLS_ENABLED", "false")
-        .env("PERSYS_GRPC_PORT", common::free_port().to_string())
-        .env("PERSYS_METRICS_PORT", common::free_port().to_string())
-        .env("PERSYS_DOCKER_ENABLED", "false")
-        .env("PERSYS_COMPOSE_ENABLED", "false")
-        .env("PERSYS_VM_ENABLED", "false")
-        .output()
-        .unwrap();
+    let output = common::offline_agent(&state).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&key.display().to_string()), "{stderr}");

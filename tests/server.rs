@@ -7,26 +7,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Authority, Certs, channel_with, client, client_with, http_get, sample};
+use common::{
+    AgentProcess, Authority, Certs, UNREACHABLE_RUNTIMES, channel_with, client, client_with,
+    http_get, sample,
+};
 use futures::StreamExt;
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
 use tonic::Code;
 use tonic::transport::Channel;
-
-/// Runtimes enabled but unreachable: applies are accepted and stored, and
-/// nothing runs anywhere.
-const UNREACHABLE_RUNTIMES: &[(&str, &str)] = &[
-    ("PERSYS_DOCKER_ENABLED", "true"),
-    ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
-    ("PERSYS_COMPOSE_ENABLED", "true"),
-    ("PERSYS_COMPOSE_BINARY", "/nonexistent/docker-compose"),
-    ("PERSYS_VM_ENABLED", "true"),
-    (
-        "PERSYS_LIBVIRT_URI",
-        "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
-    ),
-];
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -1073,6 +1062,19 @@ fn help_documents_every_variable() {
         "PERSYS_LOG_FORMAT",
         "PERSYS_SCHEDULER_TLS_CERT",
         "PERSYS_SCHEDULER_TLS_KEY",
+        "PERSYS_POLICY_FILE",
+        "PERSYS_ALLOWED_HOST_PATHS",
+        "PERSYS_POLICY_PRIVILEGED",
+        "PERSYS_POLICY_HOST_NETWORK",
+        "PERSYS_POLICY_DEVICES",
+        "PERSYS_POLICY_CAPABILITIES",
+        "PERSYS_POLICY_COMPOSE_BUILD",
+        "PERSYS_POLICY_VM_NETWORKS",
+        "PERSYS_POLICY_VM_BRIDGES",
+        "PERSYS_POLICY_MAX_WORKLOADS",
+        "PERSYS_POLICY_NODE_VCPUS",
+        "PERSYS_POLICY_NODE_MEMORY_MIB",
+        "PERSYS_POLICY_NODE_DISK_GIB",
     ] {
         assert!(help.contains(variable), "{variable} missing from --help");
     }

@@ -26,6 +26,9 @@
 //! - [`compose`]: the Compose controller — compose projects through the
 //!   compose CLI, observed through the Docker API.
 //! - [`vm`]: the VM controller — libvirt domains, disks and cloud-init seeds.
+//! - [`policy`]: the node's workload policy — what a spec may ask of the
+//!   host (bind roots, privileges, compose features, VM networks,
+//!   ceilings) — which the validators enforce.
 
 pub mod backoff;
 pub mod compose;
@@ -34,6 +37,7 @@ mod crash_loop;
 pub mod docker;
 mod informer;
 mod kit;
+pub mod policy;
 mod queue;
 mod spec;
 mod usage;

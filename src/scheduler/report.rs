@@ -14,7 +14,7 @@ use persys_api::control::v1::{
     HeartbeatRequest, NodeCapabilities, NodeUsage, ReasonDetail, RegisterNodeRequest, StoragePool,
     WorkloadStatus, WorkloadUsageSnapshot,
 };
-use persys_api::v1::{self as agent, ActualState, Workload, WorkloadType, workload_spec};
+use persys_api::v1::{self as agent, ActualState, Workload, WorkloadType};
 use persys_controllers::Cache;
 
 use crate::config::Config;
@@ -22,6 +22,7 @@ use crate::node::NodeSampler;
 use crate::runtimes::Registry;
 use crate::runtimes::RuntimeBoard;
 use crate::server::UsageLookup;
+use crate::server::ceilings::Figures;
 
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
@@ -203,36 +204,10 @@ impl Allocation {
     pub fn of(workloads: &[Arc<Workload>]) -> Allocation {
         let mut total = Allocation::default();
         for workload in workloads {
-            if workload.is_deleting()
-                || workload.desired_state() == persys_api::v1::DesiredState::Stopped
-            {
-                continue;
-            }
-            match workload.workload_spec() {
-                Some(workload_spec::Spec::Container(container)) => {
-                    if let Some(resources) = &container.resources {
-                        let shares = resources.cpu_shares.max(0);
-                        total.cpu_millicores += (shares * 1000 + 512) / 1024;
-                        total.memory_mb +=
-                            (resources.memory_bytes.max(0) as u64).div_ceil(MIB) as i64;
-                    }
-                    total.disk_gb += container
-                        .managed_volumes
-                        .iter()
-                        .map(|v| v.size_gb.max(0))
-                        .sum::<i64>();
-                }
-                Some(workload_spec::Spec::Vm(vm)) => {
-                    total.cpu_millicores += i64::from(vm.vcpus.max(0)) * 1000;
-                    total.memory_mb += vm.memory_mb.max(0);
-                    total.disk_gb += vm.disks.iter().map(|d| d.size_gb.max(0)).sum::<i64>()
-                        + vm.managed_volumes
-                            .iter()
-                            .map(|v| v.size_gb.max(0))
-                            .sum::<i64>();
-                }
-                Some(workload_spec::Spec::Compose(_)) | None => {}
-            }
+            let figures = Figures::of(workload);
+            total.cpu_millicores += figures.millicpus;
+            total.memory_mb += figures.memory_mib;
+            total.disk_gb += figures.disk_gib;
         }
         total
     }
@@ -354,7 +329,7 @@ mod tests {
     use persys_api::control::v1::FailureReason;
     use persys_api::v1::{
         ContainerSpec, DesiredState, DiskConfig, ManagedVolumeSpec, ObjectMeta, ObjectSpec,
-        ObjectStatus, ResourceLimits, VmSpec, WorkloadSpec,
+        ObjectStatus, ResourceLimits, VmSpec, WorkloadSpec, workload_spec,
     };
 
     fn workload(id: &str, spec: workload_spec::Spec, desired: DesiredState) -> Arc<Workload> {

@@ -5,6 +5,7 @@
 //! append to the log — the controllers do the work.
 
 pub mod authz;
+pub mod ceilings;
 pub mod coalesce;
 pub mod grpc_metrics;
 pub mod redact;
@@ -24,7 +25,7 @@ use persys_api::v1::{
     GetWorkloadStatusRequest, GetWorkloadStatusResponse, HealthCheckRequest, HealthCheckResponse,
     ListActionsRequest, ListActionsResponse, ListWorkloadsRequest, ListWorkloadsResponse,
     WatchEvent, WatchEventType, WatchRequest, Workload, WorkloadStatus, WorkloadType,
-    WorkloadUsageSnapshot,
+    WorkloadUsageSnapshot, workload_spec,
 };
 use persys_controllers::Informer;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,11 @@ pub struct Agent {
     pub store: Store,
     pub informer: Informer,
     pub limits: Arc<Limits>,
+    /// The policy's ceilings, and the applies admitted under them.
+    pub admission: ceilings::Admission,
+    /// Compose files parsed at once, each on a blocking thread: parsing is
+    /// CPU work bounded per file, and this bounds it across requests.
+    pub compose_parses: Arc<tokio::sync::Semaphore>,
     /// The runtimes of this node: which workload types it accepts, and the
     /// variable that turns each on.
     pub registry: Registry,
@@ -98,6 +104,34 @@ fn audit_caller<T>(request: &Request<T>) -> crate::store::Caller {
 }
 
 impl Agent {
+    /// Validates an apply; a compose file is parsed on a blocking thread,
+    /// a bounded number at a time, off the async runtime.
+    async fn validated(
+        &self,
+        request: ApplyWorkloadRequest,
+    ) -> Result<crate::store::ApplyRequest, validate::FieldError> {
+        let is_compose = matches!(
+            request.spec.as_ref().and_then(|s| s.spec.as_ref()),
+            Some(workload_spec::Spec::Compose(_))
+        );
+        if !is_compose {
+            return validate::apply_request(request, &self.limits);
+        }
+        let unavailable = |why: String| validate::FieldError {
+            field: "spec.compose.compose_yaml".into(),
+            message: why,
+        };
+        let _permit = self
+            .compose_parses
+            .acquire()
+            .await
+            .map_err(|e| unavailable(format!("cannot be parsed now: {e}")))?;
+        let limits = self.limits.clone();
+        tokio::task::spawn_blocking(move || validate::apply_request(request, &limits))
+            .await
+            .map_err(|e| unavailable(format!("parsing failed: {e}")))?
+    }
+
     fn wire_status(&self, workload: &Workload) -> WorkloadStatus {
         let mut status = workload.to_wire_status();
         if let Some(usage) = &self.usage {
@@ -141,11 +175,10 @@ impl AgentService for Agent {
         request: Request<ApplyWorkloadRequest>,
     ) -> Result<Response<ApplyWorkloadResponse>, Status> {
         let caller = audit_caller(&request);
-        let mut apply =
-            validate::apply_request(request.into_inner(), &self.limits).map_err(|e| {
-                self.metrics.apply("invalid");
-                Status::invalid_argument(e.to_string())
-            })?;
+        let mut apply = self.validated(request.into_inner()).await.map_err(|e| {
+            self.metrics.apply("invalid");
+            Status::invalid_argument(e.to_string())
+        })?;
         let runtime = self.registry.get(apply.workload_type);
         if !runtime.enabled {
             self.metrics.apply("refused");
@@ -161,8 +194,20 @@ impl AgentService for Agent {
             self.metrics.apply("refused");
             return Err(Status::failed_precondition("node is draining"));
         }
+        let reservation = self
+            .admission
+            .admit(&id, &apply.spec, apply.desired_state)
+            .await
+            .map_err(|e| {
+                self.metrics.apply("refused");
+                Status::resource_exhausted(e.to_string())
+            })?;
         let outcome = match self.store.apply(apply).await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => {
+                self.admission
+                    .release_after(reservation, outcome.workload().resource_version());
+                outcome
+            }
             Err(error) => {
                 self.metrics.apply(
                     if error.is_retryable() || matches!(error, StoreError::Closed) {

@@ -2,13 +2,16 @@
 //! and nothing is stored.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use persys_api::v1::{ApplyWorkloadRequest, DesiredState, WorkloadType, workload_spec};
 
 use persys_controllers::SpecError;
-use persys_controllers::compose::validate_compose_spec;
+use persys_controllers::compose::environment;
+use persys_controllers::compose::{ComposeRules, check_compose_policy, validate_compose_spec};
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
-use persys_controllers::vm::validate_vm_spec;
+use persys_controllers::policy::NodePolicy;
+use persys_controllers::vm::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};
 
 use crate::store::ApplyRequest;
 
@@ -28,13 +31,34 @@ fn refuse<T>(field: impl Into<String>, message: impl Into<String>) -> Result<T, 
 }
 
 /// What validation needs to know about this node.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Limits {
-    /// Which host paths containers may bind-mount (never the host's critical
-    /// paths nor the agent's state; within PERSYS_ALLOWED_HOST_PATHS).
+    /// Which host paths workloads may bind-mount: the policy's roots, never
+    /// the host's critical paths, the agent's own files or the Docker
+    /// socket.
     pub host_paths: HostPathPolicy,
     /// Roots VM disk files must lie under.
     pub vm_disk_roots: Vec<PathBuf>,
+    /// The node's workload policy.
+    pub policy: Arc<NodePolicy>,
+    /// Where host network interfaces are listed (a parameter so tests can
+    /// fake a bridge).
+    pub sys_class_net: PathBuf,
+    /// The engine compose drives: part of the environment compose files
+    /// interpolate from.
+    pub docker_host: String,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            host_paths: HostPathPolicy::default(),
+            vm_disk_roots: Vec::new(),
+            policy: Arc::default(),
+            sys_class_net: PathBuf::from(SYS_CLASS_NET),
+            docker_host: String::new(),
+        }
+    }
 }
 
 /// Checks a request and turns it into a store apply. Unspecified type is
@@ -80,11 +104,30 @@ pub fn apply_request(
         return refuse("revision_id", "must be at most 128 printable characters");
     }
     // Each runtime owns its rules; the controller checks them again before
-    // acting, so a spec refused here is one it would refuse too.
+    // acting, so a spec refused here is one it would refuse too. The node
+    // policy's compose and VM network rules are enforced here, at apply;
+    // container bind paths at apply and again by the Docker controller.
     match spec {
         workload_spec::Spec::Container(c) => validate_container_spec(c, &limits.host_paths),
-        workload_spec::Spec::Compose(c) => validate_compose_spec(c).map(drop),
-        workload_spec::Spec::Vm(v) => validate_vm_spec(&request.id, v, &limits.vm_disk_roots),
+        workload_spec::Spec::Compose(c) => validate_compose_spec(c).and_then(|_| {
+            // What compose will interpolate from: its own process's
+            // environment, the spec's variables included.
+            let vars = environment(std::env::vars(), &limits.docker_host, &c.env)
+                .into_iter()
+                .collect();
+            check_compose_policy(
+                c,
+                &ComposeRules {
+                    policy: &limits.policy,
+                    host_paths: &limits.host_paths,
+                    vars: &vars,
+                },
+            )
+        }),
+        workload_spec::Spec::Vm(v) => validate_vm_spec(&request.id, v, &limits.vm_disk_roots)
+            .and_then(|()| {
+                check_vm_networks(&request.id, v, &limits.policy.vm, &limits.sys_class_net)
+            }),
     }
     .map_err(FieldError::from)?;
     Ok(ApplyRequest {

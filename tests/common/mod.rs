@@ -13,6 +13,36 @@ use rcgen::{
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+/// Runtimes enabled but unreachable: applies are accepted and stored, and
+/// nothing runs anywhere.
+pub const UNREACHABLE_RUNTIMES: &[(&str, &str)] = &[
+    ("PERSYS_DOCKER_ENABLED", "true"),
+    ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+    ("PERSYS_COMPOSE_ENABLED", "true"),
+    ("PERSYS_COMPOSE_BINARY", "/nonexistent/docker-compose"),
+    ("PERSYS_VM_ENABLED", "true"),
+    (
+        "PERSYS_LIBVIRT_URI",
+        "qemu+unix:///system?socket=/nonexistent/libvirt-sock",
+    ),
+];
+
+/// The agent binary with a clean environment: plaintext on free ports,
+/// state in `state`, no runtimes. For starts that must fail, and how.
+pub fn offline_agent(state: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_persys-agent"));
+    command
+        .env_clear()
+        .env("PERSYS_STATE_PATH", state)
+        .env("PERSYS_TLS_ENABLED", "false")
+        .env("PERSYS_GRPC_PORT", free_port().to_string())
+        .env("PERSYS_METRICS_PORT", free_port().to_string())
+        .env("PERSYS_DOCKER_ENABLED", "false")
+        .env("PERSYS_COMPOSE_ENABLED", "false")
+        .env("PERSYS_VM_ENABLED", "false");
+    command
+}
+
 /// A certificate authority that signs server and client certificates.
 pub struct Authority {
     pub cert_pem: String,

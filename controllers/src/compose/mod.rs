@@ -18,6 +18,9 @@
 //!   atomically, and the spec hash last brought up.
 //! - `naming`: project names, and who owns a contested one.
 //! - `services`: the services a compose file declares, with their scale.
+//! - `document`: a compose file read within bounds (size, alias expansion,
+//!   depth), merge keys applied, `${VAR}` interpolated as compose does.
+//! - `policy`: a compose file against the node's workload policy.
 //! - [`observe`]: the project as found: its containers, from the engine,
 //!   and its folder.
 //! - `runtime`: the facade over the compose CLI and the engine.
@@ -43,12 +46,14 @@ pub(crate) mod cli;
 pub(crate) mod command;
 pub(crate) mod config;
 mod desired;
+mod document;
 pub(crate) mod errors;
 pub(crate) mod events;
 mod memory;
 pub(crate) mod naming;
 pub mod observe;
 mod plan;
+mod policy;
 pub(crate) mod project;
 pub(crate) mod reconciler;
 mod runtime;
@@ -57,7 +62,10 @@ pub(crate) mod status;
 mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};
+pub use cli::environment;
 pub use config::ComposeConfig;
+pub use document::MAX_COMPOSE_BYTES;
 pub use errors::{ComposeError, FailureReason};
+pub use policy::{ComposeRules, check_compose_policy};
 pub use reconciler::{ComposeController, ComposeHealth};
 pub use validate::validate_compose_spec;

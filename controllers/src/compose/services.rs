@@ -14,8 +14,7 @@ pub fn declared_services(
     compose: &str,
     env: &BTreeMap<String, String>,
 ) -> Result<DeclaredServices, String> {
-    let document: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(compose).map_err(|e| format!("is not valid YAML: {e}"))?;
+    let document = super::document::load(compose)?;
     let Some(services) = document.get("services").and_then(|s| s.as_mapping()) else {
         return Err("has no `services` map".into());
     };

@@ -11,6 +11,7 @@ use persys_api::v1::ContainerSpec;
 
 use super::image::ImageReference;
 use super::labels::RESERVED_PREFIX;
+use crate::policy::{ALWAYS, DEFAULT_VOLUME_ROOT, refusal};
 
 pub use crate::spec::SpecError;
 
@@ -38,52 +39,62 @@ pub struct HostPathPolicy {
     /// Never mountable, nor anything below or above them; kept both as
     /// written and canonicalised (`/var/run` is a link to `/run`).
     forbidden: Vec<PathBuf>,
-    /// When non-empty, a host path must lie under one of these.
+    /// A host path must lie under one of these (none: nothing is
+    /// mountable; `/`: anything not forbidden).
     allowed_roots: Vec<PathBuf>,
 }
 
 impl Default for HostPathPolicy {
+    /// The node policy's default: only under `/var/lib/persys/volumes`.
     fn default() -> Self {
-        HostPathPolicy::new(None, Vec::new())
+        HostPathPolicy::new(None, vec![PathBuf::from(DEFAULT_VOLUME_ROOT)])
     }
 }
 
 impl HostPathPolicy {
-    /// The built-in forbidden paths, plus the agent's state directory; and,
-    /// when `allowed_roots` is not empty, only paths under those roots.
+    /// The built-in forbidden paths, plus the agent's state directory; and
+    /// only paths under `allowed_roots`.
     pub fn new(state_dir: Option<&Path>, allowed_roots: Vec<PathBuf>) -> Self {
-        let mut forbidden = Vec::new();
-        let mut add = |path: PathBuf| {
-            if let Ok(canonical) = canonicalize_lenient(&path)
-                && !forbidden.contains(&canonical)
-            {
-                forbidden.push(canonical);
-            }
-            if !forbidden.contains(&path) {
-                forbidden.push(path);
-            }
-        };
-        for path in FORBIDDEN_HOST_PATHS {
-            add(PathBuf::from(path));
-        }
-        if let Some(dir) = state_dir {
-            let dir = if dir.is_absolute() {
-                dir.to_path_buf()
-            } else {
-                std::env::current_dir()
-                    .map(|cwd| cwd.join(dir))
-                    .unwrap_or_else(|_| dir.to_path_buf())
-            };
-            add(dir);
-        }
         let allowed_roots = allowed_roots
             .into_iter()
             .map(|root| canonicalize_lenient(&root).unwrap_or(root))
             .collect();
-        HostPathPolicy {
-            forbidden,
+        let policy = HostPathPolicy {
+            forbidden: Vec::new(),
             allowed_roots,
+        };
+        policy
+            .forbidding(FORBIDDEN_HOST_PATHS.iter().map(PathBuf::from))
+            .forbidding(state_dir.map(Path::to_path_buf))
+    }
+
+    /// Also refuses `paths` (the agent's key files, wherever DOCKER_HOST's
+    /// socket is), with what lies below and above them. Relative paths are
+    /// taken from the current directory, as the agent opens them.
+    pub fn forbidding(mut self, paths: impl IntoIterator<Item = PathBuf>) -> Self {
+        for path in paths {
+            let path = if path.is_absolute() {
+                path
+            } else {
+                std::env::current_dir()
+                    .map(|cwd| cwd.join(&path))
+                    .unwrap_or(path)
+            };
+            if let Ok(canonical) = canonicalize_lenient(&path)
+                && !self.forbidden.contains(&canonical)
+            {
+                self.forbidden.push(canonical);
+            }
+            if !self.forbidden.contains(&path) {
+                self.forbidden.push(path);
+            }
         }
+        self
+    }
+
+    /// The roots host paths must lie under, resolved.
+    pub fn allowed_roots(&self) -> &[PathBuf] {
+        &self.allowed_roots
     }
 
     /// The canonical form of `host_path` if a container may mount it.
@@ -98,34 +109,49 @@ impl HostPathPolicy {
         if !path.is_absolute() {
             return Err(format!("{host_path:?} is not an absolute path"));
         }
-        let canonical = canonicalize_lenient(path)
-            .map_err(|e| format!("{host_path:?} cannot be resolved: {e}"))?;
+        let canonical = canonicalize_lenient(path).map_err(|e| {
+            refusal(
+                format_args!("{host_path:?} cannot be resolved: {e}"),
+                ALWAYS,
+            )
+        })?;
         if canonical == Path::new("/") {
-            return Err("the host's root directory cannot be mounted".into());
+            return Err(refusal(
+                "the host's root directory cannot be mounted",
+                ALWAYS,
+            ));
         }
         for forbidden in &self.forbidden {
             if canonical.starts_with(forbidden) || forbidden.starts_with(&canonical) {
-                return Err(format!(
-                    "{host_path:?} (resolved to {}) is or overlaps {}, which containers may not mount",
-                    canonical.display(),
-                    forbidden.display()
+                return Err(refusal(
+                    format_args!(
+                        "{host_path:?} (resolved to {}) is or overlaps {}, which containers may not mount",
+                        canonical.display(),
+                        forbidden.display()
+                    ),
+                    ALWAYS,
                 ));
             }
         }
-        if !self.allowed_roots.is_empty()
-            && !self
-                .allowed_roots
-                .iter()
-                .any(|root| canonical.starts_with(root))
+        if !self
+            .allowed_roots
+            .iter()
+            .any(|root| canonical.starts_with(root))
         {
-            return Err(format!(
-                "{host_path:?} (resolved to {}) is outside the allowed host paths ({})",
-                canonical.display(),
-                self.allowed_roots
+            let roots = match self.allowed_roots.as_slice() {
+                [] => "none".to_string(),
+                roots => roots
                     .iter()
                     .map(|r| r.display().to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+            };
+            return Err(refusal(
+                format_args!(
+                    "{host_path:?} (resolved to {}) is outside the allowed host paths ({roots})",
+                    canonical.display(),
+                ),
+                "host_paths.allowed_roots",
             ));
         }
         Ok(canonical)
@@ -141,6 +167,14 @@ fn canonicalize_lenient(path: &Path) -> std::io::Result<PathBuf> {
         let prefix: PathBuf = components[..existing].iter().collect();
         match std::fs::canonicalize(&prefix) {
             Ok(resolved) => break resolved,
+            // Present but unresolvable: a link to nothing (which the engine
+            // would create, following the link) or one it cannot read.
+            Err(_) if std::fs::symlink_metadata(&prefix).is_ok() => {
+                return Err(std::io::Error::other(format!(
+                    "{} is a symbolic link that does not resolve",
+                    prefix.display()
+                )));
+            }
             Err(_) if existing > 1 => existing -= 1,
             Err(error) => return Err(error),
         }
@@ -427,7 +461,7 @@ mod tests {
 
     #[test]
     fn ordinary_host_paths_are_accepted_even_before_they_exist() {
-        let policy = HostPathPolicy::default();
+        let policy = HostPathPolicy::new(None, vec![PathBuf::from("/")]);
         let tmp = std::env::temp_dir();
         let ok = validate_host_path("f", tmp.to_str().unwrap(), &policy).unwrap();
         assert!(ok.is_absolute());
@@ -451,7 +485,7 @@ mod tests {
     #[test]
     fn the_state_directory_and_its_parents_are_refused() {
         let state = tempfile_dir();
-        let policy = HostPathPolicy::new(Some(&state), Vec::new());
+        let policy = HostPathPolicy::new(Some(&state), vec![PathBuf::from("/")]);
         assert!(validate_host_path("f", state.to_str().unwrap(), &policy).is_err());
         assert!(validate_host_path("f", state.join("db").to_str().unwrap(), &policy).is_err());
         assert!(
@@ -472,6 +506,40 @@ mod tests {
         assert!(validate_host_path("f", &escape, &policy).is_err());
     }
 
+    #[test]
+    fn by_default_only_the_volume_root_is_mountable_and_refusals_name_the_rule() {
+        let policy = HostPathPolicy::default();
+        assert!(validate_host_path("f", "/var/lib/persys/volumes/web/data", &policy).is_ok());
+        let error = validate_host_path("f", "/srv/data", &policy).unwrap_err();
+        assert!(
+            error.message.contains("(policy host_paths.allowed_roots)"),
+            "{error}"
+        );
+        let none = HostPathPolicy::new(None, Vec::new());
+        let error = validate_host_path("f", "/var/lib/persys/volumes/a", &none).unwrap_err();
+        assert!(error.message.contains("(none)"), "{error}");
+        let socket = HostPathPolicy::new(None, vec![PathBuf::from("/")])
+            .forbidding([PathBuf::from("/srv/engine/docker.sock")]);
+        for path in ["/srv/engine/docker.sock", "/srv/engine", "/srv"] {
+            let error = validate_host_path("f", path, &socket).unwrap_err();
+            assert!(error.message.contains("whatever the policy"), "{error}");
+        }
+        assert!(validate_host_path("f", "/srv/other", &socket).is_ok());
+    }
+
+    #[test]
+    fn a_link_to_nothing_is_refused_not_resolved_lexically() {
+        let root = tempfile_dir().join("links");
+        std::fs::create_dir_all(&root).unwrap();
+        let link = root.join("dangling");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/nonexistent/persys-escape", &link).unwrap();
+        let policy = HostPathPolicy::new(None, vec![root.clone()]);
+        let error = validate_host_path("f", link.to_str().unwrap(), &policy).unwrap_err();
+        assert!(error.message.contains("does not resolve"), "{error}");
+        assert!(validate_host_path("f", root.join("absent/x").to_str().unwrap(), &policy).is_ok());
+    }
+
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("persys-validate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -480,7 +548,7 @@ mod tests {
 
     #[test]
     fn spec_errors_name_the_offending_field() {
-        let policy = HostPathPolicy::default();
+        let policy = HostPathPolicy::new(None, vec![PathBuf::from("/srv")]);
         let cases: Vec<(ContainerSpec, &str)> = vec![
             (spec(""), "spec.container.image"),
             (spec("Bad Image"), "spec.container.image"),

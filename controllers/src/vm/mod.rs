@@ -57,4 +57,4 @@ pub use errors::{FailureReason, SpecError, VmError};
 pub use marks::Marks;
 pub use reconciler::VmController;
 pub use usage::{UsageSampler, UsageSnapshots};
-pub use validate::validate_vm_spec;
+pub use validate::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};

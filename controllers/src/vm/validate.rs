@@ -2,14 +2,18 @@
 //! runs at apply time, and the same rules the controller's plan applies
 //! again before acting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use persys_api::v1::VmSpec;
 
 use super::disks::plan_disks;
-use super::domain_xml::{domain_name, graphics, resources};
+use super::domain_xml::{NicSource, USER_NETWORK, domain_name, graphics, plan_nics, resources};
 use super::seed::seed_content;
+use crate::policy::{self, ALWAYS, DOCKER_BRIDGE, refusal};
 use crate::spec::SpecError;
+
+/// Where host network interfaces are listed; a bridge has `bridge/` there.
+pub const SYS_CLASS_NET: &str = "/sys/class/net";
 
 /// Checks a VM spec for workload `id`: its domain name, vCPUs and memory,
 /// disks (formats, kinds, devices, paths under `disk_roots`), graphics and
@@ -24,10 +28,58 @@ pub fn validate_vm_spec(id: &str, spec: &VmSpec, disk_roots: &[PathBuf]) -> Resu
     Ok(())
 }
 
+/// Checks that every interface of the spec attaches where the node's
+/// policy allows: a libvirt network listed in `vm.networks` (qemu's
+/// user-mode networking as `user`), or a host bridge listed in
+/// `vm.bridges`. `docker0` never. A name is a bridge when
+/// `sys_class_net/<name>/bridge` exists, as the controller decides.
+pub fn check_vm_networks(
+    id: &str,
+    spec: &VmSpec,
+    rules: &policy::Vm,
+    sys_class_net: &Path,
+) -> Result<(), SpecError> {
+    let nics = plan_nics(id, &spec.networks, sys_class_net)?;
+    let listed = |names: &[String]| match names {
+        [] => "none".to_string(),
+        names => names.join(", "),
+    };
+    for (i, nic) in nics.iter().enumerate() {
+        let field = format!("spec.vm.networks[{i}].network");
+        let (name, allowed, kind, rule) = match &nic.source {
+            NicSource::Bridge(name) if name == DOCKER_BRIDGE => {
+                return Err(SpecError::new(
+                    field,
+                    refusal(
+                        format_args!("{DOCKER_BRIDGE} is Docker's bridge; VMs never attach to it"),
+                        ALWAYS,
+                    ),
+                ));
+            }
+            NicSource::Bridge(name) => (name.as_str(), &rules.bridges, "host bridge", "vm.bridges"),
+            NicSource::Network(name) => (name.as_str(), &rules.networks, "network", "vm.networks"),
+            NicSource::User => (USER_NETWORK, &rules.networks, "network", "vm.networks"),
+        };
+        if !allowed.iter().any(|a| a == name) {
+            return Err(SpecError::new(
+                field,
+                refusal(
+                    format_args!(
+                        "{kind} {name:?} is not allowed on this node (allowed: {})",
+                        listed(allowed)
+                    ),
+                    rule,
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use persys_api::v1::DiskConfig;
+    use persys_api::v1::{DiskConfig, NetworkConfig};
 
     fn vm(path: &str) -> VmSpec {
         VmSpec {
@@ -80,5 +132,45 @@ mod tests {
                 field
             );
         }
+    }
+
+    #[test]
+    fn networks_attach_only_where_the_policy_allows() {
+        let sys = std::env::temp_dir().join(format!("persys-sysnet-{}", std::process::id()));
+        for bridge in ["br0", "docker0", "br1"] {
+            std::fs::create_dir_all(sys.join(bridge).join("bridge")).unwrap();
+        }
+        let with = |names: &[&str]| VmSpec {
+            networks: names
+                .iter()
+                .map(|n| NetworkConfig {
+                    network: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..vm("/var/lib/libvirt/images/a.qcow2")
+        };
+        let rules = policy::Vm {
+            networks: vec!["default".into()],
+            bridges: vec!["br0".into()],
+        };
+        assert!(check_vm_networks("web", &with(&["default", "br0"]), &rules, &sys).is_ok());
+        for (names, index, words) in [
+            (&["default", "br1"][..], 1, "policy vm.bridges"),
+            (&["docker0"][..], 0, "whatever the policy"),
+            (&["isolated"][..], 0, "policy vm.networks"),
+            (&["user"][..], 0, "policy vm.networks"),
+        ] {
+            let error = check_vm_networks("web", &with(names), &rules, &sys).unwrap_err();
+            assert_eq!(error.field, format!("spec.vm.networks[{index}].network"));
+            assert!(error.message.contains(words), "{error}");
+        }
+        // A bridge listed as a network is still a bridge.
+        let rules = policy::Vm {
+            networks: vec!["br1".into()],
+            bridges: vec![],
+        };
+        assert!(check_vm_networks("web", &with(&["br1"]), &rules, &sys).is_err());
+        std::fs::remove_dir_all(&sys).unwrap();
     }
 }

@@ -1,0 +1,379 @@
+//! A compose file read as compose reads it, within bounds: at most
+//! [`MAX_COMPOSE_BYTES`], at most [`MAX_NODES`] nodes once every alias is
+//! expanded, nested at most [`MAX_DEPTH`] deep; then merge keys (`<<`)
+//! applied and `${VAR}` interpolated.
+//!
+//! serde_yaml_ng bounds nesting (128) and alias jumps (100 per event), but
+//! a 50 KB alias bomb still expands within those bounds into millions of
+//! nodes. So a first pass walks the document through the deserializer
+//! without building anything and stops at the node budget: the bomb costs
+//! at most [`MAX_NODES`] visits and no memory beyond the parser's events
+//! (proportional to the text, so bounded by the size cap). Only a document
+//! that fits is built as a value. Parsing is CPU work: callers on an async
+//! runtime run it on a blocking thread.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, Visitor};
+use serde_yaml_ng::Value;
+
+/// Largest compose file accepted (bytes, after base64 decoding).
+pub const MAX_COMPOSE_BYTES: usize = 1024 * 1024;
+
+/// Most nodes a compose file may have with its aliases expanded. Real
+/// files have hundreds; 100,000 values take a few MiB.
+pub const MAX_NODES: usize = 100_000;
+
+/// Deepest nesting accepted. Compose files nest a handful of levels.
+pub const MAX_DEPTH: usize = 64;
+
+/// Parses `text` as one YAML document within the bounds, with merge keys
+/// applied. Errors say which bound was hit, or where the YAML is wrong.
+pub fn load(text: &str) -> Result<Value, String> {
+    if text.len() > MAX_COMPOSE_BYTES {
+        return Err(format!(
+            "is {} bytes, over the {MAX_COMPOSE_BYTES}-byte limit for compose files",
+            text.len()
+        ));
+    }
+    let budget = Budget {
+        nodes: Cell::new(0),
+        exceeded: Cell::new(false),
+    };
+    Node {
+        budget: &budget,
+        depth: 0,
+    }
+    .deserialize(serde_yaml_ng::Deserializer::from_str(text))
+    .map_err(|e| match budget.exceeded.get() {
+        true => format!("is refused: {e}"),
+        false => format!("is not valid YAML: {e}"),
+    })?;
+    let mut value: Value =
+        serde_yaml_ng::from_str(text).map_err(|e| format!("is not valid YAML: {e}"))?;
+    value
+        .apply_merge()
+        .map_err(|e| format!("has a bad merge key (<<): {e}"))?;
+    Ok(value)
+}
+
+/// Nodes visited so far, shared by the whole walk.
+struct Budget {
+    nodes: Cell<usize>,
+    /// Set when a bound, not the YAML, stopped the walk.
+    exceeded: Cell<bool>,
+}
+
+/// One node of the walk: counts itself, then its children one level down.
+#[derive(Clone, Copy)]
+struct Node<'a> {
+    budget: &'a Budget,
+    depth: usize,
+}
+
+impl Node<'_> {
+    fn visit<E: de::Error>(self) -> Result<(), E> {
+        let nodes = self.budget.nodes.get() + 1;
+        self.budget.nodes.set(nodes);
+        let exceeded = if nodes > MAX_NODES {
+            format!("it expands to more than {MAX_NODES} nodes (aliases are counted at every use)")
+        } else if self.depth > MAX_DEPTH {
+            format!("it nests deeper than {MAX_DEPTH} levels")
+        } else {
+            return Ok(());
+        };
+        self.budget.exceeded.set(true);
+        Err(E::custom(exceeded))
+    }
+
+    fn child(self) -> Self {
+        Node {
+            budget: self.budget,
+            depth: self.depth + 1,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.visit()
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        self.deserialize(deserializer)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.visit()?;
+        while seq.next_element_seed(self.child())?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.visit()?;
+        while map.next_key_seed(self.child())?.is_some() {
+            map.next_value_seed(self.child())?;
+        }
+        Ok(())
+    }
+    /// A tagged value (`!reset`, `!override`): the tag, then its value.
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        self.visit()?;
+        let (_, variant) = data.variant::<de::IgnoredAny>()?;
+        de::VariantAccess::newtype_variant_seed(variant, self.child())
+    }
+}
+
+/// Replaces `${VAR}` and `$VAR` in every string value of `value` as
+/// compose does, from `vars` (unset is empty): `$$` is a `$`;
+/// `${VAR:-default}`, `${VAR-default}`, `${VAR:+other}`, `${VAR+other}`
+/// (defaults interpolated in turn); `${VAR:?message}` and `${VAR?message}`
+/// fail when unset. `path` names where a failure is, for the message.
+pub fn interpolate(
+    value: &mut Value,
+    vars: &BTreeMap<String, String>,
+    path: &str,
+) -> Result<(), String> {
+    match value {
+        Value::String(text) if text.contains('$') => {
+            *text = substitute(text, vars).map_err(|why| format!("{path}: {why}"))?;
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate(item, vars, &format!("{path}[{i}]"))?;
+            }
+        }
+        Value::Mapping(mapping) => {
+            for (key, item) in mapping.iter_mut() {
+                let key = key.as_str().map(str::to_string).unwrap_or_default();
+                let path = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                interpolate(item, vars, &path)?;
+            }
+        }
+        Value::Tagged(tagged) => interpolate(&mut tagged.value, vars, path)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn substitute(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let is_name_start = |c: char| c == '_' || c.is_ascii_alphabetic();
+    let is_name = |c: char| c == '_' || c.is_ascii_alphanumeric();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        match after.chars().next() {
+            Some('$') => {
+                out.push('$');
+                rest = &after[1..];
+            }
+            Some('{') => {
+                let body_and_rest = &after[1..];
+                let end = closing_brace(body_and_rest)
+                    .ok_or_else(|| format!("{text:?} has an unclosed ${{"))?;
+                out.push_str(&braced(&body_and_rest[..end], vars)?);
+                rest = &body_and_rest[end + 1..];
+            }
+            Some(c) if is_name_start(c) => {
+                let len = after.find(|c| !is_name(c)).unwrap_or(after.len());
+                out.push_str(vars.get(&after[..len]).map(String::as_str).unwrap_or(""));
+                rest = &after[len..];
+            }
+            _ => {
+                return Err(format!(
+                    "{text:?} has a '$' that starts no variable (write $$)"
+                ));
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Where the `}` closing a `${` is, counting nested `${…}`.
+fn closing_brace(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'$' if bytes.get(i + 1) == Some(&b'{') => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' if depth == 0 => return Some(i),
+            b'}' => depth -= 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The value of `${body}`.
+fn braced(body: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let name_len = body
+        .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
+        .unwrap_or(body.len());
+    let (name, operator) = body.split_at(name_len);
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("${{{body}}} names no variable"));
+    }
+    let value = vars.get(name);
+    let set_nonempty = value.is_some_and(|v| !v.is_empty());
+    let (op, word) = [":-", ":?", ":+", "-", "?", "+"]
+        .iter()
+        .filter_map(|op| operator.strip_prefix(op).map(|word| (*op, word)))
+        .next()
+        .unwrap_or(("", operator));
+    match op {
+        "" if word.is_empty() => Ok(value.cloned().unwrap_or_default()),
+        ":-" if !set_nonempty => substitute(word, vars),
+        "-" if value.is_none() => substitute(word, vars),
+        ":-" | "-" => Ok(value.cloned().unwrap_or_default()),
+        ":?" if !set_nonempty => Err(format!("{name} is required: {word}")),
+        "?" if value.is_none() => Err(format!("{name} is required: {word}")),
+        ":?" | "?" => Ok(value.cloned().unwrap_or_default()),
+        ":+" if set_nonempty => substitute(word, vars),
+        "+" if value.is_some() => substitute(word, vars),
+        ":+" | "+" => Ok(String::new()),
+        _ => Err(format!(
+            "${{{body}}} is not a variable reference compose reads"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn variables_interpolate_as_compose_does() {
+        let v = vars(&[("ROOT", "/srv"), ("EMPTY", "")]);
+        for (text, expected) in [
+            ("$ROOT/data", "/srv/data"),
+            ("${ROOT}/data", "/srv/data"),
+            ("${UNSET}/etc", "/etc"),
+            ("${UNSET:-/}:/host", "/:/host"),
+            ("${EMPTY:-/etc}", "/etc"),
+            ("${EMPTY-/etc}", ""),
+            ("${UNSET:-${ROOT}/x}", "/srv/x"),
+            ("${ROOT:+/y}", "/y"),
+            ("${UNSET:+/y}", ""),
+            ("$$ROOT", "$ROOT"),
+            ("no dollar", "no dollar"),
+        ] {
+            assert_eq!(substitute(text, &v).unwrap(), expected, "{text}");
+        }
+        for bad in ["${UNSET:?needed}", "${ROOT", "$", "${1X}", "${ROOT/x}"] {
+            assert!(substitute(bad, &v).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn merge_keys_and_interpolation_are_applied() {
+        let mut doc = load(
+            "x-common: &common\n  privileged: true\nservices:\n  web:\n    <<: *common\n    image: \"${IMAGE}\"\n",
+        )
+        .unwrap();
+        interpolate(&mut doc, &vars(&[("IMAGE", "nginx")]), "").unwrap();
+        assert_eq!(doc["services"]["web"]["privileged"], Value::Bool(true));
+        assert_eq!(doc["services"]["web"]["image"], "nginx");
+        let mut doc = load("services:\n  web:\n    image: ${X:?set X}\n").unwrap();
+        let error = interpolate(&mut doc, &BTreeMap::new(), "").unwrap_err();
+        assert!(
+            error.starts_with("services.web.image: X is required"),
+            "{error}"
+        );
+    }
+
+    /// The classic: nine aliases of nine aliases of …, about a billion
+    /// strings expanded from under a kilobyte.
+    pub(crate) fn billion_laughs() -> String {
+        let mut text = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+        for pair in names.windows(2) {
+            let (prev, next) = (pair[0], pair[1]);
+            text.push_str(&format!(
+                "{next}: &{next} [{}]\n",
+                vec![format!("*{prev}"); 9].join(",")
+            ));
+        }
+        text.push_str("services:\n  web:\n    image: x\n    command: *i\n");
+        text
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_quickly_without_expanding_it() {
+        let start = std::time::Instant::now();
+        let error = load(&billion_laughs()).unwrap_err();
+        assert!(error.contains("more than 100000 nodes"), "{error}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn size_and_depth_are_bounded() {
+        let big = format!(
+            "services:\n  web:\n    image: x\n# {}\n",
+            "x".repeat(MAX_COMPOSE_BYTES)
+        );
+        assert!(load(&big).unwrap_err().contains("limit"));
+        let deep = format!("a: {}{}\n", "[".repeat(100), "]".repeat(100));
+        let error = load(&deep).unwrap_err();
+        assert!(
+            error.contains("deeper") || error.contains("recursion"),
+            "{error}"
+        );
+        assert!(load("services:\n  web: {image: x}\n").is_ok());
+    }
+}
