@@ -140,8 +140,21 @@ struct Ledger {
     /// The sum of `figures`.
     total: Figures,
     /// Applies admitted and not yet in `figures`, by token.
-    pending: HashMap<u64, (String, Figures)>,
+    pending: HashMap<u64, Pending>,
     next_token: u64,
+    /// The resource version `figures` reflects (kept under the lock, so a
+    /// reservation handed over is never left behind by a racing update).
+    reached: Option<u64>,
+}
+
+/// An admitted apply's share while the ledger does not have it.
+#[derive(Debug)]
+struct Pending {
+    id: String,
+    figures: Figures,
+    /// The resource version of the apply's write, once it is written: the
+    /// ledger drops the share when it reaches it.
+    until: Option<u64>,
 }
 
 impl Ledger {
@@ -158,12 +171,21 @@ impl Ledger {
         }
     }
 
-    fn refill(&mut self, workloads: &[Arc<Workload>]) {
+    fn refill(&mut self, workloads: &[Arc<Workload>], version: u64) {
         self.figures.clear();
         self.total = Figures::default();
         for workload in workloads {
             self.set(workload.id(), Figures::of(workload));
         }
+        self.reach(version);
+    }
+
+    /// The ledger reflects the store up to `version`: shares of applies
+    /// written at or before it are now in `figures`.
+    fn reach(&mut self, version: u64) {
+        self.reached = Some(version);
+        self.pending
+            .retain(|_, pending| pending.until.is_none_or(|until| until > version));
     }
 
     /// Workloads and figures in use by everyone but `id`: the ledger, and
@@ -177,9 +199,9 @@ impl Ledger {
             in_use.sub(*own);
         }
         let mut on_the_way: HashMap<&str, Figures> = HashMap::new();
-        for (other, figures) in self.pending.values().filter(|(other, _)| other != id) {
-            let entry = on_the_way.entry(other).or_default();
-            *entry = entry.max(*figures);
+        for pending in self.pending.values().filter(|pending| pending.id != id) {
+            let entry = on_the_way.entry(&pending.id).or_default();
+            *entry = entry.max(pending.figures);
         }
         for (other, figures) in on_the_way {
             match self.figures.get(other) {
@@ -205,25 +227,26 @@ pub struct Admission {
     version: tokio::sync::watch::Sender<Option<u64>>,
 }
 
-/// An admitted apply's share, held until the ledger has the write (or
-/// dropped at once when the apply did not happen).
+/// An admitted apply's share: dropped, it is released at once (the apply
+/// did not happen); handed to [`Admission::release_after`], the ledger
+/// keeps it until it has the write.
 pub struct Reservation {
     ledger: Arc<Mutex<Ledger>>,
-    token: u64,
+    /// `None` once handed over to the ledger.
+    token: Option<u64>,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        lock(&self.ledger).pending.remove(&self.token);
+        if let Some(token) = self.token {
+            lock(&self.ledger).pending.remove(&token);
+        }
     }
 }
 
 fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
     ledger.lock().unwrap_or_else(|p| p.into_inner())
 }
-
-/// How long a reservation waits for the ledger before it lets go anyway.
-const LEDGER_WAIT: Duration = Duration::from_secs(60);
 
 impl Admission {
     /// Follows `informer` into the ledger until `stop`.
@@ -259,7 +282,7 @@ impl Admission {
 
     fn refill(&self, informer: &Informer) {
         let (workloads, version) = informer.cache().snapshot();
-        lock(&self.ledger).refill(&workloads);
+        lock(&self.ledger).refill(&workloads, version);
         self.version.send_replace(Some(version));
     }
 
@@ -279,23 +302,24 @@ impl Admission {
                     ledger.set(change.id(), Figures::of(&change.new))
                 }
             }
+            ledger.reach(change.resource_version);
         }
         self.version.send_replace(Some(change.resource_version));
     }
 
-    /// Keeps `reservation` until the ledger has reached `resource_version`.
-    pub fn release_after(&self, reservation: Reservation, resource_version: u64) {
-        let mut version = self.version.subscribe();
-        tokio::spawn(async move {
-            let reached = version.wait_for(|v| v.is_some_and(|v| v >= resource_version));
-            if tokio::time::timeout(LEDGER_WAIT, reached).await.is_err() {
-                tracing::debug!(
-                    resource_version,
-                    "reservation released before the ledger caught up"
-                );
-            }
-            drop(reservation);
-        });
+    /// Keeps `reservation` until the ledger has reached `resource_version`
+    /// (the apply's write), then lets it go: the ledger drops it as it
+    /// records that version, so nothing waits and nothing is spawned.
+    pub fn release_after(&self, mut reservation: Reservation, resource_version: u64) {
+        let Some(token) = reservation.token.take() else {
+            return;
+        };
+        let mut ledger = lock(&self.ledger);
+        if ledger.reached.is_some_and(|v| v >= resource_version) {
+            ledger.pending.remove(&token);
+        } else if let Some(pending) = ledger.pending.get_mut(&token) {
+            pending.until = Some(resource_version);
+        }
     }
 
     /// Admits workload `id` with `spec` and `desired` state, or says which
@@ -336,10 +360,17 @@ impl Admission {
             .map_err(exceeded)?;
         let token = ledger.next_token;
         ledger.next_token += 1;
-        ledger.pending.insert(token, (id.to_string(), requested));
+        ledger.pending.insert(
+            token,
+            Pending {
+                id: id.to_string(),
+                figures: requested,
+                until: None,
+            },
+        );
         Ok(Reservation {
             ledger: self.ledger.clone(),
-            token,
+            token: Some(token),
         })
     }
 
@@ -620,6 +651,14 @@ mod tests {
             .wait_for(|v| v.is_some_and(|v| v >= version))
             .await
             .unwrap();
+        assert!(
+            lock(&admission.ledger).pending.is_empty(),
+            "the ledger drops a handed-over reservation once it has the write"
+        );
+        // Handed over after the ledger already has the write: let go at once.
+        let late = admit_vm(&admission, "c", 1, 100).await.unwrap();
+        admission.release_after(late, version);
+        assert!(lock(&admission.ledger).pending.is_empty());
         let error = admit_vm(&admission, "b", 1, 8192).await.err().unwrap();
         assert!(
             error
