@@ -73,11 +73,11 @@ pub enum Cleanup {
 pub trait Reconciler: Send + Sync + 'static {
     type Error: std::error::Error + Classify + Send + Sync + 'static;
 
-    /// Short name for logs and metrics: "docker", "compose", "vm".
-    fn name(&self) -> &'static str;
-
     /// The workload type this controller owns.
-    fn workload_type(&self) -> WorkloadType;
+    const WORKLOAD_TYPE: WorkloadType;
+
+    /// Short name for logs and metrics: "docker", "compose", "vm".
+    const NAME: &'static str = controller_name(Self::WORKLOAD_TYPE);
 
     /// Makes the runtime match a live workload.
     fn reconcile(
@@ -101,14 +101,38 @@ pub trait Reconciler: Send + Sync + 'static {
     }
 
     /// A key with no workload in the cache: a runtime object whose workload is
-    /// gone, or a deletion that already completed.
+    /// gone, or a deletion that already completed. `orphaned_for` is how long
+    /// the key has been without a workload, counted by the runner from the
+    /// first such reconcile until one returns without a requeue (nothing
+    /// left) or the workload reappears; see [`orphan_grace_left`].
     fn reconcile_missing(
         &self,
         id: &str,
+        orphaned_for: Duration,
     ) -> impl Future<Output = Result<Action, Self::Error>> + Send {
-        let _ = id;
+        let _ = (id, orphaned_for);
         async { Ok(Action::await_change()) }
     }
+}
+
+/// The controller of each workload type, by name.
+pub const fn controller_name(workload_type: WorkloadType) -> &'static str {
+    match workload_type {
+        WorkloadType::Container => "docker",
+        WorkloadType::Compose => "compose",
+        WorkloadType::Vm => "vm",
+        WorkloadType::Unspecified => "unspecified",
+    }
+}
+
+/// How much longer a runtime object without a workload is spared, orphaned
+/// for `orphaned_for`: `None` once `grace` has passed and it may be removed.
+/// The grace covers a workload deleted and re-applied, and a store restored
+/// from an older copy: the runtime object outlives a short absence.
+pub fn orphan_grace_left(grace: Duration, orphaned_for: Duration) -> Option<Duration> {
+    grace
+        .checked_sub(orphaned_for)
+        .filter(|left| !left.is_zero())
 }
 
 /// Where a controller reports what it does (metrics). Every method has a
@@ -200,6 +224,10 @@ struct Shared<R: Reconciler> {
     /// the next reconcile of the key has seen it in the cache. A std mutex:
     /// never held across an await.
     written: Mutex<HashMap<String, u64>>,
+    /// Key → when it was first reconciled without a workload, while its
+    /// runtime objects are spared (the orphan grace). A std mutex: never
+    /// held across an await.
+    orphans: Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 /// The runtime could not be reached: the keys that failed for that reason
@@ -247,8 +275,8 @@ impl<R: Reconciler> Controller<R> {
 
     /// Runs until `shutdown` is cancelled, then lets running reconciles finish.
     pub async fn run(self, shutdown: CancellationToken) {
-        let kind = self.reconciler.workload_type();
-        let name = self.reconciler.name();
+        let kind = R::WORKLOAD_TYPE;
+        let name = R::NAME;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = self.informer.wait_until_synced() => {}
@@ -306,6 +334,7 @@ impl<R: Reconciler> Controller<R> {
             outage_backoff: self.config.outage_backoff,
             observer: self.config.observer.clone(),
             written: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashMap::new()),
         });
         let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
         let mut running = JoinSet::new();
@@ -384,7 +413,7 @@ impl<R: Reconciler> Shared<R> {
     }
 
     async fn process(&self, key: &str) {
-        let name = self.reconciler.name();
+        let name = R::NAME;
         // A workload waiting for an unreachable runtime is left alone,
         // whatever changed: its reconcile could only fail the same way. The
         // probe getting through queues it with its latest spec.
@@ -410,12 +439,20 @@ impl<R: Reconciler> Shared<R> {
         let outcome = AssertUnwindSafe(Box::pin(
             async {
                 match workload {
-                    None => self.reconciler.reconcile_missing(key).await,
-                    Some(w) if w.workload_type() != self.reconciler.workload_type() => {
-                        Ok(Action::await_change())
+                    None => {
+                        let orphaned_for = self.orphaned_for(key);
+                        let outcome = self.reconciler.reconcile_missing(key, orphaned_for).await;
+                        if matches!(&outcome, Ok(action) if action.requeue_after.is_none()) {
+                            self.lock_orphans().remove(key);
+                        }
+                        outcome
                     }
+                    Some(w) if w.workload_type() != R::WORKLOAD_TYPE => Ok(Action::await_change()),
                     Some(w) if w.is_deleting() => self.finalize(w).await,
-                    Some(w) => self.reconciler.reconcile(w).await,
+                    Some(w) => {
+                        self.lock_orphans().remove(key);
+                        self.reconciler.reconcile(w).await
+                    }
                 }
             }
             .instrument(span.clone()),
@@ -463,7 +500,7 @@ impl<R: Reconciler> Shared<R> {
     /// any failed reconcile, so one bad workload neither stalls its key for
     /// good nor takes the controller down.
     async fn panicked(&self, key: &str, message: String, took: Duration) {
-        let name = self.reconciler.name();
+        let name = R::NAME;
         self.observer.reconciled(name, "error", took);
         let delay = self.backoff().failed(key);
         tracing::error!(panic = %message, retry_in = ?delay, "reconcile panicked");
@@ -513,6 +550,19 @@ impl<R: Reconciler> Shared<R> {
         self.written.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_orphans(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::time::Instant>> {
+        self.orphans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `key` has been without a workload, counted from the first
+    /// reconcile that found it so.
+    fn orphaned_for(&self, key: &str) -> Duration {
+        self.lock_orphans()
+            .entry(key.to_string())
+            .or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+    }
+
     fn outage(&self) -> std::sync::MutexGuard<'_, Outage> {
         self.outage.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -521,7 +571,7 @@ impl<R: Reconciler> Shared<R> {
     /// key becomes the probe and is retried on the outage back-off; the rest
     /// wait, without retrying or logging, until the runtime answers.
     fn park(&self, key: &str, error: &R::Error) {
-        let name = self.reconciler.name();
+        let name = R::NAME;
         let mut outage = self.outage();
         let retry_in = match outage.probe.as_deref() {
             None => {
@@ -571,7 +621,7 @@ impl<R: Reconciler> Shared<R> {
         tracing::info!(
             workloads = waiting.len(),
             "{} runtime reachable again; reconciling the workloads that waited for it",
-            self.reconciler.name()
+            R::NAME
         );
         for id in waiting {
             self.queue.add(&id);
@@ -579,7 +629,7 @@ impl<R: Reconciler> Shared<R> {
     }
 
     async fn finalize(&self, workload: Arc<Workload>) -> Result<Action, R::Error> {
-        let Some(finalizer) = self.reconciler.workload_type().finalizer() else {
+        let Some(finalizer) = R::WORKLOAD_TYPE.finalizer() else {
             return Ok(Action::await_change());
         };
         if !workload.has_finalizer(finalizer) {

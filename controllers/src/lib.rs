@@ -15,13 +15,14 @@
 //!   spacing for any repeated attempt.
 //! - `usage`: the last usage sample of each running workload, as the
 //!   Docker and VM controllers' samplers leave it.
-//! - `kit`: what every runtime reconciler shares: per-workload memory and
-//!   orphan timers, the event recorder, status building and publishing
+//! - `kit`: what every runtime reconciler shares: per-workload memory, the
+//!   event recorder, status building and publishing
 //!   (resource-version check, conflict requeue, requeue floor), the start
 //!   gate and failed-start policy, and error classes ([`ErrorClass`]).
 //! - `controller`: the [`Reconciler`] trait and the runner ([`Controller`])
 //!   that drives one from informer changes, runtime triggers and a periodic
-//!   resync.
+//!   resync, and counts how long each orphaned key has been without a
+//!   workload ([`orphan_grace_left`]).
 //! - [`docker`]: the Docker controller — container workloads.
 //! - [`compose`]: the Compose controller — compose projects through the
 //!   compose CLI, observed through the Docker API.
@@ -45,6 +46,7 @@ pub mod vm;
 
 pub use controller::{
     Action, Cleanup, Controller, ControllerConfig, ControllerObserver, NoObserver, Reconciler,
+    controller_name, orphan_grace_left,
 };
 pub use informer::{Cache, Informer, Notification};
 pub use kit::{Classify, ErrorClass};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use persys_api::v1::{ActualState, ObjectStatus, Workload, WorkloadType};
 use persys_controllers::{
     Action, Classify, Cleanup, Controller, ControllerConfig, ErrorClass, Informer, Reconciler,
-    WorkloadWriter,
+    WorkloadWriter, orphan_grace_left,
 };
 use support::MemoryLog;
 use tokio::sync::Semaphore;
@@ -51,7 +51,14 @@ struct Recorder {
     write_status: bool,
     /// While set, every reconcile fails as if the runtime were down.
     runtime_down: AtomicBool,
+    /// Each reconcile of a key without a workload: how long the runner said
+    /// it had been orphaned.
+    orphans: Mutex<Vec<(String, Duration)>>,
 }
+
+/// The orphan grace of the test reconciler: it removes what it finds once
+/// a key has been without a workload this long.
+const ORPHAN_GRACE: Duration = Duration::from_secs(30);
 
 const RUNTIME_DOWN: &str = "runtime unreachable";
 
@@ -71,6 +78,7 @@ impl Recorder {
             requeue: None,
             write_status: false,
             runtime_down: AtomicBool::new(false),
+            orphans: Mutex::default(),
         }
     }
 
@@ -88,13 +96,8 @@ impl Recorder {
 impl Reconciler for Recorder {
     type Error = TestError;
 
-    fn name(&self) -> &'static str {
-        "test"
-    }
-
-    fn workload_type(&self) -> WorkloadType {
-        WorkloadType::Container
-    }
+    const WORKLOAD_TYPE: WorkloadType = WorkloadType::Container;
+    const NAME: &'static str = "test";
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, TestError> {
         let id = workload.id().to_string();
@@ -164,6 +167,21 @@ impl Reconciler for Recorder {
             return Ok(action.wrote(written.resource_version()));
         }
         Ok(action)
+    }
+
+    async fn reconcile_missing(
+        &self,
+        id: &str,
+        orphaned_for: Duration,
+    ) -> Result<Action, TestError> {
+        self.orphans
+            .lock()
+            .unwrap()
+            .push((id.to_string(), orphaned_for));
+        Ok(match orphan_grace_left(ORPHAN_GRACE, orphaned_for) {
+            Some(left) => Action::requeue(left),
+            None => Action::await_change(),
+        })
     }
 
     async fn cleanup(&self, workload: Arc<Workload>) -> Result<Cleanup, TestError> {
@@ -533,6 +551,57 @@ async fn controller_reconciles_keys_from_trigger_streams() {
         2,
         "a runtime event reconciles"
     );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_orphan_is_spared_for_its_grace_from_first_sight_and_its_workload_coming_back_resets_the_count()
+ {
+    let log = MemoryLog::new();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let trigger = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    let h = start(
+        log.clone(),
+        Recorder::new(log.clone()),
+        config(None),
+        Some(trigger),
+    )
+    .await;
+    let second = Duration::from_secs(1);
+    let seen = |recorder: &Recorder| -> Vec<Duration> {
+        let orphans = recorder.orphans.lock().unwrap();
+        orphans.iter().map(|(_, d)| *d).collect()
+    };
+    settle().await;
+    tx.send("gone".into()).unwrap();
+    settle().await;
+    assert_eq!(seen(&h.recorder), [Duration::ZERO]);
+    tokio::time::advance(10 * second).await;
+    tx.send("gone".into()).unwrap();
+    settle().await;
+    assert_eq!(
+        seen(&h.recorder),
+        [Duration::ZERO, 10 * second],
+        "counted from first sight, not from this look"
+    );
+    // The first reconcile's requeue comes due at the end of the grace; the
+    // reconciler removes it and asks for nothing more, which ends the count.
+    tokio::time::advance(20 * second).await;
+    settle().await;
+    assert_eq!(seen(&h.recorder).last(), Some(&(30 * second)));
+    tx.send("gone".into()).unwrap();
+    settle().await;
+    assert_eq!(seen(&h.recorder).last(), Some(&Duration::ZERO));
+    // Its workload comes back, then goes: the count starts over.
+    tokio::time::advance(10 * second).await;
+    log.apply("gone", WorkloadType::Container, "x:1");
+    settle().await;
+    assert_eq!(h.recorder.calls_of("gone").len(), 1);
+    log.delete("gone");
+    settle().await;
+    tx.send("gone".into()).unwrap();
+    settle().await;
+    assert_eq!(seen(&h.recorder).last(), Some(&Duration::ZERO));
     h.stop().await;
 }
 

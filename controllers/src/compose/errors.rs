@@ -8,7 +8,7 @@ use bollard::errors::Error as EngineError;
 
 use super::binary::DetectError;
 use super::cli::Verb;
-use crate::docker::errors::{engine_says, is_unreachable, unreachable_detail};
+use crate::docker::errors::{engine_detail, is_unreachable};
 use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
 
@@ -120,15 +120,8 @@ fn pull_was_last_step(text: &str) -> bool {
 /// being done.
 #[derive(Debug, thiserror::Error)]
 pub enum ComposeError {
-    /// The engine did not answer; retry with back-off.
-    #[error("workload {id}: docker engine unreachable while trying to {operation}: {source}")]
-    Unreachable {
-        id: String,
-        operation: Operation,
-        #[source]
-        source: EngineError,
-    },
-    /// The engine answered a call with an error.
+    /// An engine call failed: it answered with an error, or did not answer
+    /// at all (unreachable: see [`is_unreachable`]).
     #[error("workload {id}: docker could not {operation}: {source}")]
     Engine {
         id: String,
@@ -173,20 +166,13 @@ pub enum ComposeError {
 }
 
 impl ComposeError {
-    /// Wraps an engine error, telling an unreachable engine from a refusal.
+    /// Wraps an engine error (the class tells an unreachable engine from a
+    /// refusal).
     pub fn engine(id: &str, operation: Operation, source: EngineError) -> ComposeError {
-        if is_unreachable(&source) {
-            ComposeError::Unreachable {
-                id: id.to_string(),
-                operation,
-                source,
-            }
-        } else {
-            ComposeError::Engine {
-                id: id.to_string(),
-                operation,
-                source,
-            }
+        ComposeError::Engine {
+            id: id.to_string(),
+            operation,
+            source,
         }
     }
 }
@@ -194,7 +180,9 @@ impl ComposeError {
 impl Classify for ComposeError {
     fn class(&self) -> ErrorClass {
         match self {
-            ComposeError::Unreachable { .. } => ErrorClass::Unreachable,
+            ComposeError::Engine { source, .. } if is_unreachable(source) => {
+                ErrorClass::Unreachable
+            }
             // The engine refused, no binary yet, a full disk: may pass.
             ComposeError::Engine { .. }
             | ComposeError::NoBinary { .. }
@@ -211,8 +199,7 @@ impl Classify for ComposeError {
             ComposeError::Command { reason, .. } => *reason,
             ComposeError::InvalidSpec { .. } => FailureReason::InvalidSpec,
             ComposeError::Files { .. } => FailureReason::StorageError,
-            ComposeError::Unreachable { .. }
-            | ComposeError::Engine { .. }
+            ComposeError::Engine { .. }
             | ComposeError::NoBinary { .. }
             | ComposeError::Store { .. } => FailureReason::RuntimeError,
         }
@@ -221,12 +208,9 @@ impl Classify for ComposeError {
     /// What went wrong without the workload prefix: for status.
     fn detail(&self) -> String {
         match self {
-            ComposeError::Unreachable {
-                operation, source, ..
-            } => unreachable_detail(operation, source),
             ComposeError::Engine {
                 operation, source, ..
-            } => format!("docker could not {operation}: {}", engine_says(source)),
+            } => engine_detail(operation, source),
             ComposeError::NoBinary { source, .. } => format!("no compose binary: {source}"),
             ComposeError::Command { verb, detail, .. } => format!("compose {verb}: {detail}"),
             ComposeError::Files { path, source, .. } => {
@@ -309,14 +293,9 @@ mod tests {
             detail: "is invalid because".into(),
         };
         assert_eq!(invalid.class(), ErrorClass::Terminal);
-        assert!(FailureReason::InvalidSpec.is_terminal());
-        assert!(!FailureReason::PortBindConflict.is_terminal());
-        let unreachable = ComposeError::engine(
-            "shop",
-            Operation::ListContainers,
-            EngineError::SocketNotFoundError("/nope.sock".into()),
-        );
-        assert!(matches!(unreachable, ComposeError::Unreachable { .. }));
+        let no_socket = EngineError::SocketNotFoundError("/nope.sock".into());
+        let unreachable = ComposeError::engine("shop", Operation::ListContainers, no_socket);
         assert_eq!(unreachable.class(), ErrorClass::Unreachable);
+        assert_eq!(unreachable.reason(), FailureReason::RuntimeError);
     }
 }

@@ -28,11 +28,11 @@ use super::plan::{self, Plan, plan};
 use super::project::{ProjectDir, ProjectIndex};
 use super::runtime::ComposeRuntime;
 use super::status::{self, Outcome, Report};
-use crate::controller::{Action, Cleanup, Reconciler};
+use crate::controller::{Action, Cleanup, Reconciler, orphan_grace_left};
 use crate::docker::follow;
 use crate::docker::{Engine, EngineVersion};
 use crate::informer::Cache;
-use crate::kit::{self, Classify, Recorder, Workloads};
+use crate::kit::{self, Classify, ErrorClass, Recorder, Workloads};
 use crate::source::WorkloadWriter;
 
 /// How soon a workload whose project name another workload owns looks
@@ -243,16 +243,17 @@ impl ComposeController {
         project: &str,
         error: ComposeError,
     ) -> Result<Action, ComposeError> {
-        let outcome = match &error {
-            ComposeError::Unreachable { .. } => Outcome::Unknown {
+        let outcome = if error.class() == ErrorClass::Unreachable {
+            Outcome::Unknown {
                 detail: error.detail(),
-            },
-            other => Outcome::Failed {
-                reason: other.reason(),
-                message: other.detail(),
-                detail: other.detail(),
+            }
+        } else {
+            Outcome::Failed {
+                reason: error.reason(),
+                message: error.detail(),
+                detail: error.detail(),
                 due_ms: None,
-            },
+            }
         };
         let converged = Converged {
             outcome,
@@ -280,17 +281,10 @@ impl ComposeController {
 impl Reconciler for ComposeController {
     type Error = ComposeError;
 
-    fn name(&self) -> &'static str {
-        "compose"
-    }
-
-    fn workload_type(&self) -> WorkloadType {
-        WorkloadType::Compose
-    }
+    const WORKLOAD_TYPE: WorkloadType = WorkloadType::Compose;
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, ComposeError> {
         let id = workload.id();
-        self.workloads.claimed(id);
         let desired = match Desired::read(&workload, &self.config.project_root) {
             Ok(desired) => desired,
             Err(error) => {
@@ -362,7 +356,11 @@ impl Reconciler for ComposeController {
         Ok(Cleanup::Done)
     }
 
-    async fn reconcile_missing(&self, id: &str) -> Result<Action, ComposeError> {
+    async fn reconcile_missing(
+        &self,
+        id: &str,
+        orphaned_for: Duration,
+    ) -> Result<Action, ComposeError> {
         let Some(dir) = ProjectDir::for_workload(&self.config.project_root, id) else {
             return Ok(Action::await_change());
         };
@@ -384,10 +382,7 @@ impl Reconciler for ComposeController {
             self.forget(id);
             return Ok(Action::await_change());
         }
-        if let Some(remaining) = self
-            .workloads
-            .orphan_grace_left(id, self.config.orphan_grace)
-        {
+        if let Some(remaining) = orphan_grace_left(self.config.orphan_grace, orphaned_for) {
             tracing::debug!(%project, ?remaining, "orphan compose project within its grace period");
             return Ok(Action::requeue(remaining));
         }

@@ -20,7 +20,7 @@ use super::runtime::Runtime;
 use super::spec::{create_body, stop_grace, volume_requests};
 use super::status::Outcome;
 use crate::crash_loop::CrashLoop;
-use crate::kit::{self, Classify, Recorder, Workloads};
+use crate::kit::{self, Classify, Failed, Recorder, Workloads};
 
 /// How a convergence stopped short of the desired state.
 pub(crate) type Halt = kit::Halt<DockerError>;
@@ -211,11 +211,10 @@ impl Act<'_> {
         detail: String,
     ) -> Converged {
         let log_tail = self.log_tail(&found).await;
-        let outcome = Outcome::Failed {
-            reason: FailureReason::ContainerExited,
+        let outcome = Outcome::Failed(Failed::until_changed(
+            FailureReason::ContainerExited,
             detail,
-            due_ms: None,
-        };
+        ));
         let mut converged = Converged::new(outcome, Some(found));
         converged.log_tail = log_tail;
         converged

@@ -172,6 +172,16 @@ pub(crate) fn unreachable_detail(
     format!("docker engine unreachable while trying to {operation}: {source}")
 }
 
+/// What a status says of a failed engine call: unreachable, or the
+/// engine's own words. Docker and Compose word it alike.
+pub(crate) fn engine_detail(operation: impl std::fmt::Display, source: &EngineError) -> String {
+    if is_unreachable(source) {
+        unreachable_detail(operation, source)
+    } else {
+        format!("docker could not {operation}: {}", engine_says(source))
+    }
+}
+
 /// The engine's own words: the message of a refusal, else the error.
 pub(crate) fn engine_says(source: &EngineError) -> String {
     match source {
@@ -204,14 +214,14 @@ impl Classify for DockerError {
     /// The engine's own words, without the workload prefix: for status.
     fn detail(&self) -> String {
         match self {
-            DockerError::Unreachable {
-                operation, source, ..
-            } => unreachable_detail(operation, source),
-            DockerError::Engine {
-                operation, source, ..
-            } => format!("could not {operation}: {}", engine_says(source)),
             DockerError::InvalidSpec { source, .. } => source.to_string(),
             DockerError::Store { source, .. } => source.to_string(),
+            DockerError::Unreachable {
+                operation, source, ..
+            }
+            | DockerError::Engine {
+                operation, source, ..
+            } => engine_detail(operation, source),
         }
     }
 }
@@ -308,13 +318,7 @@ mod tests {
                 FailureReason::PortBindConflict,
             ),
         ];
-        for (operation, error, expected) in cases {
-            assert_eq!(
-                classify(operation, &error),
-                expected,
-                "{operation}: {error}"
-            );
-        }
+        crate::kit::assert_classified(cases, classify);
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub mod reconciler;
 pub mod restart;
 mod runtime;
 pub mod spec;
-pub mod status;
+pub(crate) mod status;
 pub mod usage;
 pub mod validate;
 

@@ -24,7 +24,7 @@ use super::spec::stop_grace;
 use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
 use super::validate::{SpecError, validate_container_spec};
-use crate::controller::{Action, Cleanup, Reconciler};
+use crate::controller::{Action, Cleanup, Reconciler, orphan_grace_left};
 use crate::informer::Cache;
 use crate::kit::{self, Classify, Failed, Recorder, Workloads};
 use crate::source::WorkloadWriter;
@@ -147,27 +147,26 @@ impl DockerController {
     async fn publish(
         &self,
         workload: &Workload,
-        image: &str,
         converged: Converged,
     ) -> Result<Action, DockerError> {
-        let id = workload.id();
         let previous = workload.status_or_default();
-        let restarts = self.restarts(id).unwrap_or(previous.restart_count);
         let status = status::build(
             &previous,
             Report {
+                restarts: self
+                    .restarts(workload.id())
+                    .unwrap_or(previous.restart_count),
                 outcome: converged.outcome,
                 generation: workload.generation(),
-                image,
+                image: image_of(workload),
                 container: converged.container.as_ref(),
-                restarts,
                 log_tail: converged.log_tail,
             },
         );
         kit::publish_status(self.writer.as_ref(), workload, status, converged.requeue)
             .await
             .map_err(|source| DockerError::Store {
-                id: id.to_string(),
+                id: workload.id().to_string(),
                 source,
             })
     }
@@ -178,23 +177,15 @@ impl DockerController {
     async fn publish_error(
         &self,
         workload: &Workload,
-        image: &str,
         error: DockerError,
     ) -> Result<Action, DockerError> {
         let outcome = match &error {
             DockerError::Unreachable { .. } => Outcome::Unknown {
                 detail: error.detail(),
             },
-            other => Outcome::Failed {
-                reason: other.reason(),
-                detail: other.detail(),
-                due_ms: None,
-            },
+            other => Outcome::Failed(Failed::of_error(other)),
         };
-        if let Err(write_error) = self
-            .publish(workload, image, Converged::new(outcome, None))
-            .await
-        {
+        if let Err(write_error) = self.publish(workload, Converged::new(outcome, None)).await {
             tracing::warn!(error = %write_error, "reporting a failure failed");
         }
         Err(error)
@@ -264,11 +255,10 @@ impl DockerController {
                     continue;
                 }
                 Plan::WaitTransient { state } => {
-                    let outcome = Outcome::Failed {
-                        reason: FailureReason::RuntimeError,
-                        detail: format!("container is {state}"),
-                        due_ms: None,
-                    };
+                    let outcome = Outcome::Failed(Failed::until_changed(
+                        FailureReason::RuntimeError,
+                        format!("container is {state}"),
+                    ));
                     Ok(Converged::new(outcome, kept).requeue_after(TRANSIENT_REQUEUE))
                 }
                 Plan::HeldByTerminalFailure {
@@ -279,11 +269,7 @@ impl DockerController {
                     if let Some(exit_code) = announced_restart {
                         act.announce_restart(&found(), exit_code).await;
                     }
-                    let outcome = Outcome::Failed {
-                        reason,
-                        detail,
-                        due_ms: None,
-                    };
+                    let outcome = Outcome::Failed(Failed::until_changed(reason, detail));
                     Ok(Converged::new(outcome, kept))
                 }
                 Plan::HeldByStartBackOff(failed) | Plan::PullBackOff(failed) => {
@@ -302,62 +288,44 @@ impl DockerController {
     }
 }
 
+/// The image a container workload names, for status (empty without a
+/// container spec).
+fn image_of(workload: &Workload) -> &str {
+    match workload.workload_spec() {
+        Some(workload_spec::Spec::Container(spec)) => &spec.image,
+        _ => "",
+    }
+}
+
 impl Reconciler for DockerController {
     type Error = DockerError;
 
-    fn name(&self) -> &'static str {
-        "docker"
-    }
-
-    fn workload_type(&self) -> WorkloadType {
-        WorkloadType::Container
-    }
+    const WORKLOAD_TYPE: WorkloadType = WorkloadType::Container;
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, DockerError> {
         let id = workload.id();
-        self.workloads.claimed(id);
-        let image = match workload.workload_spec() {
-            Some(workload_spec::Spec::Container(spec)) => spec.image.clone(),
-            _ => String::new(),
-        };
         let spec = match self.container_spec(&workload) {
             Ok(spec) => spec,
             Err(error) => {
                 tracing::warn!(%error, "invalid spec; not acting on it");
-                let converged = Converged::new(
-                    Outcome::Failed {
-                        reason: FailureReason::InvalidSpec,
-                        detail: error.to_string(),
-                        due_ms: None,
-                    },
-                    None,
-                );
-                return self.publish(&workload, &image, converged).await;
+                let converged = Converged::new(Outcome::Failed(Failed::invalid_spec(error)), None);
+                return self.publish(&workload, converged).await;
             }
         };
         let runtime = match self.runtime(id).await {
             Ok(runtime) => runtime,
-            Err(error) => return self.publish_error(&workload, &image, error).await,
+            Err(error) => return self.publish_error(&workload, error).await,
         };
         match self.converge(&runtime, &workload, spec).await {
-            Ok(converged) => self.publish(&workload, &image, converged).await,
-            Err(Halt::Failed(Failed {
-                reason,
-                detail,
-                retry_in,
-                due_ms,
-            })) => {
+            Ok(converged) => self.publish(&workload, converged).await,
+            Err(Halt::Failed(failed)) => {
                 let found = kept_afresh(&runtime, &workload.spec_hash()).await;
-                let outcome = Outcome::Failed {
-                    reason,
-                    detail,
-                    due_ms,
-                };
-                let mut converged = Converged::new(outcome, found);
-                converged.requeue = retry_in.map(|d| d.max(kit::MIN_REQUEUE));
-                self.publish(&workload, &image, converged).await
+                let requeue = failed.retry_in.map(|d| d.max(kit::MIN_REQUEUE));
+                let mut converged = Converged::new(Outcome::Failed(failed), found);
+                converged.requeue = requeue;
+                self.publish(&workload, converged).await
             }
-            Err(Halt::Error(error)) => self.publish_error(&workload, &image, error).await,
+            Err(Halt::Error(error)) => self.publish_error(&workload, error).await,
         }
     }
 
@@ -380,7 +348,11 @@ impl Reconciler for DockerController {
         Ok(Cleanup::Done)
     }
 
-    async fn reconcile_missing(&self, id: &str) -> Result<Action, DockerError> {
+    async fn reconcile_missing(
+        &self,
+        id: &str,
+        orphaned_for: Duration,
+    ) -> Result<Action, DockerError> {
         let runtime = self.runtime(id).await?;
         let found = runtime.list().await?;
         if found.is_empty() {
@@ -388,10 +360,7 @@ impl Reconciler for DockerController {
             self.usage.remove(id);
             return Ok(Action::await_change());
         }
-        if let Some(left) = self
-            .workloads
-            .orphan_grace_left(id, self.config.orphan_grace)
-        {
+        if let Some(left) = orphan_grace_left(self.config.orphan_grace, orphaned_for) {
             tracing::debug!(remaining = ?left, "orphan container within its grace period");
             return Ok(Action::requeue(left));
         }

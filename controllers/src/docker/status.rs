@@ -10,6 +10,7 @@ use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum};
 use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
+use crate::kit::Failed;
 pub(crate) use crate::kit::status::{MAX_LAST_ERROR, keep_end};
 use crate::kit::status::{StatusBuilder, keep_start};
 
@@ -32,11 +33,7 @@ pub enum Outcome {
         due_ms: i64,
     },
     /// Something failed; retried at `due_ms` unless the reason is terminal.
-    Failed {
-        reason: FailureReason,
-        detail: String,
-        due_ms: Option<i64>,
-    },
+    Failed(Failed),
     /// Between two steps (a container that exited right after its start).
     Pending { message: String },
     /// The engine cannot be reached; nothing is known.
@@ -96,11 +93,12 @@ pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
                 Some(due_ms),
             )
         }
-        Outcome::Failed {
+        Outcome::Failed(Failed {
             reason,
             detail,
             due_ms,
-        } => {
+            ..
+        }) => {
             let detail = if reason == FailureReason::ContainerExited {
                 format!("{detail} (exit code {exit_code})")
             } else {
@@ -349,11 +347,7 @@ mod tests {
         let status = build(
             &ObjectStatus::default(),
             report(
-                Outcome::Failed {
-                    reason: FailureReason::InvalidSpec,
-                    detail: "spec.container.image: bad".into(),
-                    due_ms: None,
-                },
+                Outcome::Failed(Failed::invalid_spec("spec.container.image: bad")),
                 None,
             ),
         );

@@ -46,23 +46,20 @@ pub(crate) const CONFLICT_REQUEUE: Duration = Duration::from_millis(200);
 /// The shortest requeue any reconciler asks for.
 pub(crate) const MIN_REQUEUE: Duration = Duration::from_millis(10);
 
-/// What a controller remembers per workload between reconciles (`M`), and
-/// since when each orphan has been seen. None of it needs to survive a
-/// restart: kubelet forgets its back-offs too.
+/// What a controller remembers per workload between reconciles (`M`). None
+/// of it needs to survive a restart: kubelet forgets its back-offs too.
 ///
 /// Std mutexes: held only to read or update an entry, never across an
 /// await; the work queue runs one reconcile per workload at a time, so
 /// entries are not contended.
 pub(crate) struct Workloads<M> {
     memory: Mutex<HashMap<String, M>>,
-    orphans: Mutex<HashMap<String, Instant>>,
 }
 
 impl<M> Default for Workloads<M> {
     fn default() -> Self {
         Workloads {
             memory: Mutex::default(),
-            orphans: Mutex::default(),
         }
     }
 }
@@ -89,24 +86,6 @@ impl<M> Workloads<M> {
     /// Drops everything remembered of the workload: it is gone.
     pub(crate) fn forget(&self, id: &str) {
         locked(&self.memory).remove(id);
-        locked(&self.orphans).remove(id);
-    }
-
-    /// The workload exists: what runs under its id is not an orphan.
-    pub(crate) fn claimed(&self, id: &str) {
-        locked(&self.orphans).remove(id);
-    }
-
-    /// For a runtime object without a workload: how much longer it is
-    /// spared, counted from when it was first seen so. `None` once the
-    /// grace has passed and it may be removed.
-    pub(crate) fn orphan_grace_left(&self, id: &str, grace: Duration) -> Option<Duration> {
-        let first_seen = *locked(&self.orphans)
-            .entry(id.to_string())
-            .or_insert_with(Instant::now);
-        grace
-            .checked_sub(first_seen.elapsed())
-            .filter(|left| !left.is_zero())
     }
 }
 
@@ -271,6 +250,29 @@ pub(crate) enum Halt<E> {
     Error(E),
 }
 
+impl Failed {
+    /// A failure not retried on a timer: until the spec changes, or the
+    /// runtime's next event or the resync.
+    pub(crate) fn until_changed(reason: FailureReason, detail: impl Into<String>) -> Failed {
+        Failed {
+            reason,
+            detail: detail.into(),
+            retry_in: None,
+            due_ms: None,
+        }
+    }
+
+    /// A spec the controller cannot act on.
+    pub(crate) fn invalid_spec(error: impl std::fmt::Display) -> Failed {
+        Failed::until_changed(FailureReason::InvalidSpec, error.to_string())
+    }
+
+    /// How a runtime error that halted a reconcile is reported.
+    pub(crate) fn of_error(error: &impl Classify) -> Failed {
+        Failed::until_changed(error.reason(), error.detail())
+    }
+}
+
 impl<E> From<Failed> for Halt<E> {
     fn from(failed: Failed) -> Self {
         Halt::Failed(failed)
@@ -331,6 +333,22 @@ pub(crate) fn failed_start(
         detail: detail.to_string(),
         retry_in,
         due_ms,
+    }
+}
+
+/// Checks an error-classification table: each operation and error gives
+/// the expected failure reason.
+#[cfg(test)]
+pub(crate) fn assert_classified<O: std::fmt::Display + Copy, E: std::fmt::Display>(
+    cases: impl IntoIterator<Item = (O, E, FailureReason)>,
+    classify: impl Fn(O, &E) -> FailureReason,
+) {
+    for (operation, error, expected) in cases {
+        assert_eq!(
+            classify(operation, &error),
+            expected,
+            "{operation}: {error}"
+        );
     }
 }
 
@@ -566,27 +584,5 @@ mod tests {
         assert_eq!(failed.detail, "refused (Retryable)");
         assert_eq!(*locked(&writer.events), 1, "a Failed event is recorded");
         assert_eq!(*locked(&counted), ["refused (Retryable)"]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_orphan_is_spared_for_its_grace_from_first_sight_and_a_claim_or_forget_resets_it() {
-        let grace = Duration::from_secs(30);
-        let second = Duration::from_secs(1);
-        let workloads = Workloads::<u32>::default();
-        assert_eq!(workloads.orphan_grace_left("old", grace), Some(grace));
-        tokio::time::advance(10 * second).await;
-        // Counted from first sight, not from this look.
-        assert_eq!(workloads.orphan_grace_left("old", grace), Some(20 * second));
-        tokio::time::advance(20 * second).await;
-        assert_eq!(workloads.orphan_grace_left("old", grace), None);
-        // Its workload came back: the count starts over.
-        workloads.claimed("old");
-        assert_eq!(workloads.orphan_grace_left("old", grace), Some(grace));
-        workloads.with("old", |m| *m += 1);
-        assert_eq!(workloads.get("old", |m| *m), Some(1));
-        tokio::time::advance(30 * second).await;
-        workloads.forget("old");
-        assert_eq!(workloads.get("old", |m| *m), None);
-        assert_eq!(workloads.orphan_grace_left("old", grace), Some(grace));
     }
 }

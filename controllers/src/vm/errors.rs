@@ -409,13 +409,7 @@ mod tests {
                 FailureReason::NetworkError,
             ),
         ];
-        for (operation, error, expected) in cases {
-            assert_eq!(
-                classify(operation, &error),
-                expected,
-                "{operation}: {error}"
-            );
-        }
+        crate::kit::assert_classified(cases, classify);
     }
 
     #[test]

@@ -46,7 +46,7 @@ mod observe;
 mod plan;
 mod reconciler;
 mod seed;
-pub mod status;
+pub(crate) mod status;
 pub mod usage;
 mod validate;
 pub mod xml;

@@ -32,7 +32,7 @@ use super::plan::{Desired, Plan, Rules, plan};
 use super::seed::{SEED_FILE, SeedContent, seed_content};
 use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
-use crate::controller::{Action, Cleanup, Reconciler};
+use crate::controller::{Action, Cleanup, Reconciler, orphan_grace_left};
 use crate::informer::Cache;
 use crate::kit::{self, Classify, Failed, MIN_REQUEUE, Recorder, Workloads};
 use crate::source::WorkloadWriter;
@@ -223,11 +223,7 @@ impl VmController {
                 detail: error.detail(),
             }
         } else {
-            Outcome::Failed {
-                reason: error.reason(),
-                detail: error.detail(),
-                due_ms: None,
-            }
+            Outcome::Failed(Failed::of_error(&error))
         };
         if let Err(write_error) = self.publish(workload, Converged::new(outcome, None)).await {
             tracing::warn!(error = %write_error, "reporting a failure failed");
@@ -374,40 +370,21 @@ fn reported_running(workload: &Workload) -> bool {
 impl Reconciler for VmController {
     type Error = VmError;
 
-    fn name(&self) -> &'static str {
-        "vm"
-    }
-
-    fn workload_type(&self) -> WorkloadType {
-        WorkloadType::Vm
-    }
+    const WORKLOAD_TYPE: WorkloadType = WorkloadType::Vm;
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, VmError> {
         let id = workload.id();
-        self.workloads.claimed(id);
         let layout = match self.layout(&workload) {
             Ok(layout) => layout,
             Err(error) => {
                 tracing::warn!(%error, "invalid spec; not acting on it");
-                let converged = Converged::new(
-                    Outcome::Failed {
-                        reason: FailureReason::InvalidSpec,
-                        detail: error.to_string(),
-                        due_ms: None,
-                    },
-                    None,
-                );
+                let converged = Converged::new(Outcome::Failed(Failed::invalid_spec(error)), None);
                 return self.publish(&workload, converged).await;
             }
         };
         match self.converge(&workload, &layout).await {
             Ok(converged) => self.publish(&workload, converged).await,
-            Err(Halt::Failed(Failed {
-                reason,
-                detail,
-                retry_in,
-                due_ms,
-            })) => {
+            Err(Halt::Failed(failed)) => {
                 let uuid = self
                     .hypervisor
                     .lookup(id, &self.config.scope, &layout.domain.name, false)
@@ -415,15 +392,9 @@ impl Reconciler for VmController {
                     .ok()
                     .and_then(|l| l.managed.into_iter().next())
                     .map(|d| d.uuid);
-                let mut converged = Converged::new(
-                    Outcome::Failed {
-                        reason,
-                        detail,
-                        due_ms,
-                    },
-                    uuid,
-                );
-                converged.requeue = retry_in.map(|d| d.max(MIN_REQUEUE));
+                let requeue = failed.retry_in.map(|d| d.max(MIN_REQUEUE));
+                let mut converged = Converged::new(Outcome::Failed(failed), uuid);
+                converged.requeue = requeue;
                 self.publish(&workload, converged).await
             }
             Err(Halt::Error(error)) => self.publish_error(&workload, error).await,
@@ -450,7 +421,7 @@ impl Reconciler for VmController {
         Ok(Cleanup::Done)
     }
 
-    async fn reconcile_missing(&self, id: &str) -> Result<Action, VmError> {
+    async fn reconcile_missing(&self, id: &str, orphaned_for: Duration) -> Result<Action, VmError> {
         let lookup = self
             .hypervisor
             .lookup(id, &self.config.scope, id, true)
@@ -459,10 +430,7 @@ impl Reconciler for VmController {
             self.forget(id);
             return Ok(Action::await_change());
         }
-        if let Some(left) = self
-            .workloads
-            .orphan_grace_left(id, self.config.orphan_grace)
-        {
+        if let Some(left) = orphan_grace_left(self.config.orphan_grace, orphaned_for) {
             tracing::debug!(remaining = ?left, "orphan domain within its grace period");
             return Ok(Action::requeue(left));
         }

@@ -11,6 +11,7 @@ use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
 use super::libvirt::LiveDomain;
+use crate::kit::Failed;
 use crate::kit::status::{MAX_LAST_ERROR, StatusBuilder, keep_start};
 
 /// The state a reconcile left the workload in.
@@ -29,11 +30,7 @@ pub enum Outcome {
         why: String,
     },
     /// Something failed; retried at `due_ms` unless the reason is terminal.
-    Failed {
-        reason: FailureReason,
-        detail: String,
-        due_ms: Option<i64>,
-    },
+    Failed(Failed),
     /// libvirt cannot be reached; nothing is known.
     Unknown { detail: String },
 }
@@ -71,11 +68,12 @@ pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
                 Some(due_ms),
             )
         }
-        Outcome::Failed {
+        Outcome::Failed(Failed {
             reason,
             detail,
             due_ms,
-        } => status.failed(reason, &detail, last_error(&detail), due_ms),
+            ..
+        }) => status.failed(reason, &detail, last_error(&detail), due_ms),
         Outcome::Unknown { detail } => status.unknown(&detail, last_error(&detail)),
     }
 }
@@ -226,11 +224,7 @@ mod tests {
         let invalid = build(
             &running,
             Report {
-                outcome: Outcome::Failed {
-                    reason: FailureReason::InvalidSpec,
-                    detail: "spec.vm.disks[0].path: outside".into(),
-                    due_ms: None,
-                },
+                outcome: Outcome::Failed(Failed::invalid_spec("spec.vm.disks[0].path: outside")),
                 generation: 2,
                 domain: None,
                 restarts: 0,

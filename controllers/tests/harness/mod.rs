@@ -147,7 +147,7 @@ impl<R: Reconciler> Agent<R> {
             .store
             .apply(ApplyRequest {
                 id: id.to_string(),
-                workload_type: self.controller.workload_type(),
+                workload_type: R::WORKLOAD_TYPE,
                 revision_id: revision.to_string(),
                 desired_state: desired,
                 spec: WorkloadSpec { spec: Some(spec) },
