@@ -174,7 +174,7 @@ declare -A sets=(
 # Kinds each rendering must contain.
 declare -A want_kinds=(
   [default]="DaemonSet Service ServiceAccount"
-  [full]="Certificate Certificate ConfigMap DaemonSet Service ServiceAccount ServiceMonitor"
+  [full]="Certificate Certificate ConfigMap ConfigMap DaemonSet Service ServiceAccount ServiceMonitor"
   [plaintext-grpc-probes]="DaemonSet Service ServiceAccount"
 )
 set_names=(default full plaintext-grpc-probes)
@@ -237,7 +237,7 @@ always = """PERSYS_GRPC_ADDR PERSYS_GRPC_PORT PERSYS_TLS_ENABLED PERSYS_TLS_CERT
 optional = """PERSYS_VM_DOMAIN_TYPE PERSYS_COMPOSE_BINARY PERSYS_ALLOWED_HOST_PATHS PERSYS_VERSION PERSYS_SCHEDULER_ADDR
   PERSYS_SCHEDULER_INSECURE PERSYS_AGENT_GRPC_ENDPOINT PERSYS_CLUSTER_ID PERSYS_NODE_LABELS
   PERSYS_NODE_REGION PERSYS_NODE_ENV PERSYS_SCHEDULER_TLS_CERT PERSYS_SCHEDULER_TLS_KEY
-  PERSYS_AUTHZ_FILE PERSYS_STATE_KEY_FILE""".split()
+  PERSYS_AUTHZ_FILE PERSYS_STATE_KEY_FILE PERSYS_POLICY_FILE""".split()
 for v in always + (optional if name == "full" else []):
     need(v in env, f"env {v} missing")
 if name != "full":
@@ -273,14 +273,28 @@ if "PERSYS_SCHEDULER_ADDR" in env and env.get("PERSYS_SCHEDULER_INSECURE", {}).g
     for v in ["PERSYS_SCHEDULER_TLS_CERT", "PERSYS_SCHEDULER_TLS_KEY"]:
         need(v in env and env[v]["value"].rsplit("/", 1)[0] == cert_dir,
              f"scheduler link over mTLS without {v} in the certificate mount")
+config_maps = {d["metadata"]["name"]: d for d in all_docs if d["kind"] == "ConfigMap"}
+def mounted_policy(var, suffix):
+    """The policy file `var` names: its directory mounted read-only from a
+    ConfigMap named *-`suffix`, holding policy.yaml as a mapping."""
+    directory = env[var]["value"].rsplit("/", 1)[0]
+    mount = [m for m in c["volumeMounts"] if m["mountPath"] == directory]
+    need(mount and mount[0].get("readOnly") is True, f"{var} directory {directory} not mounted read-only")
+    found = [d for n, d in config_maps.items() if n.endswith("-" + suffix)]
+    need(len(found) == 1 and "policy.yaml" in found[0]["data"], f"no ConfigMap *-{suffix} with policy.yaml")
+    if found and "policy.yaml" in found[0]["data"]:
+        policy = yaml.safe_load(found[0]["data"]["policy.yaml"])
+        need(isinstance(policy, dict) and policy, f"{var}: policy.yaml is not a mapping: {policy}")
+        return policy
+    return {}
 if "PERSYS_AUTHZ_FILE" in env:
-    authz_dir = env["PERSYS_AUTHZ_FILE"]["value"].rsplit("/", 1)[0]
-    mount = [m for m in c["volumeMounts"] if m["mountPath"] == authz_dir]
-    need(mount and mount[0].get("readOnly") is True, f"policy directory {authz_dir} not mounted read-only")
-    need("ConfigMap" in docs and "policy.yaml" in docs["ConfigMap"]["data"], "no ConfigMap with policy.yaml")
-    if "ConfigMap" in docs:
-        policy = yaml.safe_load(docs["ConfigMap"]["data"]["policy.yaml"])
-        need(isinstance(policy, dict) and policy.get("rules"), f"policy.yaml has no rules: {policy}")
+    policy = mounted_policy("PERSYS_AUTHZ_FILE", "authz")
+    need(policy.get("rules"), f"authz policy.yaml has no rules: {policy}")
+if "PERSYS_POLICY_FILE" in env:
+    mounted_policy("PERSYS_POLICY_FILE", "workload-policy")
+    annotations = ds["spec"]["template"]["metadata"].get("annotations", {})
+    need("persys.io/workload-policy-sha256" in annotations,
+         "no workload policy checksum annotation: a policy change would not roll the pods")
 grpc_port = int(env["PERSYS_GRPC_PORT"]["value"])
 metrics_port = int(env["PERSYS_METRICS_PORT"]["value"])
 ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -373,6 +387,10 @@ check "must fail: unknown authz role (schema)" must_fail 'role.*(one of|enum)' \
 check "must fail: authz rule matching nothing (schema)" must_fail 'minProperties|match' \
   --set 'authz.policy.rules[0].role=viewer' --set-json 'authz.policy.rules[0].match={}'
 check "must fail: bad log format (schema)" must_fail 'logFormat.*(one of|enum)' --set config.logFormat=xml
+check "must fail: unknown workload policy key (schema)" must_fail "additional propert(y|ies) '?privilegd" \
+  --set workloadPolicy.policy.containers.privilegd=true
+check "must fail: relative bind root in the workload policy (schema)" must_fail 'allowed_roots.*(pattern|match)' \
+  --set 'workloadPolicy.policy.host_paths.allowed_roots={srv/data}'
 
 check "yamllint values files" "$PYTHON" -m yamllint -s -d "$yaml_rules" \
   "$chart/values.yaml" "$chart/ci/full-values.yaml" "$chart/Chart.yaml"

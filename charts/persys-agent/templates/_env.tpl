@@ -93,6 +93,10 @@ drops the names that extraEnv sets.
 - name: PERSYS_AUTHZ_FILE
   value: {{ printf "%s/policy.yaml" (trimSuffix "/" .Values.authz.mountPath) | quote }}
 {{- end }}
+{{- if .Values.workloadPolicy.policy }}
+- name: PERSYS_POLICY_FILE
+  value: {{ printf "%s/policy.yaml" (trimSuffix "/" .Values.workloadPolicy.mountPath) | quote }}
+{{- end }}
 {{- if not (kindIs "invalid" .Values.scheduler.insecure) }}
 - name: PERSYS_SCHEDULER_INSECURE
   value: {{ .Values.scheduler.insecure | quote }}
