@@ -157,7 +157,8 @@ pub struct NodeCeilings {
     /// VM memory plus container memory limits. Default: the node's memory.
     pub memory_mib: u64,
     /// VM disks and managed volumes by declared size. Default: the size of
-    /// the node's root filesystem.
+    /// the filesystem holding libvirt's image directory (where VM disks
+    /// go), else the root filesystem.
     pub disk_gib: u64,
 }
 
@@ -215,8 +216,9 @@ impl Machine {
 
     /// Online CPUs (not the agent's own affinity or cgroup quota: the
     /// workloads are not confined to the agent's share), memory from
-    /// /proc/meminfo, and the root filesystem's size. Anything unreadable
-    /// counts as 1 CPU, 1 GiB memory, 10 GiB disk.
+    /// /proc/meminfo, and the size of the filesystem VM disks go to
+    /// (libvirt's image directory, or `/` where it does not exist).
+    /// Anything unreadable counts as 1 CPU, 1 GiB memory, 10 GiB disk.
     fn detect() -> Machine {
         let cpus = std::fs::read_to_string("/sys/devices/system/cpu/online")
             .ok()
@@ -239,8 +241,9 @@ impl Machine {
             })
             .map(|kib| kib / 1024)
             .unwrap_or(1024);
-        let disk_gib = rustix::fs::statvfs(Path::new("/"))
-            .ok()
+        let disk_gib = [crate::vm::config::LIBVIRT_IMAGES, "/"]
+            .into_iter()
+            .find_map(|dir| rustix::fs::statvfs(Path::new(dir)).ok())
             .map(|s| s.f_blocks * s.f_frsize / (1 << 30))
             .unwrap_or(10);
         Machine {
