@@ -179,28 +179,52 @@ fn after_exit(
                 "container exited; its restart policy is no".to_string()
             },
         },
-        ExitDecision::Restart => match memory.crash.peek(&desired.crash_loop, now) {
-            Gate::Closed {
-                delay,
-                remaining,
-                due_ms,
-            } => Plan::CrashLoopBackOff {
-                exit_code,
-                delay,
-                remaining,
-                due_ms,
-            },
-            Gate::Open if state_of(kept) == Some(ContainerStateStatusEnum::DEAD) => {
-                Plan::ReplaceDead
+        ExitDecision::Restart => {
+            // A restart refused since the exit (a bind source the policy
+            // refuses, a port taken) is what is reported while its
+            // back-off runs, not the exit.
+            if memory.terminal.is_none()
+                && let Some(failed) = kit::start_held(
+                    &memory.crash,
+                    memory.last_failure.as_ref(),
+                    &desired.crash_loop,
+                    now,
+                )
+            {
+                return Plan::HeldByStartBackOff(failed);
             }
-            Gate::Open => match &memory.terminal {
-                Some((reason, detail)) => Plan::HeldByTerminalFailure {
-                    reason: *reason,
-                    detail: detail.clone(),
-                    announced_restart: Some(exit_code),
-                },
-                None => Plan::RestartAfterExit { exit_code },
+            restart_after_exit(desired, kept, memory, now, exit_code)
+        }
+    }
+}
+
+/// An exited container its policy restarts: the crash loop says when.
+fn restart_after_exit(
+    desired: &Desired,
+    kept: &ContainerInspectResponse,
+    memory: &Memory,
+    now: Instant,
+    exit_code: i64,
+) -> Plan {
+    match memory.crash.peek(&desired.crash_loop, now) {
+        Gate::Closed {
+            delay,
+            remaining,
+            due_ms,
+        } => Plan::CrashLoopBackOff {
+            exit_code,
+            delay,
+            remaining,
+            due_ms,
+        },
+        Gate::Open if state_of(kept) == Some(ContainerStateStatusEnum::DEAD) => Plan::ReplaceDead,
+        Gate::Open => match &memory.terminal {
+            Some((reason, detail)) => Plan::HeldByTerminalFailure {
+                reason: *reason,
+                detail: detail.clone(),
+                announced_restart: Some(exit_code),
             },
+            None => Plan::RestartAfterExit { exit_code },
         },
     }
 }
