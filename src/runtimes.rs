@@ -169,6 +169,7 @@ pub fn docker_config(config: &Config, policy: &NodePolicy) -> DockerConfig {
     DockerConfig {
         host: Some(config.docker_host.clone()),
         host_paths: crate::policy::host_path_policy(config, policy),
+        pull_timeout: config.pull_timeout,
         ..DockerConfig::default()
     }
 }
