@@ -380,4 +380,34 @@ mod tests {
             "INVALID_SPECIFICATION"
         );
     }
+
+    #[test]
+    fn a_policy_violation_and_an_abandoned_pull_are_retried_under_their_reasons() {
+        let violation = DockerError::PolicyViolation {
+            id: "w".into(),
+            violation: BindViolation {
+                what: "bind source \"/srv/data\" of the container".into(),
+                message: "passes through a symbolic link".into(),
+            },
+        };
+        assert_eq!(violation.reason(), FailureReason::PolicyViolation);
+        assert_eq!(violation.class(), ErrorClass::Retryable);
+        assert!(violation.detail().starts_with("bind source"));
+        assert_eq!(
+            crate::kit::refusal_event(violation.reason()),
+            "PolicyViolation"
+        );
+        let abandoned = DockerError::PullTimedOut {
+            id: "w".into(),
+            image: "127.0.0.1:5000/app:1".into(),
+            after: Duration::from_secs(600),
+        };
+        assert_eq!(abandoned.reason(), FailureReason::ImagePullFailed);
+        assert_eq!(abandoned.class(), ErrorClass::Retryable);
+        assert_eq!(
+            abandoned.detail(),
+            "abandoned after 10m, the pull deadline (PERSYS_PULL_TIMEOUT)"
+        );
+        assert!(abandoned.to_string().contains("127.0.0.1:5000/app:1"));
+    }
 }
