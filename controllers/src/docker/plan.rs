@@ -92,7 +92,9 @@ pub(crate) enum Plan {
         detail: String,
         announced_restart: Option<i64>,
     },
-    /// A start failed lately (a port taken…): the next waits its back-off.
+    /// A start (or a restart after an exit) failed lately (a port taken, a
+    /// bind source the policy refuses…): the next waits its back-off, and
+    /// that failure is what is reported meanwhile.
     HeldByStartBackOff(Failed),
     /// No container: whether the image is there decides the create; look.
     LookForImage,

@@ -225,8 +225,8 @@ pub trait Classify: std::fmt::Display {
 /// A start or create the runtime (or the node's policy) refused. An
 /// unreachable runtime halts the reconcile as it is (the outage probe's to
 /// wait out); anything else is a warning event ([`refusal_event`]) and a
-/// failed start, which `count` records in the
-/// workload's memory (through [`failed_start`]) and answers.
+/// failed start, which `count` records in the workload's memory (through
+/// [`failed_start`]) and answers.
 pub(crate) async fn refused_start<E: Classify>(
     events: &Recorder,
     id: &str,
