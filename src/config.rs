@@ -18,6 +18,14 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value.trim()).map_err(|e| format!("{e} (examples: 30s, 5m, 1h30m)"))
 }
 
+/// A deadline: a duration, and not zero (which would fail every attempt).
+fn parse_deadline(value: &str) -> Result<Duration, String> {
+    match parse_duration(value)? {
+        d if d.is_zero() => Err("must be longer than zero (examples: 90s, 10m)".to_string()),
+        d => Ok(d),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum StoreCommand {
     /// Re-seal every stored value under a new state key, then replace the
@@ -115,6 +123,11 @@ pub struct Config {
         default_value = "unix:///var/run/docker.sock"
     )]
     pub docker_host: String,
+
+    /// An image pull still running after this long is abandoned, and the
+    /// workload fails with IMAGE_PULL_FAILED (retried with the pull back-off).
+    #[arg(long, env = "PERSYS_PULL_TIMEOUT", default_value = "10m", value_parser = parse_deadline)]
+    pub pull_timeout: Duration,
 
     /// Run Docker Compose projects.
     #[arg(long, env = "PERSYS_COMPOSE_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
@@ -501,6 +514,23 @@ mod tests {
         assert_eq!(config.reconcile_interval, Duration::from_secs(30));
         assert_eq!(config.libvirt_uri, "qemu:///system");
         assert_eq!(config.metrics_port, 8089);
+        assert_eq!(config.pull_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn the_pull_deadline_reads_durations_as_operators_write_them() {
+        let config =
+            Config::try_parse_from_iter(["persys-agent", "--pull-timeout", "90s"]).unwrap();
+        assert_eq!(config.pull_timeout, Duration::from_secs(90));
+        for bad in ["0s", "soon"] {
+            let error =
+                Config::try_parse_from_iter(["persys-agent", "--pull-timeout", bad]).unwrap_err();
+            assert_eq!(
+                env_of_error(&error).as_deref(),
+                Some("PERSYS_PULL_TIMEOUT"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -169,6 +169,7 @@ pub fn docker_config(config: &Config, policy: &NodePolicy) -> DockerConfig {
     DockerConfig {
         host: Some(config.docker_host.clone()),
         host_paths: crate::policy::host_path_policy(config, policy),
+        pull_timeout: config.pull_timeout,
         ..DockerConfig::default()
     }
 }
@@ -393,5 +394,24 @@ mod tests {
             );
             assert_eq!(Some(runtime.finalizer), runtime.kind.finalizer());
         }
+    }
+
+    #[test]
+    fn the_docker_controller_gets_the_pull_deadline_and_the_agents_forbidden_paths() {
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "--pull-timeout",
+            "90s",
+            "--docker-host",
+            "unix:///srv/engine/docker.sock",
+        ])
+        .unwrap();
+        let docker = docker_config(&config, &NodePolicy::default());
+        assert_eq!(docker.pull_timeout, Duration::from_secs(90));
+        let socket = docker
+            .host_paths
+            .check("/srv/engine/docker.sock")
+            .unwrap_err();
+        assert!(socket.contains("whatever the policy"), "{socket}");
     }
 }

@@ -50,10 +50,16 @@ pub enum FailureReason {
     /// The container exited and its restart policy does not restart it.
     /// Terminal until the spec changes.
     ContainerExited,
+    /// What the workload would use on the node breaks the node's policy
+    /// now, though its spec passed at apply: a bind source swapped for a
+    /// symbolic link, or moved outside the allowed roots. Nothing is
+    /// started; retried with the back-off of failed starts, so putting the
+    /// path back lets the workload run again.
+    PolicyViolation,
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 11] = [
+    pub const ALL: [FailureReason; 12] = [
         FailureReason::ImagePullFailed,
         FailureReason::ImageNotFound,
         FailureReason::InvalidSpec,
@@ -65,6 +71,7 @@ impl FailureReason {
         FailureReason::VmBootFailed,
         FailureReason::CrashLoopBackOff,
         FailureReason::ContainerExited,
+        FailureReason::PolicyViolation,
     ];
 
     /// The agent's code, in `status.failure_reason`.
@@ -81,6 +88,7 @@ impl FailureReason {
             FailureReason::VmBootFailed => "VM_BOOT_FAILED",
             FailureReason::CrashLoopBackOff => "CRASH_LOOP_BACKOFF",
             FailureReason::ContainerExited => "CONTAINER_EXITED",
+            FailureReason::PolicyViolation => "POLICY_VIOLATION",
         }
     }
 
@@ -110,12 +118,15 @@ impl FailureReason {
     /// The heartbeat's `persys.control.v1.FailureReason`. The scheduler's
     /// enum is coarser; where it has no value that says the same thing, the
     /// nearest one: a workload that keeps crashing or has exited ran and
-    /// then failed (a runtime error); a taken host port is a network failure.
+    /// then failed (a runtime error); a taken host port is a network failure;
+    /// a policy violation is a spec the node will not run as it stands.
     pub fn control(self) -> ControlReason {
         match self {
             FailureReason::ImagePullFailed => ControlReason::ImagePullFailed,
             FailureReason::ImageNotFound => ControlReason::ImageNotFound,
-            FailureReason::InvalidSpec => ControlReason::InvalidSpec,
+            FailureReason::InvalidSpec | FailureReason::PolicyViolation => {
+                ControlReason::InvalidSpec
+            }
             FailureReason::PortBindConflict | FailureReason::NetworkError => {
                 ControlReason::NetworkError
             }
@@ -161,6 +172,7 @@ impl FailureReason {
             FailureReason::VmBootFailed => "BootFailed",
             FailureReason::CrashLoopBackOff => "CrashLoopBackOff",
             FailureReason::ContainerExited => "Exited",
+            FailureReason::PolicyViolation => "PolicyViolation",
         }
     }
 }
@@ -238,6 +250,7 @@ mod tests {
             (F::VmBootFailed, C::VmBootFailed),
             (F::CrashLoopBackOff, C::RuntimeError),
             (F::ContainerExited, C::RuntimeError),
+            (F::PolicyViolation, C::InvalidSpec),
         ] {
             assert_eq!(reason.control(), expected, "{reason:?}");
             assert_eq!(FailureReason::control_of_code(reason.code()), expected);
@@ -265,5 +278,18 @@ mod tests {
                 "{reason:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_policy_violation_has_its_own_code_and_is_retried_not_halted_on() {
+        let reason = FailureReason::PolicyViolation;
+        assert_eq!(reason.code(), "POLICY_VIOLATION");
+        assert_eq!(reason.scheduler_code(), "POLICY_VIOLATION");
+        assert_eq!(
+            FailureReason::from_code("POLICY_VIOLATION"),
+            Some(FailureReason::PolicyViolation)
+        );
+        assert!(!reason.is_terminal(), "restoring the path must let it run");
+        assert_eq!(reason.condition_reason(), "PolicyViolation");
     }
 }

@@ -23,7 +23,7 @@ use persys_api::v1::{
     ActualState, ContainerSpec, DesiredState, ManagedVolumeSpec, PortMapping, VolumeMount,
 };
 use persys_controllers::docker::follow::REPLAYED;
-use persys_controllers::docker::{HostPathPolicy, labels, validate_host_path};
+use persys_controllers::docker::{DockerConfig, HostPathPolicy, labels, validate_host_path};
 use tokio::time::Instant;
 
 const CONVERGE: Duration = Duration::from_secs(20);
@@ -637,6 +637,169 @@ async fn a_forbidden_host_path_is_refused_before_anything_runs() {
     );
     assert!(containers_of(&bed.docker, &bed.scope, &id).await.is_empty());
     agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_source_swapped_for_a_link_is_refused_at_the_next_start_and_runs_once_restored() {
+    let Some(bed) = TestBed::new("swap").await else {
+        return;
+    };
+    // The allowed root, and a directory outside it the link will point at.
+    let base = std::fs::canonicalize(bed.dir.path()).expect("canonical temp dir");
+    let root = base.join("volumes");
+    let data = root.join("data");
+    let kept_aside = root.join("data.kept");
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&data).expect("mkdir data");
+    std::fs::create_dir_all(&outside).expect("mkdir outside");
+    std::fs::write(outside.join("marker"), "outside").expect("write marker");
+    let config = DockerConfig {
+        host_paths: HostPathPolicy::new(Some(&bed.state_dir()), vec![root.clone()]),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let id = unique("swap");
+    let spec = ContainerSpec {
+        volumes: vec![VolumeMount {
+            host_path: data.display().to_string(),
+            container_path: "/data".into(),
+            read_only: true,
+        }],
+        ..shell_spec("exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    let before = inspect(&bed, &id).await;
+    let started_before = before.state.as_ref().and_then(|s| s.started_at.clone());
+    assert_eq!(bind_sources(&before), [data.display().to_string()]);
+
+    // After apply the directory becomes a link out of the root, and the
+    // container exits: the agent's restart must not mount the link.
+    std::fs::rename(&data, &kept_aside).expect("move data aside");
+    std::os::unix::fs::symlink(&outside, &data).expect("link data outside");
+    bed.docker
+        .kill_container(&id, None::<KillContainerOptions>)
+        .await
+        .expect("kill");
+    let refused = agent
+        .wait_for(&id, CONVERGE, "refused by the policy", |w| {
+            status(w).failure_reason == "POLICY_VIOLATION"
+        })
+        .await;
+    let s = status(&refused);
+    assert_eq!(s.actual_state(), ActualState::Failed);
+    assert!(!s.retry_terminal, "restoring the directory must be enough");
+    assert!(
+        s.next_retry_at_ms > 0,
+        "retried with the failed-start back-off"
+    );
+    assert!(
+        s.last_error.contains("symbolic link") && s.last_error.contains("data"),
+        "{}",
+        s.last_error
+    );
+    let violation = agent
+        .event(&id, "PolicyViolation")
+        .expect("a PolicyViolation event");
+    assert!(violation.message.contains("symbolic link"), "{violation:?}");
+    let after = inspect(&bed, &id).await;
+    let state = after.state.clone().expect("state");
+    assert_eq!(state.running, Some(false), "not started");
+    assert_eq!(
+        state.started_at, started_before,
+        "never started again, so the outside directory was never mounted"
+    );
+    assert!(
+        !bind_sources(&after)
+            .iter()
+            .any(|source| source.starts_with(&outside.display().to_string())),
+        "{:?}",
+        bind_sources(&after)
+    );
+
+    // The directory put back: the next retry starts the same container.
+    std::fs::remove_file(&data).expect("remove link");
+    std::fs::rename(&kept_aside, &data).expect("restore data");
+    let restored = agent
+        .wait_for(&id, CONVERGE, "running again", running)
+        .await;
+    let s = status(&restored);
+    assert!(s.failure_reason.is_empty(), "{s:?}");
+    assert_eq!(s.runtime_ref, after.id.clone().unwrap_or_default());
+    let found = inspect(&bed, &id).await;
+    assert_ne!(
+        found.state.and_then(|s| s.started_at),
+        started_before,
+        "started again"
+    );
+    agent.stop().await;
+}
+
+/// The host sources of a container's bind mounts, as the engine mounted
+/// (or will mount) them.
+fn bind_sources(found: &bollard::models::ContainerInspectResponse) -> Vec<String> {
+    found
+        .mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.typ.as_deref() == Some("bind"))
+        .filter_map(|m| m.source.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_from_a_registry_that_never_answers_is_abandoned_at_its_deadline() {
+    let Some(bed) = TestBed::new("stall").await else {
+        return;
+    };
+    // A registry that accepts connections and never answers (the engine
+    // speaks plain HTTP to registries on 127.0.0.0/8).
+    let registry = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a registry port");
+    let port = registry.local_addr().expect("its address").port();
+    let contacted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let silent = tokio::spawn({
+        let contacted = contacted.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = registry.accept().await {
+                held.push(connection);
+                contacted.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let config = DockerConfig {
+        pull_timeout: Duration::from_secs(2),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let id = unique("stall");
+    let image = format!("127.0.0.1:{port}/stall:1");
+    let spec = ContainerSpec {
+        image: image.clone(),
+        ..shell_spec("true")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+
+    let failed = agent
+        .wait_for(&id, CONVERGE, "failing its pull", |w| {
+            status(w).failure_reason == "IMAGE_PULL_FAILED"
+        })
+        .await;
+    let s = status(&failed);
+    assert_eq!(s.actual_state(), ActualState::Failed);
+    assert!(!s.retry_terminal, "a registry may answer later");
+    for part in [image.as_str(), "2s", "PERSYS_PULL_TIMEOUT"] {
+        assert!(s.last_error.contains(part), "{part}: {}", s.last_error);
+    }
+    assert!(
+        contacted.load(std::sync::atomic::Ordering::SeqCst),
+        "the engine went to the stalling registry, which held it past the deadline"
+    );
+    assert!(containers_of(&bed.docker, &bed.scope, &id).await.is_empty());
+    agent.stop().await;
+    silent.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,6 +246,12 @@ impl Act<'_> {
     ) -> Result<Converged, Halt> {
         let cid = cid_of(found);
         self.forget_stale_attempts();
+        // The bind sources as the engine will mount them, checked right
+        // before it does (the window left is `binds`' to tell).
+        let policy = &self.config.host_paths;
+        if let Err(error) = self.runtime.recheck_binds(found, policy).await {
+            return Err(self.failed_attempt(error).await);
+        }
         tracing::info!(container = %cid, restart = (kind == StartKind::Restart), "starting");
         if let Err(error) = self.runtime.start(&cid).await {
             return Err(self.failed_attempt(error).await);
@@ -290,6 +296,13 @@ impl Act<'_> {
     ) -> Result<Converged, Halt> {
         let id = self.id();
         self.forget_stale_attempts();
+        // Before the pull and before the stale containers go: a source that
+        // may not be mounted leaves the old container running.
+        let policy = &self.config.host_paths;
+        let binds = match self.runtime.resolve_binds(self.spec, policy).await {
+            Ok(binds) => binds,
+            Err(error) => return Err(self.failed_attempt(error).await),
+        };
         if pull_first {
             let image = &self.spec.image;
             match self.pull(image).await? {
@@ -303,7 +316,7 @@ impl Act<'_> {
             self.runtime.create_volume(request).await?;
         }
         let name = labels::container_name(id);
-        let body = create_body(self.workload, self.spec, &self.config.scope);
+        let body = create_body(self.workload, self.spec, &binds, &self.config.scope);
         let cid = match self.runtime.create(&name, body).await {
             Ok(cid) => cid,
             Err(error) => return Err(self.failed_attempt(error).await),
@@ -347,7 +360,8 @@ impl Act<'_> {
         let message = format!("pulling image {image}");
         self.event(EventType::Normal, "Pulling", message).await;
         let started = Instant::now();
-        match self.runtime.pull(&reference, credentials).await {
+        let deadline = self.config.pull_timeout;
+        match self.runtime.pull(&reference, credentials, deadline).await {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
                 let message = format!("pulled image {image} in {took:.1}s");
@@ -373,8 +387,9 @@ impl Act<'_> {
         Halt::Failed(self.memory(|m| m.pull_failed(image, (reason, detail), &backoff, now)))
     }
 
-    /// Turns a failed create or start into what is reported: terminal
-    /// failures are remembered; others wait the crash-loop back-off.
+    /// Turns a failed create or start (or a bind source refused before
+    /// one) into what is reported: terminal failures are remembered; others
+    /// wait the crash-loop back-off.
     async fn failed_attempt(&self, error: DockerError) -> Halt {
         let (policy, now) = (self.config.crash_loop, (Instant::now(), now_ms()));
         kit::refused_start(self.events, self.id(), error, |reason, detail| {

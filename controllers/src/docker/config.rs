@@ -10,6 +10,9 @@ use crate::crash_loop::CrashLoopPolicy;
 /// The scope an agent labels its containers with unless told otherwise.
 pub const DEFAULT_SCOPE: &str = "default";
 
+/// How long an image pull may run unless `PERSYS_PULL_TIMEOUT` says.
+pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Settings of a [`super::DockerController`].
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
@@ -31,6 +34,10 @@ pub struct DockerConfig {
     /// Back-off between pulls of an image that failed to pull (kubelet's
     /// ImagePullBackOff: 10 s doubling to 5 min).
     pub pull_backoff: Backoff,
+    /// An image pull still running after this long is abandoned and the
+    /// workload fails with IMAGE_PULL_FAILED, so a registry that never
+    /// answers cannot hold a controller slot (`PERSYS_PULL_TIMEOUT`).
+    pub pull_timeout: Duration,
     /// A docker `config.json` with registry credentials (`auths`); none:
     /// anonymous pulls.
     pub registry_auth_file: Option<PathBuf>,
@@ -59,6 +66,7 @@ impl Default for DockerConfig {
                 cap: Duration::from_secs(300),
                 jitter: 0.0,
             },
+            pull_timeout: DEFAULT_PULL_TIMEOUT,
             registry_auth_file: None,
             host_paths: HostPathPolicy::default(),
             log_tail_lines: 20,

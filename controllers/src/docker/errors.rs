@@ -1,9 +1,11 @@
 //! What went wrong, classified from the engine's typed errors.
 
 use std::fmt;
+use std::time::Duration;
 
 use bollard::errors::Error as EngineError;
 
+use super::binds::BindViolation;
 use super::validate::SpecError;
 use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
@@ -135,6 +137,22 @@ pub enum DockerError {
         #[source]
         source: SpecError,
     },
+    /// A bind source may not be mounted now (swapped for a link, moved
+    /// outside the allowed roots): nothing is created or started; retried
+    /// with the back-off of failed starts.
+    #[error("workload {id}: policy violation: {violation}")]
+    PolicyViolation {
+        id: String,
+        violation: BindViolation,
+    },
+    /// A pull ran past its deadline and was abandoned; retried with the
+    /// pull back-off.
+    #[error("workload {id}: pulling image {image}: {}", pull_deadline_detail(*after))]
+    PullTimedOut {
+        id: String,
+        image: String,
+        after: Duration,
+    },
     /// The status or an event could not be written.
     #[error("workload {id}: writing status: {source}")]
     Store {
@@ -162,6 +180,18 @@ impl DockerError {
             }
         }
     }
+}
+
+/// The variable that sets the deadline of a pull.
+pub const PULL_TIMEOUT_VARIABLE: &str = "PERSYS_PULL_TIMEOUT";
+
+/// What a status says of a pull abandoned at its deadline (after the
+/// image it names).
+pub(crate) fn pull_deadline_detail(after: Duration) -> String {
+    format!(
+        "abandoned after {}, the pull deadline ({PULL_TIMEOUT_VARIABLE})",
+        humantime::format_duration(after)
+    )
 }
 
 /// What a status says of an engine that could not be reached.
@@ -196,6 +226,9 @@ impl Classify for DockerError {
             DockerError::Unreachable { .. } => ErrorClass::Unreachable,
             DockerError::Engine { reason, .. } => ErrorClass::of(*reason),
             DockerError::InvalidSpec { .. } => ErrorClass::Terminal,
+            DockerError::PolicyViolation { .. } | DockerError::PullTimedOut { .. } => {
+                ErrorClass::of(self.reason())
+            }
             DockerError::Store { source, .. } => store_class(source),
         }
     }
@@ -208,6 +241,8 @@ impl Classify for DockerError {
             }
             DockerError::Engine { reason, .. } => *reason,
             DockerError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+            DockerError::PolicyViolation { .. } => FailureReason::PolicyViolation,
+            DockerError::PullTimedOut { .. } => FailureReason::ImagePullFailed,
         }
     }
 
@@ -215,6 +250,8 @@ impl Classify for DockerError {
     fn detail(&self) -> String {
         match self {
             DockerError::InvalidSpec { source, .. } => source.to_string(),
+            DockerError::PolicyViolation { violation, .. } => violation.to_string(),
+            DockerError::PullTimedOut { after, .. } => pull_deadline_detail(*after),
             DockerError::Store { source, .. } => source.to_string(),
             DockerError::Unreachable {
                 operation, source, ..
@@ -346,5 +383,35 @@ mod tests {
             FailureReason::InvalidSpec.scheduler_code(),
             "INVALID_SPECIFICATION"
         );
+    }
+
+    #[test]
+    fn a_policy_violation_and_an_abandoned_pull_are_retried_under_their_reasons() {
+        let violation = DockerError::PolicyViolation {
+            id: "w".into(),
+            violation: BindViolation {
+                what: "bind source \"/srv/data\" of the container".into(),
+                message: "passes through a symbolic link".into(),
+            },
+        };
+        assert_eq!(violation.reason(), FailureReason::PolicyViolation);
+        assert_eq!(violation.class(), ErrorClass::Retryable);
+        assert!(violation.detail().starts_with("bind source"));
+        assert_eq!(
+            crate::kit::refusal_event(violation.reason()),
+            "PolicyViolation"
+        );
+        let abandoned = DockerError::PullTimedOut {
+            id: "w".into(),
+            image: "127.0.0.1:5000/app:1".into(),
+            after: Duration::from_secs(600),
+        };
+        assert_eq!(abandoned.reason(), FailureReason::ImagePullFailed);
+        assert_eq!(abandoned.class(), ErrorClass::Retryable);
+        assert_eq!(
+            abandoned.detail(),
+            "abandoned after 10m, the pull deadline (PERSYS_PULL_TIMEOUT)"
+        );
+        assert!(abandoned.to_string().contains("127.0.0.1:5000/app:1"));
     }
 }

@@ -10,6 +10,8 @@
 //! - [`events`]: the engine's `/events` as the controller's trigger, so drift
 //!   is repaired within about a second; reconnects after an engine restart.
 //! - [`spec`]: a `ContainerSpec` as the engine's create request.
+//! - [`binds`]: bind sources resolved for a create, and checked without
+//!   following links before every create and start.
 //! - [`labels`]: the `persys.*` marks by which containers are adopted.
 //! - [`restart`]: restart policies and kubelet's crash-loop back-off.
 //! - [`errors`]: typed errors and the failure reasons reported in status.
@@ -32,6 +34,7 @@
 //! ```
 
 mod act;
+pub mod binds;
 pub mod config;
 pub(crate) mod container;
 pub mod credentials;

@@ -92,7 +92,9 @@ pub(crate) enum Plan {
         detail: String,
         announced_restart: Option<i64>,
     },
-    /// A start failed lately (a port taken…): the next waits its back-off.
+    /// A start (or a restart after an exit) failed lately (a port taken, a
+    /// bind source the policy refuses…): the next waits its back-off, and
+    /// that failure is what is reported meanwhile.
     HeldByStartBackOff(Failed),
     /// No container: whether the image is there decides the create; look.
     LookForImage,
@@ -179,28 +181,52 @@ fn after_exit(
                 "container exited; its restart policy is no".to_string()
             },
         },
-        ExitDecision::Restart => match memory.crash.peek(&desired.crash_loop, now) {
-            Gate::Closed {
-                delay,
-                remaining,
-                due_ms,
-            } => Plan::CrashLoopBackOff {
-                exit_code,
-                delay,
-                remaining,
-                due_ms,
-            },
-            Gate::Open if state_of(kept) == Some(ContainerStateStatusEnum::DEAD) => {
-                Plan::ReplaceDead
+        ExitDecision::Restart => {
+            // A restart refused since the exit (a bind source the policy
+            // refuses, a port taken) is what is reported while its
+            // back-off runs, not the exit.
+            if memory.terminal.is_none()
+                && let Some(failed) = kit::start_held(
+                    &memory.crash,
+                    memory.last_failure.as_ref(),
+                    &desired.crash_loop,
+                    now,
+                )
+            {
+                return Plan::HeldByStartBackOff(failed);
             }
-            Gate::Open => match &memory.terminal {
-                Some((reason, detail)) => Plan::HeldByTerminalFailure {
-                    reason: *reason,
-                    detail: detail.clone(),
-                    announced_restart: Some(exit_code),
-                },
-                None => Plan::RestartAfterExit { exit_code },
+            restart_after_exit(desired, kept, memory, now, exit_code)
+        }
+    }
+}
+
+/// An exited container its policy restarts: the crash loop says when.
+fn restart_after_exit(
+    desired: &Desired,
+    kept: &ContainerInspectResponse,
+    memory: &Memory,
+    now: Instant,
+    exit_code: i64,
+) -> Plan {
+    match memory.crash.peek(&desired.crash_loop, now) {
+        Gate::Closed {
+            delay,
+            remaining,
+            due_ms,
+        } => Plan::CrashLoopBackOff {
+            exit_code,
+            delay,
+            remaining,
+            due_ms,
+        },
+        Gate::Open if state_of(kept) == Some(ContainerStateStatusEnum::DEAD) => Plan::ReplaceDead,
+        Gate::Open => match &memory.terminal {
+            Some((reason, detail)) => Plan::HeldByTerminalFailure {
+                reason: *reason,
+                detail: detail.clone(),
+                announced_restart: Some(exit_code),
             },
+            None => Plan::RestartAfterExit { exit_code },
         },
     }
 }

@@ -23,7 +23,7 @@ use super::runtime::Runtime;
 use super::spec::stop_grace;
 use super::status::{self, Outcome, Report};
 use super::usage::{UsageSampler, UsageSnapshots};
-use super::validate::{SpecError, validate_container_spec};
+use super::validate::{SpecError, validate_stored_container_spec};
 use crate::controller::{Action, Cleanup, Reconciler, orphan_grace_left};
 use crate::informer::Cache;
 use crate::kit::{self, Classify, Failed, Recorder, Workloads};
@@ -129,11 +129,12 @@ impl DockerController {
         Runtime::connect(&self.engine, &self.observed, &self.config.scope, id).await
     }
 
-    /// The container spec, validated.
+    /// The container spec, validated; host paths as written (where they
+    /// lead is checked before every create and start, in `act`).
     fn container_spec<'w>(&self, workload: &'w Workload) -> Result<&'w ContainerSpec, SpecError> {
         match workload.workload_spec() {
             Some(workload_spec::Spec::Container(spec)) => {
-                validate_container_spec(spec, &self.config.host_paths)?;
+                validate_stored_container_spec(spec, &self.config.host_paths)?;
                 Ok(spec)
             }
             _ => Err(SpecError::new(

@@ -11,12 +11,15 @@ use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, VolumeCreateRequest,
 };
 use bollard::query_parameters::{CreateContainerOptions, StartContainerOptions};
+use persys_api::v1::ContainerSpec;
 
+use super::binds::{self, Bind, BindViolation};
 use super::container;
 use super::engine::Engine;
 use super::errors::{DockerError, FailureReason, Operation};
 use super::image::ImageReference;
 use super::observed::Observed;
+use super::validate::HostPathPolicy;
 
 /// The engine client of one reconcile, and the observation cache it keeps
 /// coherent. Made per reconcile: connecting is where an unreachable engine
@@ -108,14 +111,66 @@ impl<'a> Runtime<'a> {
         container::tail_log(&self.docker, cid, lines).await
     }
 
-    /// Pulls `reference` to its end.
+    /// Pulls `reference` to its end, or abandons it after `deadline`
+    /// (dropping the request, which the engine takes as a cancellation).
     pub(crate) async fn pull(
         &self,
         reference: &ImageReference,
         credentials: Option<DockerCredentials>,
+        deadline: Duration,
     ) -> Result<(), DockerError> {
         self.changing();
-        container::pull(&self.docker, self.id, reference, credentials).await
+        let pull = container::pull(&self.docker, self.id, reference, credentials);
+        match tokio::time::timeout(deadline, pull).await {
+            Ok(pulled) => pulled,
+            Err(_) => Err(DockerError::PullTimedOut {
+                id: self.id.to_string(),
+                image: reference.to_string(),
+                after: deadline,
+            }),
+        }
+    }
+
+    /// The spec's bind mounts with their sources resolved and checked
+    /// (`binds::resolve`), for a create. Filesystem calls, so off the
+    /// async threads.
+    pub(crate) async fn resolve_binds(
+        &self,
+        spec: &ContainerSpec,
+        policy: &HostPathPolicy,
+    ) -> Result<Vec<Bind>, DockerError> {
+        let (spec, policy) = (spec.clone(), policy.clone());
+        self.blocking_check(move || binds::resolve(&spec, &policy))
+            .await
+    }
+
+    /// Checks the bind sources the container recorded, before a start
+    /// (`binds::recheck`).
+    pub(crate) async fn recheck_binds(
+        &self,
+        found: &ContainerInspectResponse,
+        policy: &HostPathPolicy,
+    ) -> Result<(), DockerError> {
+        let (found, policy) = (found.clone(), policy.clone());
+        self.blocking_check(move || binds::recheck(&found, &policy))
+            .await
+    }
+
+    async fn blocking_check<T: Send + 'static>(
+        &self,
+        check: impl FnOnce() -> Result<T, BindViolation> + Send + 'static,
+    ) -> Result<T, DockerError> {
+        let checked = match tokio::task::spawn_blocking(check).await {
+            Ok(checked) => checked,
+            Err(join) => Err(BindViolation {
+                what: "bind sources".to_string(),
+                message: format!("the check did not complete: {join}"),
+            }),
+        };
+        checked.map_err(|violation| DockerError::PolicyViolation {
+            id: self.id.to_string(),
+            violation,
+        })
     }
 
     /// Creates a named volume (the engine returns an existing one).

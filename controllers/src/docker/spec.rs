@@ -14,6 +14,7 @@ use bollard::models::{
 };
 use persys_api::v1::{ContainerSpec, Workload};
 
+use super::binds::Bind;
 use super::labels;
 use super::validate::MAX_STOP_GRACE_SECONDS;
 
@@ -67,8 +68,15 @@ pub fn volume_requests(
         .collect()
 }
 
-/// The create request for `workload`'s container.
-pub fn create_body(workload: &Workload, spec: &ContainerSpec, scope: &str) -> ContainerCreateBody {
+/// The create request for `workload`'s container, with its bind mounts
+/// `binds` as resolved and checked for this create (`super::binds`): the
+/// engine receives those paths, not the spec's strings.
+pub fn create_body(
+    workload: &Workload,
+    spec: &ContainerSpec,
+    binds: &[Bind],
+    scope: &str,
+) -> ContainerCreateBody {
     let mut container_labels: HashMap<String, String> = spec
         .labels
         .iter()
@@ -96,14 +104,7 @@ pub fn create_body(workload: &Workload, spec: &ContainerSpec, scope: &str) -> Co
         }
     }
 
-    let binds: Vec<String> = spec
-        .volumes
-        .iter()
-        .map(|v| {
-            let mode = if v.read_only { "ro" } else { "rw" };
-            format!("{}:{}:{mode}", v.host_path, v.container_path)
-        })
-        .collect();
+    let binds: Vec<String> = binds.iter().map(Bind::engine_form).collect();
     let mounts: Vec<Mount> = spec
         .managed_volumes
         .iter()
@@ -204,7 +205,7 @@ mod tests {
                 },
             ],
             volumes: vec![VolumeMount {
-                host_path: "/srv/web".into(),
+                host_path: "/srv/current".into(),
                 container_path: "/data".into(),
                 read_only: true,
             }],
@@ -218,7 +219,13 @@ mod tests {
             ..Default::default()
         };
         let w = workload(&spec);
-        let body = create_body(&w, &spec, "default");
+        // `/srv/current` resolved, at create, to `/srv/web`.
+        let resolved = [Bind {
+            source: "/srv/web".into(),
+            target: "/data".into(),
+            read_only: true,
+        }];
+        let body = create_body(&w, &spec, &resolved, "default");
         assert_eq!(
             body.entrypoint,
             Some(vec!["sh".to_string(), "-c".to_string()])
@@ -243,7 +250,11 @@ mod tests {
             !bindings.contains_key("9000/udp"),
             "host port 0 is not published"
         );
-        assert_eq!(host.binds.unwrap(), ["/srv/web:/data:ro"]);
+        assert_eq!(
+            host.binds.unwrap(),
+            ["/srv/web:/data:ro"],
+            "the engine receives the resolved source"
+        );
         assert_eq!(
             host.mounts.unwrap()[0].source.as_deref(),
             Some("persys-web-cache")
@@ -260,7 +271,7 @@ mod tests {
             image: "busybox".into(),
             ..Default::default()
         };
-        let body = create_body(&workload(&spec), &spec, "s");
+        let body = create_body(&workload(&spec), &spec, &[], "s");
         assert_eq!(body.entrypoint, None);
         assert_eq!(body.cmd, None);
         assert_eq!(body.stop_timeout, Some(10));

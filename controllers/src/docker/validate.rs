@@ -2,8 +2,11 @@
 //!
 //! The API server runs [`validate_container_spec`] at apply time, so a bad
 //! spec is answered with INVALID_ARGUMENT and never stored; the controller
-//! runs it again before acting, because a spec stored by an older agent (or
-//! under another host-path policy) may no longer pass.
+//! runs the same checks again before acting (host paths as written, see
+//! [`HostPathPolicy::check_as_written`]), because a spec stored by an older
+//! agent (or under another host-path policy) may no longer pass. Where a
+//! host path leads on the filesystem is checked again before every create
+//! and start (`super::binds`).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -97,36 +100,56 @@ impl HostPathPolicy {
         &self.allowed_roots
     }
 
-    /// The canonical form of `host_path` if a container may mount it.
+    /// The canonical form of `host_path` if a container may mount it:
+    /// resolved through the filesystem (symbolic links, `..`), then judged.
     pub fn check(&self, host_path: &str) -> Result<PathBuf, String> {
-        if host_path.is_empty() {
-            return Err("must not be empty".into());
-        }
-        if host_path.contains(['\0', ':', ',']) {
-            return Err("must not contain NUL, ':' or ','".into());
-        }
-        let path = Path::new(host_path);
-        if !path.is_absolute() {
-            return Err(format!("{host_path:?} is not an absolute path"));
-        }
+        let path = well_formed(host_path)?;
         let canonical = canonicalize_lenient(path).map_err(|e| {
             refusal(
                 format_args!("{host_path:?} cannot be resolved: {e}"),
                 ALWAYS,
             )
         })?;
-        if canonical == Path::new("/") {
+        self.judge(host_path, &canonical)?;
+        Ok(canonical)
+    }
+
+    /// `host_path` judged as written, `..` taken lexically, without looking
+    /// at the filesystem: what the spec itself asks for. A stored spec is
+    /// held to this; where its path leads today is checked before every
+    /// create and start (`super::binds`), so a link swapped in after apply
+    /// is a policy violation of the node's files, not a bad spec.
+    pub fn check_as_written(&self, host_path: &str) -> Result<PathBuf, String> {
+        let path = well_formed(host_path)?;
+        let mut normal = PathBuf::from("/");
+        for component in path.components() {
+            match component {
+                Component::ParentDir => {
+                    normal.pop();
+                }
+                Component::Normal(part) => normal.push(part),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        self.judge(host_path, &normal)?;
+        Ok(normal)
+    }
+
+    /// Whether the resolved path `resolved` (of `host_path`, as the error
+    /// names it) is clear of the forbidden paths and under an allowed root.
+    pub(crate) fn judge(&self, host_path: &str, resolved: &Path) -> Result<(), String> {
+        if resolved == Path::new("/") {
             return Err(refusal(
                 "the host's root directory cannot be mounted",
                 ALWAYS,
             ));
         }
         for forbidden in &self.forbidden {
-            if canonical.starts_with(forbidden) || forbidden.starts_with(&canonical) {
+            if resolved.starts_with(forbidden) || forbidden.starts_with(resolved) {
                 return Err(refusal(
                     format_args!(
                         "{host_path:?} (resolved to {}) is or overlaps {}, which containers may not mount",
-                        canonical.display(),
+                        resolved.display(),
                         forbidden.display()
                     ),
                     ALWAYS,
@@ -136,7 +159,7 @@ impl HostPathPolicy {
         if !self
             .allowed_roots
             .iter()
-            .any(|root| canonical.starts_with(root))
+            .any(|root| resolved.starts_with(root))
         {
             let roots = match self.allowed_roots.as_slice() {
                 [] => "none".to_string(),
@@ -149,13 +172,28 @@ impl HostPathPolicy {
             return Err(refusal(
                 format_args!(
                     "{host_path:?} (resolved to {}) is outside the allowed host paths ({roots})",
-                    canonical.display(),
+                    resolved.display(),
                 ),
                 "host_paths.allowed_roots",
             ));
         }
-        Ok(canonical)
+        Ok(())
     }
+}
+
+/// `host_path` as a path, if it is one the engine's bind syntax can carry.
+fn well_formed(host_path: &str) -> Result<&Path, String> {
+    if host_path.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if host_path.contains(['\0', ':', ',']) {
+        return Err("must not contain NUL, ':' or ','".into());
+    }
+    let path = Path::new(host_path);
+    if !path.is_absolute() {
+        return Err(format!("{host_path:?} is not an absolute path"));
+    }
+    Ok(path)
 }
 
 /// Resolves `path` through symlinks as far as it exists; the rest, which
@@ -214,6 +252,25 @@ pub fn validate_container_spec(
     spec: &ContainerSpec,
     policy: &HostPathPolicy,
 ) -> Result<(), SpecError> {
+    validate_with(spec, |host_path| policy.check(host_path))
+}
+
+/// [`validate_container_spec`] for a stored spec, before the controller
+/// acts on it: host paths are judged as written, and where they lead is
+/// the start's check (a link swapped in since apply is a policy violation
+/// the workload recovers from, not a bad spec).
+pub(crate) fn validate_stored_container_spec(
+    spec: &ContainerSpec,
+    policy: &HostPathPolicy,
+) -> Result<(), SpecError> {
+    validate_with(spec, |host_path| policy.check_as_written(host_path))
+}
+
+/// The checks of a container spec, with host paths judged by `host_path`.
+fn validate_with(
+    spec: &ContainerSpec,
+    host_path: impl Fn(&str) -> Result<PathBuf, String>,
+) -> Result<(), SpecError> {
     const PREFIX: &str = "spec.container";
     validate_image_reference(&format!("{PREFIX}.image"), &spec.image)?;
 
@@ -265,7 +322,8 @@ pub fn validate_container_spec(
 
     for (i, volume) in spec.volumes.iter().enumerate() {
         let field = format!("{PREFIX}.volumes[{i}]");
-        validate_host_path(&format!("{field}.host_path"), &volume.host_path, policy)?;
+        host_path(&volume.host_path)
+            .map_err(|message| SpecError::new(format!("{field}.host_path"), message))?;
         validate_container_path(&format!("{field}.container_path"), &volume.container_path)?;
     }
 
@@ -538,6 +596,38 @@ mod tests {
         let error = validate_host_path("f", link.to_str().unwrap(), &policy).unwrap_err();
         assert!(error.message.contains("does not resolve"), "{error}");
         assert!(validate_host_path("f", root.join("absent/x").to_str().unwrap(), &policy).is_ok());
+    }
+
+    #[test]
+    fn a_stored_spec_is_judged_as_written_and_its_links_are_left_to_the_start() {
+        let base = tempfile_dir().join("as-written");
+        let root = base.join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let link = root.join("swapped");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/etc", &link).unwrap();
+        let policy = HostPathPolicy::new(None, vec![root.clone()]);
+        let written = link.to_str().unwrap();
+        assert!(policy.check(written).is_err(), "resolved, it is /etc");
+        assert_eq!(policy.check_as_written(written).unwrap(), link);
+        let spec = ContainerSpec {
+            volumes: vec![VolumeMount {
+                host_path: written.into(),
+                container_path: "/data".into(),
+                read_only: false,
+            }],
+            ..spec("busybox")
+        };
+        assert!(validate_container_spec(&spec, &policy).is_err());
+        validate_stored_container_spec(&spec, &policy).unwrap();
+        for bad in [
+            format!("{}/../../etc", root.display()),
+            "/etc/passwd".to_string(),
+            "/".to_string(),
+            "relative".to_string(),
+        ] {
+            assert!(policy.check_as_written(&bad).is_err(), "{bad}");
+        }
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -201,10 +201,11 @@ pub trait Classify: std::fmt::Display {
     }
 }
 
-/// A start or create the runtime refused. An unreachable runtime halts the
-/// reconcile as it is (the outage probe's to wait out); anything else is a
-/// `Failed` warning event and a failed start, which `count` records in the
-/// workload's memory (through [`failed_start`]) and answers.
+/// A start or create the runtime (or the node's policy) refused. An
+/// unreachable runtime halts the reconcile as it is (the outage probe's to
+/// wait out); anything else is a warning event ([`refusal_event`]) and a
+/// failed start, which `count` records in the workload's memory (through
+/// [`failed_start`]) and answers.
 pub(crate) async fn refused_start<E: Classify>(
     events: &Recorder,
     id: &str,
@@ -217,9 +218,24 @@ pub(crate) async fn refused_start<E: Classify>(
     let (reason, detail) = (error.reason(), error.detail());
     tracing::warn!(%error, "the start failed");
     events
-        .event(id, EventType::Warning, "Failed", detail.clone())
+        .event(
+            id,
+            EventType::Warning,
+            refusal_event(reason),
+            detail.clone(),
+        )
         .await;
     Halt::Failed(count(reason, &detail))
+}
+
+/// The reason of the event that tells of a refused start: `PolicyViolation`
+/// when the node's policy refused it before the runtime was asked,
+/// `Failed` when the runtime did.
+pub(crate) fn refusal_event(reason: FailureReason) -> &'static str {
+    match reason {
+        FailureReason::PolicyViolation => "PolicyViolation",
+        _ => "Failed",
+    }
 }
 
 /// A status write that failed: retried unless the object left the store.

@@ -301,6 +301,10 @@ fn failed_starts_hold_the_next_start_and_a_terminal_failure_holds_it_until_a_new
             running(), none(Some(true)), failed_start(t0), 4, port_taken(6)),
         ("once the back-off passed the start goes",
             running(), seen(CREATED), failed_start(t0), 10, Plan::StartFirst),
+        ("a refused restart is reported, not the exit, while its back-off runs",
+            running(), exited(137), failed_start(t0), 1, port_taken(9)),
+        ("once that back-off passed the restart goes",
+            running(), exited(137), failed_start(t0), 10, restart(137)),
         ("a terminal failure does not hold a stop",
             stopped(), seen(RUNNING), terminal(fresh()), 1, Plan::Stop),
     ]);
