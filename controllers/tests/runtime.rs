@@ -242,6 +242,16 @@ async fn start(
     }
 }
 
+/// A controller with a trigger stream the test feeds ids into.
+async fn start_triggered(
+    log: Arc<MemoryLog>,
+) -> (Harness, tokio::sync::mpsc::UnboundedSender<String>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let trigger = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    let recorder = Recorder::new(log.clone());
+    (start(log, recorder, config(None), Some(trigger)).await, tx)
+}
+
 /// Lets every runnable task run (time is paused and only advances when all
 /// tasks are idle).
 async fn settle() {
@@ -533,15 +543,7 @@ async fn controller_honours_requeue_after() {
 async fn controller_reconciles_keys_from_trigger_streams() {
     let log = MemoryLog::new();
     log.apply("a", WorkloadType::Container, "x:1");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let trigger = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
-    let h = start(
-        log.clone(),
-        Recorder::new(log.clone()),
-        config(None),
-        Some(trigger),
-    )
-    .await;
+    let (h, tx) = start_triggered(log.clone()).await;
     settle().await;
     assert_eq!(h.recorder.calls_of("a").len(), 1);
     tx.send("a".into()).unwrap();
@@ -558,15 +560,7 @@ async fn controller_reconciles_keys_from_trigger_streams() {
 async fn an_orphan_is_spared_for_its_grace_from_first_sight_and_its_workload_coming_back_resets_the_count()
  {
     let log = MemoryLog::new();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let trigger = Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
-    let h = start(
-        log.clone(),
-        Recorder::new(log.clone()),
-        config(None),
-        Some(trigger),
-    )
-    .await;
+    let (h, tx) = start_triggered(log.clone()).await;
     let second = Duration::from_secs(1);
     let seen = |recorder: &Recorder| -> Vec<Duration> {
         let orphans = recorder.orphans.lock().unwrap();
