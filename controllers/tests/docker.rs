@@ -735,6 +735,113 @@ async fn a_bind_source_swapped_for_a_link_is_refused_at_the_next_start_and_runs_
     agent.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_recorded_on_an_unresolved_link_inside_the_root_is_recreated_on_the_resolved_path()
+ {
+    let Some(bed) = TestBed::new("relink").await else {
+        return;
+    };
+    // `link` leads to `data`, both inside the allowed root: the spec is
+    // valid, but a container that recorded `link` itself (as an older agent
+    // created them) would mount through a link at every start.
+    let base = std::fs::canonicalize(bed.dir.path()).expect("canonical temp dir");
+    let root = base.join("volumes");
+    let data = root.join("data");
+    let link = root.join("link");
+    std::fs::create_dir_all(&data).expect("mkdir data");
+    std::os::unix::fs::symlink(&data, &link).expect("link");
+    let config = || DockerConfig {
+        host_paths: HostPathPolicy::new(Some(&bed.state_dir()), vec![root.clone()]),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config()).await;
+    let id = unique("relink");
+    let spec = ContainerSpec {
+        volumes: vec![VolumeMount {
+            host_path: link.display().to_string(),
+            container_path: "/data".into(),
+            read_only: true,
+        }],
+        ..shell_spec("exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    let made = inspect(&bed, &id).await;
+    assert_eq!(
+        bind_sources(&made),
+        [data.display().to_string()],
+        "the engine is given the resolved path"
+    );
+    agent.stop().await;
+
+    // The same container as an older agent made it: same name and labels,
+    // the spec's string as its bind source.
+    let config_of = made.config.clone().expect("config");
+    bed.docker
+        .remove_container(
+            &id,
+            Some(bollard::query_parameters::RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("remove");
+    let old = bed
+        .docker
+        .create_container(
+            Some(CreateContainerOptions {
+                name: Some(id.clone()),
+                ..Default::default()
+            }),
+            ContainerCreateBody {
+                image: config_of.image.clone(),
+                cmd: config_of.cmd.clone(),
+                entrypoint: config_of.entrypoint.clone(),
+                labels: config_of.labels.clone(),
+                host_config: Some(bollard::models::HostConfig {
+                    binds: Some(vec![format!("{}:/data:ro", link.display())]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create the old container")
+        .id;
+    bed.docker
+        .start_container(&old, None::<StartContainerOptions>)
+        .await
+        .expect("start the old container");
+
+    let agent = Agent::start(&bed.state_dir(), config()).await;
+    eventually(
+        CONVERGE,
+        "the new agent adopts the old container",
+        || async { agent.event(&id, "Adopted").is_some() },
+    )
+    .await;
+    // It exits: the restart would mount through the link, so it is
+    // recreated on the resolved path instead of refused.
+    bed.docker
+        .kill_container(&old, None::<KillContainerOptions>)
+        .await
+        .expect("kill");
+    let replaced = agent
+        .wait_for(&id, CONVERGE, "running in a new container", |w| {
+            running(w) && status(w).runtime_ref != old
+        })
+        .await;
+    let found = inspect(&bed, &status(&replaced).runtime_ref).await;
+    assert_eq!(bind_sources(&found), [data.display().to_string()]);
+    let event = agent.event(&id, "Replacing").expect("a Replacing event");
+    assert!(event.message.contains("unresolved"), "{event:?}");
+    assert!(agent.event(&id, "PolicyViolation").is_none());
+    let all = containers_of(&bed.docker, &bed.scope, &id).await;
+    assert_eq!(all.len(), 1, "the old container is gone: {all:?}");
+    agent.stop().await;
+}
+
 /// The host sources of a container's bind mounts, as the engine mounted
 /// (or will mount) them.
 fn bind_sources(found: &bollard::models::ContainerInspectResponse) -> Vec<String> {

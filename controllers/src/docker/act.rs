@@ -9,6 +9,7 @@ use persys_api::now_ms;
 use persys_api::v1::{ContainerSpec, EventType, Workload};
 use tokio::time::Instant;
 
+use super::binds::recorded_sources;
 use super::config::DockerConfig;
 use super::credentials::credentials_for;
 use super::errors::{DockerError, FailureReason};
@@ -250,6 +251,11 @@ impl Act<'_> {
         // before it does (the window left is `binds`' to tell).
         let policy = &self.config.host_paths;
         if let Err(error) = self.runtime.recheck_binds(found, policy).await {
+            if kind == StartKind::Restart
+                && let Some(binds) = self.resolved_elsewhere(found).await
+            {
+                return Box::pin(self.recreate(found, &binds)).await;
+            }
             return Err(self.failed_attempt(error).await);
         }
         tracing::info!(container = %cid, restart = (kind == StartKind::Restart), "starting");
@@ -267,6 +273,44 @@ impl Act<'_> {
         let message = format!("started container {}", display_name(found));
         self.event(EventType::Normal, "Started", message).await;
         self.after_start(&cid).await
+    }
+
+    /// The spec's bind sources, resolved now, where they pass the check but
+    /// differ from what `found` recorded: a container created from the
+    /// spec's unresolved path (by an agent that passed the engine the
+    /// spec's string), whose recorded source runs through a link that
+    /// stays inside the allowed roots. `None` when the spec's sources do not
+    /// pass either, or are what the container has: then the refusal stands.
+    async fn resolved_elsewhere(&self, found: &ContainerInspectResponse) -> Option<String> {
+        let policy = &self.config.host_paths;
+        let binds = self.runtime.resolve_binds(self.spec, policy).await.ok()?;
+        let mut resolved: Vec<String> = binds
+            .iter()
+            .map(|b| b.source.display().to_string())
+            .collect();
+        let mut recorded = recorded_sources(found);
+        resolved.sort();
+        recorded.sort();
+        (resolved != recorded).then(|| resolved.join(", "))
+    }
+
+    /// Replaces `found` with a container created from the spec's resolved
+    /// bind sources (`resolved`), rather than start it on sources that now
+    /// pass through a link.
+    async fn recreate(
+        &self,
+        found: &ContainerInspectResponse,
+        resolved: &str,
+    ) -> Result<Converged, Halt> {
+        let cid = cid_of(found);
+        let message = format!(
+            "container {} recorded unresolved bind sources; recreating it on {resolved}",
+            display_name(found)
+        );
+        tracing::info!(container = %cid, "{message}");
+        self.event(EventType::Normal, "Replacing", message).await;
+        self.runtime.stop_and_remove(&cid, None).await?;
+        self.create(false, &mut Vec::new()).await
     }
 
     /// After a start: what the container is doing now.
