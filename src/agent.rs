@@ -142,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         limits: Arc::new(Limits {
             host_paths: crate::policy::host_path_policy(&config, &policy),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
+            vm_root: persys_controllers::vm::vm_root(&config.state_path),
             policy: policy.clone(),
             docker_host: config.docker_host.clone(),
             ..Limits::default()

@@ -132,6 +132,23 @@ impl Agent {
             .map_err(|e| unavailable(format!("parsing failed: {e}")))?
     }
 
+    /// Refuses a VM apply whose disks are another workload's, against the
+    /// stored workloads (waiting, briefly, for the informer's first list).
+    async fn check_vm_disk_owners(&self, apply: &crate::store::ApplyRequest) -> Result<(), Status> {
+        let synced = self.informer.wait_until_synced();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), synced)
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable(
+                "the stored workloads are not known yet (the informer has not listed); retry",
+            ));
+        }
+        let stored = self.informer.cache().list_type(WorkloadType::Vm);
+        validate::check_vm_disk_owners(apply, &stored, &self.limits)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
     fn wire_status(&self, workload: &Workload) -> WorkloadStatus {
         let mut status = workload.to_wire_status();
         if let Some(usage) = &self.usage {
@@ -187,6 +204,11 @@ impl AgentService for Agent {
                 apply.workload_type.short_name(),
                 runtime.variable
             )));
+        }
+        if apply.workload_type == WorkloadType::Vm {
+            self.check_vm_disk_owners(&apply).await.inspect_err(|_| {
+                self.metrics.apply("invalid");
+            })?;
         }
         apply.caller = caller;
         let id = apply.id.clone();

@@ -69,13 +69,19 @@ impl VmConfig {
 
     /// Where the files of VM `id` live: `<state>/vm/<id>`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
-        self.state_dir.join("vm").join(id)
+        vm_root(&self.state_dir).join(id)
     }
+}
+
+/// `<state>/vm`: the folder of every VM's own files (seed, managed
+/// volumes, the record of created disks, the display password).
+pub fn vm_root(state_dir: &Path) -> PathBuf {
+    state_dir.join("vm")
 }
 
 /// `/var/lib/libvirt/images` and `<state>/vm`, as the API server uses.
 pub fn default_disk_roots(state_dir: &Path) -> Vec<PathBuf> {
-    vec![PathBuf::from(LIBVIRT_IMAGES), state_dir.join("vm")]
+    vec![PathBuf::from(LIBVIRT_IMAGES), vm_root(state_dir)]
 }
 
 /// The domain type to define: the override when given, else `kvm` when
