@@ -183,11 +183,7 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
         std::process::id()
     );
     std::fs::create_dir_all(vm_root.join("ghost")).unwrap();
-    std::fs::write(
-        vm_root.join("ghost/created-disks"),
-        format!("{recorded}\n"),
-    )
-    .unwrap();
+    std::fs::write(vm_root.join("ghost/created-disks"), format!("{recorded}\n")).unwrap();
     let over_256_kib = format!("#cloud-config\n#{}\n", "x".repeat(256 * 1024));
 
     let state = f.agent.state.display().to_string();
