@@ -43,7 +43,7 @@ pub struct NicPlan {
 }
 
 /// Graphics, always bound to 127.0.0.1 (reach it through an SSH tunnel)
-/// and behind a generated password ([`super::graphics`]).
+/// and behind a generated password (kept in `<state>/vm/<id>/graphics-password`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Graphics {
     Vnc,
