@@ -351,4 +351,99 @@ mod tests {
         let error = check("qcow2", &with_data_file).unwrap_err();
         assert!(error.message.contains("data file \"/dev/sda\""), "{error}");
     }
+
+    fn qemu_img(args: &[&str]) -> bool {
+        match std::process::Command::new("qemu-img").args(args).output() {
+            Ok(output) => {
+                assert!(output.status.success(), "qemu-img {args:?}: {output:?}");
+                true
+            }
+            Err(_) if std::env::var("CI").is_err() => false,
+            Err(error) => panic!("CI=true but qemu-img cannot run: {error}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_backing_chain_is_followed_and_each_link_must_stay_in_the_workload_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let workload = dir.path().join("vm/web");
+        std::fs::create_dir_all(&workload).unwrap();
+        let at = |name: &str| workload.join(name).to_string_lossy().into_owned();
+        let outside = dir
+            .path()
+            .join("outside.raw")
+            .to_string_lossy()
+            .into_owned();
+        if !qemu_img(&["create", "-q", "-f", "raw", &outside, "1M"]) {
+            eprintln!("skipped: qemu-img is not installed");
+            return;
+        }
+        // top -> middle (in the folder) -> outside.raw (not).
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &outside,
+            &at("middle.qcow2"),
+        ]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "middle.qcow2",
+            &at("top.qcow2"),
+        ]);
+        let field = "spec.vm.disks[0]";
+        let top = workload.join("top.qcow2");
+        match check_image(field, &top, DiskFormat::Qcow2, &workload).await {
+            Err(ImageRefusal::Rule(error)) => {
+                assert_eq!(error.field, "spec.vm.disks[0].path");
+                assert!(
+                    error.message.contains("middle.qcow2 has the backing file")
+                        && error.message.contains("outside.raw"),
+                    "{error}"
+                );
+            }
+            other => panic!("the second link escapes: {other:?}"),
+        }
+        // With every link inside, the chain passes; a raw file declared
+        // qcow2 does not, and a missing file is a probe failure, retried.
+        qemu_img(&["create", "-q", "-f", "raw", &at("base.raw"), "1M"]);
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-F",
+            "raw",
+            "-b",
+            &at("base.raw"),
+            &at("middle.qcow2"),
+        ]);
+        assert_eq!(
+            check_image(field, &top, DiskFormat::Qcow2, &workload).await,
+            Ok(())
+        );
+        let base = workload.join("base.raw");
+        assert!(matches!(
+            check_image(field, &base, DiskFormat::Qcow2, &workload).await,
+            Err(ImageRefusal::Rule(e)) if e.field == "spec.vm.disks[0].format"
+        ));
+        assert!(matches!(
+            check_image(
+                field,
+                &workload.join("none.qcow2"),
+                DiskFormat::Qcow2,
+                &workload
+            )
+            .await,
+            Err(ImageRefusal::Probe(_))
+        ));
+    }
 }
