@@ -18,8 +18,9 @@ pub struct VmConfig {
     /// The libvirt connection URI (`PERSYS_LIBVIRT_URI`, default
     /// `qemu:///system`).
     pub uri: String,
-    /// The agent's state directory: each VM's own files (seed ISO, the list
-    /// of disks the agent created) live under `<state>/vm/<id>/`.
+    /// The agent's state directory: each VM's own files (seed ISO, managed
+    /// volumes, the list of disks the agent created, the display password)
+    /// live under `<state>/vm/<id>/`.
     pub state_dir: PathBuf,
     /// Disk files must lie under one of these (checked again at reconcile
     /// time, after the API server's check: defence in depth).
