@@ -136,6 +136,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             &informer,
             background.clone(),
         ),
+        vm_disk_claims: Arc::default(),
         compose_parses: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )),

@@ -638,6 +638,33 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
 }
 
 #[tokio::test]
+async fn concurrent_vm_applies_naming_one_disk_store_exactly_one() {
+    let mut f = Fixture::start(&[]).await;
+    let disk = format!(
+        "/var/lib/libvirt/images/policy-race-{}.qcow2",
+        std::process::id()
+    );
+    let applies = (0..8).map(|i| {
+        let mut client = f.client.clone();
+        let request = vm_with(&format!("race{i}"), |vm| vm.disks = vec![qcow2_disk(&disk)]);
+        async move { client.apply_workload(request).await }
+    });
+    let outcomes = futures::future::join_all(applies).await;
+    let stored: Vec<_> = outcomes.iter().filter(|o| o.is_ok()).collect();
+    assert_eq!(stored.len(), 1, "{outcomes:?}");
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(refused.code(), INVALID);
+        assert!(
+            refused.message().starts_with("spec.vm.disks[0].path")
+                && refused.message().contains("is a disk of workload \"race"),
+            "{}",
+            refused.message()
+        );
+    }
+    assert_eq!(f.ids().await.len(), 1);
+}
+
+#[tokio::test]
 async fn switches_opened_in_the_policy_file_let_the_matching_specs_through() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
