@@ -160,15 +160,11 @@ impl VmController {
             tokio::fs::create_dir_all(folder)
                 .await
                 .map_err(|e| storage(format!("creating {}: {e}", folder.display())))?;
-            let (statted, owned) = (folder.to_path_buf(), folder.to_path_buf());
+            let statted = folder.to_path_buf();
             let available = tokio::task::spawn_blocking(move || available_bytes(&statted))
                 .await
-                .map_err(|e| {
-                    storage(format!(
-                        "reading the free space of {}: {e}",
-                        owned.display()
-                    ))
-                })?
+                .map_err(std::io::Error::other)
+                .and_then(|statted| statted)
                 .map_err(|e| {
                     storage(format!(
                         "reading the free space of {}: {e}",
