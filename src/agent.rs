@@ -136,12 +136,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             &informer,
             background.clone(),
         ),
+        vm_disk_claims: Arc::default(),
         compose_parses: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )),
         limits: Arc::new(Limits {
             host_paths: crate::policy::host_path_policy(&config, &policy),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
+            vm_root: persys_controllers::vm::vm_root(&config.state_path),
             policy: policy.clone(),
             docker_host: config.docker_host.clone(),
             ..Limits::default()

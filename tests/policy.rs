@@ -111,6 +111,14 @@ fn vm_with(id: &str, edit: impl FnOnce(&mut VmSpec)) -> ApplyWorkloadRequest {
     request(id, workload_spec::Spec::Vm(vm))
 }
 
+fn qcow2_disk(path: &str) -> DiskConfig {
+    DiskConfig {
+        path: path.into(),
+        format: "qcow2".into(),
+        ..Default::default()
+    }
+}
+
 fn network(id: &str, name: &str) -> ApplyWorkloadRequest {
     vm_with(id, |vm| {
         vm.networks = vec![NetworkConfig {
@@ -154,11 +162,29 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, volumes.join("outside-link")).unwrap();
     std::os::unix::fs::symlink("/nonexistent/escape", volumes.join("dangling")).unwrap();
-    // What the node already holds: 3000 MiB promised.
+    // What the node already holds: 3000 MiB promised, and a disk (of no
+    // declared size: it must exist when the VM starts).
+    let base_disk = format!(
+        "/var/lib/libvirt/images/policy-base-{}.qcow2",
+        std::process::id()
+    );
     f.client
-        .apply_workload(vm_with("base", |vm| vm.memory_mb = 3000))
+        .apply_workload(vm_with("base", |vm| {
+            vm.memory_mb = 3000;
+            vm.disks = vec![qcow2_disk(&base_disk)];
+        }))
         .await
         .unwrap();
+    // A disk the agent recorded as created for a workload since deleted
+    // from a store that was lost.
+    let vm_root = f.agent.state.join("vm");
+    let recorded = format!(
+        "/var/lib/libvirt/images/policy-ghost-{}.qcow2",
+        std::process::id()
+    );
+    std::fs::create_dir_all(vm_root.join("ghost")).unwrap();
+    std::fs::write(vm_root.join("ghost/created-disks"), format!("{recorded}\n")).unwrap();
+    let over_256_kib = format!("#cloud-config\n#{}\n", "x".repeat(256 * 1024));
 
     let state = f.agent.state.display().to_string();
     let host_path = "spec.container.volumes[0].host_path";
@@ -412,6 +438,116 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
             INVALID,
             &["spec.vm.networks[0].network", "policy vm.networks"],
         ),
+        // VMs: cloud-init, disks that are another workload's or the agent's
+        // own files, managed volumes a VM cannot honour.
+        case(
+            vm_with("u1", |vm| vm.cloud_init = over_256_kib.clone()),
+            INVALID,
+            &[
+                "spec.vm.cloud_init",
+                "user-data is 262160 bytes decoded, over the limit of 262144 bytes (256 KiB)",
+                ALWAYS,
+            ],
+        ),
+        case(
+            vm_with("u2", |vm| {
+                vm.cloud_init_config = Some(CloudInitConfig {
+                    user_data: over_256_kib.clone(),
+                    ..Default::default()
+                })
+            }),
+            INVALID,
+            &[
+                "spec.vm.cloud_init_config.user_data",
+                "over the limit of 262144 bytes",
+                ALWAYS,
+            ],
+        ),
+        case(
+            vm_with("d1", |vm| vm.disks = vec![qcow2_disk(&base_disk)]),
+            INVALID,
+            &[
+                "spec.vm.disks[0].path",
+                "is a disk of workload \"base\" (its spec.vm.disks[0].path)",
+                ALWAYS,
+            ],
+        ),
+        case(
+            vm_with("d2", |vm| vm.disks = vec![qcow2_disk(&recorded)]),
+            INVALID,
+            &[
+                "spec.vm.disks[0].path",
+                "created by the agent for workload \"ghost\"",
+                ALWAYS,
+            ],
+        ),
+        case(
+            vm_with("d3", |vm| {
+                vm.disks = vec![DiskConfig {
+                    path: format!("{state}/vm/base/seed.iso"),
+                    format: "iso".into(),
+                    ..Default::default()
+                }]
+            }),
+            INVALID,
+            &[
+                "spec.vm.disks[0].path",
+                "lies in the folder of workload \"base\"",
+                ALWAYS,
+            ],
+        ),
+        case(
+            vm_with("d4", |vm| {
+                vm.disks = vec![qcow2_disk(&format!("{state}/vm/d4/graphics-password"))]
+            }),
+            INVALID,
+            &[
+                "spec.vm.disks[0].path",
+                "a file the agent keeps for this workload",
+                ALWAYS,
+            ],
+        ),
+        case(
+            vm_with("m1", |vm| {
+                vm.managed_volumes = vec![ManagedVolumeSpec {
+                    name: "data".into(),
+                    size_gb: 1,
+                    mount_path: "/data".into(),
+                    ..Default::default()
+                }]
+            }),
+            INVALID,
+            &[
+                "spec.vm.managed_volumes[0].mount_path",
+                "the guest formats and mounts itself",
+            ],
+        ),
+        case(
+            vm_with("m2", |vm| {
+                vm.managed_volumes = vec![ManagedVolumeSpec {
+                    name: "data".into(),
+                    size_gb: 1,
+                    retain_policy: "Retain".into(),
+                    ..Default::default()
+                }]
+            }),
+            INVALID,
+            &[
+                "spec.vm.managed_volumes[0].retain_policy",
+                "deleted with it",
+            ],
+        ),
+        case(
+            vm_with("m3", |vm| {
+                vm.managed_volumes = vec![ManagedVolumeSpec {
+                    name: "../data".into(),
+                    size_gb: 1,
+                    ..Default::default()
+                }]
+            }),
+            INVALID,
+            &["spec.vm.managed_volumes[0].name", "letters, digits"],
+        ),
         // Ceilings.
         case(
             vm_with("r1", |vm| vm.memory_mb = 2048),
@@ -447,7 +583,7 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
             ],
         ),
     ];
-    assert!(cases.len() >= 30);
+    assert!(cases.len() >= 50, "{} cases", cases.len());
     for Case {
         request,
         code,
@@ -499,6 +635,33 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
         .apply_workload(vm_with("base", |vm| vm.memory_mb = 4096))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_vm_applies_naming_one_disk_store_exactly_one() {
+    let mut f = Fixture::start(&[]).await;
+    let disk = format!(
+        "/var/lib/libvirt/images/policy-race-{}.qcow2",
+        std::process::id()
+    );
+    let applies = (0..8).map(|i| {
+        let mut client = f.client.clone();
+        let request = vm_with(&format!("race{i}"), |vm| vm.disks = vec![qcow2_disk(&disk)]);
+        async move { client.apply_workload(request).await }
+    });
+    let outcomes = futures::future::join_all(applies).await;
+    let stored: Vec<_> = outcomes.iter().filter(|o| o.is_ok()).collect();
+    assert_eq!(stored.len(), 1, "{outcomes:?}");
+    for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(refused.code(), INVALID);
+        assert!(
+            refused.message().starts_with("spec.vm.disks[0].path")
+                && refused.message().contains("is a disk of workload \"race"),
+            "{}",
+            refused.message()
+        );
+    }
+    assert_eq!(f.ids().await.len(), 1);
 }
 
 #[tokio::test]

@@ -65,6 +65,7 @@ fn domain_xml(name: &str, scope: &str, domain_type: &str, disks: Vec<DiskPlan>) 
         disks,
         nics: Vec::new(),
         graphics: None,
+        graphics_password: None,
         marks: Marks {
             workload_id: name.to_string(),
             scope: scope.to_string(),
@@ -129,6 +130,9 @@ async fn by_hand(
             boot_order: Some(1),
             size_gb: 1,
             is_seed: false,
+            field: "spec.vm.disks[0]".into(),
+            read_only: false,
+            serial: None,
         });
         disks.push(DiskPlan {
             path: seed,
@@ -139,6 +143,9 @@ async fn by_hand(
             boot_order: None,
             size_gb: 0,
             is_seed: true,
+            field: "seed".into(),
+            read_only: true,
+            serial: None,
         });
     }
     std::fs::write(&xml_path, domain_xml(name, scope, domain_type, disks)).expect("write XML");

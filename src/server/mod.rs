@@ -36,6 +36,9 @@ use crate::runtimes::{Registry, RuntimeBoard};
 use crate::store::{ApplyOutcome, DeleteOutcome, LogRecord, Store, StoreError};
 use validate::Limits;
 
+/// How long a VM apply's disk claim waits for the informer to have it.
+const DISK_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest request accepted (bytes).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
@@ -53,6 +56,10 @@ pub struct Agent {
     /// Compose files parsed at once, each on a blocking thread: parsing is
     /// CPU work bounded per file, and this bounds it across requests.
     pub compose_parses: Arc<tokio::sync::Semaphore>,
+    /// VM applies pass the disk-ownership check and reach the informer's
+    /// cache one at a time, so two concurrent applies cannot both claim
+    /// one disk, each unseen by the other.
+    pub vm_disk_claims: Arc<tokio::sync::Mutex<()>>,
     /// The runtimes of this node: which workload types it accepts, and the
     /// variable that turns each on.
     pub registry: Registry,
@@ -132,6 +139,23 @@ impl Agent {
             .map_err(|e| unavailable(format!("parsing failed: {e}")))?
     }
 
+    /// Refuses a VM apply whose disks are another workload's, against the
+    /// stored workloads (waiting, briefly, for the informer's first list).
+    async fn check_vm_disk_owners(&self, apply: &crate::store::ApplyRequest) -> Result<(), Status> {
+        let synced = self.informer.wait_until_synced();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), synced)
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable(
+                "the stored workloads are not known yet (the informer has not listed); retry",
+            ));
+        }
+        let stored = self.informer.cache().list_type(WorkloadType::Vm);
+        validate::check_vm_disk_owners(apply, &stored, &self.limits)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+
     fn wire_status(&self, workload: &Workload) -> WorkloadStatus {
         let mut status = workload.to_wire_status();
         if let Some(usage) = &self.usage {
@@ -188,6 +212,15 @@ impl AgentService for Agent {
                 runtime.variable
             )));
         }
+        let disk_claim = if apply.workload_type == WorkloadType::Vm {
+            let claim = self.vm_disk_claims.clone().lock_owned().await;
+            self.check_vm_disk_owners(&apply).await.inspect_err(|_| {
+                self.metrics.apply("invalid");
+            })?;
+            Some(claim)
+        } else {
+            None
+        };
         apply.caller = caller;
         let id = apply.id.clone();
         if self.drain.is_draining() && self.store.get(&id).map_err(store_status)?.is_none() {
@@ -204,8 +237,18 @@ impl AgentService for Agent {
             })?;
         let outcome = match self.store.apply(apply).await {
             Ok(outcome) => {
-                self.admission
-                    .release_after(reservation, outcome.workload().resource_version());
+                let version = outcome.workload().resource_version();
+                self.admission.release_after(reservation, version);
+                if let Some(claim) = disk_claim {
+                    // The next VM apply checks against a cache that has
+                    // this one.
+                    let informer = self.informer.clone();
+                    tokio::spawn(async move {
+                        let seen = informer.wait_for_version(version);
+                        let _ = tokio::time::timeout(DISK_CLAIM_WAIT, seen).await;
+                        drop(claim);
+                    });
+                }
                 outcome
             }
             Err(error) => {

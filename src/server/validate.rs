@@ -4,14 +4,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use persys_api::v1::{ApplyWorkloadRequest, DesiredState, WorkloadType, workload_spec};
+use persys_api::v1::{ApplyWorkloadRequest, DesiredState, Workload, WorkloadType, workload_spec};
 
 use persys_controllers::SpecError;
 use persys_controllers::compose::environment;
 use persys_controllers::compose::{ComposeRules, check_compose_policy, validate_compose_spec};
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
 use persys_controllers::policy::NodePolicy;
-use persys_controllers::vm::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};
+use persys_controllers::vm::{
+    SYS_CLASS_NET, check_disk_owners, check_vm_networks, validate_vm_spec,
+};
 
 use crate::store::ApplyRequest;
 
@@ -39,6 +41,9 @@ pub struct Limits {
     pub host_paths: HostPathPolicy,
     /// Roots VM disk files must lie under.
     pub vm_disk_roots: Vec<PathBuf>,
+    /// `<state>/vm`, where each VM's own files live (`<state>/vm/<id>/`):
+    /// a spec names only its own there. Empty: no such folder.
+    pub vm_root: PathBuf,
     /// The node's workload policy.
     pub policy: Arc<NodePolicy>,
     /// Where host network interfaces are listed (a parameter so tests can
@@ -54,6 +59,7 @@ impl Default for Limits {
         Limits {
             host_paths: HostPathPolicy::default(),
             vm_disk_roots: Vec::new(),
+            vm_root: PathBuf::new(),
             policy: Arc::default(),
             sys_class_net: PathBuf::from(SYS_CLASS_NET),
             docker_host: String::new(),
@@ -124,10 +130,11 @@ pub fn apply_request(
                 },
             )
         }),
-        workload_spec::Spec::Vm(v) => validate_vm_spec(&request.id, v, &limits.vm_disk_roots)
-            .and_then(|()| {
-                check_vm_networks(&request.id, v, &limits.policy.vm, &limits.sys_class_net)
-            }),
+        workload_spec::Spec::Vm(v) => {
+            validate_vm_spec(&request.id, v, &limits.vm_disk_roots, &limits.vm_root).and_then(
+                |()| check_vm_networks(&request.id, v, &limits.policy.vm, &limits.sys_class_net),
+            )
+        }
     }
     .map_err(FieldError::from)?;
     Ok(ApplyRequest {
@@ -144,6 +151,31 @@ pub fn apply_request(
         labels: Default::default(),
         caller: Default::default(),
     })
+}
+
+/// Refuses a VM apply whose disks belong to another workload: named by
+/// another stored VM workload in `stored` (being deleted or stopped, it
+/// still holds them), or created by the agent for another workload.
+pub fn check_vm_disk_owners(
+    apply: &ApplyRequest,
+    stored: &[Arc<Workload>],
+    limits: &Limits,
+) -> Result<(), FieldError> {
+    let Some(workload_spec::Spec::Vm(spec)) = &apply.spec.spec else {
+        return Ok(());
+    };
+    let others = stored.iter().filter_map(|w| match w.workload_spec() {
+        Some(workload_spec::Spec::Vm(other)) => Some((w.id(), other)),
+        _ => None,
+    });
+    check_disk_owners(
+        &apply.id,
+        spec,
+        &limits.vm_disk_roots,
+        &limits.vm_root,
+        others,
+    )
+    .map_err(FieldError::from)
 }
 
 /// Docker's container-name rule: a letter or digit, then letters, digits,

@@ -296,13 +296,14 @@ impl VmController {
         layout: &Layout,
         uuid: Option<String>,
     ) -> Result<String, Halt> {
-        let created = match self.prepare(id, layout).await {
-            Ok(created) => created,
+        let prepared = match self.prepare(id, layout).await {
+            Ok(prepared) => prepared,
             Err(error) => return Err(self.failed_attempt(id, error).await),
         };
         let mut domain = layout.domain.clone();
         domain.uuid = uuid;
-        domain.marks.created_disks = created;
+        domain.marks.created_disks = prepared.created_disks;
+        domain.graphics_password = prepared.graphics_password;
         let redefined = domain.uuid.is_some();
         let uuid = match self.hypervisor.define(id, domain.to_xml()).await {
             Ok(uuid) => uuid,

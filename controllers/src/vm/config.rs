@@ -18,8 +18,9 @@ pub struct VmConfig {
     /// The libvirt connection URI (`PERSYS_LIBVIRT_URI`, default
     /// `qemu:///system`).
     pub uri: String,
-    /// The agent's state directory: each VM's own files (seed ISO, the list
-    /// of disks the agent created) live under `<state>/vm/<id>/`.
+    /// The agent's state directory: each VM's own files (seed ISO, managed
+    /// volumes, the list of disks the agent created, the display password)
+    /// live under `<state>/vm/<id>/`.
     pub state_dir: PathBuf,
     /// Disk files must lie under one of these (checked again at reconcile
     /// time, after the API server's check: defence in depth).
@@ -69,13 +70,19 @@ impl VmConfig {
 
     /// Where the files of VM `id` live: `<state>/vm/<id>`.
     pub fn vm_dir(&self, id: &str) -> PathBuf {
-        self.state_dir.join("vm").join(id)
+        vm_root(&self.state_dir).join(id)
     }
+}
+
+/// `<state>/vm`: the folder of every VM's own files (seed, managed
+/// volumes, the record of created disks, the display password).
+pub fn vm_root(state_dir: &Path) -> PathBuf {
+    state_dir.join("vm")
 }
 
 /// `/var/lib/libvirt/images` and `<state>/vm`, as the API server uses.
 pub fn default_disk_roots(state_dir: &Path) -> Vec<PathBuf> {
-    vec![PathBuf::from(LIBVIRT_IMAGES), state_dir.join("vm")]
+    vec![PathBuf::from(LIBVIRT_IMAGES), vm_root(state_dir)]
 }
 
 /// The domain type to define: the override when given, else `kvm` when

@@ -7,15 +7,21 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use persys_api::v1::DiskConfig;
+use persys_api::v1::{DiskConfig, ManagedVolumeSpec};
 
 use super::errors::SpecError;
+use crate::policy::{ALWAYS, refusal};
 
 /// `qemu-img create` of a sparse file is quick; this only bounds a hang.
 const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The record of agent-created disks, in the VM's state folder.
-const CREATED_DISKS_FILE: &str = "created-disks";
+pub(crate) const CREATED_DISKS_FILE: &str = "created-disks";
+
+/// Where a VM's managed volumes live, in its state folder.
+const VOLUMES_DIR: &str = "volumes";
+
+const GIB: u64 = 1 << 30;
 
 /// An image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,17 +129,47 @@ pub struct DiskPlan {
     pub size_gb: i64,
     /// The agent's cloud-init seed, not a disk of the spec.
     pub is_seed: bool,
+    /// Where the spec asks for it (`spec.vm.disks[0]`,
+    /// `spec.vm.managed_volumes[0]`; `seed` for the seed), for messages.
+    pub field: String,
+    /// Attached read-only (cdroms always are).
+    pub read_only: bool,
+    /// The serial the guest sees (a managed volume's name: the guest finds
+    /// it at `/dev/disk/by-id/virtio-<name>`).
+    pub serial: Option<String>,
 }
 
 impl DiskPlan {
     pub fn readonly(&self) -> bool {
-        self.kind == DiskKind::Cdrom
+        self.kind == DiskKind::Cdrom || self.read_only
+    }
+
+    /// A disk the spec names by path (not the seed, not a managed volume).
+    pub fn is_spec_disk(&self) -> bool {
+        self.field.starts_with("spec.vm.disks[")
+    }
+
+    /// The field that names the file: a disk's `path`, a managed volume's
+    /// `name`.
+    pub fn path_field(&self) -> String {
+        if self.is_spec_disk() {
+            format!("{}.path", self.field)
+        } else {
+            format!("{}.name", self.field)
+        }
     }
 }
 
 /// Resolves a spec's disks: formats, kinds, device names (given ones are
-/// kept, the rest allocated in order), boot order and checked paths.
-pub fn plan_disks(disks: &[DiskConfig], roots: &[PathBuf]) -> Result<Vec<DiskPlan>, SpecError> {
+/// kept, the rest allocated in order), boot order and checked paths. A
+/// path inside the agent's VM folders (`<state>/vm`, the parent of
+/// `workload_dir`) must lie in this workload's own folder and be none of
+/// the files the agent keeps there.
+pub fn plan_disks(
+    disks: &[DiskConfig],
+    roots: &[PathBuf],
+    workload_dir: &Path,
+) -> Result<Vec<DiskPlan>, SpecError> {
     let mut planned = Vec::with_capacity(disks.len());
     let mut taken: Vec<String> = Vec::new();
     for (i, disk) in disks.iter().enumerate() {
@@ -162,6 +198,7 @@ pub fn plan_disks(disks: &[DiskConfig], roots: &[PathBuf]) -> Result<Vec<DiskPla
             ));
         }
         let path = check_disk_path(&format!("{field}.path"), &disk.path, roots)?;
+        check_not_agent_file(&format!("{field}.path"), &path, workload_dir)?;
         if planned.iter().any(|p: &DiskPlan| p.path == path) {
             return Err(SpecError::new(
                 format!("{field}.path"),
@@ -202,6 +239,9 @@ pub fn plan_disks(disks: &[DiskConfig], roots: &[PathBuf]) -> Result<Vec<DiskPla
             boot_order: None,
             size_gb: disk.size_gb,
             is_seed: false,
+            field,
+            read_only: false,
+            serial: None,
         });
     }
     for plan in planned.iter_mut().filter(|p| p.target.is_empty()) {
@@ -249,7 +289,198 @@ pub fn add_seed(disks: &mut Vec<DiskPlan>, seed: PathBuf) {
         boot_order: None,
         size_gb: 0,
         is_seed: true,
+        field: "seed".into(),
+        read_only: true,
+        serial: None,
     });
+}
+
+/// Appends the spec's managed volumes: qcow2 files of their declared size
+/// in `<workload_dir>/volumes/<name>.qcow2`, attached as virtio disks
+/// after the spec's disks, never booted from. What a VM cannot honour is
+/// refused, never ignored: the guest formats and mounts its own disks, and
+/// the volumes go with the workload's folder.
+pub fn add_volumes(
+    disks: &mut Vec<DiskPlan>,
+    volumes: &[ManagedVolumeSpec],
+    workload_dir: &Path,
+) -> Result<(), SpecError> {
+    let mut taken: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+    let mut names: Vec<&str> = Vec::new();
+    for (i, volume) in volumes.iter().enumerate() {
+        let field = format!("spec.vm.managed_volumes[{i}]");
+        let refuse =
+            |key: &str, message: String| Err(SpecError::new(format!("{field}.{key}"), message));
+        let name = volume.name.as_str();
+        let name_ok = !name.is_empty()
+            && name.len() <= 64
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !name_ok {
+            return refuse(
+                "name",
+                format!(
+                    "{name:?} must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+                ),
+            );
+        }
+        if names.contains(&name) {
+            return refuse("name", format!("{name:?} is used twice"));
+        }
+        names.push(name);
+        if !matches!(
+            volume.driver.to_ascii_lowercase().as_str(),
+            "" | "local" | "qcow2"
+        ) {
+            return refuse(
+                "driver",
+                format!(
+                    "{:?} is not supported for VMs (a VM's managed volume is a qcow2 disk in the workload's folder: local or qcow2)",
+                    volume.driver
+                ),
+            );
+        }
+        if volume.size_gb < 1 {
+            return refuse(
+                "size_gb",
+                "must be at least 1 (GiB): the disk is created at this size".into(),
+            );
+        }
+        if !matches!(
+            volume.access_mode.to_ascii_lowercase().as_str(),
+            "" | "readwriteonce" | "rwo"
+        ) {
+            return refuse(
+                "access_mode",
+                format!(
+                    "{:?} is not supported for VMs: a disk belongs to one guest (ReadWriteOnce)",
+                    volume.access_mode
+                ),
+            );
+        }
+        for (key, value) in [
+            ("fs_type", &volume.fs_type),
+            ("mount_path", &volume.mount_path),
+        ] {
+            if !value.is_empty() {
+                return refuse(
+                    key,
+                    format!(
+                        "{value:?} cannot be honoured for a VM: the volume is attached as a blank virtio disk (serial {name:?}, /dev/disk/by-id/virtio-{name}) that the guest formats and mounts itself, e.g. with cloud-init; leave {key} empty"
+                    ),
+                );
+            }
+        }
+        if !matches!(
+            volume.retain_policy.to_ascii_lowercase().as_str(),
+            "" | "delete"
+        ) {
+            return refuse(
+                "retain_policy",
+                format!(
+                    "{:?} is not supported for VMs: a VM's managed volume lives in the workload's folder and is deleted with it (Delete)",
+                    volume.retain_policy
+                ),
+            );
+        }
+        let target = next_free(Bus::Virtio, &taken);
+        taken.push(target.clone());
+        disks.push(DiskPlan {
+            path: workload_dir.join(VOLUMES_DIR).join(format!("{name}.qcow2")),
+            format: DiskFormat::Qcow2,
+            kind: DiskKind::Disk,
+            target,
+            bus: Bus::Virtio,
+            boot_order: None,
+            size_gb: volume.size_gb,
+            is_seed: false,
+            field,
+            read_only: volume.read_only,
+            // virtio-blk serials are at most 20 bytes.
+            serial: Some(name.chars().take(20).collect()),
+        });
+    }
+    Ok(())
+}
+
+/// Files the agent keeps in a VM's folder: a spec never names them.
+const AGENT_FILES: &[&str] = &[
+    super::seed::SEED_FILE,
+    "seed.iso.sha256",
+    "seed.iso.partial",
+    CREATED_DISKS_FILE,
+    "created-disks.tmp",
+    super::graphics::PASSWORD_FILE,
+];
+
+/// A spec disk inside the agent's VM folders (`workload_dir`'s parent)
+/// must lie in this workload's own folder, and not be one of the agent's
+/// files or managed volumes there: another workload's seed, volumes and
+/// records are not a disk root.
+fn check_not_agent_file(field: &str, path: &Path, workload_dir: &Path) -> Result<(), SpecError> {
+    let Some(vm_root) = workload_dir.parent().filter(|p| p.is_absolute()) else {
+        return Ok(());
+    };
+    let vm_root = resolve_root(vm_root);
+    let Ok(inside) = path.strip_prefix(&vm_root) else {
+        return Ok(());
+    };
+    let refuse = |why: String| Err(SpecError::new(field, refusal(why, ALWAYS)));
+    let mut parts = inside
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let (Some(owner), Some(first)) = (parts.next(), parts.next()) else {
+        return refuse(format!(
+            "{} is not inside a workload's folder",
+            path.display()
+        ));
+    };
+    let own = workload_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if owner != own {
+        return refuse(format!(
+            "{} lies in the folder of workload {owner:?}; a workload's files are its own",
+            path.display()
+        ));
+    }
+    if AGENT_FILES.contains(&first.as_str()) || first == VOLUMES_DIR || first == "seed" {
+        return refuse(format!(
+            "{} is a file the agent keeps for this workload, not a disk",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses to create a `size_gb` disk on a filesystem with less free space
+/// (`available` bytes, what an unprivileged writer may use), naming the
+/// field and the figures.
+pub fn check_free_space(
+    field: &str,
+    size_gb: i64,
+    folder: &Path,
+    available: u64,
+) -> Result<(), String> {
+    let wanted = (size_gb.max(0) as u64).saturating_mul(GIB);
+    if wanted <= available {
+        return Ok(());
+    }
+    Err(format!(
+        "{field}.size_gb: {size_gb} GiB requested but the filesystem holding {} has {:.1} GiB free; free space there or ask for less",
+        folder.display(),
+        available as f64 / GIB as f64
+    ))
+}
+
+/// The bytes free for an unprivileged writer on the filesystem holding
+/// `folder`.
+pub fn available_bytes(folder: &Path) -> io::Result<u64> {
+    let stats = rustix::fs::statvfs(folder)?;
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
 }
 
 fn default_bus(kind: DiskKind) -> Bus {
@@ -503,6 +734,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let p = |name: &str| root.path().join(name).to_string_lossy().into_owned();
         let roots = vec![root.path().to_path_buf()];
+        let vm_dir = root.path().join("state/vm/web");
         let planned = plan_disks(
             &[
                 disk(&p("os.qcow2"), "", "", "", false),
@@ -511,6 +743,7 @@ mod tests {
                 disk(&p("extra.img"), "", "", "hdb", false),
             ],
             &roots,
+            &vm_dir,
         )
         .unwrap();
         let summary: Vec<_> = planned
@@ -533,6 +766,7 @@ mod tests {
                 disk(&p("a.qcow2"), "qcow2", "disk", "", false),
             ],
             &roots,
+            &vm_dir,
         )
         .unwrap();
         assert_eq!(unmarked[0].boot_order, Some(2), "disks boot before cdroms");
@@ -549,6 +783,7 @@ mod tests {
     fn bad_formats_types_and_device_names_name_their_field() {
         let root = tempfile::tempdir().unwrap();
         let roots = vec![root.path().to_path_buf()];
+        let vm_dir = root.path().join("state/vm/web");
         let p = root.path().join("a.qcow2").to_string_lossy().into_owned();
         let cases = [
             (disk(&p, "vmdk", "", "", false), "spec.vm.disks[0].format"),
@@ -563,7 +798,10 @@ mod tests {
             ),
         ];
         for (config, field) in cases {
-            assert_eq!(plan_disks(&[config], &roots).unwrap_err().field, field);
+            assert_eq!(
+                plan_disks(&[config], &roots, &vm_dir).unwrap_err().field,
+                field
+            );
         }
         let twice = plan_disks(
             &[
@@ -571,6 +809,7 @@ mod tests {
                 disk(&p, "", "", "vdb", false),
             ],
             &roots,
+            &vm_dir,
         );
         assert!(twice.unwrap_err().message.contains("attached twice"));
     }
@@ -625,5 +864,125 @@ mod tests {
             record.load().await.unwrap(),
             [PathBuf::from("/a/b.qcow2"), PathBuf::from("/a/c.qcow2")]
         );
+    }
+
+    #[test]
+    fn inside_the_agent_s_vm_folders_a_spec_names_only_its_own_files() {
+        let root = tempfile::tempdir().unwrap();
+        let vm_root = root.path().join("state/vm");
+        std::fs::create_dir_all(vm_root.join("web")).unwrap();
+        std::fs::create_dir_all(vm_root.join("db")).unwrap();
+        let roots = vec![root.path().join("images"), vm_root.clone()];
+        let vm_dir = vm_root.join("web");
+        let at = |path: &Path| {
+            plan_disks(
+                &[disk(&path.to_string_lossy(), "qcow2", "", "", false)],
+                &roots,
+                &vm_dir,
+            )
+        };
+        assert!(at(&vm_dir.join("data.qcow2")).is_ok());
+        for (path, words) in [
+            (vm_root.join("db/data.qcow2"), "folder of workload \"db\""),
+            (vm_root.join("db/seed.iso"), "folder of workload \"db\""),
+            (vm_dir.join("seed.iso"), "a file the agent keeps"),
+            (vm_dir.join("created-disks"), "a file the agent keeps"),
+            (vm_dir.join("graphics-password"), "a file the agent keeps"),
+            (vm_dir.join("volumes/v.qcow2"), "a file the agent keeps"),
+            (
+                vm_root.join("loose.qcow2"),
+                "not inside a workload's folder",
+            ),
+        ] {
+            let error = at(&path).unwrap_err();
+            assert_eq!(error.field, "spec.vm.disks[0].path", "{}", path.display());
+            assert!(
+                error.message.contains(words) && error.message.contains("whatever the policy"),
+                "{}: {error}",
+                path.display()
+            );
+        }
+    }
+
+    #[test]
+    fn managed_volumes_become_qcow2_disks_in_the_workload_folder_or_are_refused() {
+        let vm_dir = Path::new("/state/vm/web");
+        let volume = |name: &str| ManagedVolumeSpec {
+            name: name.into(),
+            size_gb: 2,
+            ..Default::default()
+        };
+        let mut disks = Vec::new();
+        let mut data = volume("data");
+        data.read_only = true;
+        add_volumes(&mut disks, &[data, volume("logs")], vm_dir).unwrap();
+        let summary: Vec<_> = disks
+            .iter()
+            .map(|d| {
+                (
+                    d.path.to_string_lossy().into_owned(),
+                    d.target.as_str(),
+                    d.format,
+                    d.size_gb,
+                    d.readonly(),
+                    d.serial.as_deref(),
+                    d.path_field(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (
+                    "/state/vm/web/volumes/data.qcow2".to_string(),
+                    "vda",
+                    DiskFormat::Qcow2,
+                    2,
+                    true,
+                    Some("data"),
+                    "spec.vm.managed_volumes[0].name".to_string()
+                ),
+                (
+                    "/state/vm/web/volumes/logs.qcow2".to_string(),
+                    "vdb",
+                    DiskFormat::Qcow2,
+                    2,
+                    false,
+                    Some("logs"),
+                    "spec.vm.managed_volumes[1].name".to_string()
+                ),
+            ]
+        );
+        type Change = fn(&mut ManagedVolumeSpec);
+        let cases: [(&str, Change); 8] = [
+            ("name", |v| v.name = "../x".into()),
+            ("name", |v| v.name = String::new()),
+            ("driver", |v| v.driver = "nfs".into()),
+            ("size_gb", |v| v.size_gb = 0),
+            ("access_mode", |v| v.access_mode = "ReadWriteMany".into()),
+            ("fs_type", |v| v.fs_type = "ext4".into()),
+            ("mount_path", |v| v.mount_path = "/data".into()),
+            ("retain_policy", |v| v.retain_policy = "Retain".into()),
+        ];
+        for (key, change) in cases {
+            let mut bad = volume("data");
+            change(&mut bad);
+            let error = add_volumes(&mut Vec::new(), &[bad], vm_dir).unwrap_err();
+            assert_eq!(error.field, format!("spec.vm.managed_volumes[0].{key}"));
+        }
+        let twice = add_volumes(&mut Vec::new(), &[volume("a"), volume("a")], vm_dir);
+        assert!(twice.unwrap_err().message.contains("used twice"));
+    }
+
+    #[test]
+    fn a_disk_larger_than_the_free_space_is_refused_with_the_figures() {
+        let folder = Path::new("/var/lib/libvirt/images");
+        assert!(check_free_space("spec.vm.disks[0]", 2, folder, 2 * GIB).is_ok());
+        let error = check_free_space("spec.vm.disks[0]", 3, folder, 2 * GIB + GIB / 2).unwrap_err();
+        assert_eq!(
+            error,
+            "spec.vm.disks[0].size_gb: 3 GiB requested but the filesystem holding /var/lib/libvirt/images has 2.5 GiB free; free space there or ask for less"
+        );
+        assert!(available_bytes(Path::new("/")).unwrap() > 0);
     }
 }

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::disks::{DiskKind, DiskPlan};
 use super::errors::SpecError;
+use super::graphics::Password;
 use super::marks::Marks;
 use super::xml::escape;
 
@@ -41,7 +42,8 @@ pub struct NicPlan {
     pub ip: Option<Ipv4Addr>,
 }
 
-/// Graphics, always bound to 127.0.0.1 (reach it through an SSH tunnel).
+/// Graphics, always bound to 127.0.0.1 (reach it through an SSH tunnel)
+/// and behind a generated password (kept in `<state>/vm/<id>/graphics-password`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Graphics {
     Vnc,
@@ -61,6 +63,9 @@ pub struct DomainPlan {
     pub disks: Vec<DiskPlan>,
     pub nics: Vec<NicPlan>,
     pub graphics: Option<Graphics>,
+    /// The display's password, set when the host is prepared (never part
+    /// of the spec, never logged).
+    pub graphics_password: Option<Password>,
     pub marks: Marks,
 }
 
@@ -309,6 +314,9 @@ impl DomainPlan {
             if disk.readonly() {
                 writeln!(x, "      <readonly/>")?;
             }
+            if let Some(serial) = &disk.serial {
+                writeln!(x, "      <serial>{}</serial>", escape(serial))?;
+            }
             writeln!(x, "    </disk>")?;
         }
         for nic in &self.nics {
@@ -332,14 +340,17 @@ impl DomainPlan {
             x,
             "    <console type='pty'><target type='serial' port='0'/></console>"
         )?;
-        if let Some(kind) = self.graphics {
+        // A display without a password would be open to every local user:
+        // the host preparation sets one whenever the spec asks for a display.
+        if let (Some(kind), Some(password)) = (self.graphics, &self.graphics_password) {
             let kind = match kind {
                 Graphics::Vnc => "vnc",
                 Graphics::Spice => "spice",
             };
             writeln!(
                 x,
-                "    <graphics type='{kind}' autoport='yes' listen='127.0.0.1'><listen type='address' address='127.0.0.1'/></graphics>"
+                "    <graphics type='{kind}' autoport='yes' listen='127.0.0.1' passwd='{}'><listen type='address' address='127.0.0.1'/></graphics>",
+                escape(password.expose())
             )?;
             writeln!(x, "    <video><model type='virtio'/></video>")?;
         }
@@ -377,6 +388,9 @@ mod tests {
                     boot_order: Some(1),
                     size_gb: 10,
                     is_seed: false,
+                    field: "spec.vm.disks[0]".into(),
+                    read_only: false,
+                    serial: None,
                 },
                 DiskPlan {
                     path: PathBuf::from("/state/vm/web/seed.iso"),
@@ -387,6 +401,9 @@ mod tests {
                     boot_order: None,
                     size_gb: 0,
                     is_seed: true,
+                    field: "seed".into(),
+                    read_only: true,
+                    serial: None,
                 },
             ],
             nics: vec![
@@ -407,6 +424,7 @@ mod tests {
                 },
             ],
             graphics: Some(Graphics::Vnc),
+            graphics_password: Some(Password::new("pa'ss<1>")),
             marks: Marks {
                 workload_id: "web".into(),
                 scope: "default".into(),
@@ -451,13 +469,18 @@ mod tests {
         );
         let graphics = devices.child("graphics").unwrap();
         assert_eq!(graphics.attribute("listen"), Some("127.0.0.1"));
+        assert_eq!(graphics.attribute("passwd"), Some("pa'ss<1>"));
+        assert!(!format!("{:?}", plan()).contains("pa'ss"), "never in Debug");
         assert!(devices.child("serial").is_some());
         assert!(xml.contains("it&apos;s &lt;web&gt;.qcow2"));
         assert!(!xml.contains("<uuid>"));
     }
 
     #[test]
-    fn without_graphics_nothing_listens() {
+    fn without_graphics_or_its_password_nothing_listens() {
+        let mut unprotected = plan();
+        unprotected.graphics_password = None;
+        assert!(!unprotected.to_xml().contains("<graphics"));
         let mut plan = plan();
         plan.graphics = None;
         plan.uuid = Some("0b3b4a53-1a5e-4bb9-8b45-4a2c1f1e1a11".into());

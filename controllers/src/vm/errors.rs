@@ -27,7 +27,9 @@ pub enum Operation {
     Ping,
     CreateDisk,
     RemoveDisk,
+    InspectDisk,
     BuildSeed,
+    SetDisplayPassword,
 }
 
 impl fmt::Display for Operation {
@@ -49,7 +51,9 @@ impl fmt::Display for Operation {
             Operation::Ping => "ping libvirt",
             Operation::CreateDisk => "create a disk",
             Operation::RemoveDisk => "remove a disk",
+            Operation::InspectDisk => "inspect a disk image",
             Operation::BuildSeed => "build the cloud-init seed",
+            Operation::SetDisplayPassword => "set the display password",
         })
     }
 }
@@ -182,9 +186,11 @@ pub fn classify(operation: Operation, error: &LibvirtError) -> FailureReason {
         Operation::Define if malformed => FailureReason::InvalidSpec,
         Operation::Define if error.is(N::CpuIncompatible) => FailureReason::InvalidSpec,
         Operation::Start | Operation::Resume => FailureReason::VmBootFailed,
-        Operation::CreateDisk | Operation::RemoveDisk | Operation::BuildSeed => {
-            FailureReason::StorageError
-        }
+        Operation::CreateDisk
+        | Operation::RemoveDisk
+        | Operation::InspectDisk
+        | Operation::BuildSeed
+        | Operation::SetDisplayPassword => FailureReason::StorageError,
         _ => FailureReason::RuntimeError,
     }
 }

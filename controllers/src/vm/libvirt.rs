@@ -446,6 +446,25 @@ fn describe(domain: &Domain) -> Result<FoundDomain, LibvirtError> {
     })
 }
 
+/// The `file` or `dev` of every disk in a domain description.
+fn disk_sources(xml: &str) -> Vec<String> {
+    let Some(domain) = Element::parse(xml) else {
+        return Vec::new();
+    };
+    domain
+        .child("devices")
+        .into_iter()
+        .flat_map(|d| d.children_named("disk"))
+        .filter_map(|disk| {
+            let source = disk.child("source")?;
+            source
+                .attribute("file")
+                .or_else(|| source.attribute("dev"))
+                .map(String::from)
+        })
+        .collect()
+}
+
 /// A domain that went away between listing and asking is not an error.
 fn gone(error: &LibvirtError) -> bool {
     error.is(ErrorNumber::NoDomain)
@@ -590,6 +609,35 @@ impl Hypervisor {
                 }
             }
             Ok(managed)
+        })
+        .await
+    }
+
+    /// Every domain that is not workload `id`'s in `scope`, by name, with
+    /// the files and devices its disks use: a disk attached there is not
+    /// this workload's to attach.
+    pub async fn other_domains_disks(
+        &self,
+        id: &str,
+        scope: &str,
+    ) -> Result<Vec<(String, Vec<String>)>, VmError> {
+        let (owner, scope) = (id.to_string(), scope.to_string());
+        self.call(id, Operation::List, move |conn| {
+            let mut others = Vec::new();
+            for domain in conn.list_all_domains(0)? {
+                let described =
+                    (|| -> Result<_, LibvirtError> { Ok((domain.name()?, domain.xml_desc(0)?)) })();
+                let (name, xml) = match described {
+                    Ok(described) => described,
+                    Err(error) if gone(&error) => continue,
+                    Err(error) => return Err(error),
+                };
+                if Marks::parse(&xml).is_some_and(|m| m.is(&owner, &scope)) {
+                    continue;
+                }
+                others.push((name, disk_sources(&xml)));
+            }
+            Ok(others)
         })
         .await
     }

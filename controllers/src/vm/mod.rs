@@ -15,8 +15,11 @@
 //!   `spawn_blocking`; one shared connection, reconnected with back-off.
 //! - [`domain_xml`]: a `VMSpec` as domain XML; [`marks`]: the `<metadata>`
 //!   element domains are adopted by; [`xml`]: escaping and reading XML.
-//! - [`disks`]: disk plans, path rules, `qemu-img create`, the record of
-//!   agent-created disks; `seed`: the cloud-init NoCloud seed ISO.
+//! - [`disks`]: disk plans, path rules, managed volumes, `qemu-img create`
+//!   for missing files, and the record of agent-created disks; [`image`]:
+//!   `qemu-img info` and the format and backing-file rules; [`ownership`]:
+//!   which workload a disk belongs to; `seed`: the cloud-init NoCloud seed
+//!   ISO; `graphics`: the display password.
 //! - `crash_loop`: kubelet's restart back-off; [`errors`]: typed errors
 //!   classified from libvirt's error codes; [`status`]: what a reconcile
 //!   found, as the workload's status; [`usage`]: the background sampler
@@ -38,11 +41,14 @@ pub mod disks;
 pub mod domain_xml;
 pub mod errors;
 mod events;
+mod graphics;
 mod host;
+pub mod image;
 pub mod libvirt;
 pub mod marks;
 mod memory;
 mod observe;
+pub mod ownership;
 mod plan;
 mod reconciler;
 mod seed;
@@ -52,9 +58,10 @@ mod validate;
 pub mod xml;
 
 pub use crate::crash_loop::CrashLoopPolicy;
-pub use config::{VmConfig, default_disk_roots, resolve_domain_type};
+pub use config::{VmConfig, default_disk_roots, resolve_domain_type, vm_root};
 pub use errors::{FailureReason, SpecError, VmError};
 pub use marks::Marks;
+pub use ownership::check_disk_owners;
 pub use reconciler::VmController;
 pub use usage::{UsageSampler, UsageSnapshots};
 pub use validate::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::act::{Converged, Halt, StartKind, name_taken};
 use super::config::{VmConfig, resolve_domain_type};
-use super::disks::{add_seed, plan_disks};
+use super::disks::{add_seed, add_volumes, plan_disks};
 use super::domain_xml::{DomainPlan, domain_name, graphics, plan_nics, resources};
 use super::errors::{FailureReason, SpecError, VmError};
 use super::events::{DomainIndex, LifecycleTrigger};
@@ -146,10 +146,11 @@ impl VmController {
         let spec = vm_spec(workload)?;
         let name = domain_name(id, spec)?;
         let (vcpus, memory_mib) = resources(spec)?;
-        let mut disks = plan_disks(&spec.disks, &self.config.disk_roots)?;
+        let vm_dir = self.config.vm_dir(id);
+        let mut disks = plan_disks(&spec.disks, &self.config.disk_roots, &vm_dir)?;
+        add_volumes(&mut disks, &spec.managed_volumes, &vm_dir)?;
         let nics = plan_nics(id, &spec.networks, &self.sys_class_net)?;
         let graphics = graphics(spec)?;
-        let vm_dir = self.config.vm_dir(id);
         let seed = seed_content(id, &name, spec)?;
         let seed_path = seed.as_ref().map(|_| vm_dir.join(SEED_FILE));
         if let Some(path) = &seed_path {
@@ -165,6 +166,7 @@ impl VmController {
                 disks,
                 nics,
                 graphics,
+                graphics_password: None,
                 marks: Marks {
                     workload_id: id.to_string(),
                     scope: self.config.scope.clone(),

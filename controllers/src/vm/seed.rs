@@ -12,8 +12,12 @@ use persys_api::v1::VmSpec;
 use sha2::{Digest, Sha256};
 
 use super::errors::SpecError;
+use crate::policy::{ALWAYS, refusal};
 
 pub(crate) const SEED_FILE: &str = "seed.iso";
+/// The largest user-data (and vendor-data) a seed carries, decoded: the
+/// Go agent's limit, so a spec it accepted is accepted here.
+pub const MAX_USER_DATA_BYTES: usize = 256 * 1024;
 /// Holds the digest of the content the ISO was built from.
 const DIGEST_FILE: &str = "seed.iso.sha256";
 const BUILD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -73,8 +77,17 @@ pub(crate) fn seed_content(
         }
     };
     let user_data = match optional("spec.vm.cloud_init_config.user_data", &config.user_data)? {
-        Some(text) => Some(text),
-        None => optional("spec.vm.cloud_init", &spec.cloud_init)?,
+        Some(text) => {
+            capped("spec.vm.cloud_init_config.user_data", "user-data", &text)?;
+            Some(text)
+        }
+        None => {
+            let text = optional("spec.vm.cloud_init", &spec.cloud_init)?;
+            if let Some(text) = &text {
+                capped("spec.vm.cloud_init", "user-data", text)?;
+            }
+            text
+        }
     };
     let meta_data = optional("spec.vm.cloud_init_config.meta_data", &config.meta_data)?;
     let network_config = optional(
@@ -82,6 +95,9 @@ pub(crate) fn seed_content(
         &config.network_config,
     )?;
     let vendor_data = optional("spec.vm.cloud_init_config.vendor_data", &config.vendor_data)?;
+    if let Some(text) = &vendor_data {
+        capped("spec.vm.cloud_init_config.vendor_data", "vendor-data", text)?;
+    }
     if user_data.is_none()
         && meta_data.is_none()
         && network_config.is_none()
@@ -109,6 +125,23 @@ pub(crate) fn seed_content(
         network_config,
         vendor_data,
     }))
+}
+
+/// Refuses `what` (decoded) over [`MAX_USER_DATA_BYTES`], with the figures.
+fn capped(field: &str, what: &str, text: &str) -> Result<(), SpecError> {
+    if text.len() <= MAX_USER_DATA_BYTES {
+        return Ok(());
+    }
+    Err(SpecError::new(
+        field,
+        refusal(
+            format_args!(
+                "{what} is {} bytes decoded, over the limit of {MAX_USER_DATA_BYTES} bytes (256 KiB)",
+                text.len()
+            ),
+            ALWAYS,
+        ),
+    ))
 }
 
 /// Adds `instance-id` and `local-hostname` to YAML meta-data that lacks
@@ -417,5 +450,36 @@ mod tests {
         );
         assert_eq!(content.network_config.as_deref(), Some("version: 2\n"));
         assert_eq!(content.vendor_data, None);
+    }
+
+    #[test]
+    fn user_data_over_256_kib_is_refused_naming_the_field_and_the_figures() {
+        let at_limit = format!("#cloud-config\n#{}\n", "x".repeat(MAX_USER_DATA_BYTES - 16));
+        assert_eq!(at_limit.len(), MAX_USER_DATA_BYTES);
+        assert!(seed_content("w", "w", &spec(&at_limit, None)).is_ok());
+        let over = format!("{at_limit}#");
+        let error = seed_content("w", "w", &spec(&over, None)).unwrap_err();
+        assert_eq!(error.field, "spec.vm.cloud_init");
+        assert!(
+            error
+                .message
+                .contains("262145 bytes decoded, over the limit of 262144 bytes"),
+            "{error}"
+        );
+        // Counted decoded: base64 of the limit is a third longer and passes.
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&at_limit);
+        assert!(seed_content("w", "w", &spec(&encoded, None)).is_ok());
+        let config = CloudInitConfig {
+            user_data: over.clone(),
+            ..Default::default()
+        };
+        let error = seed_content("w", "w", &spec("", Some(config))).unwrap_err();
+        assert_eq!(error.field, "spec.vm.cloud_init_config.user_data");
+        let config = CloudInitConfig {
+            vendor_data: over,
+            ..Default::default()
+        };
+        let error = seed_content("w", "w", &spec("", Some(config))).unwrap_err();
+        assert_eq!(error.field, "spec.vm.cloud_init_config.vendor_data");
     }
 }

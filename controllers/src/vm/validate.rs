@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use persys_api::v1::VmSpec;
 
-use super::disks::plan_disks;
+use super::disks::{add_volumes, plan_disks};
 use super::domain_xml::{NicSource, USER_NETWORK, domain_name, graphics, plan_nics, resources};
 use super::seed::seed_content;
 use crate::policy::{self, ALWAYS, DOCKER_BRIDGE, refusal};
@@ -16,13 +16,22 @@ use crate::spec::SpecError;
 pub const SYS_CLASS_NET: &str = "/sys/class/net";
 
 /// Checks a VM spec for workload `id`: its domain name, vCPUs and memory,
-/// disks (formats, kinds, devices, paths under `disk_roots`), graphics and
-/// cloud-init content. Host networks are checked by the controller, on the
-/// node where they must exist.
-pub fn validate_vm_spec(id: &str, spec: &VmSpec, disk_roots: &[PathBuf]) -> Result<(), SpecError> {
+/// disks (formats, kinds, devices, paths under `disk_roots` and, inside
+/// `vm_root` (`<state>/vm`), only in the workload's own folder), managed
+/// volumes, graphics and cloud-init content (user-data at most 256 KiB).
+/// Host networks are checked by the controller, on the node where they
+/// must exist; what a disk file holds, when it is attached.
+pub fn validate_vm_spec(
+    id: &str,
+    spec: &VmSpec,
+    disk_roots: &[PathBuf],
+    vm_root: &Path,
+) -> Result<(), SpecError> {
     let name = domain_name(id, spec)?;
     resources(spec)?;
-    plan_disks(&spec.disks, disk_roots)?;
+    let workload_dir = vm_root.join(id);
+    let mut disks = plan_disks(&spec.disks, disk_roots, &workload_dir)?;
+    add_volumes(&mut disks, &spec.managed_volumes, &workload_dir)?;
     graphics(spec)?;
     seed_content(id, &name, spec)?;
     Ok(())
@@ -100,7 +109,16 @@ mod tests {
     #[test]
     fn every_rule_names_its_field() {
         let roots = [PathBuf::from("/var/lib/libvirt/images")];
-        assert!(validate_vm_spec("web", &vm("/var/lib/libvirt/images/a.qcow2"), &roots).is_ok());
+        let vm_root = Path::new("/var/lib/persys/state/vm");
+        assert!(
+            validate_vm_spec(
+                "web",
+                &vm("/var/lib/libvirt/images/a.qcow2"),
+                &roots,
+                vm_root
+            )
+            .is_ok()
+        );
         for bad in [
             "/var/lib/libvirt/images/../images/a.qcow2",
             "relative.qcow2",
@@ -108,7 +126,7 @@ mod tests {
             "/var/lib/libvirt/images",
             "/etc/passwd",
         ] {
-            let error = validate_vm_spec("web", &vm(bad), &roots).unwrap_err();
+            let error = validate_vm_spec("web", &vm(bad), &roots, vm_root).unwrap_err();
             assert_eq!(error.field, "spec.vm.disks[0].path", "{bad}");
         }
         let ok = vm("/var/lib/libvirt/images/a.qcow2");
@@ -128,7 +146,9 @@ mod tests {
             let mut spec = ok.clone();
             change(&mut spec);
             assert_eq!(
-                validate_vm_spec("web", &spec, &roots).unwrap_err().field,
+                validate_vm_spec("web", &spec, &roots, vm_root)
+                    .unwrap_err()
+                    .field,
                 field
             );
         }
