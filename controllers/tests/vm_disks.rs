@@ -32,6 +32,22 @@ async fn qemu_img(args: &[&str]) {
     );
 }
 
+/// Creates a qcow2 overlay at `path` over `base` (of `base_format`).
+async fn qcow2_over(base: &str, base_format: &str, path: &str) {
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        base_format,
+        "-b",
+        base,
+        path,
+    ];
+    qemu_img(&args).await;
+}
+
 fn text(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 path")
 }
@@ -69,18 +85,7 @@ async fn disks_that_are_not_what_the_spec_says_or_not_the_workload_s_own_keep_th
     let base = images.join("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", text(&base), "1G"]).await;
     let overlay = images.join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        text(&base),
-        text(&overlay),
-    ])
-    .await;
+    qcow2_over(text(&base), "qcow2", text(&overlay)).await;
     // A raw image declared qcow2.
     let raw = images.join("raw.qcow2");
     qemu_img(&["create", "-q", "-f", "raw", text(&raw), "1G"]).await;
@@ -181,18 +186,7 @@ async fn disks_that_are_not_what_the_spec_says_or_not_the_workload_s_own_keep_th
     let own_base = own_dir.join("base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", text(&own_base), "1G"]).await;
     let own_overlay = images.join("own-overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        text(&own_base),
-        text(&own_overlay),
-    ])
-    .await;
+    qcow2_over(text(&own_base), "qcow2", text(&own_overlay)).await;
     agent
         .apply(
             &id,

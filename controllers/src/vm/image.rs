@@ -352,6 +352,21 @@ mod tests {
         assert!(error.message.contains("data file \"/dev/sda\""), "{error}");
     }
 
+    /// A qcow2 overlay at `path` over `base` (of `base_format`).
+    fn overlay(base: &str, base_format: &str, path: &str) {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            base_format,
+            "-b",
+            base,
+            path,
+        ]);
+    }
+
     fn qemu_img(args: &[&str]) -> bool {
         match std::process::Command::new("qemu-img").args(args).output() {
             Ok(output) => {
@@ -379,28 +394,8 @@ mod tests {
             return;
         }
         // top -> middle (in the folder) -> outside.raw (not).
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            &outside,
-            &at("middle.qcow2"),
-        ]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "middle.qcow2",
-            &at("top.qcow2"),
-        ]);
+        overlay(&outside, "raw", &at("middle.qcow2"));
+        overlay("middle.qcow2", "qcow2", &at("top.qcow2"));
         let field = "spec.vm.disks[0]";
         let top = workload.join("top.qcow2");
         match check_image(field, &top, DiskFormat::Qcow2, &workload).await {
