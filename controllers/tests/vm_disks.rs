@@ -109,7 +109,7 @@ async fn disks_that_are_not_what_the_spec_says_or_not_the_workload_s_own_keep_th
         (
             unique("backing"),
             qcow2(&overlay, 0),
-            "INVALID_SPEC",
+            "POLICY_VIOLATION",
             vec![
                 "spec.vm.disks[0].path",
                 "has the backing file",
@@ -119,13 +119,13 @@ async fn disks_that_are_not_what_the_spec_says_or_not_the_workload_s_own_keep_th
         (
             unique("rawqcow"),
             qcow2(&raw, 0),
-            "INVALID_SPEC",
+            "POLICY_VIOLATION",
             vec!["spec.vm.disks[0].format", "is raw but is declared qcow2"],
         ),
         (
             unique("attached"),
             qcow2(&shared, 0),
-            "INVALID_SPEC",
+            "POLICY_VIOLATION",
             vec![
                 "spec.vm.disks[0].path",
                 "is attached to the libvirt domain",
@@ -164,7 +164,12 @@ async fn disks_that_are_not_what_the_spec_says_or_not_the_workload_s_own_keep_th
                 "{id}: {detail:?} should say {word:?}"
             );
         }
-        let event = agent.event(id, "Failed").expect("a Failed event");
+        let kind = if *reason == "POLICY_VIOLATION" {
+            "PolicyViolation"
+        } else {
+            "Failed"
+        };
+        let event = agent.event(id, kind).expect("an event naming the refusal");
         assert!(event.message.contains(words[0]), "{}", event.message);
         let (defined, _) = virsh(SYSTEM_URI, &["dominfo", id]).await;
         assert!(!defined, "{id}: no domain was defined");

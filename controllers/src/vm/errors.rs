@@ -242,6 +242,16 @@ pub enum VmError {
         #[source]
         source: SpecError,
     },
+    /// What the host holds breaks the node policy now (a disk attached to
+    /// or recorded for another workload, a backing file outside the
+    /// workload's folder, an image not of its declared format): retried
+    /// with the failed-start back-off, as the host can change back.
+    #[error("{}{source}", subject(.id))]
+    PolicyViolation {
+        id: String,
+        #[source]
+        source: SpecError,
+    },
     /// The status or an event could not be written.
     #[error("{}writing status: {source}", subject(.id))]
     Store {
@@ -305,6 +315,7 @@ impl Classify for VmError {
                 ErrorClass::of(*reason)
             }
             VmError::InvalidSpec { .. } => ErrorClass::Terminal,
+            VmError::PolicyViolation { .. } => ErrorClass::Retryable,
             VmError::Store { source, .. } => store_class(source),
         }
     }
@@ -315,6 +326,7 @@ impl Classify for VmError {
             VmError::Unreachable { .. } | VmError::Store { .. } => FailureReason::RuntimeError,
             VmError::Libvirt { reason, .. } | VmError::Host { reason, .. } => *reason,
             VmError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+            VmError::PolicyViolation { .. } => FailureReason::PolicyViolation,
         }
     }
 
@@ -330,7 +342,9 @@ impl Classify for VmError {
             VmError::Host {
                 operation, message, ..
             } => format!("could not {operation}: {message}"),
-            VmError::InvalidSpec { source, .. } => source.to_string(),
+            VmError::InvalidSpec { source, .. } | VmError::PolicyViolation { source, .. } => {
+                source.to_string()
+            }
             VmError::Store { source, .. } => source.to_string(),
         }
     }

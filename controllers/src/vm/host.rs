@@ -44,7 +44,7 @@ impl VmController {
         let storage = |operation, message: String| {
             VmError::host(id, operation, FailureReason::StorageError, message)
         };
-        let invalid = |source| VmError::InvalidSpec {
+        let violation = |source| VmError::PolicyViolation {
             id: id.to_string(),
             source,
         };
@@ -61,12 +61,12 @@ impl VmController {
             .hypervisor
             .other_domains_disks(id, &self.config.scope)
             .await?;
-        check_attached(disks, &others).map_err(invalid)?;
+        check_attached(disks, &others).map_err(violation)?;
         let root = vm_root(&self.config.state_dir);
         let recorded = tokio::task::spawn_blocking(move || recorded_disks(&root))
             .await
             .unwrap_or_default();
-        check_recorded(id, disks, &recorded).map_err(invalid)?;
+        check_recorded(id, disks, &recorded).map_err(violation)?;
 
         let record = CreatedDisks::in_dir(&layout.vm_dir);
         for disk in disks.iter().filter(|d| !d.is_seed) {
@@ -78,7 +78,7 @@ impl VmController {
         for disk in disks.iter().filter(|d| !d.is_seed) {
             match check_image(&disk.field, &disk.path, disk.format, &layout.vm_dir).await {
                 Ok(()) => {}
-                Err(ImageRefusal::Rule(error)) => return Err(invalid(error)),
+                Err(ImageRefusal::Rule(error)) => return Err(violation(error)),
                 Err(ImageRefusal::Probe(message)) => {
                     return Err(storage(Operation::InspectDisk, message));
                 }
