@@ -143,7 +143,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             host_paths: crate::policy::host_path_policy(&config, &policy),
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
             policy: policy.clone(),
-            docker_host: config.docker_host.clone(),
+            compose_env: persys_controllers::compose::ComposeEnvironment::new(
+                std::env::vars(),
+                &config.docker_host,
+            ),
             ..Limits::default()
         }),
         registry,

@@ -1,14 +1,13 @@
 //! What a compose workload asks for, read from its spec and stored status
 //! without touching anything: the plan's first input.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use persys_api::v1::{ActualState, ComposeSpec, DesiredState, Workload, workload_spec};
 
 use super::errors::ComposeError;
 use super::naming::{self, project_name_of};
-use super::project::{ProjectDir, ProjectFiles, render_env};
+use super::project::{ProjectDir, ProjectFiles, render_env, render_labels};
 use super::services::DeclaredServices;
 use super::validate::validate_compose_spec;
 
@@ -22,8 +21,6 @@ pub(crate) struct Prepared {
     pub(crate) files: ProjectFiles,
     /// What "every service runs" means for this file.
     pub(crate) declared: DeclaredServices,
-    /// The spec's environment, for the compose process.
-    pub(crate) env: BTreeMap<String, String>,
 }
 
 /// A workload with a valid spec, as the plan needs it: the project, and the
@@ -84,19 +81,18 @@ pub(crate) fn prepare(workload: &Workload, root: &Path) -> Result<Prepared, Comp
             "spec.compose.project_name: {project:?} is not a valid compose project name"
         )));
     }
-    let declared = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
-    let compose = persys_api::compose_file_text(&spec.compose_yaml)
-        .map_err(|why| invalid(format!("spec.compose.compose_yaml {why}")))?;
+    let valid = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
+    let labels = render_labels(id, valid.document.get("version"), &valid.declared);
     Ok(Prepared {
         files: ProjectFiles {
-            compose,
+            compose: valid.text,
             env: render_env(&spec.env),
+            labels,
             project: format!("{project}\n"),
         },
         project,
         dir,
-        declared,
-        env: spec.env.clone(),
+        declared: valid.declared,
     })
 }
 
@@ -119,10 +115,10 @@ impl Desired {
                 files: ProjectFiles {
                     compose: String::new(),
                     env: String::new(),
+                    labels: String::new(),
                     project: "shop\n".into(),
                 },
                 declared: [("web".to_string(), 1), ("db".to_string(), 1)].into(),
-                env: BTreeMap::new(),
             },
         }
     }

@@ -339,21 +339,18 @@ impl Reconciler for ComposeController {
             // `down` with the current spec when it renders; else with what
             // is on disk. No folder: nothing was brought up from one (or a
             // cleanup already ran), and none is made just to be removed.
-            let env = match desired::prepare(&workload, &self.config.project_root) {
-                Ok(prepared) if prepared.project == project && dir.exists().await => {
-                    prepared
-                        .dir
-                        .write(&prepared.files)
-                        .await
-                        .map_err(|source| self.files_error(id, &dir, source))?;
-                    Some(prepared.env)
-                }
-                _ => None,
-            };
+            if let Ok(prepared) = desired::prepare(&workload, &self.config.project_root)
+                && prepared.project == project
+                && dir.exists().await
+            {
+                prepared
+                    .dir
+                    .write(&prepared.files)
+                    .await
+                    .map_err(|source| self.files_error(id, &dir, source))?;
+            }
             tracing::info!(%project, "taking the project down: the workload is deleted");
-            self.runtime
-                .take_down(id, &project, &dir, env.as_ref())
-                .await?;
+            self.runtime.take_down(id, &project, &dir).await?;
         }
         dir.remove()
             .await
@@ -393,7 +390,7 @@ impl Reconciler for ComposeController {
         }
         self.runtime.docker(id).await?;
         tracing::info!(%project, grace = ?self.config.orphan_grace, "taking down an orphan compose project: its workload is gone");
-        self.runtime.take_down(id, &project, &dir, None).await?;
+        self.runtime.take_down(id, &project, &dir).await?;
         dir.remove()
             .await
             .map_err(|source| self.files_error(id, &dir, source))?;
