@@ -272,7 +272,7 @@ impl ComposeController {
         });
     }
 
-    async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
+    pub(crate) async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
         self.events.event(id, kind, reason, message).await;
     }
 }

@@ -237,6 +237,23 @@ impl ProjectDir {
             .filter(|p| is_valid_project_name(p))
     }
 
+    /// True when the folder is the agent's record of having made `project`
+    /// for workload `id` (the folder is the workload's by its name): its
+    /// project file names it, or, in a folder without one that holds a
+    /// compose file (as the Go agent left them, run as `-p <id>`), it is
+    /// the name derived from the id.
+    pub async fn records(&self, project: &str, id: &str) -> bool {
+        match self.recorded_project().await {
+            Some(recorded) => recorded == project,
+            None => {
+                let legacy = !tokio::fs::try_exists(self.path.join(PROJECT_FILE))
+                    .await
+                    .unwrap_or(true);
+                legacy && self.exists().await && derive_project_name(id) == project
+            }
+        }
+    }
+
     /// Removes the folder; a missing one is fine.
     pub async fn remove(&self) -> std::io::Result<()> {
         match tokio::fs::remove_dir_all(&self.path).await {
