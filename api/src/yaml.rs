@@ -48,6 +48,25 @@ impl YamlError {
     }
 }
 
+/// A compose file: what the agent accepts, and `persysctl` sends.
+pub const COMPOSE_FILE: Bounds = Bounds {
+    what: "compose file",
+    max_bytes: 1024 * 1024,
+    // Real files have hundreds of nodes.
+    max_nodes: 100_000,
+    // Compose files nest a handful of levels.
+    max_depth: 64,
+};
+
+/// A `persysctl` manifest file (or standard input): one or many
+/// workloads, a compose file possibly inline.
+pub const MANIFEST: Bounds = Bounds {
+    what: "manifest",
+    max_bytes: 4 * 1024 * 1024,
+    max_nodes: 100_000,
+    max_depth: 64,
+};
+
 /// Checks that `text`, every document of it, fits `bounds`: its size, its
 /// node count with aliases expanded, its depth. Builds nothing.
 pub fn check(text: &str, bounds: &Bounds) -> Result<(), YamlError> {
@@ -78,10 +97,14 @@ pub fn check(text: &str, bounds: &Bounds) -> Result<(), YamlError> {
                 // The parser's own guard against alias replay, which may
                 // stop a bomb before the node budget does.
                 YamlError::Bound(format!(
-                    "its aliases repeat more than the parser allows (an alias bomb): {message}"
+                    "its aliases expand more than the parser allows in a {} (an alias bomb): {message}",
+                    bounds.what
                 ))
             } else if message.contains("recursion limit exceeded") {
-                YamlError::Bound(format!("it nests deeper than the parser allows: {message}"))
+                YamlError::Bound(format!(
+                    "it nests deeper than the parser allows in a {}: {message}",
+                    bounds.what
+                ))
             } else {
                 YamlError::Invalid(message)
             }

@@ -1,36 +1,22 @@
-//! A compose file read as compose reads it, within bounds: at most
-//! [`MAX_COMPOSE_BYTES`], at most [`MAX_NODES`] nodes once every alias is
-//! expanded, nested at most [`MAX_DEPTH`] deep (checked by
-//! [`persys_api::yaml::check`] before anything is built); then merge keys
+//! A compose file read as compose reads it, within the bounds of
+//! [`persys_api::yaml::COMPOSE_FILE`] (1 MiB, 100,000 nodes once every
+//! alias is expanded, 64 levels deep), checked by
+//! [`persys_api::yaml::check`] before anything is built; then merge keys
 //! (`<<`) applied and `${VAR}` interpolated. Parsing is CPU work: callers
 //! on an async runtime run it on a blocking thread.
 
 use std::collections::BTreeMap;
 
-use persys_api::yaml::{self, Bounds};
+use persys_api::yaml;
 use serde_yaml_ng::Value;
 
 /// Largest compose file accepted (bytes, after base64 decoding).
-pub const MAX_COMPOSE_BYTES: usize = 1024 * 1024;
-
-/// Most nodes a compose file may have with its aliases expanded. Real
-/// files have hundreds; 100,000 values take a few MiB.
-pub const MAX_NODES: usize = 100_000;
-
-/// Deepest nesting accepted. Compose files nest a handful of levels.
-pub const MAX_DEPTH: usize = 64;
-
-const BOUNDS: Bounds = Bounds {
-    what: "compose file",
-    max_bytes: MAX_COMPOSE_BYTES,
-    max_nodes: MAX_NODES,
-    max_depth: MAX_DEPTH,
-};
+pub const MAX_COMPOSE_BYTES: usize = yaml::COMPOSE_FILE.max_bytes;
 
 /// Parses `text` as one YAML document within the bounds, with merge keys
 /// applied. Errors say which bound was hit, or where the YAML is wrong.
 pub fn load(text: &str) -> Result<Value, String> {
-    yaml::check(text, &BOUNDS).map_err(|e| e.to_string())?;
+    yaml::check(text, &yaml::COMPOSE_FILE).map_err(|e| e.to_string())?;
     let mut value: Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("is not valid YAML: {e}"))?;
     value
