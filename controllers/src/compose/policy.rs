@@ -14,6 +14,7 @@ use serde_yaml_ng::{Mapping, Value};
 
 use super::cli::is_reserved_env;
 use super::document;
+use super::project::env_value_problem;
 use crate::docker::HostPathPolicy;
 use crate::docker::labels::RESERVED_PREFIX;
 use crate::policy::{ALWAYS, NodePolicy, Rule, SAFE_SYSCTLS, refusal};
@@ -49,6 +50,14 @@ pub fn check_compose_policy(
                 ALWAYS,
             ),
         ));
+    }
+    for (name, value) in &spec.env {
+        if let Some(why) = env_value_problem(value) {
+            return Err(SpecError::new(
+                format!("spec.compose.env[{name:?}]"),
+                refusal(why, ALWAYS),
+            ));
+        }
     }
     let mut document = document.clone();
     document::interpolate(&mut document, rules.vars, "").map_err(|why| {
@@ -702,6 +711,15 @@ mod tests {
             let error = check_spec(&spec, &NodePolicy::default()).unwrap_err();
             assert_eq!(error.field, format!("spec.compose.env[{name:?}]"));
             assert!(error.message.contains("whatever the policy"), "{error}");
+        }
+        for value in ["${HOME}", "it's $1", "a\\$b", "$X\nY"] {
+            let spec = ComposeSpec {
+                compose_yaml: "services:\n  a: {image: x}\n".into(),
+                env: [("V".to_string(), value.to_string())].into(),
+                ..Default::default()
+            };
+            let error = check_spec(&spec, &NodePolicy::default()).unwrap_err();
+            assert_eq!(error.field, "spec.compose.env[\"V\"]", "{value:?}");
         }
         let profiles = ComposeSpec {
             compose_yaml: "services:\n  a: {image: x}\n".into(),
