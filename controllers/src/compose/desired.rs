@@ -1,7 +1,8 @@
 //! What a compose workload asks for, read from its spec and stored status
 //! without touching anything: the plan's first input.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use persys_api::v1::{ActualState, ComposeSpec, DesiredState, Workload, workload_spec};
 
@@ -46,6 +47,20 @@ pub(crate) struct Desired {
 }
 
 impl Desired {
+    /// [`Desired::read`] on a blocking thread: the compose file is parsed
+    /// (up to 1 MiB and 100,000 nodes), which is no work for the async
+    /// runtime's threads. None when the runtime is shutting down.
+    pub(crate) async fn read_off_runtime(
+        workload: Arc<Workload>,
+        root: PathBuf,
+    ) -> Option<Result<Desired, ComposeError>> {
+        match tokio::task::spawn_blocking(move || Desired::read(&workload, &root)).await {
+            Ok(read) => Some(read),
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => None,
+        }
+    }
+
     /// The workload's spec, checked and rendered into project files under
     /// `root`; `InvalidSpec` when it cannot run as it is.
     pub(crate) fn read(workload: &Workload, root: &Path) -> Result<Desired, ComposeError> {

@@ -298,7 +298,11 @@ impl Reconciler for ComposeController {
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, ComposeError> {
         let id = workload.id();
         self.workloads.claimed(id);
-        let desired = match Desired::read(&workload, &self.config.project_root) {
+        let root = self.config.project_root.clone();
+        let Some(read) = Desired::read_off_runtime(workload.clone(), root).await else {
+            return Ok(Action::requeue(PENDING_REQUEUE));
+        };
+        let desired = match read {
             Ok(desired) => desired,
             Err(error) => {
                 tracing::warn!(%error, "invalid spec; not acting on it");
