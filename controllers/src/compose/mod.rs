@@ -63,7 +63,7 @@ pub(crate) mod status;
 mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};
-pub use cli::{ComposeEnvironment, INHERITED_ENV, is_reserved_env};
+pub use cli::{ComposeEnvironment, INHERITED_ENV};
 pub use config::ComposeConfig;
 pub use document::MAX_COMPOSE_BYTES;
 pub use errors::{ComposeError, FailureReason};
