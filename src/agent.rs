@@ -145,7 +145,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
             vm_root: persys_controllers::vm::vm_root(&config.state_path),
             policy: policy.clone(),
-            docker_host: config.docker_host.clone(),
+            compose_env: persys_controllers::compose::ComposeEnvironment::new(
+                std::env::vars(),
+                &config.docker_host,
+            ),
             ..Limits::default()
         }),
         registry,

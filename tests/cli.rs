@@ -464,6 +464,53 @@ async fn a_broken_manifest_names_file_line_and_column_and_applies_nothing() {
     assert!(ids(&mut f.client().await).await.is_empty());
 }
 
+/// A manifest whose labels hold nine aliases of nine aliases of …: about
+/// a billion strings from under a kilobyte.
+fn billion_laughs() -> String {
+    let mut text = String::from("x-a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    for pair in names.windows(2) {
+        let (prev, next) = (pair[0], pair[1]);
+        let refs = vec![format!("*{prev}"); 9].join(", ");
+        text.push_str(&format!("x-{next}: &{next} [{refs}]\n"));
+    }
+    text + "id: web\ntype: container\nspec:\n  image: nginx\n  args: *i\n"
+}
+
+#[tokio::test]
+async fn a_billion_laughs_manifest_is_refused_naming_the_file_and_the_bound() {
+    let f = start(UNREACHABLE_RUNTIMES).await;
+    let bomb = billion_laughs();
+    assert!(bomb.len() < 1024);
+    let path = f.write("laughs.yaml", &bomb);
+    // Expanded, it would be about a billion strings: an answer at all
+    // means it was refused within its bounds.
+    let error = f.run(&["apply", "-f", path.to_str().unwrap()]).failed(1);
+    assert!(
+        error.starts_with(&format!("persysctl: {}: is refused: ", path.display())),
+        "{error}"
+    );
+    assert!(error.contains("manifest"), "{error}");
+    let error = f.run_with_stdin(&["apply", "-f", "-"], &bomb).failed(1);
+    assert!(
+        error.starts_with("persysctl: <stdin>: is refused: "),
+        "{error}"
+    );
+    let big = f.write(
+        "big.yaml",
+        &format!(
+            "id: web\ntype: container\nspec: {{image: nginx}}\n# {}\n",
+            "x".repeat(4 << 20)
+        ),
+    );
+    let error = f.run(&["apply", "-f", big.to_str().unwrap()]).failed(1);
+    assert!(
+        error.ends_with("is refused: it is over the 4194304-byte limit for a manifest"),
+        "{error}"
+    );
+    assert!(ids(&mut f.client().await).await.is_empty());
+}
+
 #[tokio::test]
 async fn unknown_fields_are_refused_naming_them() {
     let f = start(UNREACHABLE_RUNTIMES).await;

@@ -92,6 +92,21 @@ fn compose(id: &str, yaml: &str) -> ApplyWorkloadRequest {
     )
 }
 
+/// A plain compose file with the spec variables `env`.
+fn compose_env(id: &str, env: &[(&str, &str)]) -> ApplyWorkloadRequest {
+    request(
+        id,
+        workload_spec::Spec::Compose(ComposeSpec {
+            compose_yaml: "services:\n  a: {image: persys-test/busybox:latest}\n".into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+    )
+}
+
 /// A compose file of one service `a` with `extra` (YAML, indented four
 /// spaces) in it.
 fn service(id: &str, extra: &str) -> ApplyWorkloadRequest {
@@ -416,6 +431,26 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
             ),
             INVALID,
             &["include[0]", "is remote", ALWAYS],
+        ),
+        // Compose: what reaches the compose CLI, and whose a container is.
+        case(
+            compose_env("g1", &[("LD_PRELOAD", "/tmp/evil.so")]),
+            INVALID,
+            &[
+                "spec.compose.env[\"LD_PRELOAD\"]",
+                "names a setting",
+                ALWAYS,
+            ],
+        ),
+        case(
+            compose_env("g2", &[("KEY", "${HOME}")]),
+            INVALID,
+            &["spec.compose.env[\"KEY\"]", "expands", ALWAYS],
+        ),
+        case(
+            service("g3", "    labels: {persys.workload-id: someone-else}\n"),
+            INVALID,
+            &["services.a.labels", ALWAYS],
         ),
         // VMs: networks.
         case(

@@ -12,12 +12,15 @@
 //! - [`source`]: what a change of the store is ([`source::Change`]), its one
 //!   mapping to and from the wire's `WatchEventType`, and the two traits
 //!   through which controllers see the store.
+//! - [`yaml`]: YAML read within bounds (size, alias expansion, depth), for
+//!   compose files and `persysctl` manifests.
 //! - [`control::v1`]: `persys.control.v1.AgentControl`, the service the
 //!   scheduler serves and the agent calls to register and heartbeat.
 
 pub mod failure;
 pub mod model;
 pub mod source;
+pub mod yaml;
 
 pub mod v1 {
     #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]

@@ -108,24 +108,35 @@ async fn spec_env_is_interpolated_into_the_containers() {
     let project = bed.project("env");
     let compose = compose_file(&[(
         "web",
-        "environment:\n  GREETING: ${GREETING}\n  PLAIN: fixed",
+        "environment:\n  GREETING: ${GREETING}\n  QUOTE: ${QUOTE}\n  STORED: ${STORED:-left out}\n  PLAIN: fixed",
     )]);
+    // STORED is a value the API now refuses (a `$` with a quote: no .env
+    // quoting carries it to both compose versions); a spec stored before
+    // still runs, without it.
+    let env = [
+        ("GREETING", "hello \"quoted\" $world"),
+        ("QUOTE", "it's a\\b"),
+        ("STORED", "it's $world"),
+    ];
     agent
         .apply(
             &id,
             "r1",
             DesiredState::Running,
-            compose_spec(&project, &compose, &[("GREETING", "hello 'quoted' $world")]),
+            compose_spec(&project, &compose, &env),
         )
         .await;
     agent.wait_for(&id, CONVERGE, "running", running).await;
     let web = ids_by_service(&bed.docker, &project).await["web"].clone();
     let env = env_of(&bed.docker, &web).await;
-    assert!(
-        env.contains(&"GREETING=hello 'quoted' $world".to_string()),
-        "{env:?}"
-    );
-    assert!(env.contains(&"PLAIN=fixed".to_string()), "{env:?}");
+    for expected in [
+        "GREETING=hello \"quoted\" $world",
+        "QUOTE=it's a\\b",
+        "STORED=left out",
+        "PLAIN=fixed",
+    ] {
+        assert!(env.contains(&expected.to_string()), "{expected}: {env:?}");
+    }
     agent.stop().await;
 }
 

@@ -11,6 +11,12 @@
 //! straight from the text into the spec type it names, so that every error
 //! keeps its line and column. The second pass records each key no field
 //! took: a typo must not be silently ignored.
+//!
+//! Before either pass the text is held to [`persys_api::yaml::MANIFEST`]:
+//! at most 4 MiB is read, and a YAML text whose aliases expand past 100,000
+//! nodes or that nests deeper than 64 levels is refused without being
+//! built, so a billion-laughs file costs milliseconds, not gigabytes. A
+//! `compose_file` is read up to the agent's 1 MiB limit.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -21,6 +27,7 @@ use persys_api::v1::{
     ApplyWorkloadRequest, ComposeSpec, ContainerSpec, DesiredState, VmSpec, WorkloadSpec,
     WorkloadType, workload_spec,
 };
+use persys_api::yaml;
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 
@@ -39,21 +46,38 @@ struct Source {
     dir: PathBuf,
 }
 
+/// Reads at most `bounds.max_bytes` of `reader` as text; a longer input is
+/// refused naming `name` and the limit.
+fn read_bounded(reader: impl Read, name: &str, bounds: &yaml::Bounds) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    reader
+        .take(bounds.max_bytes as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading {name}: {e}"))?;
+    if bytes.len() > bounds.max_bytes {
+        return Err(format!(
+            "{name}: is refused: it is over the {}-byte limit for a {}",
+            bounds.max_bytes, bounds.what
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("reading {name}: not UTF-8 text: {e}"))
+}
+
 /// Reads every manifest of a file, or of standard input for `-`.
 pub fn read(path: &Path) -> Result<Vec<Manifest>, CliError> {
     let (text, source) = if path == Path::new("-") {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|e| CliError::Manifest(format!("reading standard input: {e}")))?;
+        let text = read_bounded(std::io::stdin(), "<stdin>", &yaml::MANIFEST)
+            .map_err(CliError::Manifest)?;
         let source = Source {
             name: "<stdin>".into(),
             dir: PathBuf::from("."),
         };
         (text, source)
     } else {
-        let text = std::fs::read_to_string(path)
+        let file = std::fs::File::open(path)
             .map_err(|e| CliError::Manifest(format!("reading {}: {e}", path.display())))?;
+        let text = read_bounded(file, &path.display().to_string(), &yaml::MANIFEST)
+            .map_err(CliError::Manifest)?;
         let source = Source {
             name: path.display().to_string(),
             dir: path
@@ -67,8 +91,15 @@ pub fn read(path: &Path) -> Result<Vec<Manifest>, CliError> {
     let is_json =
         path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with(['{', '[']);
     let documents = if is_json {
+        // JSON has no aliases, and serde_json bounds its nesting.
         parse_json(&text, &source)?
     } else {
+        // Bad YAML is left to the parse below, which names line and column.
+        if let Err(error) = yaml::check(&text, &yaml::MANIFEST)
+            && error.is_bound()
+        {
+            return Err(CliError::Manifest(format!("{}: {error}", source.name)));
+        }
         parse_yaml(&text, &source)?
     };
     if documents.is_empty() {
@@ -473,8 +504,11 @@ fn compose_spec(
         (None, false) => spec.compose_yaml.clone(),
         (Some(file), true) => {
             let path = source.dir.join(file);
-            let text = std::fs::read(&path)
-                .map_err(|e| format!("spec.compose_file: reading {}: {e}", path.display()))?;
+            let name = path.display().to_string();
+            let text = std::fs::File::open(&path)
+                .map_err(|e| format!("reading {name}: {e}"))
+                .and_then(|file| read_bounded(file, &name, &yaml::COMPOSE_FILE))
+                .map_err(|why| format!("spec.compose_file: {why}"))?;
             base64::engine::general_purpose::STANDARD.encode(text)
         }
     };
@@ -496,6 +530,46 @@ mod tests {
         let result = read(&path);
         std::fs::remove_file(&path).unwrap();
         result
+    }
+
+    /// A manifest whose labels hold nine aliases of nine aliases of …:
+    /// about a billion strings from under a kilobyte.
+    fn billion_laughs() -> String {
+        let mut text = String::from("x-a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+        for pair in names.windows(2) {
+            let (prev, next) = (pair[0], pair[1]);
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            text.push_str(&format!("x-{next}: &{next} [{refs}]\n"));
+        }
+        text + "id: web\ntype: container\nspec:\n  image: nginx\n  args: *i\n"
+    }
+
+    #[test]
+    fn an_alias_bomb_size_and_depth_are_refused_naming_the_file_and_the_bound() {
+        let error = parse(&billion_laughs()).unwrap_err().to_string();
+        assert!(error.contains("persysctl-manifest-"), "{error}");
+        assert!(
+            error.contains("limit for a manifest")
+                || error.contains("in a manifest (an alias bomb)"),
+            "{error}"
+        );
+        let big = format!(
+            "id: web\ntype: container\nspec: {{image: nginx}}\n# {}\n",
+            "x".repeat(4 << 20)
+        );
+        let error = parse(&big).unwrap_err().to_string();
+        assert!(
+            error.contains("over the 4194304-byte limit for a manifest"),
+            "{error}"
+        );
+        let deep = format!(
+            "id: web\ntype: container\nspec: {{image: nginx}}\nx: {}{}\n",
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        let error = parse(&deep).unwrap_err().to_string();
+        assert!(error.contains("deeper than 64 levels"), "{error}");
     }
 
     fn container(manifest: &Manifest) -> &ContainerSpec {

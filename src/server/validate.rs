@@ -7,8 +7,10 @@ use std::sync::Arc;
 use persys_api::v1::{ApplyWorkloadRequest, DesiredState, Workload, WorkloadType, workload_spec};
 
 use persys_controllers::SpecError;
-use persys_controllers::compose::environment;
-use persys_controllers::compose::{ComposeRules, check_compose_policy, validate_compose_spec};
+use persys_controllers::compose::{
+    ComposeEnvironment, ComposeRules, check_compose_policy, derive_project_name,
+    validate_compose_spec,
+};
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
 use persys_controllers::policy::NodePolicy;
 use persys_controllers::vm::{
@@ -49,9 +51,10 @@ pub struct Limits {
     /// Where host network interfaces are listed (a parameter so tests can
     /// fake a bridge).
     pub sys_class_net: PathBuf,
-    /// The engine compose drives: part of the environment compose files
+    /// The environment compose processes run with (made once at start, as
+    /// the compose controller makes its own): part of what compose files
     /// interpolate from.
-    pub docker_host: String,
+    pub compose_env: ComposeEnvironment,
 }
 
 impl Default for Limits {
@@ -62,7 +65,7 @@ impl Default for Limits {
             vm_root: PathBuf::new(),
             policy: Arc::default(),
             sys_class_net: PathBuf::from(SYS_CLASS_NET),
-            docker_host: String::new(),
+            compose_env: ComposeEnvironment::new(std::env::vars(), ""),
         }
     }
 }
@@ -115,14 +118,19 @@ pub fn apply_request(
     // container bind paths at apply and again by the Docker controller.
     match spec {
         workload_spec::Spec::Container(c) => validate_container_spec(c, &limits.host_paths),
-        workload_spec::Spec::Compose(c) => validate_compose_spec(c).and_then(|_| {
+        // The compose file is parsed once, within its bounds, by
+        // `validate_compose_spec`; the policy reads that document.
+        workload_spec::Spec::Compose(c) => validate_compose_spec(c).and_then(|valid| {
             // What compose will interpolate from: its own process's
-            // environment, the spec's variables included.
-            let vars = environment(std::env::vars(), &limits.docker_host, &c.env)
-                .into_iter()
-                .collect();
+            // environment over the spec's variables in `.env`.
+            let project = match c.project_name.as_str() {
+                "" => derive_project_name(&request.id),
+                named => named.to_string(),
+            };
+            let vars = limits.compose_env.interpolation(&c.env, &project);
             check_compose_policy(
                 c,
+                &valid.document,
                 &ComposeRules {
                     policy: &limits.policy,
                     host_paths: &limits.host_paths,

@@ -101,9 +101,7 @@ impl ComposeController {
         if let Some(previous) = claim.take_down {
             // With the files it was brought up from, still on disk.
             tracing::info!(from = %previous, to = %prepared.project, "the project was renamed; taking the old one down");
-            self.runtime
-                .take_down(id, &previous, &prepared.dir, Some(&prepared.env))
-                .await?;
+            self.runtime.take_down(id, &previous, &prepared.dir).await?;
             let message = format!(
                 "took down compose project {previous}; the workload now runs as {}",
                 prepared.project
@@ -137,12 +135,7 @@ impl ComposeController {
         let (id, prepared) = (desired.id.as_str(), &desired.prepared);
         let binary = self.runtime.binary_for(id).await?;
         let project = (prepared.project.as_str(), &prepared.dir);
-        let env = Some(&prepared.env);
-        if let Err(error) = self
-            .runtime
-            .run(id, &binary, project, Verb::Stop, env)
-            .await
-        {
+        if let Err(error) = self.runtime.run(id, &binary, project, Verb::Stop).await {
             let observed = &observation.containers;
             return Ok(self.failed(id, &prepared.declared, observed, error).await);
         }
@@ -180,8 +173,7 @@ impl ComposeController {
         }
         let binary = self.runtime.binary_for(id).await?;
         let project = (prepared.project.as_str(), &prepared.dir);
-        let env = Some(&prepared.env);
-        if let Err(error) = self.runtime.run(id, &binary, project, Verb::Up, env).await {
+        if let Err(error) = self.runtime.run(id, &binary, project, Verb::Up).await {
             let observed = self.runtime.containers(id, &prepared.project).await?;
             return Ok(self.failed(id, &prepared.declared, &observed, error).await);
         }
@@ -280,7 +272,7 @@ impl ComposeController {
         });
     }
 
-    async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
+    pub(crate) async fn event(&self, id: &str, kind: EventType, reason: &str, message: String) {
         self.events.event(id, kind, reason, message).await;
     }
 }

@@ -1,14 +1,14 @@
 //! What a compose workload asks for, read from its spec and stored status
 //! without touching anything: the plan's first input.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use persys_api::v1::{ActualState, ComposeSpec, DesiredState, Workload, workload_spec};
 
 use super::errors::ComposeError;
 use super::naming::{self, project_name_of};
-use super::project::{ProjectDir, ProjectFiles, render_env};
+use super::project::{ProjectDir, ProjectFiles, render_env, render_labels};
 use super::services::DeclaredServices;
 use super::validate::validate_compose_spec;
 
@@ -22,8 +22,6 @@ pub(crate) struct Prepared {
     pub(crate) files: ProjectFiles,
     /// What "every service runs" means for this file.
     pub(crate) declared: DeclaredServices,
-    /// The spec's environment, for the compose process.
-    pub(crate) env: BTreeMap<String, String>,
 }
 
 /// A workload with a valid spec, as the plan needs it: the project, and the
@@ -49,6 +47,20 @@ pub(crate) struct Desired {
 }
 
 impl Desired {
+    /// [`Desired::read`] on a blocking thread: the compose file is parsed
+    /// (up to 1 MiB and 100,000 nodes), which is no work for the async
+    /// runtime's threads. None when the runtime is shutting down.
+    pub(crate) async fn read_off_runtime(
+        workload: Arc<Workload>,
+        root: PathBuf,
+    ) -> Option<Result<Desired, ComposeError>> {
+        match tokio::task::spawn_blocking(move || Desired::read(&workload, &root)).await {
+            Ok(read) => Some(read),
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(_) => None,
+        }
+    }
+
     /// The workload's spec, checked and rendered into project files under
     /// `root`; `InvalidSpec` when it cannot run as it is.
     pub(crate) fn read(workload: &Workload, root: &Path) -> Result<Desired, ComposeError> {
@@ -84,19 +96,18 @@ pub(crate) fn prepare(workload: &Workload, root: &Path) -> Result<Prepared, Comp
             "spec.compose.project_name: {project:?} is not a valid compose project name"
         )));
     }
-    let declared = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
-    let compose = persys_api::compose_file_text(&spec.compose_yaml)
-        .map_err(|why| invalid(format!("spec.compose.compose_yaml {why}")))?;
+    let valid = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
+    let labels = render_labels(id, valid.document.get("version"), &valid.declared);
     Ok(Prepared {
         files: ProjectFiles {
-            compose,
+            compose: valid.text,
             env: render_env(&spec.env),
+            labels,
             project: format!("{project}\n"),
         },
         project,
         dir,
-        declared,
-        env: spec.env.clone(),
+        declared: valid.declared,
     })
 }
 
@@ -119,10 +130,10 @@ impl Desired {
                 files: ProjectFiles {
                     compose: String::new(),
                     env: String::new(),
+                    labels: String::new(),
                     project: "shop\n".into(),
                 },
                 declared: [("web".to_string(), 1), ("db".to_string(), 1)].into(),
-                env: BTreeMap::new(),
             },
         }
     }

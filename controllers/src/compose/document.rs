@@ -1,158 +1,28 @@
-//! A compose file read as compose reads it, within bounds: at most
-//! [`MAX_COMPOSE_BYTES`], at most [`MAX_NODES`] nodes once every alias is
-//! expanded, nested at most [`MAX_DEPTH`] deep; then merge keys (`<<`)
-//! applied and `${VAR}` interpolated.
-//!
-//! serde_yaml_ng bounds nesting (128) and alias jumps (100 per event), but
-//! a 50 KB alias bomb still expands within those bounds into millions of
-//! nodes. So a first pass walks the document through the deserializer
-//! without building anything and stops at the node budget: the bomb costs
-//! at most [`MAX_NODES`] visits and no memory beyond the parser's events
-//! (proportional to the text, so bounded by the size cap). Only a document
-//! that fits is built as a value. Parsing is CPU work: callers on an async
-//! runtime run it on a blocking thread.
+//! A compose file read as compose reads it, within the bounds of
+//! [`persys_api::yaml::COMPOSE_FILE`] (1 MiB, 100,000 nodes once every
+//! alias is expanded, 64 levels deep), checked by
+//! [`persys_api::yaml::check`] before anything is built; then merge keys
+//! (`<<`) applied and `${VAR}` interpolated. Parsing is CPU work: callers
+//! on an async runtime run it on a blocking thread.
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, EnumAccess, MapAccess, SeqAccess, Visitor};
+use persys_api::yaml;
 use serde_yaml_ng::Value;
 
 /// Largest compose file accepted (bytes, after base64 decoding).
-pub const MAX_COMPOSE_BYTES: usize = 1024 * 1024;
-
-/// Most nodes a compose file may have with its aliases expanded. Real
-/// files have hundreds; 100,000 values take a few MiB.
-pub const MAX_NODES: usize = 100_000;
-
-/// Deepest nesting accepted. Compose files nest a handful of levels.
-pub const MAX_DEPTH: usize = 64;
+pub const MAX_COMPOSE_BYTES: usize = yaml::COMPOSE_FILE.max_bytes;
 
 /// Parses `text` as one YAML document within the bounds, with merge keys
 /// applied. Errors say which bound was hit, or where the YAML is wrong.
 pub fn load(text: &str) -> Result<Value, String> {
-    if text.len() > MAX_COMPOSE_BYTES {
-        return Err(format!(
-            "is {} bytes, over the {MAX_COMPOSE_BYTES}-byte limit for compose files",
-            text.len()
-        ));
-    }
-    let budget = Budget {
-        nodes: Cell::new(0),
-        exceeded: Cell::new(false),
-    };
-    Node {
-        budget: &budget,
-        depth: 0,
-    }
-    .deserialize(serde_yaml_ng::Deserializer::from_str(text))
-    .map_err(|e| match budget.exceeded.get() {
-        true => format!("is refused: {e}"),
-        false => format!("is not valid YAML: {e}"),
-    })?;
+    yaml::check(text, &yaml::COMPOSE_FILE).map_err(|e| e.to_string())?;
     let mut value: Value =
         serde_yaml_ng::from_str(text).map_err(|e| format!("is not valid YAML: {e}"))?;
     value
         .apply_merge()
         .map_err(|e| format!("has a bad merge key (<<): {e}"))?;
     Ok(value)
-}
-
-/// Nodes visited so far, shared by the whole walk.
-struct Budget {
-    nodes: Cell<usize>,
-    /// Set when a bound, not the YAML, stopped the walk.
-    exceeded: Cell<bool>,
-}
-
-/// One node of the walk: counts itself, then its children one level down.
-#[derive(Clone, Copy)]
-struct Node<'a> {
-    budget: &'a Budget,
-    depth: usize,
-}
-
-impl Node<'_> {
-    fn visit<E: de::Error>(self) -> Result<(), E> {
-        let nodes = self.budget.nodes.get() + 1;
-        self.budget.nodes.set(nodes);
-        let exceeded = if nodes > MAX_NODES {
-            format!("it expands to more than {MAX_NODES} nodes (aliases are counted at every use)")
-        } else if self.depth > MAX_DEPTH {
-            format!("it nests deeper than {MAX_DEPTH} levels")
-        } else {
-            return Ok(());
-        };
-        self.budget.exceeded.set(true);
-        Err(E::custom(exceeded))
-    }
-
-    fn child(self) -> Self {
-        Node {
-            budget: self.budget,
-            depth: self.depth + 1,
-        }
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Node<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Node<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any YAML value")
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        self.visit()
-    }
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        self.deserialize(deserializer)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        self.visit()?;
-        while seq.next_element_seed(self.child())?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        self.visit()?;
-        while map.next_key_seed(self.child())?.is_some() {
-            map.next_value_seed(self.child())?;
-        }
-        Ok(())
-    }
-    /// A tagged value (`!reset`, `!override`): the tag, then its value.
-    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
-        self.visit()?;
-        let (_, variant) = data.variant::<de::IgnoredAny>()?;
-        de::VariantAccess::newtype_variant_seed(variant, self.child())
-    }
 }
 
 /// Replaces `${VAR}` and `$VAR` in every string value of `value` as

@@ -11,7 +11,8 @@
 //!   controller's trigger, mapped to workloads by project name.
 //! - [`binary`]: which compose CLI (`PERSYS_COMPOSE_BINARY`, `docker
 //!   compose`, `docker-compose`), its kind and version.
-//! - `cli`: the compose commands and their environment.
+//! - `cli`: the compose commands and their environment: an allow-list of
+//!   the agent's, never a spec's (spec variables go to `.env` only).
 //! - `command`: running one: a timeout that kills the process group,
 //!   bounded concurrency, the end of stderr kept.
 //! - `project`: the project folder under the state directory, written
@@ -62,10 +63,11 @@ pub(crate) mod status;
 mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};
-pub use cli::environment;
+pub use cli::{ComposeEnvironment, INHERITED_ENV};
 pub use config::ComposeConfig;
 pub use document::MAX_COMPOSE_BYTES;
 pub use errors::{ComposeError, FailureReason};
+pub use naming::derive_project_name;
 pub use policy::{ComposeRules, check_compose_policy};
 pub use reconciler::{ComposeController, ComposeHealth};
-pub use validate::validate_compose_spec;
+pub use validate::{ValidCompose, validate_compose_spec};

@@ -16,6 +16,7 @@ use super::errors::{ComposeError, Operation};
 use super::naming;
 use super::runtime::ComposeRuntime;
 use super::services::DeclaredServices;
+use crate::docker::labels::{MANAGED, WORKLOAD_ID};
 
 /// The label compose puts on everything of a project, with its name.
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
@@ -79,6 +80,10 @@ pub(crate) struct ServiceContainer {
     pub(crate) state: ContainerState,
     /// For a container that has stopped.
     pub(crate) exit_code: Option<i64>,
+    /// The workload the agent's labels say it is of (`persys.managed=true`
+    /// and `persys.workload-id`); none on a container the agent did not
+    /// label.
+    pub(crate) workload: Option<String>,
 }
 
 /// The project's containers by service (`compose run` ones left out).
@@ -100,6 +105,43 @@ impl Observed {
     pub(crate) fn any_up(&self) -> bool {
         self.containers().any(|c| c.state.is_up())
     }
+
+    /// True when every container carries the agent's labels for workload
+    /// `id` (and there is at least one).
+    pub(crate) fn labelled_for(&self, id: &str) -> bool {
+        !self.is_empty() && self.containers().all(|c| c.workload.as_deref() == Some(id))
+    }
+}
+
+/// Why a project found on the engine is not the workload's to take over,
+/// if it is not: the adoption rule. A project is the workload's when it
+/// has no containers yet, when every container carries the agent's labels
+/// for the workload, or when the workload's folder under the agent's state
+/// records that project (`recorded`). Anything else (a project started by
+/// hand, or by another tool, under the same name) is left alone: neither
+/// brought up over nor taken down.
+pub(crate) fn adoption_refusal(
+    id: &str,
+    project: &str,
+    recorded: bool,
+    observed: &Observed,
+) -> Option<String> {
+    if observed.is_empty() || recorded || observed.labelled_for(id) {
+        return None;
+    }
+    let unlabelled: Vec<&str> = observed
+        .containers()
+        .filter(|c| c.workload.as_deref() != Some(id))
+        .map(|c| c.name.as_str())
+        .take(3)
+        .collect();
+    Some(crate::policy::refusal(
+        format_args!(
+            "compose project {project} exists but the agent did not make it for workload {id}: its containers ({}) lack the labels {MANAGED}=true and {WORKLOAD_ID}={id}, and no project folder of the workload records it; the adoption rule takes over only the agent's own projects, so it is neither brought up over nor taken down (remove it, or give the workload another project_name)",
+            unlabelled.join(", ")
+        ),
+        crate::policy::ALWAYS,
+    ))
 }
 
 /// The engine-side filter selecting one project's containers.
@@ -141,6 +183,11 @@ pub(crate) async fn observe(
             .and_then(|n| n.first())
             .map(|n| n.trim_start_matches('/').to_string())
             .unwrap_or_else(|| container_id.chars().take(12).collect());
+        let workload = labels
+            .get(MANAGED)
+            .filter(|v| *v == "true")
+            .and(labels.get(WORKLOAD_ID))
+            .cloned();
         let state = ContainerState::from_summary(summary.state);
         let exit_code = if matches!(state, ContainerState::Exited | ContainerState::Dead) {
             match docker
@@ -166,6 +213,7 @@ pub(crate) async fn observe(
                 name,
                 state,
                 exit_code,
+                workload,
             });
     }
     for containers in observed.by_service.values_mut() {
@@ -180,6 +228,9 @@ pub(crate) struct Observation {
     /// Another live workload that runs the spec's project name. When set,
     /// nothing else was looked at: the project is not this workload's.
     pub(crate) owner: Option<String>,
+    /// The project exists but the adoption rule says it is not this
+    /// workload's: why ([`adoption_refusal`]).
+    pub(crate) foreign: Option<String>,
     /// The project the folder was last written for, when the spec renamed
     /// it and no other workload runs that name: left over, to take down.
     pub(crate) renamed_from: Option<String>,
@@ -212,11 +263,14 @@ impl Observation {
             .recorded_project()
             .await
             .filter(|previous| *previous != prepared.project && other(previous).is_none());
+        let containers = runtime.containers(id, &prepared.project).await?;
+        let recorded = prepared.dir.records(&prepared.project, id).await;
         Ok(Observation {
             owner: None,
+            foreign: adoption_refusal(id, &prepared.project, recorded, &containers),
             renamed_from,
             brought_up: prepared.dir.recorded_hash().await,
-            containers: runtime.containers(id, &prepared.project).await?,
+            containers,
         })
     }
 }
@@ -319,6 +373,7 @@ impl Observation {
                 name: format!("shop-{service}-1"),
                 state,
                 exit_code,
+                workload: Some("shop".into()),
             };
             let by_service = containers.by_service.entry(service.into());
             by_service.or_default().push(container);
@@ -341,6 +396,39 @@ mod tests {
             name: name.into(),
             state,
             exit_code,
+            workload: None,
+        }
+    }
+
+    #[test]
+    fn only_a_project_labelled_or_recorded_for_the_workload_is_adopted() {
+        let of = |workloads: &[Option<&str>]| Observed {
+            by_service: BTreeMap::from([(
+                "web".to_string(),
+                workloads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| ServiceContainer {
+                        workload: w.map(String::from),
+                        ..container(&format!("p-web-{i}"), ContainerState::Running, None)
+                    })
+                    .collect(),
+            )]),
+        };
+        assert_eq!(
+            adoption_refusal("shop", "p", false, &Observed::default()),
+            None
+        );
+        assert_eq!(
+            adoption_refusal("shop", "p", false, &of(&[Some("shop")])),
+            None
+        );
+        assert_eq!(adoption_refusal("shop", "p", true, &of(&[None])), None);
+        for foreign in [of(&[None]), of(&[Some("other")]), of(&[Some("shop"), None])] {
+            let why = adoption_refusal("shop", "p", false, &foreign).unwrap();
+            assert!(why.contains("compose project p exists"), "{why}");
+            assert!(why.contains("adoption rule"), "{why}");
+            assert!(why.contains("whatever the policy"), "{why}");
         }
     }
 

@@ -19,6 +19,9 @@ pub(crate) enum Plan {
     /// Another workload runs the project name: report it, touch nothing,
     /// and look again later (nothing says when the owner goes).
     NameTaken { owner: String },
+    /// The project exists and the adoption rule says it is not the
+    /// workload's: report why, touch nothing, look again later.
+    NotAdopted { why: String },
     /// Every service runs: report it; a failed command's back-off is over.
     Running,
     /// The only services down are ones the engine is restarting itself (a
@@ -91,6 +94,9 @@ pub(crate) fn plan(
         return Plan::NameTaken {
             owner: owner.clone(),
         };
+    }
+    if let Some(why) = &observation.foreign {
+        return Plan::NotAdopted { why: why.clone() };
     }
     let memory = memory.for_spec(desired);
     let containers = &observation.containers;

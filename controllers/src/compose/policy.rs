@@ -1,8 +1,10 @@
 //! A compose file against the node's workload policy, read as compose
-//! reads it (bounded parse, merge keys, interpolation from the environment
-//! compose will see). A refusal names `services.<name>.<field>` (or the
-//! top-level key) and the rule: the policy switch that would open it, or
-//! `always`.
+//! reads it (the document [`super::validate_compose_spec`] parsed within
+//! bounds, merge keys applied, interpolated from what compose will see). A
+//! refusal names `services.<name>.<field>` (or the top-level key) and the
+//! rule: the policy switch that would open it, or `always`. The spec's
+//! variables are checked too: none may name a setting of compose or of the
+//! processes it starts.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path};
@@ -10,8 +12,11 @@ use std::path::{Component, Path};
 use persys_api::v1::ComposeSpec;
 use serde_yaml_ng::{Mapping, Value};
 
+use super::cli::is_reserved_env;
 use super::document;
+use super::project::env_value_problem;
 use crate::docker::HostPathPolicy;
+use crate::docker::labels::RESERVED_PREFIX;
 use crate::policy::{ALWAYS, NodePolicy, Rule, SAFE_SYSCTLS, refusal};
 use crate::spec::SpecError;
 
@@ -22,17 +27,39 @@ pub struct ComposeRules<'a> {
     pub policy: &'a NodePolicy,
     /// Bind sources follow the container rule.
     pub host_paths: &'a HostPathPolicy,
-    /// The environment compose interpolates from: what its process gets
-    /// (see [`super::cli::environment`]), the spec's variables included.
+    /// The environment compose interpolates from: its process's, over the
+    /// spec's variables in `.env` (see
+    /// [`super::ComposeEnvironment::interpolation`]).
     pub vars: &'a BTreeMap<String, String>,
 }
 
-/// Refuses a compose spec whose file breaks the policy. Errors name
-/// `spec.compose.compose_yaml`, and their message the key in the file.
-pub fn check_compose_policy(spec: &ComposeSpec, rules: &ComposeRules<'_>) -> Result<(), SpecError> {
-    let text = persys_api::compose_file_text(&spec.compose_yaml)
-        .map_err(|why| SpecError::new(FILE, why))?;
-    let mut document = document::load(&text).map_err(|why| SpecError::new(FILE, why))?;
+/// Refuses a compose spec whose variables or file break the policy.
+/// `document` is the file as [`super::validate_compose_spec`] read it: the
+/// file is not parsed again. Errors name `spec.compose.env[…]` or
+/// `spec.compose.compose_yaml`, and then the key in the file.
+pub fn check_compose_policy(
+    spec: &ComposeSpec,
+    document: &Value,
+    rules: &ComposeRules<'_>,
+) -> Result<(), SpecError> {
+    if let Some(name) = spec.env.keys().find(|name| is_reserved_env(name)) {
+        return Err(SpecError::new(
+            format!("spec.compose.env[{name:?}]"),
+            refusal(
+                "names a setting of compose or of the processes it starts (PATH, HOME, LD_*, DOCKER_*, COMPOSE_* but COMPOSE_PROFILES, BUILDKIT_*, BUILDX_*, proxies, locale); compose reads the spec's variables from .env, where such a name would reach it",
+                ALWAYS,
+            ),
+        ));
+    }
+    for (name, value) in &spec.env {
+        if let Some(why) = env_value_problem(value) {
+            return Err(SpecError::new(
+                format!("spec.compose.env[{name:?}]"),
+                refusal(why, ALWAYS),
+            ));
+        }
+    }
+    let mut document = document.clone();
     document::interpolate(&mut document, rules.vars, "").map_err(|why| {
         SpecError::new(
             FILE,
@@ -281,6 +308,24 @@ impl Checker<'_> {
                 );
             }
         }
+        let label_names: Vec<String> = match get("labels") {
+            Some(Value::Mapping(map)) => map.keys().map(key_text).collect(),
+            Some(list) => items(list)
+                .into_iter()
+                .filter_map(text)
+                .map(|s| s.split('=').next().unwrap_or(s).trim().to_string())
+                .collect(),
+            None => Vec::new(),
+        };
+        if let Some(name) = label_names.iter().find(|n| n.starts_with(RESERVED_PREFIX)) {
+            return refuse(
+                field("labels"),
+                format_args!(
+                    "label {name:?}: labels under {RESERVED_PREFIX:?} say which workload a container is, and only the agent sets them"
+                ),
+                ALWAYS,
+            );
+        }
         if get("provider").is_some() {
             return refuse(
                 field("provider"),
@@ -518,10 +563,17 @@ mod tests {
             compose_yaml: yaml.into(),
             ..Default::default()
         };
+        check_spec(&spec, policy)
+    }
+
+    fn check_spec(spec: &ComposeSpec, policy: &NodePolicy) -> Result<(), SpecError> {
         let vars = BTreeMap::from([("DATA".to_string(), "/srv/app".to_string())]);
         let host_paths = HostPathPolicy::new(None, policy.host_paths.allowed_roots.clone());
+        let document =
+            document::load(&spec.compose_yaml).map_err(|why| SpecError::new(FILE, why))?;
         check_compose_policy(
-            &spec,
+            spec,
+            &document,
             &ComposeRules {
                 policy,
                 host_paths: &host_paths,
@@ -640,5 +692,56 @@ mod tests {
             assert!(error.message.starts_with(key), "{key}: {error}");
             assert!(error.message.contains("whatever the policy"), "{error}");
         }
+    }
+
+    #[test]
+    fn spec_variables_naming_settings_of_compose_are_refused() {
+        for name in [
+            "LD_PRELOAD",
+            "PATH",
+            "DOCKER_HOST",
+            "COMPOSE_FILE",
+            "https_proxy",
+        ] {
+            let spec = ComposeSpec {
+                compose_yaml: "services:\n  a: {image: x}\n".into(),
+                env: [(name.to_string(), "v".to_string())].into(),
+                ..Default::default()
+            };
+            let error = check_spec(&spec, &NodePolicy::default()).unwrap_err();
+            assert_eq!(error.field, format!("spec.compose.env[{name:?}]"));
+            assert!(error.message.contains("whatever the policy"), "{error}");
+        }
+        for value in ["${HOME}", "it's $1", "a\\$b", "$X\nY"] {
+            let spec = ComposeSpec {
+                compose_yaml: "services:\n  a: {image: x}\n".into(),
+                env: [("V".to_string(), value.to_string())].into(),
+                ..Default::default()
+            };
+            let error = check_spec(&spec, &NodePolicy::default()).unwrap_err();
+            assert_eq!(error.field, "spec.compose.env[\"V\"]", "{value:?}");
+        }
+        let profiles = ComposeSpec {
+            compose_yaml: "services:\n  a: {image: x}\n".into(),
+            env: [("COMPOSE_PROFILES".to_string(), "debug".to_string())].into(),
+            ..Default::default()
+        };
+        check_spec(&profiles, &NodePolicy::default()).unwrap();
+    }
+
+    #[test]
+    fn the_agent_s_own_labels_are_refused_in_a_compose_file() {
+        for yaml in [
+            "services:\n  a:\n    image: x\n    labels: {persys.workload-id: other}\n",
+            "services:\n  a:\n    image: x\n    labels: [persys.managed=true]\n",
+        ] {
+            let error = check(yaml, &NodePolicy::default()).unwrap_err();
+            assert!(error.message.starts_with("services.a.labels"), "{error}");
+        }
+        check(
+            "services:\n  a:\n    image: x\n    labels: [app=web]\n",
+            &NodePolicy::default(),
+        )
+        .unwrap();
     }
 }

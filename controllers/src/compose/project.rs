@@ -1,10 +1,13 @@
 //! A workload's project on disk: `<project_root>/<id>/` with the compose
-//! file, its `.env`, the project's name and the spec hash last brought up.
+//! file, its `.env`, the agent's override file that labels the services,
+//! the project's name and the spec hash last brought up.
 //!
 //! Every file is written atomically (a temporary file, fsynced, renamed), so
 //! a crash leaves either the old or the new version. The folder is the
 //! controller's record of what it runs: after a restart, a folder whose
-//! workload is gone is an orphan to take down.
+//! workload is gone is an orphan to take down, and a folder naming a
+//! project is what lets the workload adopt that project (see
+//! [`super::observe`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -12,14 +15,22 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use serde_yaml_ng::{Mapping, Value};
+
 use super::cli::is_reserved_env;
 use super::naming::{derive_project_name, is_valid_project_name};
+use super::services::DeclaredServices;
+use crate::docker::labels::{MANAGED, WORKLOAD_ID};
 
 /// The compose file's name in the project folder.
 pub const COMPOSE_FILE: &str = "docker-compose.yml";
-/// Interpolation variables, for compose run by hand and for taking an
-/// orphan down; the controller passes them in the process environment too.
+/// Interpolation variables: the only way a spec's variables reach compose
+/// (never through its process environment). 0600: they may be secrets.
 pub const ENV_FILE: &str = ".env";
+/// The agent's own compose file, passed after the spec's: it labels every
+/// declared service's containers `persys.managed` and `persys.workload-id`,
+/// so the project says whose it is even without this folder.
+pub const OVERRIDE_FILE: &str = ".persys-labels.yml";
 /// The project name the folder's containers run under.
 pub const PROJECT_FILE: &str = ".persys-project";
 /// The spec hash of the last successful `up`. Not a container label: a
@@ -38,13 +49,43 @@ fn is_safe_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
+/// Why `value` cannot be written to `.env` so that every compose reads it
+/// back as it is, if it cannot. v1 expands `${NAME}` in every `.env` value,
+/// quoted or not, with no escape; v2 expands `$NAME` in double quotes, and
+/// v1 keeps a `\$` there. So `${` is never carried, and a `$` only in a
+/// value that single quotes can hold (one without `'`, `\` or a line
+/// break).
+pub fn env_value_problem(value: &str) -> Option<&'static str> {
+    if value.contains("${") {
+        return Some(
+            "holds \"${\", which compose's .env reader expands whatever the quoting: the value would not reach compose as written",
+        );
+    }
+    if needs_double_quotes(value) && value.contains('$') {
+        return Some(
+            "holds a '$' with a quote ('), a backslash or a line break: no .env quoting carries that to every compose version unchanged",
+        );
+    }
+    None
+}
+
+/// Single quotes hold neither a quote nor (in v1) a backslash, and a line
+/// break is written as an escape, which only double quotes read.
+fn needs_double_quotes(value: &str) -> bool {
+    value.contains(['\'', '\\', '\n', '\r'])
+}
+
 /// The `.env` text of `env`, one `KEY=value` a line. Values that are not
-/// plain are single-quoted (literal in v1 and v2), or double-quoted with
-/// escapes when they hold a quote or a line break.
+/// plain are single-quoted (literal), or double-quoted with escapes when
+/// they hold a quote, a backslash or a line break.
+/// Reserved names ([`is_reserved_env`]) and values
+/// [`env_value_problem`] refuses (validation refuses both at apply; a
+/// spec stored before that rule still runs without them) are left out, so
+/// no value can end its line early, set another variable or expand one.
 pub fn render_env(env: &BTreeMap<String, String>) -> String {
     let mut text = String::new();
     for (key, value) in env {
-        if is_reserved_env(key) {
+        if is_reserved_env(key) || env_value_problem(value).is_some() || value.contains('\0') {
             continue;
         }
         let plain = value
@@ -52,7 +93,7 @@ pub fn render_env(env: &BTreeMap<String, String>) -> String {
             .all(|c| c.is_ascii_alphanumeric() || "_-./:@,+%".contains(c));
         let rendered = if plain {
             value.clone()
-        } else if !value.contains(['\'', '\n', '\r', '\\']) {
+        } else if !needs_double_quotes(value) {
             format!("'{value}'")
         } else {
             let escaped = value
@@ -70,11 +111,38 @@ pub fn render_env(env: &BTreeMap<String, String>) -> String {
     text
 }
 
+/// The override file's text: every declared service labelled as the
+/// workload's, in the compose file's own `version` (v1 refuses files of
+/// different versions).
+pub fn render_labels(id: &str, version: Option<&Value>, declared: &DeclaredServices) -> String {
+    let labels = Mapping::from_iter([
+        (Value::from(MANAGED), Value::from("true")),
+        (Value::from(WORKLOAD_ID), Value::from(id)),
+    ]);
+    let services: Mapping = declared
+        .keys()
+        .map(|name| {
+            let service =
+                Mapping::from_iter([(Value::from("labels"), Value::from(labels.clone()))]);
+            (Value::from(name.as_str()), Value::from(service))
+        })
+        .collect();
+    let mut file = Mapping::new();
+    if let Some(version) = version {
+        file.insert(Value::from("version"), version.clone());
+    }
+    file.insert(Value::from("services"), Value::from(services));
+    let yaml = serde_yaml_ng::to_string(&file).unwrap_or_default();
+    format!("# Written by persys-agent: whose these containers are.\n{yaml}")
+}
+
 /// What a project folder holds, rendered from a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectFiles {
     pub compose: String,
     pub env: String,
+    /// The override file ([`OVERRIDE_FILE`]).
+    pub labels: String,
     pub project: String,
 }
 
@@ -100,6 +168,18 @@ impl ProjectDir {
         self.path.join(COMPOSE_FILE)
     }
 
+    pub fn override_file(&self) -> PathBuf {
+        self.path.join(OVERRIDE_FILE)
+    }
+
+    /// True when the folder holds the override file (one written by an
+    /// agent before labels were added does not, until it is written again).
+    pub async fn has_override(&self) -> bool {
+        tokio::fs::try_exists(self.override_file())
+            .await
+            .unwrap_or(false)
+    }
+
     pub async fn exists(&self) -> bool {
         tokio::fs::try_exists(self.path.join(COMPOSE_FILE))
             .await
@@ -119,6 +199,7 @@ impl ProjectDir {
             for (name, content) in [
                 (COMPOSE_FILE, &files.compose),
                 (ENV_FILE, &files.env),
+                (OVERRIDE_FILE, &files.labels),
                 (PROJECT_FILE, &files.project),
             ] {
                 changed |= write_if_changed(&dir, name, content.as_bytes())?;
@@ -154,6 +235,23 @@ impl ProjectDir {
         read_trimmed(self.path.join(PROJECT_FILE))
             .await
             .filter(|p| is_valid_project_name(p))
+    }
+
+    /// True when the folder is the agent's record of having made `project`
+    /// for workload `id` (the folder is the workload's by its name): its
+    /// project file names it, or, in a folder without one that holds a
+    /// compose file (as the Go agent left them, run as `-p <id>`), it is
+    /// the name derived from the id.
+    pub async fn records(&self, project: &str, id: &str) -> bool {
+        match self.recorded_project().await {
+            Some(recorded) => recorded == project,
+            None => {
+                let legacy = !tokio::fs::try_exists(self.path.join(PROJECT_FILE))
+                    .await
+                    .unwrap_or(true);
+                legacy && self.exists().await && derive_project_name(id) == project
+            }
+        }
     }
 
     /// Removes the folder; a missing one is fine.
@@ -299,13 +397,39 @@ mod tests {
         let env = BTreeMap::from([
             ("A".to_string(), "plain-1.2".to_string()),
             ("B".to_string(), "hi there $x".to_string()),
-            ("C".to_string(), "it's\nmulti".to_string()),
+            ("C".to_string(), "it's\nmulti \"q\" \\".to_string()),
+            ("D".to_string(), "x\nLD_PRELOAD=/tmp/evil.so".to_string()),
             ("DOCKER_HOST".to_string(), "tcp://x".to_string()),
+            ("LD_PRELOAD".to_string(), "/tmp/evil.so".to_string()),
+            ("E".to_string(), "${HOME}".to_string()),
+            ("F".to_string(), "it's $HOME".to_string()),
         ]);
         assert_eq!(
             render_env(&env),
-            "A=plain-1.2\nB='hi there $x'\nC=\"it's\\nmulti\"\n"
+            "A=plain-1.2\nB='hi there $x'\nC=\"it's\\nmulti \\\"q\\\" \\\\\"\nD=\"x\\nLD_PRELOAD=/tmp/evil.so\"\n"
         );
+        assert!(env_value_problem("${HOME}").is_some());
+        assert!(env_value_problem("it's $HOME").is_some());
+        assert!(env_value_problem("a\\$b").is_some());
+        assert!(env_value_problem("$HOME and 'x'").is_some());
+        assert!(env_value_problem("$HOME\nx").is_some());
+        assert!(env_value_problem("$HOME 'x").is_some());
+        assert!(env_value_problem("pa$$word").is_none());
+    }
+
+    #[test]
+    fn the_override_labels_every_service_in_the_file_s_version() {
+        let declared =
+            DeclaredServices::from([("web".to_string(), 1), ("odd name".to_string(), 0)]);
+        let text = render_labels("shop", Some(&Value::from("2.4")), &declared);
+        let value: Value = serde_yaml_ng::from_str(&text).unwrap();
+        assert_eq!(value["version"], "2.4");
+        for service in ["web", "odd name"] {
+            assert_eq!(value["services"][service]["labels"][MANAGED], "true");
+            assert_eq!(value["services"][service]["labels"][WORKLOAD_ID], "shop");
+        }
+        let text = render_labels("shop", None, &declared);
+        assert!(!text.contains("version"), "{text}");
     }
 
     #[tokio::test]
@@ -315,6 +439,7 @@ mod tests {
         let files = ProjectFiles {
             compose: "services: {}\n".into(),
             env: "A=1\n".into(),
+            labels: "services: {}\n".into(),
             project: "shop\n".into(),
         };
         assert!(!dir.exists().await);

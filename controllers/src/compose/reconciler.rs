@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use persys_api::v1::{Workload, WorkloadType};
+use persys_api::v1::{EventType, Workload, WorkloadType};
 use tokio::time::Instant;
 
 use super::act::{Converged, PENDING_REQUEUE};
@@ -23,7 +23,7 @@ use super::errors::{ComposeError, FailureReason};
 use super::events::ProjectEvents;
 use super::memory::{Memory, Rules};
 use super::naming::{self, project_name_of};
-use super::observe::Observation;
+use super::observe::{self, Observation};
 use super::plan::{self, Plan, plan};
 use super::project::{ProjectDir, ProjectIndex};
 use super::runtime::ComposeRuntime;
@@ -158,7 +158,7 @@ impl ComposeController {
     ) -> Result<Converged, ComposeError> {
         let (id, prepared) = (desired.id.as_str(), &desired.prepared);
         let (declared, observed) = (&prepared.declared, &observation.containers);
-        if !matches!(plan, Plan::NameTaken { .. }) {
+        if !matches!(plan, Plan::NameTaken { .. } | Plan::NotAdopted { .. }) {
             self.claim(desired, plan::claim(observation, memory))
                 .await?;
         }
@@ -171,6 +171,13 @@ impl ComposeController {
                 tracing::warn!(%message, "project name taken; not acting");
                 let contested = Some(CONTESTED_REQUEUE);
                 Converged::refused(FailureReason::InvalidSpec, message, contested)
+            }
+            Plan::NotAdopted { why } => {
+                tracing::warn!(project = %prepared.project, "an existing compose project is not the agent's; not acting");
+                self.event(id, EventType::Warning, "AdoptionRefused", why.clone())
+                    .await;
+                let contested = Some(CONTESTED_REQUEUE);
+                Converged::refused(FailureReason::PolicyViolation, why, contested)
             }
             Plan::AlreadyStopped => Converged::new(Outcome::Stopped, declared, observed),
             Plan::Running => {
@@ -285,7 +292,11 @@ impl Reconciler for ComposeController {
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, ComposeError> {
         let id = workload.id();
-        let desired = match Desired::read(&workload, &self.config.project_root) {
+        let root = self.config.project_root.clone();
+        let Some(read) = Desired::read_off_runtime(workload.clone(), root).await else {
+            return Ok(Action::requeue(PENDING_REQUEUE));
+        };
+        let desired = match read {
             Ok(desired) => desired,
             Err(error) => {
                 tracing::warn!(%error, "invalid spec; not acting on it");
@@ -330,24 +341,36 @@ impl Reconciler for ComposeController {
         let taken_over = naming::owner(&project, &workloads).is_some_and(|w| w.id() != id);
         if !taken_over && naming::is_valid_project_name(&project) {
             self.runtime.docker(id).await?;
+            // The adoption rule holds on delete too: a project the agent
+            // never made for this workload is not taken down with it.
+            let found = self.runtime.containers(id, &project).await?;
+            if let Some(why) =
+                observe::adoption_refusal(id, &project, dir.records(&project, id).await, &found)
+            {
+                tracing::warn!(%project, "the workload is deleted; its project name's containers are not the agent's and stay");
+                self.event(id, EventType::Warning, "AdoptionRefused", why)
+                    .await;
+                dir.remove()
+                    .await
+                    .map_err(|source| self.files_error(id, &dir, source))?;
+                self.forget(id);
+                return Ok(Cleanup::Done);
+            }
             // `down` with the current spec when it renders; else with what
             // is on disk. No folder: nothing was brought up from one (or a
             // cleanup already ran), and none is made just to be removed.
-            let env = match desired::prepare(&workload, &self.config.project_root) {
-                Ok(prepared) if prepared.project == project && dir.exists().await => {
-                    prepared
-                        .dir
-                        .write(&prepared.files)
-                        .await
-                        .map_err(|source| self.files_error(id, &dir, source))?;
-                    Some(prepared.env)
-                }
-                _ => None,
-            };
+            if let Ok(prepared) = desired::prepare(&workload, &self.config.project_root)
+                && prepared.project == project
+                && dir.exists().await
+            {
+                prepared
+                    .dir
+                    .write(&prepared.files)
+                    .await
+                    .map_err(|source| self.files_error(id, &dir, source))?;
+            }
             tracing::info!(%project, "taking the project down: the workload is deleted");
-            self.runtime
-                .take_down(id, &project, &dir, env.as_ref())
-                .await?;
+            self.runtime.take_down(id, &project, &dir).await?;
         }
         dir.remove()
             .await
@@ -387,8 +410,14 @@ impl Reconciler for ComposeController {
             return Ok(Action::requeue(remaining));
         }
         self.runtime.docker(id).await?;
-        tracing::info!(%project, grace = ?self.config.orphan_grace, "taking down an orphan compose project: its workload is gone");
-        self.runtime.take_down(id, &project, &dir, None).await?;
+        let found = self.runtime.containers(id, &project).await?;
+        let recorded = dir.records(&project, id).await;
+        if observe::adoption_refusal(id, &project, recorded, &found).is_none() {
+            tracing::info!(%project, grace = ?self.config.orphan_grace, "taking down an orphan compose project: its workload is gone");
+            self.runtime.take_down(id, &project, &dir).await?;
+        } else {
+            tracing::warn!(%project, "an orphan folder names a project the agent did not make; removing only the folder");
+        }
         dir.remove()
             .await
             .map_err(|source| self.files_error(id, &dir, source))?;

@@ -2,15 +2,13 @@
 //! once, forgotten when it disappears), the processes that run it, and the
 //! engine the projects' containers are read and removed through.
 
-use std::collections::BTreeMap;
-
 use bollard::Docker;
 use bollard::query_parameters::{
     ListNetworksOptions, RemoveContainerOptions, StopContainerOptions,
 };
 
 use super::binary::{self, ComposeBinary, DetectError};
-use super::cli::{self, Verb};
+use super::cli::{self, ComposeEnvironment, Verb};
 use super::command::{CommandRunner, Output, RunError};
 use super::config::ComposeConfig;
 use super::errors::{ComposeError, FailureReason, Operation, classify_stderr};
@@ -30,13 +28,18 @@ pub(crate) struct ComposeRuntime {
     /// so concurrent reconciles detect once. Empty until a detection
     /// succeeds; cleared when the binary disappears.
     binary: tokio::sync::Mutex<Option<ComposeBinary>>,
+    /// The environment of every compose process: the allow-list of the
+    /// agent's own, read once here, and `DOCKER_HOST`. Never a spec's.
+    environment: ComposeEnvironment,
 }
 
 impl ComposeRuntime {
     /// Contacts neither the engine nor the CLI: both are found on first use.
     pub(crate) fn new(config: &ComposeConfig) -> Self {
+        let engine = Engine::new(config.host.clone());
         ComposeRuntime {
-            engine: Engine::new(config.host.clone()),
+            environment: ComposeEnvironment::new(std::env::vars(), engine.host()),
+            engine,
             runner: CommandRunner::new(config.max_concurrent_commands, config.command_timeout),
             configured: config.binary.clone(),
             binary: tokio::sync::Mutex::new(None),
@@ -58,7 +61,11 @@ impl ComposeRuntime {
         if let Some(found) = cached.as_ref() {
             return Ok(found.clone());
         }
-        let found = binary::detect(self.configured.as_deref(), &self.env(None)).await?;
+        let found = binary::detect(
+            self.configured.as_deref(),
+            &self.environment.for_command(None),
+        )
+        .await?;
         tracing::info!(compose = %found, "compose CLI detected");
         *cached = Some(found.clone());
         Ok(found)
@@ -91,17 +98,6 @@ impl ComposeRuntime {
         observe::observe(&self.docker(id).await?, id, project).await
     }
 
-    /// The environment of a compose process for a spec's `env` (none: an
-    /// orphan's, which compose reads from its `.env`).
-    fn env(&self, spec_env: Option<&BTreeMap<String, String>>) -> Vec<(String, String)> {
-        let empty = BTreeMap::new();
-        cli::environment(
-            std::env::vars(),
-            self.engine.host(),
-            spec_env.unwrap_or(&empty),
-        )
-    }
-
     /// Runs `verb` on a project; a non-zero exit is a classified error.
     pub(crate) async fn run(
         &self,
@@ -109,9 +105,9 @@ impl ComposeRuntime {
         binary: &ComposeBinary,
         (project, dir): (&str, &ProjectDir),
         verb: Verb,
-        env: Option<&BTreeMap<String, String>>,
     ) -> Result<Output, ComposeError> {
-        let invocation = cli::invocation(binary, project, dir, verb, self.env(env));
+        let labelled = dir.has_override().await;
+        let invocation = cli::invocation(binary, project, dir, verb, &self.environment, labelled);
         tracing::info!(project, %verb, compose = %binary.command_line(), "running compose");
         let failed = |reason: FailureReason, detail: String| ComposeError::Command {
             id: id.to_string(),
@@ -178,14 +174,12 @@ impl ComposeRuntime {
         id: &str,
         project: &str,
         dir: &ProjectDir,
-        env: Option<&BTreeMap<String, String>>,
     ) -> Result<(), ComposeError> {
         let docker = self.docker(id).await?;
         if dir.exists().await {
             match self.binary().await {
                 Ok(binary) => {
-                    if let Err(error) = self.run(id, &binary, (project, dir), Verb::Down, env).await
-                    {
+                    if let Err(error) = self.run(id, &binary, (project, dir), Verb::Down).await {
                         tracing::warn!(%error, "compose down failed; removing what is left through the engine");
                     }
                 }

@@ -7,14 +7,13 @@ use std::collections::BTreeMap;
 /// by `up`: `scale: 0`, `deploy.replicas: 0`, or a profile not enabled).
 pub type DeclaredServices = BTreeMap<String, u32>;
 
-/// Reads the services of a compose file. `env` is the spec's environment,
-/// for `COMPOSE_PROFILES`. A scale compose would interpolate (`${N}`)
-/// counts as 1.
+/// Reads the services of a compose file, as [`super::document::load`]
+/// read it. `env` is the spec's environment, for `COMPOSE_PROFILES`. A
+/// scale compose would interpolate (`${N}`) counts as 1.
 pub fn declared_services(
-    compose: &str,
+    document: &serde_yaml_ng::Value,
     env: &BTreeMap<String, String>,
 ) -> Result<DeclaredServices, String> {
-    let document = super::document::load(compose)?;
     let Some(services) = document.get("services").and_then(|s| s.as_mapping()) else {
         return Err("has no `services` map".into());
     };
@@ -65,6 +64,13 @@ fn scale_of(service: &serde_yaml_ng::Value, enabled_profiles: &[&str]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn declared_services(
+        compose: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<DeclaredServices, String> {
+        super::declared_services(&crate::compose::document::load(compose)?, env)
+    }
 
     #[test]
     fn services_scales_and_profiles_are_read() {

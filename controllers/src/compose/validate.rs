@@ -1,8 +1,13 @@
 //! The checks of a compose spec that need neither the engine nor the compose
 //! CLI: what the API server runs at apply time, and what the controller
 //! checks again before it writes a project folder.
+//!
+//! The compose file is parsed here, once, within the bounds of
+//! [`super::document`]; what later checks need of it ([`super::policy`],
+//! the services) is read from the [`ValidCompose`] this answers.
 
 use persys_api::v1::ComposeSpec;
+use serde_yaml_ng::Value;
 
 use super::naming::is_valid_project_name;
 use super::services::{DeclaredServices, declared_services};
@@ -10,11 +15,25 @@ use crate::spec::SpecError;
 
 const FILE: &str = "spec.compose.compose_yaml";
 
+/// A compose spec that passed [`validate_compose_spec`], its file read once
+/// for every check that follows.
+#[derive(Debug, Clone)]
+pub struct ValidCompose {
+    /// The file's text, decoded from base64 when it came so: what is
+    /// written to the project folder.
+    pub text: String,
+    /// The file as compose reads it: merge keys applied, not yet
+    /// interpolated.
+    pub document: Value,
+    /// The services the file declares, with their scale.
+    pub declared: DeclaredServices,
+}
+
 /// Checks a compose spec: the project name (when given), the compose file
-/// (text, YAML, a non-empty `services` map, and what it declares under the
-/// spec's profiles), and the `.env` names and values. Answers the services
-/// the file declares.
-pub fn validate_compose_spec(spec: &ComposeSpec) -> Result<DeclaredServices, SpecError> {
+/// (text, YAML within bounds, a non-empty `services` map, and what it
+/// declares under the spec's profiles), and the `.env` names and values.
+/// CPU work on an input of up to 1 MiB: run it on a blocking thread.
+pub fn validate_compose_spec(spec: &ComposeSpec) -> Result<ValidCompose, SpecError> {
     if !spec.project_name.is_empty() && !is_valid_project_name(&spec.project_name) {
         return Err(SpecError::new(
             "spec.compose.project_name",
@@ -43,7 +62,14 @@ pub fn validate_compose_spec(spec: &ComposeSpec) -> Result<DeclaredServices, Spe
     }
     let text = persys_api::compose_file_text(&spec.compose_yaml)
         .map_err(|why| SpecError::new(FILE, why))?;
-    declared_services(&text, &spec.env).map_err(|why| SpecError::new(FILE, why))
+    let document = super::document::load(&text).map_err(|why| SpecError::new(FILE, why))?;
+    let declared =
+        declared_services(&document, &spec.env).map_err(|why| SpecError::new(FILE, why))?;
+    Ok(ValidCompose {
+        text,
+        document,
+        declared,
+    })
 }
 
 #[cfg(test)]
@@ -60,7 +86,9 @@ mod tests {
     #[test]
     fn a_good_spec_passes_and_every_rule_names_its_field() {
         let good = spec("services:\n  web:\n    image: nginx\n");
-        assert!(validate_compose_spec(&good).is_ok());
+        let valid = validate_compose_spec(&good).unwrap();
+        assert_eq!(valid.declared, [("web".to_string(), 1)].into());
+        assert_eq!(valid.document["services"]["web"]["image"], "nginx");
         let cases: [(&str, ComposeSpec); 6] = [
             (
                 "spec.compose.project_name",

@@ -44,6 +44,10 @@ impl Row {
         self.observation.owner = Some(owner.into());
         self
     }
+    fn foreign(mut self) -> Row {
+        self.observation.foreign = Some("not the agent's".into());
+        self
+    }
     fn reported_stopped(mut self) -> Row {
         self.desired.reported_stopped = true;
         self
@@ -176,6 +180,19 @@ fn rows() -> Vec<Row> {
             .taken_by("other")
             .expect(Plan::NameTaken {
                 owner: "other".into(),
+            }),
+        row("a_project_the_agent_did_not_make_is_neither_brought_up_nor_stopped")
+            .db_exited()
+            .brought_up(None)
+            .foreign()
+            .expect(Plan::NotAdopted {
+                why: "not the agent's".into(),
+            }),
+        row("a_project_the_agent_did_not_make_is_not_stopped_either")
+            .stopped()
+            .foreign()
+            .expect(Plan::NotAdopted {
+                why: "not the agent's".into(),
             }),
         row("a_spec_never_brought_up_is_brought_up")
             .seeing(&[])
