@@ -15,7 +15,7 @@
 //! - [`labels`]: the `persys.*` marks by which containers are adopted.
 //! - [`restart`]: restart policies and kubelet's crash-loop back-off.
 //! - [`errors`]: typed errors and the failure reasons reported in status.
-//! - [`status`]: what a reconcile found, as the workload's status.
+//! - `status`: what a reconcile found, as the workload's status.
 //! - [`validate`], [`image`]: checks the API server also runs at apply time.
 //! - [`usage`]: the stats sampler behind `WorkloadStatus.usage`.
 //! - `observed`: the engine's containers as last seen, kept until an event

@@ -21,7 +21,7 @@
 //!   which workload a disk belongs to; `seed`: the cloud-init NoCloud seed
 //!   ISO; `graphics`: the display password.
 //! - `crash_loop`: kubelet's restart back-off; [`errors`]: typed errors
-//!   classified from libvirt's error codes; [`status`]: what a reconcile
+//!   classified from libvirt's error codes; `status`: what a reconcile
 //!   found, as the workload's status; [`usage`]: the background sampler
 //!   behind `WorkloadStatus.usage`.
 //!
