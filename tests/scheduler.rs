@@ -513,16 +513,20 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .await
         .unwrap();
 
+    // The engine is unreachable: once the Docker controller has looked,
+    // both workloads are Unknown with a runtime error, and a heartbeat
+    // says so for each.
     let heartbeat = fake
         .wait_for(
-            "heartbeat with both workloads",
+            "heartbeat with both workloads Unknown",
             Duration::from_secs(20),
             &f.agent,
             |calls| {
-                calls
-                    .iter()
-                    .filter_map(Call::heartbeat)
-                    .find_map(|(_, h)| (h.workload_statuses.len() == 2).then(|| h.clone()))
+                calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
+                    (h.workload_statuses.len() == 2
+                        && h.workload_statuses.iter().all(|s| s.state == "Unknown"))
+                    .then(|| h.clone())
+                })
             },
         )
         .await;
@@ -533,10 +537,8 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .iter()
         .find(|s| s.workload_id == "web")
         .expect("web reported");
-    assert!(
-        ["Running", "Stopped", "Failed", "Pending", "Unknown"].contains(&web.state.as_str()),
-        "{web:?}"
-    );
+    assert_eq!(web.state, "Unknown", "{web:?}");
+    assert_eq!(web.failure_reason(), FailureReason::RuntimeError, "{web:?}");
     let wire = f
         .client
         .get_workload_status(GetWorkloadStatusRequest { id: "web".into() })
@@ -551,20 +553,21 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .get("failure_reason")
         .cloned()
         .unwrap_or_default();
+    assert_eq!(wire.actual_state(), ActualState::Unknown, "{wire:?}");
+    assert_eq!(failure, "RUNTIME_ERROR", "{wire:?}");
     assert_eq!(
         web.failure_reason(),
         persys_api::FailureReason::control_of_code(&failure),
         "{web:?}"
     );
-    if !failure.is_empty() {
-        assert_ne!(web.failure_reason(), FailureReason::Unspecified);
-        let agent_code = persys_api::FailureReason::from_code(&failure).map(|r| r.code());
-        assert_eq!(
-            Some(reason.code.as_str()),
-            agent_code,
-            "the agent's own code travels too"
-        );
-    }
+    assert_eq!(
+        reason.code, "RUNTIME_ERROR",
+        "the agent's own code travels too: {web:?}"
+    );
+    assert!(
+        reason.retryable,
+        "an unreachable engine is retried: {web:?}"
+    );
     let usage = heartbeat.usage.unwrap();
     assert_eq!(usage.cpu_allocated_millicores, 500 + 2000);
     assert_eq!(usage.memory_allocated_mb, 256 + 100);
