@@ -92,10 +92,13 @@ struct FakeScheduler {
 }
 
 /// A lease ending `seconds` from now, in whole seconds as the Go scheduler
-/// sends it (`timestamppb.New(now.Add(…))` on its clock).
+/// sends it (`timestamppb.New(now.Add(…))` on its clock). Saturates at the
+/// last second a Timestamp holds (`i64::MAX`), as a hostile or broken
+/// scheduler may send.
 fn lease_in<T: From<SystemTime>>(seconds: u64) -> Option<T> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    Some((UNIX_EPOCH + Duration::from_secs(now.as_secs() + seconds)).into())
+    let end = now.as_secs().saturating_add(seconds).min(i64::MAX as u64);
+    Some((UNIX_EPOCH + Duration::from_secs(end)).into())
 }
 
 /// How far a time the agent sent is from now, in seconds.
@@ -598,6 +601,59 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
             beats.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
         );
     }
+}
+
+#[tokio::test]
+async fn a_lease_beyond_any_clock_does_not_kill_the_link_which_keeps_heartbeating() {
+    // u64::MAX seconds ahead: the last second a Timestamp holds, about
+    // 292 billion years on.
+    let fake = FakeScheduler::with(Script {
+        lease_seconds: u64::MAX,
+        ..Script::default()
+    });
+    let serving = fake.serve(loopback_listener().await, None).await;
+    let mut f = start_agent(serving.addr, UNREACHABLE_RUNTIMES).await;
+    fake.wait_for("registration", Duration::from_secs(20), &f.agent, |calls| {
+        calls.iter().find_map(|c| c.registration().cloned())
+    })
+    .await;
+    let seen = fake.calls().len();
+    fake.wait_for(
+        "three heartbeats after the far lease was granted",
+        Duration::from_secs(20),
+        &f.agent,
+        |calls| (calls[seen..].iter().filter_map(Call::heartbeat).count() >= 3).then_some(()),
+    )
+    .await;
+    // HealthCheck answers (it prints the lease's end), the link is
+    // registered and no background task died.
+    let status = wait_health(
+        &mut f,
+        "the link registered",
+        Duration::from_secs(10),
+        |s| {
+            s.get("scheduler")
+                .is_some_and(|s| s.starts_with("registered"))
+        },
+    )
+    .await;
+    assert!(
+        !status["tasks"].contains("DEAD"),
+        "{status:?}\nagent log:\n{}",
+        f.agent.log_text()
+    );
+    let health = f
+        .client
+        .health_check(HealthCheckRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(health.healthy, "{health:?}");
+    assert!(
+        !f.agent.log_text().contains("panicked"),
+        "agent log:\n{}",
+        f.agent.log_text()
+    );
 }
 
 #[tokio::test]
