@@ -126,11 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         &background,
     )
     .await?;
-    let node = NodeSampler::start(
-        config.state_path.clone(),
-        Duration::from_secs(5),
-        background.clone(),
-    );
+    let node = NodeSampler::start(config.state_path.clone(), Duration::from_secs(5), &tasks);
     let link = crate::scheduler::start(
         &config,
         &informer,
@@ -146,7 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         admission: crate::server::ceilings::Admission::start(
             policy.ceilings.clone(),
             &informer,
-            background.clone(),
+            &tasks,
         ),
         compose_parses: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),

@@ -1,6 +1,8 @@
 //! The agent's long-running background tasks, watched: the informer, each
-//! runtime's controller, sampler and probe, the scheduler link, the metrics
-//! endpoint and the health reporter.
+//! runtime's controller, sampler and probe, the scheduler link, the
+//! ceilings' ledger, the node sampler, the metrics endpoint and the health
+//! reporter. (The TLS and authorization-policy reloaders and each Watch
+//! stream's sender are not among them.)
 //!
 //! Each is meant to run until shutdown. One that ends before it (returns
 //! or panics) is dead, and never silently: it is logged at error level,

@@ -133,6 +133,8 @@ async fn metrics_move_after_applies_and_probes_answer() {
         "docker-controller",
         "docker-probe",
         "scheduler-link",
+        "ceilings-ledger",
+        "node-sampler",
         "metrics-endpoint",
         "grpc-health",
     ] {

@@ -19,7 +19,8 @@ use persys_controllers::policy::{Ceilings, refusal};
 use persys_controllers::source::ChangeKind;
 use persys_controllers::{Informer, Notification};
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
+
+use crate::tasks::Tasks;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -275,8 +276,10 @@ fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
 }
 
 impl Admission {
-    /// Follows `informer` into the ledger until `stop`.
-    pub fn start(ceilings: Ceilings, informer: &Informer, stop: CancellationToken) -> Admission {
+    /// Follows `informer` into the ledger until the tasks' stop, as the
+    /// watched background task `ceilings-ledger`.
+    pub fn start(ceilings: Ceilings, informer: &Informer, tasks: &Tasks) -> Admission {
+        let stop = tasks.stop().clone();
         let admission = Admission {
             ceilings,
             ledger: Arc::default(),
@@ -285,7 +288,7 @@ impl Admission {
         // Subscribed before the first fill, so nothing falls between.
         let mut changes = informer.subscribe();
         let (informer, follower) = (informer.clone(), admission.clone());
-        tokio::spawn(async move {
+        tasks.spawn("ceilings-ledger", async move {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = informer.wait_until_synced() => {}
@@ -522,6 +525,7 @@ mod tests {
         ContainerSpec, DiskConfig, ManagedVolumeSpec, ResourceLimits, VmSpec, WorkloadType,
     };
     use persys_controllers::policy::{NodeCeilings, WorkloadCeilings};
+    use tokio_util::sync::CancellationToken;
 
     use crate::store::{ApplyRequest, Store, StoreConfig};
 
@@ -565,7 +569,7 @@ mod tests {
                 disk_gib: 50,
             },
         };
-        let admission = Admission::start(ceilings, &informer, stop.clone());
+        let admission = Admission::start(ceilings, &informer, &Tasks::new(stop.clone()));
         Setup {
             dir,
             store,
@@ -764,7 +768,7 @@ mod tests {
                 ..admission.ceilings.clone()
             },
             &informer,
-            stop.clone(),
+            &Tasks::new(stop.clone()),
         );
         admit_vm(&over, "a", 1, 8192).await.unwrap();
         admit_vm(&over, "a", 1, 1000).await.unwrap();
