@@ -428,3 +428,39 @@ pub async fn serve(
         tracing::warn!(%error, "metrics endpoint stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    #[tokio::test]
+    async fn a_dead_background_task_shows_as_down_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path().join("state"))).unwrap();
+        let informer = Informer::new(Arc::new(store.clone()));
+        let metrics = Metrics::new(&store, crate::server::authz::AuthzMetrics::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tasks = Tasks::new(stop.clone());
+        let running = tasks.spawn("informer", {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        });
+        tasks
+            .spawn("scheduler-link", async { panic!("a defect") })
+            .await
+            .unwrap();
+        let text = metrics.render(&store, &informer, &RuntimeBoard::default(), &tasks);
+        assert!(
+            text.contains("persys_agent_background_task_up{task=\"informer\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("persys_agent_background_task_up{task=\"scheduler-link\"} 0\n"),
+            "{text}"
+        );
+        stop.cancel();
+        running.await.unwrap();
+        store.close().await;
+    }
+}
