@@ -23,6 +23,7 @@ use crate::server::tls::{self, ReloadingConfig, TlsFiles};
 use crate::server::validate::Limits;
 use crate::server::{Agent, MAX_REQUEST_BYTES};
 use crate::store::{Store, StoreConfig, StoreError};
+use crate::tasks::Tasks;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -94,8 +95,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         "workload policy in force (persys-agent policy show prints all of it)"
     );
     let store = open_store(&config)?;
+    // Every long-running task, watched: one that dies is reported.
+    let tasks = Tasks::new(background.clone());
     let informer = Informer::new(Arc::new(store.clone()));
-    let informer_task = tokio::spawn({
+    let informer_task = tasks.spawn("informer", {
         let informer = informer.clone();
         let stop = background.clone();
         async move { informer.run(stop).await }
@@ -111,21 +114,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         &informer,
         &runtimes,
         Arc::new(metrics.clone()),
-        background.clone(),
+        &tasks,
     );
-    let metrics_task =
-        serve_metrics(&config, &metrics, &store, &informer, &runtimes, &background).await?;
-    let node = NodeSampler::start(
-        config.state_path.clone(),
-        Duration::from_secs(5),
-        background.clone(),
-    );
+    let metrics_task = serve_metrics(
+        &config,
+        &metrics,
+        &store,
+        &informer,
+        &runtimes,
+        &tasks,
+        &background,
+    )
+    .await?;
+    let node = NodeSampler::start(config.state_path.clone(), Duration::from_secs(5), &tasks);
     let link = crate::scheduler::start(
         &config,
         &informer,
         node.clone(),
         runtimes.clone(),
         controllers.usage.clone(),
+        &tasks,
         background.clone(),
     );
     let agent = Agent {
@@ -134,7 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         admission: crate::server::ceilings::Admission::start(
             policy.ceilings.clone(),
             &informer,
-            background.clone(),
+            &tasks,
         ),
         vm_disk_claims: Arc::default(),
         compose_parses: Arc::new(tokio::sync::Semaphore::new(
@@ -161,6 +169,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         shutdown: shutdown.clone(),
         drain: link.drain.clone(),
         scheduler: link.status.clone(),
+        tasks: tasks.clone(),
     };
     let router = router(
         agent,
@@ -168,6 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         &metrics,
         &store,
         &informer,
+        &tasks,
         &background,
     )?;
 
@@ -215,6 +225,7 @@ async fn serve_metrics(
     store: &Store,
     informer: &Informer,
     runtimes: &RuntimeBoard,
+    tasks: &Tasks,
     stop: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, AgentError> {
     let addr = std::net::SocketAddr::new(config.bind_addr(), config.metrics_port);
@@ -225,25 +236,30 @@ async fn serve_metrics(
         addr = %listener.local_addr().unwrap_or(addr),
         "serving /metrics, /healthz, /readyz"
     );
-    Ok(tokio::spawn(crate::metrics::serve(
-        listener,
-        metrics.clone(),
-        store.clone(),
-        informer.clone(),
-        runtimes.clone(),
-        stop.clone(),
-    )))
+    Ok(tasks.spawn(
+        "metrics-endpoint",
+        crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            store.clone(),
+            informer.clone(),
+            runtimes.clone(),
+            tasks.clone(),
+            stop.clone(),
+        ),
+    ))
 }
 
 /// The gRPC services behind the metrics and authorization layers: the
-/// agent's service, grpc.health.v1 (serving while the store is writable
-/// and the informer synced) and reflection.
+/// agent's service, grpc.health.v1 (serving while the store is writable,
+/// the informer synced and no background task dead) and reflection.
 fn router(
     agent: Agent,
     authentication: Authentication,
     metrics: &Metrics,
     store: &Store,
     informer: &Informer,
+    tasks: &Tasks,
     stop: &CancellationToken,
 ) -> Result<tonic::transport::server::Router<GrpcLayers>, AgentError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -251,12 +267,16 @@ fn router(
         .register_encoded_file_descriptor_set(persys_api::v1::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| AgentError::Tls(tls::TlsError::from_message(format!("reflection: {e}"))))?;
-    tokio::spawn(report_health(
-        health_reporter,
-        store.clone(),
-        informer.clone(),
-        stop.clone(),
-    ));
+    tasks.spawn(
+        "grpc-health",
+        report_health(
+            health_reporter,
+            store.clone(),
+            informer.clone(),
+            tasks.clone(),
+            stop.clone(),
+        ),
+    );
     let service = AgentServiceServer::new(agent)
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -280,18 +300,19 @@ type GrpcLayers = tower::layer::util::Stack<
     tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
 >;
 
-/// Keeps grpc.health.v1 in step with the store and the informer, every 5 s
-/// once the informer has synced, until `stop`.
+/// Keeps grpc.health.v1 in step with the store, the informer and the
+/// background tasks, every 5 s once the informer has synced, until `stop`.
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     store: Store,
     informer: Informer,
+    tasks: Tasks,
     stop: CancellationToken,
 ) {
     informer.wait_until_synced().await;
     let mut ticker = tokio::time::interval(Duration::from_secs(5));
     loop {
-        let status = if store.is_writable() && informer.is_synced() {
+        let status = if store.is_writable() && informer.is_synced() && tasks.all_alive() {
             tonic_health::ServingStatus::Serving
         } else {
             tonic_health::ServingStatus::NotServing

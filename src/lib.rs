@@ -12,6 +12,7 @@
 //! - [`scheduler`]: registration and heartbeats to the Persys scheduler.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`; [`node`]: host
 //!   utilisation sampling.
+//! - [`tasks`]: the background tasks, watched: one that dies is reported.
 //! - The runtime engine (informer, work queue, controllers) lives in the
 //!   `persys-controllers` crate and sees the store only through its
 //!   `WorkloadSource` and `WorkloadWriter` traits.
@@ -25,5 +26,6 @@ pub mod policy;
 pub mod runtimes;
 pub mod scheduler;
 pub mod server;
+pub mod tasks;
 /// The durable event log (the `persys-store` crate).
 pub use persys_store as store;

@@ -20,6 +20,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::runtimes::RuntimeBoard;
 use crate::store::Store;
+use crate::tasks::Tasks;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkloadLabels {
@@ -46,6 +47,11 @@ pub struct ControllerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuntimeLabels {
     pub runtime: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,6 +90,7 @@ pub struct Metrics {
     pub log_entries: Gauge,
     pub watch_streams: Gauge,
     pub runtime_up: Family<RuntimeLabels, Gauge>,
+    pub task_up: Family<TaskLabels, Gauge>,
     pub grpc_requests: Family<GrpcLabels, Counter>,
     pub grpc_seconds: Family<MethodLabels, Histogram>,
     pub authz: crate::server::authz::AuthzMetrics,
@@ -109,6 +116,7 @@ impl Metrics {
         let log_entries = Gauge::default();
         let watch_streams = Gauge::default();
         let runtime_up = Family::<RuntimeLabels, Gauge>::default();
+        let task_up = Family::<TaskLabels, Gauge>::default();
         let grpc_requests = Family::<GrpcLabels, Counter>::default();
         let grpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -186,6 +194,11 @@ impl Metrics {
             runtime_up.clone(),
         );
         registry.register(
+            "background_task_up",
+            "1 while the background task runs, 0 once it died (ended before shutdown or panicked)",
+            task_up.clone(),
+        );
+        registry.register(
             "grpc_requests",
             "gRPC requests by method and status code",
             grpc_requests.clone(),
@@ -215,6 +228,7 @@ impl Metrics {
             log_entries,
             watch_streams,
             runtime_up,
+            task_up,
             grpc_requests,
             grpc_seconds,
             tls_handshake_failures,
@@ -240,7 +254,13 @@ impl Metrics {
 
     /// Reads the current-state gauges from their sources, then encodes
     /// everything in the Prometheus text format.
-    pub fn render(&self, store: &Store, informer: &Informer, runtimes: &RuntimeBoard) -> String {
+    pub fn render(
+        &self,
+        store: &Store,
+        informer: &Informer,
+        runtimes: &RuntimeBoard,
+        tasks: &Tasks,
+    ) -> String {
         self.workloads.clear();
         for kind in ["container", "compose", "vm"] {
             for state in ["Pending", "Running", "Stopped", "Failed", "Unknown"] {
@@ -269,6 +289,11 @@ impl Metrics {
             self.runtime_up
                 .get_or_create(&RuntimeLabels { runtime })
                 .set(i64::from(status == crate::runtimes::HEALTHY));
+        }
+        for (task, running) in tasks.states() {
+            self.task_up
+                .get_or_create(&TaskLabels { task })
+                .set(i64::from(running));
         }
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -339,6 +364,7 @@ pub async fn serve(
     store: Store,
     informer: Informer,
     runtimes: RuntimeBoard,
+    tasks: Tasks,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use axum::http::StatusCode;
@@ -347,16 +373,30 @@ pub async fn serve(
     let ready = {
         let store = store.clone();
         let informer = informer.clone();
+        let tasks = tasks.clone();
         move || {
             let store = store.clone();
             let informer = informer.clone();
+            let tasks = tasks.clone();
             async move {
-                if store.is_writable() && informer.is_synced() {
-                    (StatusCode::OK, "ready\n")
-                } else if !store.is_writable() {
-                    (StatusCode::SERVICE_UNAVAILABLE, "store not writable\n")
+                if !store.is_writable() {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store not writable\n".into(),
+                    )
+                } else if !informer.is_synced() {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "informer not synced\n".into(),
+                    )
+                } else if !tasks.all_alive() {
+                    let summary = tasks.summary();
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("background task {summary}\n"),
+                    )
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "informer not synced\n")
+                    (StatusCode::OK, "ready\n".to_string())
                 }
             }
         }
@@ -366,13 +406,14 @@ pub async fn serve(
         let store = store.clone();
         let informer = informer.clone();
         let runtimes = runtimes.clone();
+        let tasks = tasks.clone();
         async move {
             (
                 [(
                     axum::http::header::CONTENT_TYPE,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )],
-                metrics.render(&store, &informer, &runtimes),
+                metrics.render(&store, &informer, &runtimes, &tasks),
             )
         }
     };
@@ -385,5 +426,41 @@ pub async fn serve(
         .await
     {
         tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreConfig;
+
+    #[tokio::test]
+    async fn a_dead_background_task_shows_as_down_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path().join("state"))).unwrap();
+        let informer = Informer::new(Arc::new(store.clone()));
+        let metrics = Metrics::new(&store, crate::server::authz::AuthzMetrics::default());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tasks = Tasks::new(stop.clone());
+        let running = tasks.spawn("informer", {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        });
+        tasks
+            .spawn("scheduler-link", async { panic!("a defect") })
+            .await
+            .unwrap();
+        let text = metrics.render(&store, &informer, &RuntimeBoard::default(), &tasks);
+        assert!(
+            text.contains("persys_agent_background_task_up{task=\"informer\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("persys_agent_background_task_up{task=\"scheduler-link\"} 0\n"),
+            "{text}"
+        );
+        stop.cancel();
+        running.await.unwrap();
+        store.close().await;
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use crate::tasks::Tasks;
 
 /// Percentages, 0–100.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -71,8 +71,10 @@ impl NodeSampler {
         *self.latest.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Samples now, then every `interval` until `shutdown`.
-    pub fn start(disk_path: PathBuf, interval: Duration, shutdown: CancellationToken) -> Self {
+    /// Samples now, then every `interval` until the tasks' stop, as the
+    /// watched background task `node-sampler`.
+    pub fn start(disk_path: PathBuf, interval: Duration, tasks: &Tasks) -> Self {
+        let shutdown = tasks.stop().clone();
         let sampler = NodeSampler::default();
         let latest = sampler.latest.clone();
         let cpu_count = std::thread::available_parallelism()
@@ -96,7 +98,7 @@ impl NodeSampler {
                 memory_total_bytes,
             }
         };
-        tokio::spawn(async move {
+        tasks.spawn("node-sampler", async move {
             let mut previous = None;
             let mut ticker = tokio::time::interval(interval);
             loop {

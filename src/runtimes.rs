@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::store::Store;
+use crate::tasks::Tasks;
 
 /// One workload type's runtime, as the agent's wiring sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +204,7 @@ struct Starter<'a> {
     informer: &'a Informer,
     board: &'a RuntimeBoard,
     observer: Arc<dyn ControllerObserver>,
+    tasks: &'a Tasks,
     shutdown: CancellationToken,
     controllers: Controllers,
 }
@@ -221,23 +223,28 @@ impl Starter<'_> {
             controller_config(self.config, self.observer.clone()),
         )
         .with_trigger(trigger);
-        self.spawn(controller.run(self.shutdown.clone()));
+        self.spawn(
+            format!("{}-controller", R::NAME),
+            controller.run(self.shutdown.clone()),
+        );
     }
 
-    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
-        self.controllers.tasks.push(tokio::spawn(task));
+    /// Runs `task` as the background task `name`, watched.
+    fn spawn(&mut self, name: String, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.tasks.spawn(name, task);
+        self.controllers.tasks.push(handle);
     }
 
     /// Probes a runtime every [`PROBE_INTERVAL`] until shutdown; `probe`
     /// writes what it found on the board.
-    fn probe<F, Fut>(&mut self, probe: F)
+    fn probe<F, Fut>(&mut self, runtime: &str, probe: F)
     where
         F: Fn(RuntimeBoard) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send,
     {
         let board = self.board.clone();
         let stop = self.shutdown.clone();
-        self.spawn(async move {
+        self.spawn(format!("{runtime}-probe"), async move {
             let mut ticker = tokio::time::interval(PROBE_INTERVAL);
             loop {
                 tokio::select! {
@@ -269,10 +276,13 @@ impl Starter<'_> {
             Arc::new(self.store.clone()),
         ));
         self.controller(docker.clone(), docker.trigger(self.informer.cache()));
-        self.spawn(docker.usage_sampler().run(self.shutdown.clone()));
+        self.spawn(
+            "docker-usage-sampler".into(),
+            docker.usage_sampler().run(self.shutdown.clone()),
+        );
         let usage = docker.usage();
         self.usage(move |id| usage.get(id));
-        self.probe(move |board| {
+        self.probe("docker", move |board| {
             let docker = docker.clone();
             async move {
                 match docker.ping().await {
@@ -296,7 +306,7 @@ impl Starter<'_> {
             self.informer.cache(),
         ));
         self.controller(compose.clone(), compose.trigger());
-        self.probe(move |board| {
+        self.probe("compose", move |board| {
             let compose = compose.clone();
             async move {
                 let health = compose.probe().await;
@@ -317,10 +327,13 @@ impl Starter<'_> {
             Arc::new(self.store.clone()),
         ));
         self.controller(vm.clone(), vm.trigger(self.informer.cache()));
-        self.spawn(vm.usage_sampler().run(self.shutdown.clone()));
+        self.spawn(
+            "vm-usage-sampler".into(),
+            vm.usage_sampler().run(self.shutdown.clone()),
+        );
         let usage = vm.usage();
         self.usage(move |id| usage.get(id));
-        self.probe(move |board| {
+        self.probe("vm", move |board| {
             let vm = vm.clone();
             async move { board.set("vm", vm.health().await) }
         });
@@ -337,7 +350,7 @@ pub fn start_controllers(
     informer: &Informer,
     board: &RuntimeBoard,
     observer: Arc<dyn ControllerObserver>,
-    shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> Controllers {
     let mut starter = Starter {
         config,
@@ -346,7 +359,8 @@ pub fn start_controllers(
         informer,
         board,
         observer,
-        shutdown,
+        tasks,
+        shutdown: tasks.stop().clone(),
         controllers: Controllers::default(),
     };
     for runtime in Registry::new(config).enabled() {

@@ -15,22 +15,18 @@ fn test_image() -> String {
     std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
 }
 
-/// True when a Docker engine answers; in CI its absence fails the test.
-fn docker_available() -> bool {
+/// True when a Docker engine answers with the test image. Otherwise the
+/// test `test` is skipped (and recorded as skipped), or fails in CI.
+fn docker_available(test: &str) -> bool {
     let ok = Command::new("docker")
         .args(["image", "inspect", &test_image()])
         .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+        .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI=true but no Docker engine with {} (run hack/runtimes-up.sh)",
-            test_image()
-        );
-        eprintln!(
-            "SKIPPED: no Docker engine with {} (run hack/runtimes-up.sh)",
-            test_image()
+        persys_test_support::skip(
+            test,
+            "the Docker engine or the test image",
+            &format!("`docker image inspect {}` failed", test_image()),
         );
     }
     ok
@@ -94,7 +90,7 @@ async fn wait_for(
 
 #[tokio::test]
 async fn a_container_converges_heals_is_adopted_after_sigkill_and_is_deleted() {
-    if !docker_available() {
+    if !docker_available("a_container_converges_heals_is_adopted_after_sigkill_and_is_deleted") {
         return;
     }
     let id = format!("e2e-{}", std::process::id());
@@ -124,21 +120,39 @@ async fn a_container_converges_heals_is_adopted_after_sigkill_and_is_deleted() {
             .unwrap()
             .success()
     );
-    wait_for(&mut api, &id, "restarted", |s| {
+    let restarted = wait_for(&mut api, &id, "restarted", |s| {
         s.actual_state() == ActualState::Running && s.metadata["restart_count"] != "0"
     })
     .await;
+    let restarts_before: u32 = restarted.metadata["restart_count"].parse().unwrap();
 
-    // The agent dies; a new one on the same state adopts the container.
+    // The agent dies, and while no agent runs the container is killed too:
+    // only the new agent, on the same state, can see that and start the
+    // same container again (adopting it, not creating another). The status
+    // stored before the SIGKILL says Running with `restarts_before`, so it
+    // cannot pass for the new agent's.
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     drop(agent);
+    assert!(
+        Command::new("docker")
+            .args(["kill", &container])
+            .status()
+            .unwrap()
+            .success()
+    );
     let agent = AgentProcess::start(&state, &certs, &env).await;
     let mut api = client(agent.port, &certs).await.unwrap();
-    let adopted = wait_for(&mut api, &id, "running after restart", |s| {
+    let adopted = wait_for(&mut api, &id, "started again by the new agent", |s| {
         s.actual_state() == ActualState::Running
+            && s.metadata["restart_count"].parse::<u32>().unwrap() > restarts_before
     })
     .await;
+    assert_eq!(
+        adopted.metadata["restart_count"],
+        (restarts_before + 1).to_string(),
+        "one restart, by the new agent, counted on from the stored count"
+    );
     assert_eq!(
         adopted.metadata["runtime_ref"], container,
         "the same container"

@@ -127,6 +127,25 @@ async fn metrics_move_after_applies_and_probes_answer() {
         0.0,
         "docker is unreachable"
     );
+    // Every background task runs, each named.
+    for task in [
+        "informer",
+        "docker-controller",
+        "docker-probe",
+        "scheduler-link",
+        "ceilings-ledger",
+        "node-sampler",
+        "metrics-endpoint",
+        "grpc-health",
+    ] {
+        let series = format!(r#"persys_agent_background_task_up{{task="{task}"}}"#);
+        if task == "scheduler-link" {
+            // Standalone: no link task at all.
+            assert!(!text_has(port, &series), "{series}");
+        } else {
+            assert_eq!(value(&series), 1.0, "{series}");
+        }
+    }
 
     // The unreachable engine makes the Docker controller's reconciles fail,
     // and each failure is counted against its runtime.
@@ -170,4 +189,12 @@ async fn metrics_move_after_applies_and_probes_answer() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     drop(stream);
+}
+
+/// Whether /metrics has a sample named `series`.
+fn text_has(port: u16, series: &str) -> bool {
+    http_get(port, "/metrics")
+        .1
+        .lines()
+        .any(|line| line.starts_with(series))
 }

@@ -92,10 +92,13 @@ struct FakeScheduler {
 }
 
 /// A lease ending `seconds` from now, in whole seconds as the Go scheduler
-/// sends it (`timestamppb.New(now.Add(…))` on its clock).
+/// sends it (`timestamppb.New(now.Add(…))` on its clock). Saturates at the
+/// last second a Timestamp holds (`i64::MAX`), as a hostile or broken
+/// scheduler may send.
 fn lease_in<T: From<SystemTime>>(seconds: u64) -> Option<T> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    Some((UNIX_EPOCH + Duration::from_secs(now.as_secs() + seconds)).into())
+    let end = now.as_secs().saturating_add(seconds).min(i64::MAX as u64);
+    Some((UNIX_EPOCH + Duration::from_secs(end)).into())
 }
 
 /// How far a time the agent sent is from now, in seconds.
@@ -513,16 +516,20 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .await
         .unwrap();
 
+    // The engine is unreachable: once the Docker controller has looked,
+    // both workloads are Unknown with a runtime error, and a heartbeat
+    // says so for each.
     let heartbeat = fake
         .wait_for(
-            "heartbeat with both workloads",
+            "heartbeat with both workloads Unknown",
             Duration::from_secs(20),
             &f.agent,
             |calls| {
-                calls
-                    .iter()
-                    .filter_map(Call::heartbeat)
-                    .find_map(|(_, h)| (h.workload_statuses.len() == 2).then(|| h.clone()))
+                calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
+                    (h.workload_statuses.len() == 2
+                        && h.workload_statuses.iter().all(|s| s.state == "Unknown"))
+                    .then(|| h.clone())
+                })
             },
         )
         .await;
@@ -533,10 +540,8 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .iter()
         .find(|s| s.workload_id == "web")
         .expect("web reported");
-    assert!(
-        ["Running", "Stopped", "Failed", "Pending", "Unknown"].contains(&web.state.as_str()),
-        "{web:?}"
-    );
+    assert_eq!(web.state, "Unknown", "{web:?}");
+    assert_eq!(web.failure_reason(), FailureReason::RuntimeError, "{web:?}");
     let wire = f
         .client
         .get_workload_status(GetWorkloadStatusRequest { id: "web".into() })
@@ -551,20 +556,21 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
         .get("failure_reason")
         .cloned()
         .unwrap_or_default();
+    assert_eq!(wire.actual_state(), ActualState::Unknown, "{wire:?}");
+    assert_eq!(failure, "RUNTIME_ERROR", "{wire:?}");
     assert_eq!(
         web.failure_reason(),
         persys_api::FailureReason::control_of_code(&failure),
         "{web:?}"
     );
-    if !failure.is_empty() {
-        assert_ne!(web.failure_reason(), FailureReason::Unspecified);
-        let agent_code = persys_api::FailureReason::from_code(&failure).map(|r| r.code());
-        assert_eq!(
-            Some(reason.code.as_str()),
-            agent_code,
-            "the agent's own code travels too"
-        );
-    }
+    assert_eq!(
+        reason.code, "RUNTIME_ERROR",
+        "the agent's own code travels too: {web:?}"
+    );
+    assert!(
+        reason.retryable,
+        "an unreachable engine is retried: {web:?}"
+    );
     let usage = heartbeat.usage.unwrap();
     assert_eq!(usage.cpu_allocated_millicores, 500 + 2000);
     assert_eq!(usage.memory_allocated_mb, 256 + 100);
@@ -595,6 +601,59 @@ async fn heartbeats_come_at_the_returned_interval_with_each_workloads_status_and
             beats.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
         );
     }
+}
+
+#[tokio::test]
+async fn a_lease_beyond_any_clock_does_not_kill_the_link_which_keeps_heartbeating() {
+    // u64::MAX seconds ahead: the last second a Timestamp holds, about
+    // 292 billion years on.
+    let fake = FakeScheduler::with(Script {
+        lease_seconds: u64::MAX,
+        ..Script::default()
+    });
+    let serving = fake.serve(loopback_listener().await, None).await;
+    let mut f = start_agent(serving.addr, UNREACHABLE_RUNTIMES).await;
+    fake.wait_for("registration", Duration::from_secs(20), &f.agent, |calls| {
+        calls.iter().find_map(|c| c.registration().cloned())
+    })
+    .await;
+    let seen = fake.calls().len();
+    fake.wait_for(
+        "three heartbeats after the far lease was granted",
+        Duration::from_secs(20),
+        &f.agent,
+        |calls| (calls[seen..].iter().filter_map(Call::heartbeat).count() >= 3).then_some(()),
+    )
+    .await;
+    // HealthCheck answers (it prints the lease's end), the link is
+    // registered and no background task died.
+    let status = wait_health(
+        &mut f,
+        "the link registered",
+        Duration::from_secs(10),
+        |s| {
+            s.get("scheduler")
+                .is_some_and(|s| s.starts_with("registered"))
+        },
+    )
+    .await;
+    assert!(
+        !status["tasks"].contains("DEAD"),
+        "{status:?}\nagent log:\n{}",
+        f.agent.log_text()
+    );
+    let health = f
+        .client
+        .health_check(HealthCheckRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(health.healthy, "{health:?}");
+    assert!(
+        !f.agent.log_text().contains("panicked"),
+        "agent log:\n{}",
+        f.agent.log_text()
+    );
 }
 
 #[tokio::test]

@@ -684,19 +684,25 @@ async fn controller_shutdown_lets_a_running_reconcile_finish() {
     assert_eq!(recorder.running.load(Ordering::SeqCst), 0);
 }
 
+/// Records what the runner reports. It is called on the controller's
+/// tasks, where a failed assert would be lost: it only records, and the
+/// tests assert on what it recorded.
 #[derive(Default)]
 struct Counting {
     outcomes: Mutex<Vec<&'static str>>,
+    /// The controller named by each report, outcomes and retries alike.
+    controllers: Mutex<Vec<&'static str>>,
     retries: AtomicUsize,
 }
 
 impl persys_controllers::ControllerObserver for Counting {
     fn reconciled(&self, controller: &'static str, result: &'static str, _took: Duration) {
-        assert_eq!(controller, "test");
+        self.controllers.lock().unwrap().push(controller);
         self.outcomes.lock().unwrap().push(result);
     }
 
-    fn retried(&self, _controller: &'static str) {
+    fn retried(&self, controller: &'static str) {
+        self.controllers.lock().unwrap().push(controller);
         self.retries.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -717,6 +723,11 @@ async fn controller_reports_outcomes_and_retries_to_its_observer() {
         ["error", "error", "success"]
     );
     assert_eq!(observer.retries.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *observer.controllers.lock().unwrap(),
+        ["test"; 5],
+        "every report names the controller (3 outcomes, 2 retries)"
+    );
     h.stop().await;
 }
 
@@ -749,6 +760,11 @@ async fn a_panicking_reconcile_releases_its_key_records_an_event_and_backs_off()
         .count();
     assert_eq!(panicked, 2);
     assert_eq!(observer.retries.load(Ordering::SeqCst), 2);
+    let controllers = observer.controllers.lock().unwrap().clone();
+    assert!(
+        !controllers.is_empty() && controllers.iter().all(|c| *c == "test"),
+        "{controllers:?}"
+    );
     // The key is released: a later change is reconciled at once.
     let before = Instant::now();
     log.apply("a", WorkloadType::Container, "x:2");

@@ -40,6 +40,22 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 /// lease's end.
 const MIN_HEARTBEAT_GAP: Duration = Duration::from_millis(100);
 
+/// The longest heartbeat interval the link keeps to, whatever the scheduler
+/// asks (it may name up to 68 years): a node silent for longer is lost to
+/// any scheduler, and heartbeating more often than asked is harmless.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The furthest end of a lease the link plans by. The scheduler may name
+/// any time a Timestamp holds (up to 292 billion years on), and a
+/// monotonic deadline that far off overflows; a longer lease is held as
+/// this long, and each heartbeat renews it anyway.
+pub const MAX_LEASE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The most of a scheduler's text (a refusal's reason, an error message)
+/// the link keeps for its status and logs: the scheduler is a peer, and
+/// what it says is shown in HealthCheck.
+pub const MAX_PEER_TEXT: usize = 512;
+
 /// Why a call to the scheduler failed. The link retries every one of them
 /// (registering again, with backoff): an agent must rejoin by itself.
 #[derive(Debug, thiserror::Error)]
@@ -207,15 +223,12 @@ impl<S: Scheduler> Link<S> {
                 failures,
                 format!(
                     "the scheduler refused the registration: {}",
-                    response.reason
+                    peer_text(&response.reason)
                 ),
             );
         }
         let now = Instant::now();
-        let interval = match response.heartbeat_interval_seconds {
-            n if n > 0 => Duration::from_secs(n as u64),
-            _ => DEFAULT_INTERVAL,
-        };
+        let interval = interval(response.heartbeat_interval_seconds);
         let lease_end = lease_end(response.lease_expires_at);
         let expires = lease_end.and_then(|end| lease_deadline(end, now));
         tracing::info!(
@@ -291,6 +304,7 @@ impl<S: Scheduler> Link<S> {
     }
 
     fn failed(&mut self, failures: u32, error: String) -> State {
+        let error = peer_text(&error);
         let delay = self.backoff.delay(failures);
         tracing::warn!(%error, retry_in = ?delay, "scheduler link failed");
         self.status.send_modify(|s| {
@@ -306,10 +320,33 @@ impl<S: Scheduler> Link<S> {
     }
 }
 
-/// The lease's end on this clock, from its end on the scheduler's.
+/// The heartbeat interval the scheduler asked for, within
+/// [`MAX_INTERVAL`]; [`DEFAULT_INTERVAL`] when it named none.
+fn interval(seconds: i32) -> Duration {
+    match u64::try_from(seconds) {
+        Ok(seconds) if seconds > 0 => Duration::from_secs(seconds).min(MAX_INTERVAL),
+        _ => DEFAULT_INTERVAL,
+    }
+}
+
+/// At most [`MAX_PEER_TEXT`] bytes of `text`, cut at a character boundary.
+fn peer_text(text: &str) -> String {
+    if text.len() <= MAX_PEER_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_PEER_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &text[..end], text.len() - end)
+}
+
+/// The lease's end on this clock, from its end on the scheduler's: at most
+/// [`MAX_LEASE`] from `now`, so no peer-supplied time can overflow the
+/// monotonic clock.
 fn lease_deadline(lease_end: SystemTime, now: Instant) -> Option<Instant> {
     match lease_end.duration_since(SystemTime::now()) {
-        Ok(remaining) => Some(now + remaining),
+        Ok(remaining) => now.checked_add(remaining.min(MAX_LEASE)),
         Err(_) => {
             tracing::warn!(
                 lease_expires_at = %humantime::format_rfc3339_millis(lease_end),
@@ -340,7 +377,8 @@ fn next_heartbeat(now: Instant, interval: Duration, expires: Option<Instant>) ->
         Some(expires) => interval.min(expires.saturating_duration_since(now) / 2),
         None => interval,
     };
-    now + gap.max(MIN_HEARTBEAT_GAP)
+    let gap = gap.clamp(MIN_HEARTBEAT_GAP, MAX_INTERVAL);
+    now.checked_add(gap).unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -407,7 +445,10 @@ mod tests {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        Some((SystemTime::UNIX_EPOCH + Duration::from_secs(now + seconds)).into())
+        // Saturates at the last second a Timestamp holds, as a hostile
+        // scheduler may send.
+        let end = now.saturating_add(seconds).min(i64::MAX as u64);
+        Some((SystemTime::UNIX_EPOCH + Duration::from_secs(end)).into())
     }
 
     fn failure(reply: Reply) -> LinkError {
@@ -634,6 +675,63 @@ mod tests {
         assert_eq!(beats[1] - beats[0], Duration::from_secs(60));
         assert_eq!(beats[2] - beats[1], Duration::from_secs(60));
         assert!(f.status.borrow().last_heartbeat.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_beyond_any_clock_is_held_as_a_year_and_heartbeats_go_on() {
+        let mut f = Fixture::new(
+            &[Reply::Accept {
+                interval: 1,
+                lease_in: u64::MAX,
+            }],
+            &[Reply::Ack {
+                drain: false,
+                lease_in: u64::MAX,
+            }],
+        );
+        let registered = Instant::now();
+        let state = f
+            .step_until(State::Registering { failures: 0 }, 1, |s| {
+                matches!(s, State::Heartbeating(_))
+            })
+            .await;
+        let State::Heartbeating(lease) = &state else {
+            unreachable!()
+        };
+        assert_eq!(lease.expires, Some(registered + MAX_LEASE));
+        assert_eq!(lease.next_heartbeat, registered + Duration::from_secs(1));
+        let mut state = state;
+        for _ in 0..3 {
+            state = f.link.step(state).await;
+            assert!(matches!(state, State::Heartbeating(_)), "{state:?}");
+        }
+        assert_eq!(f.heartbeat_times().len(), 3);
+        let status = f.status.borrow().clone();
+        assert!(status.registered);
+        assert!(
+            status
+                .summary()
+                .contains("lease until after 9999-12-31T23:59:59Z"),
+            "{}",
+            status.summary()
+        );
+    }
+
+    #[test]
+    fn peer_supplied_intervals_and_texts_are_bounded() {
+        assert_eq!(interval(0), DEFAULT_INTERVAL);
+        assert_eq!(interval(-5), DEFAULT_INTERVAL);
+        assert_eq!(interval(7), Duration::from_secs(7));
+        assert_eq!(interval(i32::MAX), MAX_INTERVAL);
+        let now = Instant::now();
+        assert_eq!(next_heartbeat(now, Duration::MAX, None), now + MAX_INTERVAL);
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(i64::MAX as u64);
+        assert_eq!(lease_deadline(far, now), Some(now + MAX_LEASE));
+        assert_eq!(peer_text("refused"), "refused");
+        let long = "é".repeat(MAX_PEER_TEXT);
+        let cut = peer_text(&long);
+        assert!(cut.len() < MAX_PEER_TEXT + 32, "{}", cut.len());
+        assert!(cut.ends_with(&format!("… ({} bytes cut)", long.len() - MAX_PEER_TEXT)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -59,6 +59,7 @@ pub fn start(
     node: NodeSampler,
     runtimes: RuntimeBoard,
     usage: Option<UsageLookup>,
+    tasks: &crate::tasks::Tasks,
     shutdown: CancellationToken,
 ) -> SchedulerLink {
     let drain = Drain::new();
@@ -86,7 +87,7 @@ pub fn start(
         link::UNREACHABLE_BACKOFF,
     );
     let informer = informer.clone();
-    let task = tokio::spawn(async move {
+    let task = tasks.spawn("scheduler-link", async move {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = informer.wait_until_synced() => {}

@@ -204,10 +204,11 @@ impl Allocation {
     pub fn of(workloads: &[Arc<Workload>]) -> Allocation {
         let mut total = Allocation::default();
         for workload in workloads {
+            // Saturating: the figures come from clients' specs.
             let figures = Figures::of(workload);
-            total.cpu_millicores += figures.millicpus;
-            total.memory_mb += figures.memory_mib;
-            total.disk_gb += figures.disk_gib;
+            total.cpu_millicores = total.cpu_millicores.saturating_add(figures.millicpus);
+            total.memory_mb = total.memory_mb.saturating_add(figures.memory_mib);
+            total.disk_gb = total.disk_gb.saturating_add(figures.disk_gib);
         }
         total
     }

@@ -62,7 +62,7 @@ impl LinkStatus {
 
     /// One line for HealthCheck's `runtime_status["scheduler"]`.
     pub fn summary(&self) -> String {
-        let at = |time: SystemTime| humantime::format_rfc3339_seconds(time).to_string();
+        let at = rfc3339;
         let scheduler = self.scheduler.as_deref().unwrap_or("?");
         let error = self
             .last_error
@@ -97,6 +97,18 @@ impl LinkStatus {
     }
 }
 
+/// `time` in RFC 3339 to the second. humantime formats years up to 9999
+/// and fails beyond (where `to_string` would panic); a lease the scheduler
+/// set further away is written as such.
+pub fn rfc3339(time: SystemTime) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_seconds(time)) {
+        Ok(()) => text,
+        Err(_) => "after 9999-12-31T23:59:59Z".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +131,12 @@ mod tests {
         assert_eq!(
             status.summary(),
             "registered with sched:8085 as node-1; lease until 2027-01-15T08:00:00Z; last heartbeat none yet"
+        );
+        // A lease the scheduler set beyond what a date can say.
+        status.lease_expires_at = Some(UNIX_EPOCH + Duration::from_secs(i64::MAX as u64));
+        assert_eq!(
+            status.summary(),
+            "registered with sched:8085 as node-1; lease until after 9999-12-31T23:59:59Z; last heartbeat none yet"
         );
         status.phase = LinkPhase::Backoff;
         status.last_error = Some("connection refused".into());

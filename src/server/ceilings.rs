@@ -19,7 +19,8 @@ use persys_controllers::policy::{Ceilings, refusal};
 use persys_controllers::source::ChangeKind;
 use persys_controllers::{Informer, Notification};
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
+
+use crate::tasks::Tasks;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -34,13 +35,35 @@ pub struct Figures {
     pub disk_gib: i64,
 }
 
+/// The most one workload is counted for in each dimension: 2^40 (a
+/// billion CPUs, an exbibyte of memory, a zebibyte of disk). The figures
+/// come from the client's spec, which may say anything up to `i64::MAX`;
+/// beyond this no ceiling can pass them anyway, and capped figures keep the
+/// ledger's sums exact for four million workloads.
+pub const MAX_FIGURE: i64 = 1 << 40;
+
+/// Sums `values` without overflow, each and the total within [`MAX_FIGURE`].
+fn sum_capped(values: impl Iterator<Item = i64>) -> i64 {
+    values
+        .fold(0i64, |total, v| {
+            total.saturating_add(v.clamp(0, MAX_FIGURE))
+        })
+        .min(MAX_FIGURE)
+}
+
 impl Figures {
+    /// What `spec` promises. Saturating: no spec can overflow the sums.
     pub fn of_spec(spec: &workload_spec::Spec) -> Figures {
-        match spec {
+        let figures = match spec {
             workload_spec::Spec::Container(container) => {
                 let (millicpus, memory_mib) = match &container.resources {
                     Some(resources) => (
-                        (resources.cpu_shares.max(0) * 1000 + 512) / 1024,
+                        resources
+                            .cpu_shares
+                            .max(0)
+                            .saturating_mul(1000)
+                            .saturating_add(512)
+                            / 1024,
                         (resources.memory_bytes.max(0) as u64).div_ceil(MIB) as i64,
                     ),
                     None => (0, 0),
@@ -48,23 +71,25 @@ impl Figures {
                 Figures {
                     millicpus,
                     memory_mib,
-                    disk_gib: container
-                        .managed_volumes
-                        .iter()
-                        .map(|v| v.size_gb.max(0))
-                        .sum(),
+                    disk_gib: sum_capped(container.managed_volumes.iter().map(|v| v.size_gb)),
                 }
             }
             workload_spec::Spec::Vm(vm) => Figures {
-                millicpus: i64::from(vm.vcpus.max(0)) * 1000,
+                millicpus: i64::from(vm.vcpus.max(0)).saturating_mul(1000),
                 memory_mib: vm.memory_mb.max(0),
-                disk_gib: vm.disks.iter().map(|d| d.size_gb.max(0)).sum::<i64>()
-                    + vm.managed_volumes
+                disk_gib: sum_capped(
+                    vm.disks
                         .iter()
-                        .map(|v| v.size_gb.max(0))
-                        .sum::<i64>(),
+                        .map(|d| d.size_gb)
+                        .chain(vm.managed_volumes.iter().map(|v| v.size_gb)),
+                ),
             },
             workload_spec::Spec::Compose(_) => Figures::default(),
+        };
+        Figures {
+            millicpus: figures.millicpus.clamp(0, MAX_FIGURE),
+            memory_mib: figures.memory_mib.clamp(0, MAX_FIGURE),
+            disk_gib: figures.disk_gib.clamp(0, MAX_FIGURE),
         }
     }
 
@@ -93,16 +118,18 @@ impl Figures {
         }
     }
 
+    /// Saturating, though capped figures cannot reach `i64::MAX` before
+    /// millions of workloads.
     fn add(&mut self, other: Figures) {
-        self.millicpus += other.millicpus;
-        self.memory_mib += other.memory_mib;
-        self.disk_gib += other.disk_gib;
+        self.millicpus = self.millicpus.saturating_add(other.millicpus);
+        self.memory_mib = self.memory_mib.saturating_add(other.memory_mib);
+        self.disk_gib = self.disk_gib.saturating_add(other.disk_gib);
     }
 
     fn sub(&mut self, other: Figures) {
-        self.millicpus -= other.millicpus;
-        self.memory_mib -= other.memory_mib;
-        self.disk_gib -= other.disk_gib;
+        self.millicpus = self.millicpus.saturating_sub(other.millicpus);
+        self.memory_mib = self.memory_mib.saturating_sub(other.memory_mib);
+        self.disk_gib = self.disk_gib.saturating_sub(other.disk_gib);
     }
 
     fn minus(mut self, other: Figures) -> Figures {
@@ -249,8 +276,10 @@ fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
 }
 
 impl Admission {
-    /// Follows `informer` into the ledger until `stop`.
-    pub fn start(ceilings: Ceilings, informer: &Informer, stop: CancellationToken) -> Admission {
+    /// Follows `informer` into the ledger until the tasks' stop, as the
+    /// watched background task `ceilings-ledger`.
+    pub fn start(ceilings: Ceilings, informer: &Informer, tasks: &Tasks) -> Admission {
+        let stop = tasks.stop().clone();
         let admission = Admission {
             ceilings,
             ledger: Arc::default(),
@@ -259,7 +288,7 @@ impl Admission {
         // Subscribed before the first fill, so nothing falls between.
         let mut changes = informer.subscribe();
         let (informer, follower) = (informer.clone(), admission.clone());
-        tokio::spawn(async move {
+        tasks.spawn("ceilings-ledger", async move {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = informer.wait_until_synced() => {}
@@ -376,16 +405,21 @@ impl Admission {
 
     fn check_workload(&self, wanted: Figures) -> Result<(), String> {
         let ceiling = &self.ceilings.workload;
-        let limits = [ceiling.vcpus * 1000, ceiling.memory_mib, ceiling.disk_gib];
+        let limits = [
+            ceiling.vcpus.saturating_mul(1000),
+            ceiling.memory_mib,
+            ceiling.disk_gib,
+        ]
+        .map(|limit| i64::try_from(limit).unwrap_or(i64::MAX));
         for (dimension, (limit, wanted)) in
             DIMENSIONS.iter().zip(limits.into_iter().zip(wanted.each()))
         {
-            if wanted > limit as i64 {
+            if wanted > limit {
                 return Err(refusal(
                     format_args!(
                         "workload {} ceiling {}: {} requested",
                         dimension.name,
-                        dimension.show(limit as i64),
+                        dimension.show(limit),
                         dimension.show(wanted)
                     ),
                     dimension.workload_rule,
@@ -416,18 +450,23 @@ impl Admission {
                 "ceilings.node.workloads",
             ));
         }
-        let limits = [ceiling.vcpus * 1000, ceiling.memory_mib, ceiling.disk_gib];
+        let limits = [
+            ceiling.vcpus.saturating_mul(1000),
+            ceiling.memory_mib,
+            ceiling.disk_gib,
+        ]
+        .map(|limit| i64::try_from(limit).unwrap_or(i64::MAX));
         let held = own.unwrap_or_default().each();
         let figures = in_use.each().into_iter().zip(requested.each()).zip(held);
         for (dimension, (limit, ((used, wanted), held))) in
             DIMENSIONS.iter().zip(limits.into_iter().zip(figures))
         {
-            if wanted > held && used + wanted > limit as i64 {
+            if wanted > held && used.saturating_add(wanted) > limit {
                 return Err(refusal(
                     format_args!(
                         "node {} ceiling {}: {} in use, {} requested",
                         dimension.name,
-                        dimension.show(limit as i64),
+                        dimension.show(limit),
                         dimension.show(used),
                         dimension.show(wanted)
                     ),
@@ -482,8 +521,11 @@ const DIMENSIONS: [Dimension; 3] = [
 #[cfg(test)]
 mod tests {
     use super::*;
-    use persys_api::v1::{ContainerSpec, ResourceLimits, VmSpec, WorkloadType};
+    use persys_api::v1::{
+        ContainerSpec, DiskConfig, ManagedVolumeSpec, ResourceLimits, VmSpec, WorkloadType,
+    };
     use persys_controllers::policy::{NodeCeilings, WorkloadCeilings};
+    use tokio_util::sync::CancellationToken;
 
     use crate::store::{ApplyRequest, Store, StoreConfig};
 
@@ -527,7 +569,7 @@ mod tests {
                 disk_gib: 50,
             },
         };
-        let admission = Admission::start(ceilings, &informer, stop.clone());
+        let admission = Admission::start(ceilings, &informer, &Tasks::new(stop.clone()));
         Setup {
             dir,
             store,
@@ -569,6 +611,54 @@ mod tests {
         );
         assert_eq!(cpus(2500), "2.5");
         assert_eq!(cpus(3000), "3");
+    }
+
+    #[tokio::test]
+    async fn a_spec_of_figures_near_i64_max_is_refused_by_a_ceiling_not_overflowed() {
+        let huge = workload_spec::Spec::Container(ContainerSpec {
+            resources: Some(ResourceLimits {
+                cpu_shares: i64::MAX,
+                memory_bytes: i64::MAX,
+                memory_swap_bytes: 0,
+            }),
+            managed_volumes: vec![
+                ManagedVolumeSpec {
+                    size_gb: i64::MAX,
+                    ..Default::default()
+                };
+                3
+            ],
+            ..Default::default()
+        });
+        let figures = Figures::of_spec(&huge);
+        assert_eq!(
+            figures,
+            Figures {
+                millicpus: MAX_FIGURE,
+                memory_mib: MAX_FIGURE,
+                disk_gib: MAX_FIGURE
+            }
+        );
+        let vm = workload_spec::Spec::Vm(VmSpec {
+            vcpus: i32::MAX,
+            memory_mb: i64::MAX,
+            disks: vec![
+                DiskConfig {
+                    size_gb: i64::MAX,
+                    ..Default::default()
+                };
+                2
+            ],
+            ..Default::default()
+        });
+        assert_eq!(Figures::of_spec(&vm).disk_gib, MAX_FIGURE);
+        let (_dir, _stop, admission) = admission();
+        let error = admission
+            .admit("huge", &in_spec(huge), DesiredState::Running)
+            .await
+            .err()
+            .unwrap();
+        assert!(error.message.contains("ceilings.workload"), "{error}");
     }
 
     /// Admits a running VM of `vcpus` and `memory_mb`.
@@ -678,7 +768,7 @@ mod tests {
                 ..admission.ceilings.clone()
             },
             &informer,
-            stop.clone(),
+            &Tasks::new(stop.clone()),
         );
         admit_vm(&over, "a", 1, 8192).await.unwrap();
         admit_vm(&over, "a", 1, 1000).await.unwrap();

@@ -74,6 +74,8 @@ pub struct Agent {
     pub drain: crate::scheduler::Drain,
     /// The scheduler link's state, for HealthCheck.
     pub scheduler: tokio::sync::watch::Receiver<crate::scheduler::LinkStatus>,
+    /// The agent's background tasks: a dead one makes the node unhealthy.
+    pub tasks: crate::tasks::Tasks,
 }
 
 fn store_status(error: StoreError) -> Status {
@@ -373,8 +375,11 @@ impl AgentService for Agent {
         }
         runtime_status.insert("scheduler".into(), self.scheduler.borrow().summary());
         runtime_status.insert("node".into(), self.drain.describe().into());
+        runtime_status.insert("tasks".into(), self.tasks.summary());
         Ok(Response::new(HealthCheckResponse {
-            healthy: self.store.is_writable() && self.informer.is_synced(),
+            healthy: self.store.is_writable()
+                && self.informer.is_synced()
+                && self.tasks.all_alive(),
             version: self.version.clone(),
             runtime_status,
             memory_utilization: node.memory,

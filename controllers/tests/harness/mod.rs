@@ -22,11 +22,10 @@ use tokio_util::sync::CancellationToken;
 /// is repaired is repaired by runtime events, requeues and back-offs.
 pub const RESYNC: Duration = Duration::from_secs(600);
 
-/// Whether this is CI (`CI=true`), where a missing runtime fails a test
-/// instead of skipping it.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+/// A test whose runtime is missing: skipped and recorded, or failed in CI
+/// (`persys_test_support::in_ci`, the one definition of "in CI" for every
+/// test binary of the workspace).
+pub use persys_test_support::skip;
 
 /// A name unique to this test run: `<prefix>-<random>`.
 pub fn unique(prefix: &str) -> String {
