@@ -80,8 +80,9 @@ pub struct LazyFs {
 pub struct CutReport {
     /// Files whose unsynced writes or truncations were undone.
     pub files_reverted: usize,
-    /// Directory entry changes undone.
-    pub entries_reverted: usize,
+    /// Directory entry changes undone, newest first, as `created <path>`,
+    /// `unlinked <path>` or `renamed <from> -> <to>` (paths in the mount).
+    pub entries_reverted: Vec<String>,
 }
 
 impl LazyFs {
@@ -378,11 +379,11 @@ impl State {
             report.files_reverted += 1;
         }
         for change in std::mem::take(&mut self.journal).into_iter().rev() {
-            if self
+            if let Some(undone) = self
                 .undo(change)
                 .map_err(|e| io::Error::from_raw_os_error(e.code()))?
             {
-                report.entries_reverted += 1;
+                report.entries_reverted.push(undone);
             }
         }
         std::fs::remove_dir_all(self.root.join(REMOVED))?;
@@ -390,13 +391,14 @@ impl State {
         Ok(report)
     }
 
-    /// Undoes one entry change; false when a durable change overtook it.
-    fn undo(&mut self, change: EntryChange) -> Result<bool> {
+    /// Undoes one entry change and describes it; `None` when a durable
+    /// change overtook it.
+    fn undo(&mut self, change: EntryChange) -> Result<Option<String>> {
         match change {
             EntryChange::Added { dir, name, ino } => {
                 let rel = self.child(dir, &name)?;
                 if self.ino_at(&rel) != Some(ino) {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 let abs = self.abs(&rel);
                 if std::fs::symlink_metadata(&abs).map_err(errno)?.is_dir() {
@@ -405,16 +407,16 @@ impl State {
                     std::fs::remove_file(&abs).map_err(errno)?;
                 }
                 self.paths.remove(&ino);
-                Ok(true)
+                Ok(Some(format!("created {}", rel.display())))
             }
             EntryChange::Removed { dir, name, ino } => {
                 let rel = self.child(dir, &name)?;
                 let kept = self.path(ino)?;
                 if self.ino_at(&rel).is_some() || !kept.starts_with(REMOVED) {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 self.move_entry(&kept, &rel)?;
-                Ok(true)
+                Ok(Some(format!("unlinked {}", rel.display())))
             }
             EntryChange::Renamed {
                 from,
@@ -425,7 +427,7 @@ impl State {
                 let old = self.child(from.0, &from.1)?;
                 let new = self.child(to.0, &to.1)?;
                 if self.ino_at(&new) != Some(ino) || self.ino_at(&old).is_some() {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 self.move_entry(&new, &old)?;
                 if let Some(replaced) = replaced {
@@ -434,7 +436,11 @@ impl State {
                         self.move_entry(&kept, &new)?;
                     }
                 }
-                Ok(true)
+                Ok(Some(format!(
+                    "renamed {} -> {}",
+                    old.display(),
+                    new.display()
+                )))
             }
         }
     }
