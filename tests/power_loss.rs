@@ -280,11 +280,11 @@ async fn power_cuts(cuts: usize) -> Outcome {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    feature = "unsafe-no-fsync",
+    ignore = "built with unsafe-no-fsync: this build is meant to lose applies"
+)]
 async fn acknowledged_applies_survive_20_random_power_cuts() {
-    if cfg!(feature = "unsafe-no-fsync") {
-        eprintln!("built with unsafe-no-fsync: see the ignored test instead");
-        return;
-    }
     let outcome = power_cuts(CUTS).await;
     assert!(
         outcome.lost.is_empty(),
@@ -304,10 +304,9 @@ async fn acknowledged_applies_survive_20_random_power_cuts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the agent built with --features unsafe-no-fsync"]
 async fn power_cuts_are_caught_losing_applies_when_the_committer_does_not_sync() {
-    assert!(
-        cfg!(feature = "unsafe-no-fsync"),
-        "run with --features unsafe-no-fsync"
-    );
+    if !cfg!(feature = "unsafe-no-fsync") {
+        panic!("run with --features unsafe-no-fsync: this build fsyncs");
+    }
     let outcome = power_cuts(CUTS).await;
     eprintln!(
         "{} acknowledged applies lost, e.g.:\n{}",
