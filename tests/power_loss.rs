@@ -238,7 +238,9 @@ async fn power_cuts(cuts: usize) -> Outcome {
         cut.store(true, Ordering::SeqCst);
         let dropped = node.fs.cut_power().unwrap();
         // Nothing reaches the disk after the cut (the mount fails every
-        // operation); the agent dies before the filesystem goes.
+        // operation); the agent dies before the filesystem goes. An
+        // acknowledgement that arrives in between still counts: a sync after
+        // the cut fails, so every acknowledgement rests on a sync before it.
         node.agent.child.kill().unwrap();
         node.agent.child.wait().unwrap();
         for client in clients {

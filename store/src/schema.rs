@@ -44,21 +44,23 @@ pub(super) fn prepare_state_dir(path: &Path) -> Result<(), StoreError> {
 /// otherwise, and a power cut could then take the whole database with it
 /// (shown by tests/power_loss.rs).
 pub(super) fn sync_state_tree(path: &Path) -> Result<(), StoreError> {
-    fn sync_tree(dir: &Path) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                sync_tree(&entry.path())?;
-            }
-        }
-        File::open(dir)?.sync_all()
-    }
     sync_tree(path)
         .and_then(|()| match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => File::open(parent)?.sync_all(),
             _ => Ok(()),
         })
         .map_err(|e| open_error(path, format!("syncing the state directory: {e}")))
+}
+
+/// Fsyncs `dir` and every directory under it, deepest first.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// Takes the state directory's lock: one process at a time.
@@ -202,6 +204,8 @@ impl NextDb {
             .map_err(|e| open_error(&config.path, e))?;
         let meta = open_meta(&db, config)?;
         let keyspaces = Keyspaces::open(&db, config)?;
+        // fjall does not sync its new keyspace folders into their parent.
+        sync_tree(&next).map_err(|e| io_error(&config.path, "syncing the rebuild", e))?;
         Ok(NextDb {
             db,
             meta,
