@@ -26,3 +26,9 @@ fi
 if ! command -v qemu-img >/dev/null; then
   apt-get install -y -qq --reinstall qemu-utils >/dev/null
 fi
+
+# The power-loss test mounts a FUSE filesystem in-process (pure Rust, no
+# libfuse): it needs the kernel's fuse module and /dev/fuse.
+if [[ ! -e /dev/fuse ]]; then
+  modprobe fuse || echo "hack/deps.sh: /dev/fuse missing and modprobe fuse failed" >&2
+fi

@@ -367,7 +367,9 @@ async fn wait_deleted(api: &mut AgentServiceClient<Channel>, id: &str, agent: &A
 #[tokio::test]
 async fn compose_runs_with_an_allow_listed_environment_and_spec_values_only_reach_it_through_dot_env()
  {
-    if !compose_available() {
+    if !compose_available(
+        "compose_runs_with_an_allow_listed_environment_and_spec_values_only_reach_it_through_dot_env",
+    ) {
         return;
     }
     let n = std::process::id();
@@ -549,7 +551,9 @@ fn containers_of(project: &str) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_project_started_by_hand_under_the_workload_s_name_is_neither_adopted_nor_destroyed() {
-    if !compose_available() {
+    if !compose_available(
+        "a_project_started_by_hand_under_the_workload_s_name_is_neither_adopted_nor_destroyed",
+    ) {
         return;
     }
     let n = std::process::id();

@@ -27,6 +27,15 @@ use super::record::*;
 use super::seal::Aad;
 use super::{Inner, MAX_EVENTS_PER_WORKLOAD};
 
+/// How a commit group is made durable before anyone is answered: fsync of
+/// data and metadata. The `unsafe-no-fsync` feature (tests only) stops at the
+/// OS buffers, which survives a killed process but not a power cut.
+const GROUP_DURABILITY: PersistMode = if cfg!(feature = "unsafe-no-fsync") {
+    PersistMode::Buffer
+} else {
+    PersistMode::SyncAll
+};
+
 /// Who asked for a write, for the audit trail.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller {
@@ -194,7 +203,7 @@ impl Committer {
             if matches!(first, Op::Close) {
                 break;
             }
-            let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+            let mut batch = self.inner.db.batch().durability(Some(GROUP_DURABILITY));
             let mut group = Group {
                 next_resource_version: self.last_resource_version,
                 ..Group::default()

@@ -185,6 +185,11 @@ impl Store {
     /// last run acknowledged.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
+        if cfg!(feature = "unsafe-no-fsync") {
+            tracing::error!(
+                "built with unsafe-no-fsync: acknowledged writes do not survive a power cut"
+            );
+        }
         schema::prepare_state_dir(&path)?;
         let lock = schema::lock_state_dir(&path)?;
         let (
@@ -197,6 +202,7 @@ impl Store {
                 events,
             },
         ) = schema::prepare(&config)?;
+        schema::sync_state_tree(&path)?;
         let read_meta = |key: &[u8]| schema::read_meta_u64(&meta, key);
         let compacted_through = read_meta(META_COMPACTED_THROUGH)?.unwrap_or(0);
         // The log's last key and the meta record are written in one batch;

@@ -37,6 +37,32 @@ pub(super) fn prepare_state_dir(path: &Path) -> Result<(), StoreError> {
         .map_err(|e| open_error(path, e))
 }
 
+/// Fsyncs every directory of the state tree, and the state directory's
+/// parent, so every entry made while opening is durable before the first
+/// write is acknowledged. Neither our own entries (the lock, `db`) nor
+/// fjall's new keyspace folders are synced into their parent directory
+/// otherwise, and a power cut could then take the whole database with it
+/// (shown by tests/power_loss.rs).
+pub(super) fn sync_state_tree(path: &Path) -> Result<(), StoreError> {
+    sync_tree(path)
+        .and_then(|()| match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => File::open(parent)?.sync_all(),
+            _ => Ok(()),
+        })
+        .map_err(|e| open_error(path, format!("syncing the state directory: {e}")))
+}
+
+/// Fsyncs `dir` and every directory under it, deepest first.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree(&entry.path())?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Takes the state directory's lock: one process at a time.
 pub(super) fn lock_state_dir(path: &Path) -> Result<File, StoreError> {
     let lock = File::options()
@@ -178,6 +204,8 @@ impl NextDb {
             .map_err(|e| open_error(&config.path, e))?;
         let meta = open_meta(&db, config)?;
         let keyspaces = Keyspaces::open(&db, config)?;
+        // fjall does not sync its new keyspace folders into their parent.
+        sync_tree(&next).map_err(|e| io_error(&config.path, "syncing the rebuild", e))?;
         Ok(NextDb {
             db,
             meta,
