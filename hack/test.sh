@@ -9,8 +9,9 @@
 # the first failing check instead.
 #
 # Every step prints how long it took, and the summary the whole run's time
-# against its budget (PERSYS_TEST_BUDGET_SECS, 20 minutes); in CI a run over
-# budget fails.
+# against its budget (PERSYS_TEST_BUDGET_SECS, 20 minutes), and says loudly
+# when a run goes over it (it does not fail the run: the time includes a
+# cold build and package installs, which a slower CI machine may stretch).
 #
 # A test that cannot run because a runtime is missing fails in CI (CI=true,
 # which .ci/run sets). Elsewhere it is skipped and recorded in
@@ -102,8 +103,7 @@ fi
 total=$((SECONDS - run_start))
 printf 'total: %dm%02ds (budget %dm%02ds)\n' $((total / 60)) $((total % 60)) $((budget / 60)) $((budget % 60))
 if ((total > budget)); then
-  echo "the suite took longer than its budget (PERSYS_TEST_BUDGET_SECS=$budget)"
-  if [[ $in_ci == true ]]; then failed+=("time budget"); fi
+  echo "!!! the suite took longer than its budget (PERSYS_TEST_BUDGET_SECS=$budget): look at the step times above"
 fi
 if ((${#failed[@]})); then
   printf 'FAILED: %s\n' "${failed[*]}"
