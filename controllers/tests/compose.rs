@@ -332,6 +332,29 @@ async fn delete_leaves_no_container_no_network_and_no_folder_but_keeps_named_vol
     agent.stop().await;
 }
 
+/// The delays of the next `count` retries the workload's status announces
+/// after the one due at `first`: each new `next_retry_at_ms`, less the
+/// wall-clock time it was seen (status writes reach the store's watchers
+/// within milliseconds), in order.
+async fn announced_delays(agent: &Agent, id: &str, first: i64, count: usize) -> Vec<i64> {
+    let mut last = first;
+    let mut delays = Vec::new();
+    while delays.len() < count {
+        let w = agent
+            .wait_for(id, CONVERGE, "the next retry announced", |w| {
+                status(w).next_retry_at_ms > last
+            })
+            .await;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock after 1970")
+            .as_millis() as i64;
+        last = status(&w).next_retry_at_ms;
+        delays.push(last - now_ms);
+    }
+    delays
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpullable_image_reports_image_pull_failed_and_backs_off() {
     let Some(bed) = TestBed::new("pull").await else {
@@ -354,7 +377,6 @@ async fn an_unpullable_image_reports_image_pull_failed_and_backs_off() {
             status(w).actual_state() == ActualState::Failed
         })
         .await;
-    let first_failure = Instant::now();
     let s = status(&w);
     assert_eq!(s.failure_reason, "IMAGE_PULL_FAILED", "{s:?}");
     assert!(s.last_error.contains("registry.invalid"), "{s:?}");
@@ -366,15 +388,16 @@ async fn an_unpullable_image_reports_image_pull_failed_and_backs_off() {
         "desired state untouched"
     );
 
-    // 1 s doubling: attempts about 1, 3 and 7 s after the first. A pull
-    // fails in under a second, so a hot loop would make a dozen.
-    tokio::time::sleep_until(first_failure + Duration::from_secs(10)).await;
-    let attempts = agent.event_count(&id, "ComposeFailed");
-    eprintln!("{attempts} attempts in 10 s");
+    // Each failed attempt announces the next: with a 1 s base doubling,
+    // the second and third wait about 2 s and 4 s. A hot loop would
+    // announce no wait, and a fixed delay the same one each time.
+    let delays = announced_delays(&agent, &id, s.next_retry_at_ms, 2).await;
+    eprintln!("announced delays {delays:?} ms");
     assert!(
-        (2..=5).contains(&attempts),
-        "retried with back-off, not in a loop: {attempts} attempts"
+        delays[0] >= 1000,
+        "retried with back-off, not in a loop: {delays:?} ms"
     );
+    assert!(delays[1] > delays[0], "the back-off grows: {delays:?} ms");
     assert!(containers_of(&bed.docker, &project).await.is_empty());
     agent.stop().await;
 }
@@ -548,7 +571,6 @@ async fn a_service_that_keeps_exiting_is_restarted_with_growing_gaps() {
             status(w).failure_reason == "CRASH_LOOP_BACKOFF"
         })
         .await;
-    let first = Instant::now();
     let s = status(&w);
     assert_eq!(s.actual_state(), ActualState::Failed);
     assert_eq!(s.facts["service.job"], "exited");
@@ -556,16 +578,13 @@ async fn a_service_that_keeps_exiting_is_restarted_with_growing_gaps() {
     assert_eq!(s.facts["service.web"], "running");
     assert!(s.next_retry_at_ms > 0);
 
-    // 1 s doubling since each restart: a hot loop (engine events on every
-    // exit) would restart it every second or faster.
-    tokio::time::sleep_until(first + Duration::from_secs(10)).await;
-    let w = agent.store.get(&id).unwrap().unwrap();
-    let restarts = status(&w).restart_count;
-    eprintln!("{restarts} restarts");
-    assert!(
-        (2..=6).contains(&restarts),
-        "restarts spaced out: {restarts}"
-    );
+    // Each exit announces the next restart, a doubling gap after the
+    // previous one. A hot loop (engine events on every exit) would
+    // announce no wait.
+    let delays = announced_delays(&agent, &id, s.next_retry_at_ms, 2).await;
+    eprintln!("announced delays {delays:?} ms");
+    assert!(delays[0] >= 1000, "restarts spaced out: {delays:?} ms");
+    assert!(delays[1] > delays[0], "the back-off grows: {delays:?} ms");
     // The restart count and its event are separate writes: a restart may
     // have been counted a moment before its event lands. Each count is
     // reported once the two agree.
