@@ -464,17 +464,11 @@ async fn a_broken_manifest_names_file_line_and_column_and_applies_nothing() {
     assert!(ids(&mut f.client().await).await.is_empty());
 }
 
-/// A manifest whose labels hold nine aliases of nine aliases of …: about
-/// a billion strings from under a kilobyte.
 fn billion_laughs() -> String {
-    let mut text = String::from("x-a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
-    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
-    for pair in names.windows(2) {
-        let (prev, next) = (pair[0], pair[1]);
-        let refs = vec![format!("*{prev}"); 9].join(", ");
-        text.push_str(&format!("x-{next}: &{next} [{refs}]\n"));
-    }
-    text + "id: web\ntype: container\nspec:\n  image: nginx\n  args: *i\n"
+    persys_test_support::billion_laughs(
+        "x-",
+        "id: web\ntype: container\nspec:\n  image: nginx\n  args: *i\n",
+    )
 }
 
 #[tokio::test]

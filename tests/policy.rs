@@ -790,21 +790,8 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// Nine aliases of nine aliases of …: about a billion strings from under
-/// a kilobyte.
 fn billion_laughs() -> String {
-    let mut text = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
-    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
-    for pair in names.windows(2) {
-        text.push_str(&format!(
-            "{}: &{} [{}]\n",
-            pair[1],
-            pair[1],
-            vec![format!("*{}", pair[0]); 9].join(", ")
-        ));
-    }
-    text.push_str("services:\n  web:\n    image: x\n    command: *i\n");
-    text
+    persys_test_support::billion_laughs("", "services:\n  web:\n    image: x\n    command: *i\n")
 }
 
 #[tokio::test]

@@ -229,21 +229,8 @@ mod tests {
         max_depth: 64,
     };
 
-    /// The classic: nine aliases of nine aliases of …, about a billion
-    /// strings expanded from under a kilobyte.
     fn billion_laughs() -> String {
-        let mut text = String::from(
-            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
-        );
-        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
-        for pair in names.windows(2) {
-            let (prev, next) = (pair[0], pair[1]);
-            text.push_str(&format!(
-                "{next}: &{next} [{}]\n",
-                vec![format!("*{prev}"); 9].join(",")
-            ));
-        }
-        text
+        persys_test_support::billion_laughs("", "")
     }
 
     #[test]

@@ -201,22 +201,11 @@ mod tests {
         );
     }
 
-    /// The classic: nine aliases of nine aliases of …, about a billion
-    /// strings expanded from under a kilobyte.
     pub(crate) fn billion_laughs() -> String {
-        let mut text = String::from(
-            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
-        );
-        let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
-        for pair in names.windows(2) {
-            let (prev, next) = (pair[0], pair[1]);
-            text.push_str(&format!(
-                "{next}: &{next} [{}]\n",
-                vec![format!("*{prev}"); 9].join(",")
-            ));
-        }
-        text.push_str("services:\n  web:\n    image: x\n    command: *i\n");
-        text
+        persys_test_support::billion_laughs(
+            "",
+            "services:\n  web:\n    image: x\n    command: *i\n",
+        )
     }
 
     #[test]
