@@ -87,6 +87,21 @@ fn record(path: &std::path::Path, line: &str) {
     }
 }
 
+/// A YAML alias bomb ("billion laughs"): nine anchored lists, each of nine
+/// aliases of the one before, about a billion strings expanded from under a
+/// kilobyte. The keys are `{prefix}a` … `{prefix}i`; `tail` follows and may
+/// use the last one as `*i`.
+pub fn billion_laughs(prefix: &str, tail: &str) -> String {
+    let mut text = format!("{prefix}a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+    for pair in names.windows(2) {
+        let (prev, next) = (pair[0], pair[1]);
+        let refs = vec![format!("*{prev}"); 9].join(", ");
+        text.push_str(&format!("{prefix}{next}: &{next} [{refs}]\n"));
+    }
+    text + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,19 +128,4 @@ mod tests {
         assert_eq!(text, "SKIPPED: a: x\nSKIPPED: b: y\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// A YAML alias bomb ("billion laughs"): nine anchored lists, each of nine
-/// aliases of the one before, about a billion strings expanded from under a
-/// kilobyte. The keys are `{prefix}a` … `{prefix}i`; `tail` follows and may
-/// use the last one as `*i`.
-pub fn billion_laughs(prefix: &str, tail: &str) -> String {
-    let mut text = format!("{prefix}a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
-    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
-    for pair in names.windows(2) {
-        let (prev, next) = (pair[0], pair[1]);
-        let refs = vec![format!("*{prev}"); 9].join(", ");
-        text.push_str(&format!("{prefix}{next}: &{next} [{refs}]\n"));
-    }
-    text + tail
 }
