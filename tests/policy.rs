@@ -617,6 +617,36 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
                 "policy ceilings.node.disk_gib",
             ],
         ),
+        // A compose project counts its services' limits times their
+        // containers.
+        case(
+            compose(
+                "r4",
+                "services:\n  web:\n    image: busybox\n    mem_limit: 1g\n    scale: 2\n",
+            ),
+            Code::ResourceExhausted,
+            &[
+                "workload r4",
+                "node memory ceiling 4096 MiB: 3000 MiB in use, 2048 MiB requested",
+                "policy ceilings.node.memory_mib",
+            ],
+        ),
+        case(
+            compose(
+                "r5",
+                "services:\n  web:\n    image: busybox\n    deploy:\n      replicas: 3\n      resources: {limits: {memory: 400m}}\n",
+            ),
+            Code::ResourceExhausted,
+            &["node memory ceiling 4096 MiB: 3000 MiB in use, 1200 MiB requested"],
+        ),
+        case(
+            compose(
+                "r6",
+                "services:\n  web: {image: busybox, mem_limit: plenty}\n",
+            ),
+            INVALID,
+            &[file, "services.web.mem_limit", "not a size compose reads"],
+        ),
     ];
     assert!(cases.len() >= 50, "{} cases", cases.len());
     for Case {
@@ -668,6 +698,86 @@ async fn hostile_specs_are_refused_naming_the_field_and_the_rule_and_nothing_is_
     // A re-apply of the same workload replaces its own share.
     f.client
         .apply_workload(vm_with("base", |vm| vm.memory_mb = 4096))
+        .await
+        .unwrap();
+}
+
+/// A compose project's limits count against the node's ceilings as a
+/// container's do: once it is stored, a container that would take the
+/// node over is refused, and stopping the project frees its share.
+#[tokio::test]
+async fn a_stored_compose_project_s_limits_count_against_the_node_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "ceilings:\n  node: {vcpus: 2, memory_mib: 2048}\n  workload: {vcpus: 2, memory_mib: 2048}\n",
+    )
+    .unwrap();
+    let mut f = Fixture::start(&[("PERSYS_POLICY_FILE", policy.to_str().unwrap())]).await;
+    let yaml = "services:\n  web:\n    image: busybox\n    mem_limit: ${MEM}\n    cpus: 0.75\n    scale: 2\n";
+    let mut project = compose("limits", yaml);
+    if let Some(workload_spec::Spec::Compose(c)) =
+        project.spec.as_mut().and_then(|s| s.spec.as_mut())
+    {
+        c.env.insert("MEM".into(), "768m".into());
+    }
+    let mut stopped = project.clone();
+    stopped.desired_state = DesiredState::Stopped as i32;
+    // Stored stopped first: it holds nothing.
+    f.client.apply_workload(stopped.clone()).await.unwrap();
+    f.client.apply_workload(project.clone()).await.unwrap();
+    let container = |id: &str, memory_mib: i64| {
+        request(
+            id,
+            workload_spec::Spec::Container(ContainerSpec {
+                image: "busybox".into(),
+                resources: Some(ResourceLimits {
+                    memory_bytes: memory_mib * 1024 * 1024,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        )
+    };
+    let error = f
+        .client
+        .apply_workload(container("extra", 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::ResourceExhausted, "{error:?}");
+    assert!(
+        error
+            .message()
+            .contains("node memory ceiling 2048 MiB: 1536 MiB in use, 1024 MiB requested"),
+        "{}",
+        error.message()
+    );
+    let cpu = f
+        .client
+        .apply_workload(request(
+            "cpu",
+            workload_spec::Spec::Container(ContainerSpec {
+                image: "busybox".into(),
+                resources: Some(ResourceLimits {
+                    cpu_shares: 1024,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        cpu.message()
+            .contains("node vCPU ceiling 2 vCPUs: 1.5 vCPUs in use, 1 vCPUs requested"),
+        "{}",
+        cpu.message()
+    );
+    // Stopped, the project frees its share.
+    f.client.apply_workload(stopped).await.unwrap();
+    f.client
+        .apply_workload(container("extra", 1024))
         .await
         .unwrap();
 }

@@ -199,8 +199,8 @@ impl Allocation {
     /// Sums the specs of the workloads meant to run: stopped ones and ones
     /// being deleted hold nothing. Containers: CPU shares at 1024 per core
     /// (1024 shares = 1000m) and the memory limit; VMs: vCPUs and memory;
-    /// disks and managed volumes by their declared size. Compose projects
-    /// declare nothing the agent can read.
+    /// disks and managed volumes by their declared size; compose projects:
+    /// their services' limits, as the ceilings count them.
     pub fn of(workloads: &[Arc<Workload>]) -> Allocation {
         let mut total = Allocation::default();
         for workload in workloads {

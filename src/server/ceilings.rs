@@ -10,7 +10,7 @@
 //! cannot each fit alone and together overshoot. A re-apply of a workload
 //! replaces its own share.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,16 +24,48 @@ use crate::tasks::Tasks;
 
 const MIB: u64 = 1024 * 1024;
 
+/// Object label: the CPU (millicpus) a compose workload's services are
+/// limited to in all, as counted at apply.
+pub const COMPOSE_MILLICPUS: &str = "persys.compose.limits.millicpus";
+/// Object label: the memory (MiB) a compose workload's services are
+/// limited to in all, as counted at apply.
+pub const COMPOSE_MEMORY_MIB: &str = "persys.compose.limits.memory-mib";
+
+/// The labels that record a compose workload's figures.
+pub fn compose_labels(
+    resources: persys_controllers::compose::ComposeResources,
+) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            COMPOSE_MILLICPUS.to_string(),
+            resources.millicpus.clamp(0, MAX_FIGURE).to_string(),
+        ),
+        (
+            COMPOSE_MEMORY_MIB.to_string(),
+            resources.memory_mib.clamp(0, MAX_FIGURE).to_string(),
+        ),
+    ])
+}
+
 /// What a workload's spec promises: CPU (VM vCPUs; container CPU shares at
-/// 1024 a CPU), memory (VM memory; container memory limits) and disk (VM
-/// disks, managed volumes). Compose projects declare nothing the agent
-/// reads, so they count for nothing but their number.
+/// 1024 a CPU; a compose project's CPU limits), memory (VM memory;
+/// container and compose memory limits) and disk (VM disks, managed
+/// volumes).
+///
+/// A compose project's figures are its services' limits times their
+/// containers ([`persys_controllers::compose::declared_resources`]), read
+/// from the file once, at apply, and recorded with the object under
+/// [`COMPOSE_MILLICPUS`] and [`COMPOSE_MEMORY_MIB`]: the ledger and the
+/// heartbeat read them from there instead of parsing the file at every
+/// status change.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Figures {
     pub millicpus: i64,
     pub memory_mib: i64,
     pub disk_gib: i64,
 }
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 /// The most one workload is counted for in each dimension: 2^40 (a
 /// billion CPUs, an exbibyte of memory, a zebibyte of disk). The figures
@@ -52,8 +84,10 @@ fn sum_capped(values: impl Iterator<Item = i64>) -> i64 {
 }
 
 impl Figures {
-    /// What `spec` promises. Saturating: no spec can overflow the sums.
-    pub fn of_spec(spec: &workload_spec::Spec) -> Figures {
+    /// What `spec` promises, with `labels` the object's (a compose
+    /// workload's figures are recorded there). Saturating: no spec can
+    /// overflow the sums.
+    pub fn of_spec(spec: &workload_spec::Spec, labels: &BTreeMap<String, String>) -> Figures {
         let figures = match spec {
             workload_spec::Spec::Container(container) => {
                 let (millicpus, memory_mib) = match &container.resources {
@@ -84,7 +118,19 @@ impl Figures {
                         .chain(vm.managed_volumes.iter().map(|v| v.size_gb)),
                 ),
             },
-            workload_spec::Spec::Compose(_) => Figures::default(),
+            workload_spec::Spec::Compose(_) => {
+                let label = |name: &str| {
+                    labels
+                        .get(name)
+                        .and_then(|value| value.parse::<i64>().ok())
+                        .unwrap_or(0)
+                };
+                Figures {
+                    millicpus: label(COMPOSE_MILLICPUS),
+                    memory_mib: label(COMPOSE_MEMORY_MIB),
+                    disk_gib: 0,
+                }
+            }
         };
         Figures {
             millicpus: figures.millicpus.clamp(0, MAX_FIGURE),
@@ -99,9 +145,14 @@ impl Figures {
         if workload.is_deleting() || workload.desired_state() == DesiredState::Stopped {
             return Figures::default();
         }
+        let labels = workload
+            .metadata
+            .as_ref()
+            .map(|meta| &meta.labels)
+            .unwrap_or(&NO_LABELS);
         workload
             .workload_spec()
-            .map(Figures::of_spec)
+            .map(|spec| Figures::of_spec(spec, labels))
             .unwrap_or_default()
     }
 
@@ -358,13 +409,18 @@ impl Admission {
         &self,
         id: &str,
         spec: &WorkloadSpec,
+        labels: &BTreeMap<String, String>,
         desired: DesiredState,
     ) -> Result<Reservation, Exceeded> {
         let exceeded = |message: String| Exceeded {
             id: id.to_string(),
             message,
         };
-        let wanted = spec.spec.as_ref().map(Figures::of_spec).unwrap_or_default();
+        let wanted = spec
+            .spec
+            .as_ref()
+            .map(|spec| Figures::of_spec(spec, labels))
+            .unwrap_or_default();
         self.check_workload(wanted).map_err(exceeded)?;
         let mut filled = self.version.subscribe();
         let first_fill = filled.wait_for(Option::is_some);
@@ -602,7 +658,7 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            Figures::of_spec(&container),
+            Figures::of_spec(&container, &NO_LABELS),
             Figures {
                 millicpus: 500,
                 memory_mib: 4,
@@ -630,7 +686,7 @@ mod tests {
             ],
             ..Default::default()
         });
-        let figures = Figures::of_spec(&huge);
+        let figures = Figures::of_spec(&huge, &NO_LABELS);
         assert_eq!(
             figures,
             Figures {
@@ -651,10 +707,10 @@ mod tests {
             ],
             ..Default::default()
         });
-        assert_eq!(Figures::of_spec(&vm).disk_gib, MAX_FIGURE);
+        assert_eq!(Figures::of_spec(&vm, &NO_LABELS).disk_gib, MAX_FIGURE);
         let (_dir, _stop, admission) = admission();
         let error = admission
-            .admit("huge", &in_spec(huge), DesiredState::Running)
+            .admit("huge", &in_spec(huge), &NO_LABELS, DesiredState::Running)
             .await
             .err()
             .unwrap();
@@ -669,7 +725,12 @@ mod tests {
         memory_mb: i64,
     ) -> Result<Reservation, Exceeded> {
         admission
-            .admit(id, &in_spec(vm(vcpus, memory_mb)), DesiredState::Running)
+            .admit(
+                id,
+                &in_spec(vm(vcpus, memory_mb)),
+                &NO_LABELS,
+                DesiredState::Running,
+            )
             .await
     }
 
@@ -698,7 +759,12 @@ mod tests {
         // The same workload again replaces its share; stopped holds nothing.
         admit_vm(&admission, "b", 2, 8000).await.unwrap();
         admission
-            .admit("c", &in_spec(vm(2, 2048)), DesiredState::Stopped)
+            .admit(
+                "c",
+                &in_spec(vm(2, 2048)),
+                &NO_LABELS,
+                DesiredState::Stopped,
+            )
             .await
             .unwrap();
         drop(a);

@@ -231,7 +231,7 @@ impl AgentService for Agent {
         }
         let reservation = self
             .admission
-            .admit(&id, &apply.spec, apply.desired_state)
+            .admit(&id, &apply.spec, &apply.labels, apply.desired_state)
             .await
             .map_err(|e| {
                 self.metrics.apply("refused");

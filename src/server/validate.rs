@@ -8,8 +8,8 @@ use persys_api::v1::{ApplyWorkloadRequest, DesiredState, Workload, WorkloadType,
 
 use persys_controllers::SpecError;
 use persys_controllers::compose::{
-    ComposeEnvironment, ComposeRules, check_compose_policy, derive_project_name,
-    validate_compose_spec,
+    ComposeEnvironment, ComposeRules, check_compose_policy, declared_resources,
+    derive_project_name, validate_compose_spec,
 };
 use persys_controllers::docker::{HostPathPolicy, validate_container_spec};
 use persys_controllers::policy::NodePolicy;
@@ -116,6 +116,9 @@ pub fn apply_request(
     // acting, so a spec refused here is one it would refuse too. The node
     // policy's compose and VM network rules are enforced here, at apply;
     // container bind paths at apply and again by the Docker controller.
+    // A compose workload's limits are read here, once, and recorded with
+    // the object for the ceilings (see `ceilings::Figures`).
+    let mut labels = std::collections::BTreeMap::new();
     match spec {
         workload_spec::Spec::Container(c) => validate_container_spec(c, &limits.host_paths),
         // The compose file is parsed once, within its bounds, by
@@ -136,7 +139,13 @@ pub fn apply_request(
                     host_paths: &limits.host_paths,
                     vars: &vars,
                 },
-            )
+            )?;
+            labels = super::ceilings::compose_labels(declared_resources(
+                &valid.document,
+                &vars,
+                &c.env,
+            )?);
+            Ok(())
         }),
         workload_spec::Spec::Vm(v) => {
             validate_vm_spec(&request.id, v, &limits.vm_disk_roots, &limits.vm_root).and_then(
@@ -156,7 +165,7 @@ pub fn apply_request(
             .into_iter()
             .map(String::from)
             .collect(),
-        labels: Default::default(),
+        labels,
         caller: Default::default(),
     })
 }

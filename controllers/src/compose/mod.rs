@@ -22,6 +22,8 @@
 //! - `document`: a compose file read within bounds (size, alias expansion,
 //!   depth), merge keys applied, `${VAR}` interpolated as compose does.
 //! - `policy`: a compose file against the node's workload policy.
+//! - `resources`: the CPU and memory a project's services are limited to,
+//!   which the node's ceilings count.
 //! - [`observe`]: the project as found: its containers, from the engine,
 //!   and its folder.
 //! - `runtime`: the facade over the compose CLI and the engine.
@@ -57,6 +59,7 @@ mod plan;
 mod policy;
 pub(crate) mod project;
 pub(crate) mod reconciler;
+mod resources;
 mod runtime;
 pub(crate) mod services;
 pub(crate) mod status;
@@ -70,4 +73,5 @@ pub use errors::{ComposeError, FailureReason};
 pub use naming::derive_project_name;
 pub use policy::{ComposeRules, check_compose_policy};
 pub use reconciler::{ComposeController, ComposeHealth};
+pub use resources::{ComposeResources, declared_resources};
 pub use validate::{ValidCompose, validate_compose_spec};
