@@ -546,6 +546,7 @@ async fn container_and_compose_workloads_run_again_once_each_after_dockerd_resta
         before.push((desired(&w), found[0].clone(), started));
     }
 
+    let down = Instant::now();
     engine.stop().await;
     assert!(!engine.answers(), "the engine is down");
     // The agent says so, and still takes applies.
@@ -554,6 +555,7 @@ async fn container_and_compose_workloads_run_again_once_each_after_dockerd_resta
         .await;
     agent.apply(&late, sleeper()).await;
     engine.run().await;
+    let back = Instant::now();
 
     for (id, (desired_before, container_before, started_before)) in
         [&container, &compose].into_iter().zip(before)
@@ -590,6 +592,11 @@ async fn container_and_compose_workloads_run_again_once_each_after_dockerd_resta
         engine.containers_of(&late).len(),
         1,
         "{late}: one container"
+    );
+    eprintln!(
+        "dockerd down for {:?}; all three workloads running {:?} after it answered",
+        back - down,
+        back.elapsed()
     );
 
     let mut ids = vec![container.clone(), compose.clone(), late.clone()];
@@ -677,7 +684,12 @@ async fn a_compose_workload_says_compose_is_missing_and_runs_once_it_is_installe
 
     // docker-compose is installed; the agent is not restarted.
     std::os::unix::fs::symlink(which("docker-compose"), bin.join("docker-compose")).unwrap();
+    let installed = Instant::now();
     let w = agent.wait_for(&id, "running", running).await;
+    eprintln!(
+        "running {:?} after docker-compose was installed",
+        installed.elapsed()
+    );
     assert_eq!(desired(&w), desired(&failed), "desired state kept");
     assert_eq!(engine.containers_of(&id).len(), 1, "one container");
     assert!(
@@ -883,6 +895,7 @@ async fn a_running_domain_stays_one_running_domain_across_a_libvirtd_restart() {
     let domid = virsh(&["domid", &first]).unwrap();
     assert_eq!(status(&before).runtime_ref, uuid, "status names the domain");
 
+    let down = Instant::now();
     daemon.stop().await;
     // Down: the agent says so, and stores what is applied meanwhile.
     agent
@@ -890,12 +903,19 @@ async fn a_running_domain_stays_one_running_domain_across_a_libvirtd_restart() {
         .await;
     agent.apply(&late, vm()).await;
     daemon.start().await;
+    let back = Instant::now();
 
     let after = agent
         .wait_for(&late, "running once libvirtd is back", |w| {
             running(w) && virsh(&["domstate", &late]).as_deref() == Some("running")
         })
         .await;
+    eprintln!(
+        "{} down for {:?}; the VM applied meanwhile running {:?} after it answered",
+        daemon.name,
+        back - down,
+        back.elapsed()
+    );
     assert_eq!(domains_named(&late), 1, "{late}: one domain");
     assert_eq!(
         status(&after).runtime_ref,
