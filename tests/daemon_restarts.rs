@@ -574,7 +574,7 @@ async fn container_and_compose_workloads_run_again_once_each_after_dockerd_resta
         assert_eq!(desired(&w), desired_before, "{id}: desired state kept");
         assert_eq!(
             engine.containers_of(id),
-            [container_before.clone()],
+            std::slice::from_ref(&container_before),
             "{id}: the same container, started again, and no other"
         );
         assert_eq!(
