@@ -831,7 +831,8 @@ impl Drop for LibvirtDaemon {
     }
 }
 
-/// Domains this test may have left: destroyed and undefined on drop.
+/// Domains this test may have left: destroyed and undefined on drop, and
+/// their qemu logs removed.
 struct Domains(Vec<String>);
 
 impl Drop for Domains {
@@ -842,6 +843,8 @@ impl Drop for Domains {
                 let _ =
                     virsh(&["undefine", name, "--nvram"]).or_else(|| virsh(&["undefine", name]));
             }
+            // libvirt keeps each domain's qemu log.
+            let _ = std::fs::remove_file(format!("/var/log/libvirt/qemu/{name}.log"));
         }
     }
 }
@@ -866,6 +869,12 @@ async fn a_running_domain_stays_one_running_domain_across_a_libvirtd_restart() {
         );
         return;
     }
+    let pid = std::process::id();
+    let first = format!("librestart-{pid}-a");
+    let late = format!("librestart-{pid}-b");
+    // Before the daemon's guard, so dropped after it: the domains are
+    // removed once a libvirtd the test stopped runs again.
+    let _domains = Domains(vec![first.clone(), late.clone()]);
     let Some(mut daemon) = LibvirtDaemon::find() else {
         persys_test_support::skip(
             test,
@@ -874,10 +883,6 @@ async fn a_running_domain_stays_one_running_domain_across_a_libvirtd_restart() {
         );
         return;
     };
-    let pid = std::process::id();
-    let first = format!("librestart-{pid}-a");
-    let late = format!("librestart-{pid}-b");
-    let _domains = Domains(vec![first.clone(), late.clone()]);
     let mut agent = Agent::start(&[
         ("PERSYS_VM_ENABLED", "true"),
         ("PERSYS_RECONCILE_INTERVAL", "10m"),
