@@ -690,6 +690,13 @@ async fn a_compose_workload_says_compose_is_missing_and_runs_once_it_is_installe
         "running {:?} after docker-compose was installed",
         installed.elapsed()
     );
+    assert!(
+        agent
+            .log()
+            .contains("compose CLI found: reconciling every compose workload"),
+        "finding compose queued the compose workloads at once:\n{}",
+        agent.log()
+    );
     assert_eq!(desired(&w), desired(&failed), "desired state kept");
     assert_eq!(engine.containers_of(&id).len(), 1, "one container");
     assert!(
