@@ -11,9 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::BoxStream;
+use futures::stream::{self, BoxStream, StreamExt};
 use persys_api::v1::{EventType, Workload, WorkloadType};
 use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream;
 
 use super::act::{Converged, PENDING_REQUEUE};
 use super::binary::{ComposeBinary, DetectError};
@@ -101,9 +102,11 @@ impl ComposeController {
 
     /// Workload ids to reconcile, from the engine's `/events` for compose
     /// containers (and, on every (re)connect, every compose workload and
-    /// every project folder): the trigger for `Controller::with_trigger`.
+    /// every project folder), and every compose workload when a compose CLI
+    /// is found after it was missing: the trigger for
+    /// `Controller::with_trigger`.
     pub fn trigger(&self) -> BoxStream<'static, String> {
-        follow::trigger(
+        let events = follow::trigger(
             self.runtime.engine().clone(),
             self.config.events_backoff,
             ProjectEvents {
@@ -111,7 +114,17 @@ impl ComposeController {
                 index: self.index.clone(),
                 project_root: self.config.project_root.clone(),
             },
-        )
+        );
+        let cache = self.cache.clone();
+        let found = WatchStream::from_changes(self.runtime.found_again()).flat_map(move |_| {
+            let ids = cache.ids_of_type(WorkloadType::Compose);
+            tracing::info!(
+                workloads = ids.len(),
+                "compose CLI found: reconciling every compose workload"
+            );
+            stream::iter(ids)
+        });
+        stream::select(events, found).boxed()
     }
 
     /// The health probe: the compose CLI (kind, version) and the engine.

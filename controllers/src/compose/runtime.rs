@@ -1,6 +1,9 @@
 //! The Compose runtime as the controller acts on it: the compose CLI (found
-//! once, forgotten when it disappears), the processes that run it, and the
-//! engine the projects' containers are read and removed through.
+//! once, forgotten when it disappears, looked for again on every use until
+//! found), the processes that run it, and the engine the projects'
+//! containers are read and removed through.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bollard::Docker;
 use bollard::query_parameters::{
@@ -28,6 +31,13 @@ pub(crate) struct ComposeRuntime {
     /// so concurrent reconciles detect once. Empty until a detection
     /// succeeds; cleared when the binary disappears.
     binary: tokio::sync::Mutex<Option<ComposeBinary>>,
+    /// Whether the last detection found nothing, or the detected CLI could
+    /// no longer be started.
+    missing: AtomicBool,
+    /// Bumped when a compose CLI is found after it was missing, so the
+    /// workloads that failed for want of it run at once rather than on
+    /// their back-off (which grows to minutes): see [`Self::found_again`].
+    found_again: tokio::sync::watch::Sender<u64>,
     /// The environment of every compose process: the allow-list of the
     /// agent's own, read once here, and `DOCKER_HOST`. Never a spec's.
     environment: ComposeEnvironment,
@@ -43,7 +53,17 @@ impl ComposeRuntime {
             runner: CommandRunner::new(config.max_concurrent_commands, config.command_timeout),
             configured: config.binary.clone(),
             binary: tokio::sync::Mutex::new(None),
+            missing: AtomicBool::new(false),
+            found_again: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time a compose CLI is found after a detection found
+    /// none (or the one found could no longer be started). The health
+    /// probe looks for it every few seconds, so an installed compose is
+    /// noticed within one probe.
+    pub(crate) fn found_again(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.found_again.subscribe()
     }
 
     pub(crate) fn engine(&self) -> &Engine {
@@ -61,13 +81,23 @@ impl ComposeRuntime {
         if let Some(found) = cached.as_ref() {
             return Ok(found.clone());
         }
-        let found = binary::detect(
+        let detected = binary::detect(
             self.configured.as_deref(),
             &self.environment.for_command(None),
         )
-        .await?;
+        .await;
+        let found = match detected {
+            Ok(found) => found,
+            Err(error) => {
+                self.missing.store(true, Ordering::Relaxed);
+                return Err(error);
+            }
+        };
         tracing::info!(compose = %found, "compose CLI detected");
         *cached = Some(found.clone());
+        if self.missing.swap(false, Ordering::Relaxed) {
+            self.found_again.send_modify(|n| *n = n.wrapping_add(1));
+        }
         Ok(found)
     }
 
@@ -141,6 +171,7 @@ impl ComposeRuntime {
             Err(RunError::Spawn { program, source }) => {
                 // Uninstalled or replaced: detect again next time.
                 *self.binary.lock().await = None;
+                self.missing.store(true, Ordering::Relaxed);
                 Err(failed(
                     FailureReason::RuntimeError,
                     format!("could not start {program}: {source}"),
@@ -233,4 +264,60 @@ fn is_not_found(error: &bollard::errors::Error) -> bool {
             ..
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real docker-compose on PATH; `None` when there is none (the test
+    /// is skipped, or fails in CI).
+    fn docker_compose(test: &str) -> Option<std::path::PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let found = std::env::split_paths(&path)
+            .map(|dir| dir.join("docker-compose"))
+            .find(|p| p.is_file());
+        if found.is_none() {
+            persys_test_support::skip(test, "docker-compose", &"not on PATH");
+        }
+        found
+    }
+
+    fn runtime_with(binary: &std::path::Path, state: &std::path::Path) -> ComposeRuntime {
+        ComposeRuntime::new(&ComposeConfig {
+            binary: Some(binary.display().to_string()),
+            ..ComposeConfig::new(state)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_compose_cli_installed_while_the_agent_runs_is_found_and_announced_once() {
+        let Some(real) = docker_compose(
+            "a_compose_cli_installed_while_the_agent_runs_is_found_and_announced_once",
+        ) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("docker-compose");
+        let runtime = runtime_with(&link, dir.path());
+        let mut found = runtime.found_again();
+        for _ in 0..2 {
+            let error = runtime.binary().await.unwrap_err();
+            assert!(error.to_string().contains("docker-compose"), "{error}");
+        }
+        assert!(!found.has_changed().unwrap(), "nothing found yet");
+
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        runtime.binary().await.unwrap();
+        assert!(found.has_changed().unwrap(), "found after it was missing");
+        found.mark_unchanged();
+        runtime.binary().await.unwrap();
+        assert!(!found.has_changed().unwrap(), "announced once");
+
+        // Present from the start: nothing was waiting for it.
+        let present = runtime_with(&link, dir.path());
+        let found = present.found_again();
+        present.binary().await.unwrap();
+        assert!(!found.has_changed().unwrap());
+    }
 }
