@@ -6,8 +6,8 @@
 //!
 //! Nothing here may disturb the other tests of the workspace:
 //! - dockerd: each test runs a private Docker engine of its own (own
-//!   socket, data and exec roots, managed containerd, no bridge, no
-//!   iptables) with the test image loaded from the system engine, and
+//!   socket, data and exec roots, managed containerd, a bridge of its own,
+//!   no iptables) with the test image loaded from the system engine, and
 //!   points the agent (and so docker-compose) at it. Stopping it touches
 //!   nothing else, so it runs wherever root and `dockerd` are.
 //! - libvirtd: domains outlive the daemon, so the system one is restarted
@@ -94,6 +94,11 @@ where
 
 /// A dockerd of this test's own, with everything under a temporary
 /// directory. Stopped, unmounted and removed when dropped.
+/// The private engine's bridge, made by the test (the tests of this binary
+/// run one at a time) and removed by [`PrivateDockerd`]'s drop.
+const PRIVATE_BRIDGE: &str = "persys-pdbr0";
+const PRIVATE_BRIDGE_ADDRESS: &str = "172.30.253.1/24";
+
 struct PrivateDockerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -124,6 +129,19 @@ impl PrivateDockerd {
             .prefix("persys-pd")
             .tempdir_in("/tmp")
             .unwrap();
+        // A bridge of its own: dockerd told `--bridge none` deletes the
+        // host's `docker0`, which the system engine needs.
+        let _ = Command::new("ip")
+            .args(["link", "del", PRIVATE_BRIDGE])
+            .stderr(Stdio::null())
+            .status();
+        for args in [
+            &["link", "add", PRIVATE_BRIDGE, "type", "bridge"][..],
+            &["addr", "add", PRIVATE_BRIDGE_ADDRESS, "dev", PRIVATE_BRIDGE],
+            &["link", "set", PRIVATE_BRIDGE, "up"],
+        ] {
+            assert!(succeeds("ip", args), "ip {}", args.join(" "));
+        }
         let mut engine = PrivateDockerd { dir, child: None };
         engine.run().await;
 
@@ -166,8 +184,9 @@ impl PrivateDockerd {
             .args(["--exec-root", &path("exec")])
             .args(["--pidfile", &path("dockerd.pid")])
             .args(["--storage-driver", "overlay2"])
-            // Nothing on the host's network: no bridge, no rules, no sysctl.
-            .args(["--bridge", "none"])
+            // Nothing of the host's network: its own bridge (not `none`,
+            // which deletes `docker0`), no rules, no sysctl.
+            .args(["--bridge", PRIVATE_BRIDGE])
             .args([
                 "--iptables=false",
                 "--ip6tables=false",
@@ -310,6 +329,9 @@ impl Drop for PrivateDockerd {
         for point in points {
             let _ = Command::new("umount").args(["-l", point]).status();
         }
+        let _ = Command::new("ip")
+            .args(["link", "del", PRIVATE_BRIDGE])
+            .status();
         // The TempDir removes the directory.
     }
 }
@@ -523,6 +545,7 @@ async fn container_and_compose_workloads_run_again_once_each_after_dockerd_resta
     if !compose_on_path(test) {
         return;
     }
+    let host_bridge = succeeds("ip", &["link", "show", "docker0"]);
     let Some(mut engine) = PrivateDockerd::start(test).await else {
         return;
     };
@@ -612,6 +635,12 @@ async fn container_and_compose_workloads_run_again_once_each_after_dockerd_resta
         agent.delete(id).await;
         assert!(engine.containers_of(id).is_empty(), "{id}: removed");
     }
+    // The private engine left the system engine's network alone.
+    assert_eq!(
+        succeeds("ip", &["link", "show", "docker0"]),
+        host_bridge,
+        "the host's docker0 bridge is as it was"
+    );
 }
 
 // ---------------------------------------------------------------------------
