@@ -633,3 +633,53 @@ async fn a_damaged_state_directory_stops_the_agent_naming_the_file_and_the_way_o
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
 }
+
+#[tokio::test]
+async fn store_check_finds_records_that_do_not_open_and_objects_the_log_disagrees_with() {
+    use persys_agent::store::{ApplyRequest, Caller, Store, StoreConfig, check};
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::new(dir.path().join("state"));
+    let store = Store::open(config.clone()).unwrap();
+    for id in ["a", "b", "c"] {
+        store
+            .apply(ApplyRequest {
+                id: id.into(),
+                workload_type: WorkloadType::Container,
+                revision_id: String::new(),
+                desired_state: DesiredState::Running,
+                spec: request(id, "r1").spec.unwrap(),
+                finalizers: Vec::new(),
+                labels: Default::default(),
+                caller: Caller::default(),
+            })
+            .await
+            .unwrap();
+    }
+    store.close().await;
+    drop(store);
+    let report = check(&config).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    assert_eq!((report.objects, report.log_entries), (3, 3), "{report}");
+
+    // Damage fjall itself cannot see: every checksum holds.
+    {
+        let db = fjall::Database::builder(config.path.join("db"))
+            .open()
+            .unwrap();
+        let options = fjall::KeyspaceCreateOptions::default;
+        let objects = db.keyspace("objects_sealed", options).unwrap();
+        let log = db.keyspace("changelog_sealed", options).unwrap();
+        objects.remove("c").unwrap();
+        log.insert(2u64.to_be_bytes(), b"not a record".as_slice())
+            .unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let report = check(&config).unwrap();
+    assert!(!report.is_sound());
+    let problems = report.problems.join("\n");
+    assert!(problems.contains("log entry 2"), "{problems}");
+    assert!(
+        problems.contains("log entry 3 wrote object c, which is not stored"),
+        "{problems}"
+    );
+}
