@@ -505,7 +505,13 @@ async fn a_damaged_state_directory_stops_the_agent_naming_the_file_and_the_way_o
         ),
         ("journal lost", "db/*.jnl", Damage::Remove, "journal"),
         (
-            "object table bytes",
+            "objects table bytes",
+            "db/keyspaces/3/tables/*",
+            Damage::Flip,
+            "db/keyspaces",
+        ),
+        (
+            "change-log table bytes",
             "db/keyspaces/2/tables/*",
             Damage::Flip,
             "db/keyspaces",
