@@ -347,6 +347,64 @@ async fn a_failed_fsync_acknowledges_nothing_more_and_the_agent_exits_to_recover
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_that_meets_a_full_disk_past_the_reserve_stops_the_agent_and_loses_nothing() {
+    const ENOSPC: i32 = 28;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("backing")).unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let fs = LazyFs::mount(dir.path().join("backing"), &state).unwrap();
+    let mut agent = start(&state).await;
+    let mut client = plaintext_client(agent.port).await.unwrap();
+    for i in 0..5 {
+        let applied = client
+            .apply_workload(request(&format!("before-{i}"), "r1"))
+            .await
+            .unwrap();
+        assert!(applied.get_ref().applied);
+    }
+    // The filesystem still reports free space, but writes fail: fjall
+    // meets ENOSPC itself (and poisons its database).
+    fs.fail_writes(Some(ENOSPC));
+    let status = client
+        .apply_workload(request("refused", "r1"))
+        .await
+        .expect_err("a write that failed must not answer OK");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("No space left on device"),
+        "{}",
+        status.message()
+    );
+    let status = wait_exit(&mut agent).await;
+    assert_eq!(status.code(), Some(1), "{}", agent.log_text());
+    assert!(!agent.log_text().contains("panicked"));
+
+    // Space back, and the agent restarted (as systemd would): nothing
+    // acknowledged is missing, and it writes again.
+    fs.fail_writes(None);
+    drop(agent);
+    let agent = start(&state).await;
+    for i in 0..5 {
+        assert_eq!(
+            stored_revision(agent.port, &format!("before-{i}"))
+                .await
+                .as_deref(),
+            Some("r1")
+        );
+    }
+    let mut client = plaintext_client(agent.port).await.unwrap();
+    assert!(
+        client
+            .apply_workload(request("after", "r1"))
+            .await
+            .unwrap()
+            .get_ref()
+            .applied
+    );
+}
+
 /// The agent binary, offline, on `state` (its key beside it).
 fn agent_command(state: &Path) -> Command {
     let mut command = common::offline_agent(state);
