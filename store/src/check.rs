@@ -91,6 +91,15 @@ pub fn check(config: &StoreConfig) -> Result<CheckReport, StoreError> {
             ));
         }
     }
+    if !path.join("db").is_dir() {
+        return Err(schema::open_error(
+            path,
+            format!(
+                "no store here ({} does not exist)",
+                path.join("db").display()
+            ),
+        ));
+    }
     let key =
         seal::read_key_file(&config.key_file)?.ok_or_else(|| schema::missing_key_error(config))?;
     let sealer = Sealer::new(&key)?;
