@@ -42,6 +42,13 @@ pub enum AgentError {
     Policy(#[from] PolicyError),
     #[error("invalid workload policy: {0}")]
     WorkloadPolicy(#[from] crate::policy::PolicyFileError),
+    /// A write or sync of the store failed while running: the agent stops
+    /// so that its service manager restarts it and recovery replays the
+    /// journal.
+    #[error(
+        "{0}. Exiting: restarted (by systemd, or whatever supervises the agent), it recovers every acknowledged write from the journal"
+    )]
+    StoreFailed(StoreError),
 }
 
 impl AgentError {
@@ -95,6 +102,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         "workload policy in force (persys-agent policy show prints all of it)"
     );
     let store = open_store(&config)?;
+    // A failed write or sync stops the agent: nothing more can be
+    // acknowledged, and a restart recovers from what is on disk.
+    let store_failure = tokio::spawn({
+        let failed = store.failed();
+        let shutdown = shutdown.clone();
+        async move {
+            let error = failed.await;
+            tracing::error!(%error, "the store failed: shutting down, to be restarted");
+            shutdown.cancel();
+        }
+    });
     // Every long-running task, watched: one that dies is reported.
     let tasks = Tasks::new(background.clone());
     let informer = Informer::new(Arc::new(store.clone()));
@@ -204,6 +222,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     }
     let _ = metrics_task.await;
     store.close().await;
+    store_failure.abort();
+    if let Some(error) = store.failure() {
+        return Err(AgentError::StoreFailed(error));
+    }
     tracing::info!("store closed; bye");
     Ok(())
 }

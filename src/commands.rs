@@ -1,6 +1,6 @@
 //! One-shot commands of the `persys-agent` binary (`persys-agent authz
-//! check …`, `persys-agent store rotate-key`, `persys-agent policy show`): each returns the process's
-//! exit status.
+//! check …`, `persys-agent store rotate-key`, `persys-agent store check`,
+//! `persys-agent policy show`): each returns the process's exit status.
 
 use crate::config::{AuthzCommand, Command, Config, PolicyCommand, StoreCommand};
 use crate::server::authz::{Identity, Policy};
@@ -14,6 +14,9 @@ pub fn run(config: &Config, command: &Command) -> i32 {
         Command::Store {
             action: StoreCommand::RotateKey,
         } => rotate_key(config),
+        Command::Store {
+            action: StoreCommand::Check,
+        } => store_check(config),
         Command::Policy {
             action: PolicyCommand::Show,
         } => policy_show(config),
@@ -46,6 +49,38 @@ fn rotate_key(config: &Config) -> i32 {
         }
         Err(error) => {
             eprintln!("persys-agent: {error}");
+            1
+        }
+    }
+}
+
+/// Verifies the state directory offline. 0 when sound; 1 naming each
+/// problem, or why it could not be checked.
+fn store_check(config: &Config) -> i32 {
+    let mut store = crate::store::StoreConfig::new(&config.state_path);
+    store.key_file = config.state_key_file();
+    let path = config.state_path.display();
+    match crate::store::check(&store) {
+        Ok(report) if report.is_sound() => {
+            println!("persys-agent: state directory {path} is sound: {report}");
+            0
+        }
+        Ok(report) => {
+            println!("persys-agent: state directory {path}: {report}");
+            eprintln!(
+                "persys-agent: state directory {path} is NOT sound ({} problems):",
+                report.problems.len()
+            );
+            for problem in &report.problems {
+                eprintln!("  {problem}");
+            }
+            eprintln!(
+                "Restore the state directory from a backup, or move it aside and let the agent start empty (the scheduler applies its workloads again)."
+            );
+            1
+        }
+        Err(error) => {
+            eprintln!("persys-agent: state directory {path} cannot be checked: {error}");
             1
         }
     }

@@ -379,10 +379,10 @@ pub async fn serve(
             let informer = informer.clone();
             let tasks = tasks.clone();
             async move {
-                if !store.is_writable() {
+                if let Some(problem) = store.write_problem() {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "store not writable\n".into(),
+                        format!("store not writable: {problem}\n"),
                     )
                 } else if !informer.is_synced() {
                     (

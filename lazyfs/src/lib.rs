@@ -40,6 +40,17 @@
 //! Unlinked and replaced entries are kept, until the cut or the unmount, in
 //! a hidden directory `.lazyfs-removed` in the backing root.
 //!
+//! # Faults
+//!
+//! [`LazyFs::fail_syncs`] makes every `fsync`, `fdatasync` and directory
+//! sync fail with an error of the test's choosing, as a failing disk does;
+//! [`LazyFs::fail_writes`] does the same for writes (`ENOSPC` for a full
+//! disk), which then change nothing. A failed file sync behaves as Linux
+//! does after a writeback error ("fsyncgate"): what it covered stays
+//! readable, but is not durable, and a later sync that succeeds does not
+//! make it so either: the next power cut drops it. A failed directory sync
+//! makes nothing durable.
+//!
 //! [LazyFS]: https://github.com/dsrhaslab/lazyfs
 
 use std::collections::HashMap;
@@ -108,6 +119,9 @@ impl LazyFs {
             journal: Vec::new(),
             next_removed: 0,
             powered_off: false,
+            sync_fault: None,
+            write_fault: None,
+            lost: HashMap::new(),
         }));
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("lazyfs".into())];
@@ -137,6 +151,20 @@ impl LazyFs {
     /// before unmounting it.
     pub fn cut_power(&self) -> io::Result<CutReport> {
         lock(&self.state).cut_power()
+    }
+
+    /// From now on, every file and directory sync fails with `errno` (for
+    /// example `libc::EIO`, 5), and what it was to make durable is lost at
+    /// the next power cut even if a later sync succeeds; `None` makes syncs
+    /// work again.
+    pub fn fail_syncs(&self, errno: Option<i32>) {
+        lock(&self.state).sync_fault = errno.map(Errno::from_i32);
+    }
+
+    /// From now on, every write fails with `errno` (for example `ENOSPC`,
+    /// 28) and changes nothing; `None` makes writes work again.
+    pub fn fail_writes(&self, errno: Option<i32>) {
+        lock(&self.state).write_fault = errno.map(Errno::from_i32);
     }
 
     /// Unmounts and waits for the serving thread. Unsynced changes are kept,
@@ -237,6 +265,13 @@ struct State {
     next_removed: u64,
     /// Set by the cut: every operation fails from then on.
     powered_off: bool,
+    /// What every sync fails with, while set.
+    sync_fault: Option<Errno>,
+    /// What every write fails with, while set.
+    write_fault: Option<Errno>,
+    /// Inode → changes a failed sync was to make durable, oldest first: no
+    /// later sync makes them durable, a power cut undoes them.
+    lost: HashMap<u64, Vec<Undo>>,
 }
 
 type Result<T> = std::result::Result<T, Errno>;
@@ -361,9 +396,14 @@ impl State {
         self.powered_off = true;
         self.handles.clear();
         let mut report = CutReport::default();
+        // What failed syncs covered is older than what no sync covered yet.
+        let mut pending = std::mem::take(&mut self.lost);
+        for (ino, undos) in std::mem::take(&mut self.unsynced) {
+            pending.entry(ino).or_default().extend(undos);
+        }
         // Contents first, where each file is now (perhaps removed), then
         // the entries, newest first.
-        for (ino, undos) in std::mem::take(&mut self.unsynced) {
+        for (ino, undos) in pending {
             let Some(rel) = self.paths.get(&ino) else {
                 continue;
             };
@@ -809,6 +849,9 @@ impl Filesystem for Passthrough {
             } else {
                 offset
             };
+            if let Some(fault) = state.write_fault {
+                return Err(fault);
+            }
             state.record(ino, &file, offset, data.len() as u64)?;
             file.write_all_at(data, offset).map_err(errno)?;
             Ok(data.len() as u32)
@@ -856,7 +899,13 @@ impl Filesystem for Passthrough {
     ) {
         match self.with(|state| {
             let ino = state.handles.get(&fh.0).map_or(ino.0, |handle| handle.ino);
-            state.unsynced.remove(&ino);
+            let undos = state.unsynced.remove(&ino);
+            if let Some(fault) = state.sync_fault {
+                if let Some(undos) = undos {
+                    state.lost.entry(ino).or_default().extend(undos);
+                }
+                return Err(fault);
+            }
             Ok(())
         }) {
             Ok(()) => reply.ok(),
@@ -916,6 +965,9 @@ impl Filesystem for Passthrough {
         reply: ReplyEmpty,
     ) {
         match self.with(|state| {
+            if let Some(fault) = state.sync_fault {
+                return Err(fault);
+            }
             state.journal.retain(|change| !change.in_dir(ino.0));
             Ok(())
         }) {

@@ -224,3 +224,64 @@ fn a_clean_unmount_keeps_everything() {
     assert_eq!(names(backing.path()), ["f"]);
     assert_eq!(std::fs::read(backing.path().join("f")).unwrap(), b"x");
 }
+
+const EIO: i32 = 5;
+const ENOSPC: i32 = 28;
+
+#[test]
+fn a_failed_sync_reports_its_error_and_a_later_sync_does_not_save_what_it_covered() {
+    let m = Mounted::new();
+    let path = m.at("journal");
+    let mut file = File::create(&path).unwrap();
+    sync_dir(m.fs.mountpoint());
+    file.write_all(b"durable,").unwrap();
+    file.sync_all().unwrap();
+    file.write_all(b"covered by the failed sync,").unwrap();
+    m.fs.fail_syncs(Some(EIO));
+    let error = file.sync_all().unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(EIO), "{error}");
+    assert_eq!(
+        sync_dir_result(m.fs.mountpoint()).raw_os_error(),
+        Some(EIO),
+        "directory syncs fail too"
+    );
+    // As Linux after a writeback error: still readable, and the next
+    // sync succeeds, but what the failed one covered never got out.
+    m.fs.fail_syncs(None);
+    file.write_all(b"after").unwrap();
+    file.sync_all().unwrap();
+    assert_eq!(
+        fs::read(&path).unwrap(),
+        b"durable,covered by the failed sync,after"
+    );
+    let backing = m.cut();
+    assert_eq!(
+        fs::read(backing.path().join("journal")).unwrap(),
+        b"durable,"
+    );
+}
+
+#[test]
+fn a_full_disk_refuses_writes_without_changing_anything_until_space_returns() {
+    let m = Mounted::new();
+    let path = m.at("journal");
+    let mut file = File::create(&path).unwrap();
+    file.write_all(b"before,").unwrap();
+    m.fs.fail_writes(Some(ENOSPC));
+    let error = file.write_all(b"refused").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(ENOSPC), "{error}");
+    assert_eq!(fs::read(&path).unwrap(), b"before,");
+    m.fs.fail_writes(None);
+    file.write_all(b"after").unwrap();
+    file.sync_all().unwrap();
+    sync_dir(m.fs.mountpoint());
+    let backing = m.cut();
+    assert_eq!(
+        fs::read(backing.path().join("journal")).unwrap(),
+        b"before,after"
+    );
+}
+
+fn sync_dir_result(dir: &Path) -> std::io::Error {
+    File::open(dir).unwrap().sync_all().unwrap_err()
+}

@@ -91,7 +91,9 @@ fn store_status(error: StoreError) -> Status {
         | StoreError::Io(_)
         | StoreError::Locked { .. }
         | StoreError::Key { .. }
-        | StoreError::Open { .. } => Status::unavailable(error.to_string()),
+        | StoreError::Open { .. }
+        | StoreError::NoSpace { .. }
+        | StoreError::Failed(_) => Status::unavailable(error.to_string()),
     }
 }
 
@@ -255,7 +257,9 @@ impl AgentService for Agent {
             }
             Err(error) => {
                 self.metrics.apply(
-                    if error.is_retryable() || matches!(error, StoreError::Closed) {
+                    if error.is_retryable()
+                        || matches!(error, StoreError::Closed | StoreError::Failed(_))
+                    {
                         "error"
                     } else {
                         "refused"
@@ -367,8 +371,9 @@ impl AgentService for Agent {
     ) -> Result<Response<HealthCheckResponse>, Status> {
         let node = self.node.latest();
         let mut runtime_status: BTreeMap<String, String> = self.runtimes.snapshot();
-        if !self.store.is_writable() {
-            runtime_status.insert("store".into(), "not writable".into());
+        let store_problem = self.store.write_problem();
+        if let Some(problem) = &store_problem {
+            runtime_status.insert("store".into(), format!("not writable: {problem}"));
         }
         if !self.informer.is_synced() {
             runtime_status.insert("informer".into(), "not synced".into());
@@ -377,9 +382,7 @@ impl AgentService for Agent {
         runtime_status.insert("node".into(), self.drain.describe().into());
         runtime_status.insert("tasks".into(), self.tasks.summary());
         Ok(Response::new(HealthCheckResponse {
-            healthy: self.store.is_writable()
-                && self.informer.is_synced()
-                && self.tasks.all_alive(),
+            healthy: store_problem.is_none() && self.informer.is_synced() && self.tasks.all_alive(),
             version: self.version.clone(),
             runtime_status,
             memory_utilization: node.memory,

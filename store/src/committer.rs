@@ -229,6 +229,11 @@ impl Committer {
             }
         }
         rx.close();
+        if let Some(error) = self.inner.gate.failure() {
+            // fjall refuses every write now; the next start recovers.
+            tracing::error!(%error, "store closed after a failed write: not synced");
+            return;
+        }
         if let Err(error) = self.inner.db.persist(PersistMode::SyncAll) {
             tracing::error!(%error, "final store sync failed");
         }
@@ -244,11 +249,29 @@ impl Committer {
                 tracing::warn!(%error, "flushing the store on close failed");
             }
         }
+        if let Err(error) =
+            super::schema::write_rv_bound(&self.inner.path, self.last_resource_version)
+        {
+            tracing::warn!(%error, "recording the resource version on close failed");
+        }
     }
 
     fn finish(&mut self, group: Group, mut batch: fjall::OwnedWriteBatch) {
+        // After a failed write or sync, nothing is answered OK: not even a
+        // write with nothing to do, which would vouch for state that the
+        // failed sync may have taken with it.
+        if let Some(error) = self.inner.gate.failure() {
+            group.replies.into_iter().for_each(|r| r.fail(&error));
+            return;
+        }
         if !group.dirty {
             group.replies.into_iter().for_each(Reply::send);
+            return;
+        }
+        // A full disk is met here, before fjall writes anything: fjall
+        // poisons itself for good after a failed journal write.
+        if let Err(error) = self.inner.gate.check_space() {
+            group.replies.into_iter().for_each(|r| r.fail(&error));
             return;
         }
         let rv = group.next_resource_version;
@@ -302,8 +325,13 @@ impl Committer {
                 }
             }
             Err(error) => {
-                let error = StoreError::from(error);
-                tracing::error!(%error, "store commit failed; the group's writes are refused");
+                let error = StoreError::Failed(format!(
+                    "writing the journal in {} failed: {}",
+                    self.inner.path.display(),
+                    describe_fjall_error(&error)
+                ));
+                tracing::error!(%error, "store commit failed; the group's writes are refused, and every later one");
+                self.inner.gate.fail(&error);
                 group.replies.into_iter().for_each(|r| r.fail(&error));
             }
         }
@@ -811,6 +839,16 @@ impl Group {
     /// still has to be committed.
     fn dirty_events(&mut self) {
         self.dirty = true;
+    }
+}
+
+/// fjall's error, saying what poisoned means.
+fn describe_fjall_error(error: &fjall::Error) -> String {
+    match error {
+        fjall::Error::Poisoned => {
+            "the storage engine stopped after an earlier write, flush or compaction failed (see the log before this)".to_string()
+        }
+        other => other.to_string(),
     }
 }
 

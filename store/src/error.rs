@@ -43,6 +43,25 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store write failed: {0}")]
     Io(String),
+    /// The state filesystem has less free space than the store keeps in
+    /// reserve: nothing was written. Writes resume by themselves once
+    /// space is freed.
+    #[error(
+        "the store cannot write: {path} has {available} bytes free, less than the {reserve} it keeps in reserve (the disk is full); nothing was written, and writes resume by themselves once space is freed"
+    )]
+    NoSpace {
+        path: PathBuf,
+        available: u64,
+        reserve: u64,
+    },
+    /// Writing or syncing the journal failed. What the failed sync covered
+    /// may be lost even if a later sync succeeds ("fsyncgate"), so nothing
+    /// is acknowledged any more: the agent restarts and recovers from what
+    /// is on disk.
+    #[error(
+        "the store cannot write: {0}; nothing is acknowledged any more until the agent is restarted and recovers from the journal"
+    )]
+    Failed(String),
     #[error("store is closed")]
     Closed,
 }
@@ -50,7 +69,10 @@ pub enum StoreError {
 impl StoreError {
     /// True when the same call may succeed later without any change.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Io(_) | StoreError::Conflict { .. })
+        matches!(
+            self,
+            StoreError::Io(_) | StoreError::Conflict { .. } | StoreError::NoSpace { .. }
+        )
     }
 }
 

@@ -26,8 +26,10 @@
 //! before acknowledging); reads go straight to fjall and see every
 //! acknowledged write. [`Store::watch`] replays the log, then follows live.
 
+mod check;
 mod committer;
 mod error;
+mod gate;
 mod record;
 mod rotate;
 mod schema;
@@ -49,6 +51,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+pub use check::{CheckReport, check};
 pub use committer::{
     ApplyOutcome, ApplyRequest, Caller, DeleteOutcome, REASON_APPLIED, REASON_DELETE_REQUESTED,
 };
@@ -94,6 +97,11 @@ pub struct StoreConfig {
     /// only so the store bench can measure what sealing costs. A store
     /// created with one setting refuses to open with the other.
     pub seal: bool,
+    /// Free bytes kept on the state filesystem: below this, writes are
+    /// refused (nothing written) until space is freed, so the storage
+    /// engine never meets a full disk. Room for its own flushes and
+    /// compactions: two memtables by default. 0 turns the check off.
+    pub min_free_bytes: u64,
 }
 
 impl StoreConfig {
@@ -109,6 +117,7 @@ impl StoreConfig {
             max_log_age: Duration::from_secs(24 * 3600),
             max_log_bytes: 256 * 1024 * 1024,
             memtable_bytes: 32 * 1024 * 1024,
+            min_free_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -161,6 +170,9 @@ pub(crate) struct Inner {
     /// The log serves nothing at or below this version.
     compacted_through: AtomicU64,
     metrics: StoreMetrics,
+    /// Whether writes may be made: the free-space reserve and the failed
+    /// state (see `gate.rs`).
+    gate: gate::WriteGate,
     path: PathBuf,
     /// Held for the life of the store: one process per state directory.
     _lock: File,
@@ -183,7 +195,38 @@ const LIVE_BUFFER: usize = 8192;
 impl Store {
     /// Opens (or creates) the store in `config.path`, recovering what the
     /// last run acknowledged.
+    ///
+    /// A damaged state directory is an error naming the file and the way
+    /// out, never a panic: the storage engine's own panics on bytes it
+    /// cannot read are caught here.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let path = config.path.clone();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Store::open_unguarded(config)
+        })) {
+            // What fjall fails to read while the store loads is damage too.
+            Ok(Err(StoreError::Io(error) | StoreError::Corrupt(error))) => {
+                Err(schema::unreadable(&path, &error))
+            }
+            Ok(result) => result,
+            Err(panic) => {
+                let message = if let Some(text) = panic.downcast_ref::<&str>() {
+                    (*text).to_string()
+                } else if let Some(text) = panic.downcast_ref::<String>() {
+                    text.clone()
+                } else {
+                    "no message".to_string()
+                };
+                Err(schema::damaged(
+                    &path,
+                    &path.join("db"),
+                    format!("the storage engine failed reading it ({message})"),
+                ))
+            }
+        }
+    }
+
+    fn open_unguarded(config: StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
         if cfg!(feature = "unsafe-no-fsync") {
             tracing::error!(
@@ -191,6 +234,7 @@ impl Store {
             );
         }
         schema::prepare_state_dir(&path)?;
+        let ran_here = path.join(schema::LOCK_FILE).exists();
         let lock = schema::lock_state_dir(&path)?;
         let (
             db,
@@ -201,7 +245,7 @@ impl Store {
                 log,
                 events,
             },
-        ) = schema::prepare(&config)?;
+        ) = schema::prepare(&config, ran_here)?;
         schema::sync_state_tree(&path)?;
         let read_meta = |key: &[u8]| schema::read_meta_u64(&meta, key);
         let compacted_through = read_meta(META_COMPACTED_THROUGH)?.unwrap_or(0);
@@ -215,6 +259,7 @@ impl Store {
             .unwrap_or(0)
             .max(log_last)
             .max(compacted_through);
+        schema::check_rv_bound(&path, last_resource_version)?;
 
         let mut current = HashMap::new();
         for guard in objects.iter() {
@@ -235,6 +280,7 @@ impl Store {
                 .push((fold, event));
         }
 
+        schema::write_rv_bound(&path, last_resource_version)?;
         let (changes, _) = broadcast::channel(LIVE_BUFFER);
         let inner = Arc::new(Inner {
             db,
@@ -247,6 +293,7 @@ impl Store {
             last_resource_version: AtomicU64::new(last_resource_version),
             compacted_through: AtomicU64::new(compacted_through),
             metrics: StoreMetrics::default(),
+            gate: gate::WriteGate::new(path.clone(), config.min_free_bytes),
             path: path.clone(),
             _lock: lock,
         });
@@ -471,9 +518,30 @@ impl Store {
         self.resource_version() - self.compacted_through()
     }
 
-    /// True when a write can be made: the committer is running.
+    /// True when a write can be made: the committer is running, the state
+    /// filesystem has its reserve free, and no write or sync has failed.
     pub fn is_writable(&self) -> bool {
-        !self.ops.is_closed()
+        self.write_problem().is_none()
+    }
+
+    /// Why a write would be refused now, if it would.
+    pub fn write_problem(&self) -> Option<StoreError> {
+        if self.ops.is_closed() {
+            return Some(StoreError::Closed);
+        }
+        self.inner.gate.problem()
+    }
+
+    /// The failure that stopped every write, if one did
+    /// ([`StoreError::Failed`]).
+    pub fn failure(&self) -> Option<StoreError> {
+        self.inner.gate.failure()
+    }
+
+    /// Resolves when a write or sync fails and the store stops writing for
+    /// good: the agent then exits, to be restarted and recover.
+    pub fn failed(&self) -> impl Future<Output = StoreError> + Send + 'static {
+        self.inner.gate.failed()
     }
 
     /// Stops the committer after the writes already queued, syncs, and

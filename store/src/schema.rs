@@ -63,13 +63,16 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
+/// The state directory's lock file, there from the first start on.
+pub(super) const LOCK_FILE: &str = "persys.lock";
+
 /// Takes the state directory's lock: one process at a time.
 pub(super) fn lock_state_dir(path: &Path) -> Result<File, StoreError> {
     let lock = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(path.join("persys.lock"))
+        .open(path.join(LOCK_FILE))
         .map_err(|e| open_error(path, e))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
@@ -80,11 +83,167 @@ pub(super) fn lock_state_dir(path: &Path) -> Result<File, StoreError> {
     }
 }
 
+/// The way out a damaged state directory's error names.
+pub(super) const WAY_OUT: &str = "Nothing was changed. `persys-agent store check` tells what else is damaged; restore the state directory from a backup, or move it aside and start the agent empty (the scheduler applies its workloads again)";
+
+/// A damaged state directory: the file, what is wrong, and the way out.
+pub(super) fn damaged(path: &Path, file: &Path, what: impl std::fmt::Display) -> StoreError {
+    open_error(path, format!("{}: {what}. {WAY_OUT}", file.display()))
+}
+
+/// Refuses a state directory that has lost what a store there must have,
+/// before fjall sees it: given a database folder without its version
+/// marker, fjall would make a new, empty database in it; and a directory
+/// whose lock shows a store ran there, but whose database is gone, would
+/// start empty.
+/// `ran_here`: the lock file was there before this process came.
+pub(super) fn check_state_files(config: &StoreConfig, ran_here: bool) -> Result<(), StoreError> {
+    let path = &config.path;
+    let db = path.join(DB_DIR);
+    match std::fs::read_dir(&db) {
+        Ok(mut entries) => {
+            let version = db.join("version");
+            if entries.next().is_some() && !version.exists() {
+                return Err(damaged(
+                    path,
+                    &version,
+                    "missing, though the database folder holds files (fjall's format marker)",
+                ));
+            }
+            // Every keyspace folder has its version pointer from its
+            // creation on; without it fjall would make the keyspace anew.
+            let keyspaces = db.join("keyspaces");
+            for entry in std::fs::read_dir(&keyspaces)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let current = entry.path().join("current");
+                if entry.path().is_dir() && !current.exists() {
+                    return Err(damaged(
+                        path,
+                        &current,
+                        "missing (a keyspace's pointer to its version file)",
+                    ));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if ran_here && config.key_file.exists() {
+                return Err(damaged(
+                    path,
+                    &db,
+                    format!(
+                        "missing, though a store ran here (its lock is there, and its key {})",
+                        config.key_file.display()
+                    ),
+                ));
+            }
+        }
+        Err(e) => return Err(damaged(path, &db, e)),
+    }
+    Ok(())
+}
+
 pub(super) fn open_db(path: &Path) -> Result<Database, StoreError> {
     Database::builder(path.join("db"))
         .cache_size(BLOCK_CACHE_BYTES)
         .open()
-        .map_err(|e| open_error(path, e))
+        .map_err(|e| unreadable(path, &e.to_string()))
+}
+
+/// The database cannot be read: the error names the kind of file fjall
+/// failed on (its errors carry no path) and the way out.
+pub(super) fn unreadable(path: &Path, error: &str) -> StoreError {
+    let db = path.join(DB_DIR);
+    let file = if error.contains("JournalRecovery") {
+        let mut journals: Vec<String> = std::fs::read_dir(&db)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+            .map(|p| p.display().to_string())
+            .collect();
+        journals.sort();
+        format!("its journal ({})", journals.join(", "))
+    } else if error.contains("InvalidVersion") {
+        format!("its format marker {}", db.join("version").display())
+    } else {
+        format!(
+            "a table or version file of a keyspace ({}/<n>/tables/*, v<n> or current)",
+            db.join("keyspaces").display()
+        )
+    };
+    damaged(
+        path,
+        &db,
+        format!("the database cannot be read ({error}): {file} is damaged or missing"),
+    )
+}
+
+/// A lower bound of the store's resource version, kept outside fjall:
+/// written at every open and clean close, it catches a database that
+/// comes back with acknowledged writes missing (a journal truncated or
+/// lost, which fjall takes for a crash and recovers from silently).
+pub(super) const RV_FILE: &str = "persys.rv";
+
+pub(super) fn read_rv_bound(path: &Path) -> Result<Option<u64>, StoreError> {
+    let file = path.join(RV_FILE);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| damaged(path, &file, "not a resource version")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(damaged(path, &file, e)),
+    }
+}
+
+/// Records `rv` as reached: written aside, synced, renamed over, and the
+/// directory synced.
+pub(super) fn write_rv_bound(path: &Path, rv: u64) -> Result<(), StoreError> {
+    let file = path.join(RV_FILE);
+    let next = path.join(format!("{RV_FILE}.next"));
+    (|| {
+        let mut out = File::create(&next)?;
+        std::io::Write::write_all(&mut out, format!("{rv}\n").as_bytes())?;
+        out.sync_all()?;
+        std::fs::rename(&next, &file)?;
+        sync_dir(path)
+    })()
+    .map_err(|e| {
+        open_error(
+            path,
+            format!("recording the resource version in {}: {e}", file.display()),
+        )
+    })
+}
+
+/// Refuses a database that ends before a resource version it reached.
+pub(super) fn check_rv_bound(path: &Path, last: u64) -> Result<(), StoreError> {
+    match read_rv_bound(path)? {
+        Some(bound) if last < bound => Err(unreadable_behind(path, last, bound)),
+        _ => Ok(()),
+    }
+}
+
+fn unreadable_behind(path: &Path, last: u64, bound: u64) -> StoreError {
+    let error = unreadable(path, "JournalRecovery");
+    let StoreError::Open { message, .. } = error else {
+        return error;
+    };
+    open_error(
+        path,
+        message.replace(
+            "the database cannot be read (JournalRecovery)",
+            &format!(
+                "the database ends at resource version {last}, but reached {bound} before ({}): acknowledged writes are missing",
+                path.join(RV_FILE).display()
+            ),
+        ),
+    )
 }
 
 pub(super) fn memtable_bytes(config: &StoreConfig) -> u64 {
@@ -285,6 +444,7 @@ pub(super) fn wrong_key_error(config: &StoreConfig) -> StoreError {
 /// or wrong key or an unfinished rotation.
 pub(super) fn prepare(
     config: &StoreConfig,
+    ran_here: bool,
 ) -> Result<(Database, Keyspace, Sealer, Keyspaces), StoreError> {
     let path = &config.path;
     let new_key = seal::new_key_file(&config.key_file);
@@ -298,6 +458,7 @@ pub(super) fn prepare(
         });
     }
     finish_swap(path)?;
+    check_state_files(config, ran_here)?;
     let db = open_db(path)?;
     let meta = open_meta(&db, config)?;
     let schema = read_meta_u64(&meta, META_SCHEMA_VERSION)?;
@@ -328,8 +489,32 @@ pub(super) fn prepare(
             } else {
                 Sealer::plain()
             };
+            // fjall takes a keyspace whose folder or `current` pointer is
+            // gone for one never made, and would make it anew, empty.
+            for name in SEALED_KEYSPACES {
+                if !db.keyspace_exists(name) {
+                    return Err(damaged(
+                        path,
+                        &path.join(DB_DIR).join("keyspaces"),
+                        format!(
+                            "keyspace {name} is missing (its folder, or the `current` file in it, is gone)"
+                        ),
+                    ));
+                }
+            }
             let keyspaces = Keyspaces::open(&db, config)?;
             Ok((db, meta, sealer, keyspaces))
+        }
+        None if SEALED_KEYSPACES.iter().any(|name| db.keyspace_exists(name))
+            || read_rv_bound(path)?.is_some_and(|rv| rv > 0) =>
+        {
+            // A store ran here, and its `meta` keyspace is gone: made
+            // anew, it would start empty.
+            Err(damaged(
+                path,
+                &path.join(DB_DIR).join("keyspaces"),
+                "the store's meta keyspace is missing or empty (its folder, or the `current` file in it, is gone), though the store holds data",
+            ))
         }
         Some(1) | Some(2) | None => {
             let sealer = if config.seal {

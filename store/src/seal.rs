@@ -356,7 +356,12 @@ pub fn read_key_file(path: &Path) -> Result<Option<NodeKey>, StoreError> {
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| key_error(path, e))?);
     NodeKey::from_hex(&text)
         .map(Some)
-        .ok_or_else(|| key_error(path, "not a key (64 hex digits expected)"))
+        .ok_or_else(|| {
+            key_error(
+                path,
+                "not a key (64 hex digits expected). Nothing was changed: restore the node's key file from a backup",
+            )
+        })
 }
 
 /// Writes a new random key to `path`, which must not exist: mode 0600,
