@@ -167,6 +167,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         metrics: metrics.clone(),
         // Watch streams end as soon as the signal comes, not after the grace.
         shutdown: shutdown.clone(),
+        watch_bounds: config.watch_bounds(),
         drain: link.drain.clone(),
         scheduler: link.status.clone(),
         tasks: tasks.clone(),
