@@ -11,11 +11,11 @@
 //! C0 controls (U+0000–U+001F), DEL (U+007F), and the C1 controls
 //! (U+0080–U+009F), which terminals may take as the one-character forms
 //! of ESC sequences (U+009B is CSI). Newline and tab are kept where the
-//! layout has room for them ([`text`]) and escaped in one-line places
-//! such as table cells ([`line`]).
+//! layout has room for them ([`text()`]) and escaped in one-line places
+//! such as table cells ([`line()`]).
 //!
 //! The JSON and YAML outputs escape them in their own syntax instead
-//! ([`json`]), so the value a script reads is unchanged.
+//! ([`json()`]), so the value a script reads is unchanged.
 
 use std::borrow::Cow;
 
