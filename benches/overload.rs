@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Certs, client, http_get, sample};
+use common::{AgentProcess, Certs, client, sample};
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
 use tokio_util::sync::CancellationToken;
@@ -121,6 +121,24 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .find_map(|line| line.strip_prefix(key))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The agent's /metrics text; empty when it does not answer within 10 s
+/// (an overloaded agent may not).
+fn scrape_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let fetch = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default())
+    };
+    fetch().unwrap_or_default()
 }
 
 fn mib(kib: u64) -> f64 {
@@ -410,10 +428,7 @@ fn main() {
             .unwrap()
             .into_inner();
         let metrics_port = agent.metrics_port;
-        let scrape = move || {
-            let (_, text) = http_get(metrics_port, "/metrics");
-            text
-        };
+        let scrape = move || scrape_metrics(metrics_port);
         let open = sample(
             &tokio::task::spawn_blocking(scrape).await.unwrap(),
             "persys_agent_watch_streams",
