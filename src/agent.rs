@@ -91,8 +91,10 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     // Stopped after the gRPC server, so nothing it serves is gone early.
     let background = CancellationToken::new();
+    // Every long-running task, watched: one that dies is reported.
+    let tasks = Tasks::new(background.clone());
     let metrics_authz = AuthzMetrics::default();
-    let authentication = authentication(&config, &metrics_authz, &background)?;
+    let authentication = authentication(&config, &metrics_authz, &tasks)?;
     let policy = Arc::new(crate::policy::load(&config)?);
     tracing::info!(
         file = ?config.policy_file,
@@ -113,8 +115,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             shutdown.cancel();
         }
     });
-    // Every long-running task, watched: one that dies is reported.
-    let tasks = Tasks::new(background.clone());
     let informer = Informer::new(Arc::new(store.clone()));
     let informer_task = tasks.spawn("informer", {
         let informer = informer.clone();
@@ -185,6 +185,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         metrics: metrics.clone(),
         // Watch streams end as soon as the signal comes, not after the grace.
         shutdown: shutdown.clone(),
+        watch_bounds: config.watch_bounds(),
         drain: link.drain.clone(),
         scheduler: link.status.clone(),
         tasks: tasks.clone(),
@@ -208,7 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
             tokio::time::Instant::now() + timeout
         }
     });
-    serve(&config, router, &metrics, &shutdown, &background).await?;
+    serve(&config, router, &metrics, &shutdown, &tasks).await?;
 
     tracing::info!("gRPC server stopped; stopping controllers");
     background.cancel();
@@ -358,7 +359,7 @@ async fn serve(
     router: tonic::transport::server::Router<GrpcLayers>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-    background: &CancellationToken,
+    tasks: &Tasks,
 ) -> Result<(), AgentError> {
     let addr = config.grpc_socket();
     let listener = TcpListener::bind(addr)
@@ -373,7 +374,7 @@ async fn serve(
             key: config.tls_key.clone(),
             ca: config.tls_ca.clone(),
         };
-        let reloading = ReloadingConfig::watch(files, TLS_RELOAD_INTERVAL, background.clone())?;
+        let reloading = ReloadingConfig::watch(files, TLS_RELOAD_INTERVAL, tasks)?;
         tracing::info!(addr = %bound, node_id = %config.node_id(), "serving gRPC with mutual TLS");
         let failures = tls::HandshakeFailures::new(metrics.tls_handshake_failures.clone());
         let incoming = tls::incoming(listener, reloading, failures, shutdown.clone());
@@ -403,7 +404,7 @@ async fn serve(
 fn authentication(
     config: &Config,
     metrics: &AuthzMetrics,
-    stop: &CancellationToken,
+    tasks: &Tasks,
 ) -> Result<Authentication, AgentError> {
     if !config.tls_enabled {
         if let Some(file) = &config.authz_file {
@@ -415,12 +416,9 @@ fn authentication(
         return Ok(Authentication::Plaintext);
     }
     let policy = match &config.authz_file {
-        Some(file) => PolicyHandle::watch(
-            file.clone(),
-            TLS_RELOAD_INTERVAL,
-            metrics.clone(),
-            stop.clone(),
-        )?,
+        Some(file) => {
+            PolicyHandle::watch(file.clone(), TLS_RELOAD_INTERVAL, metrics.clone(), tasks)?
+        }
         None => {
             tracing::info!(
                 "authorization: the default policy (CN persys-scheduler → scheduler, CN persysctl → operator, nobody else)"

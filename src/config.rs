@@ -117,6 +117,17 @@ pub struct Config {
     #[arg(long, env = "PERSYS_LOG_MAX_AGE", default_value = "24h", value_parser = parse_duration)]
     pub log_max_age: Duration,
 
+    /// A Watch stream whose client reads too slowly is expired
+    /// (RESOURCE_EXHAUSTED, naming the version to watch again from) once
+    /// it is more than this many changes behind the log…
+    #[arg(long, env = "PERSYS_WATCH_MAX_BACKLOG", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub watch_max_backlog: u64,
+
+    /// … or once its events have waited this long without the client
+    /// taking any.
+    #[arg(long, env = "PERSYS_WATCH_MAX_UNREAD", default_value = "60s", value_parser = parse_deadline)]
+    pub watch_max_unread: Duration,
+
     /// Run Docker containers.
     #[arg(long, env = "PERSYS_DOCKER_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub docker_enabled: bool,
@@ -463,6 +474,14 @@ impl Config {
         self.node_id.clone().unwrap_or_else(hostname)
     }
 
+    /// How far a Watch client may fall behind.
+    pub fn watch_bounds(&self) -> crate::server::outbox::WatchBounds {
+        crate::server::outbox::WatchBounds {
+            max_backlog: self.watch_max_backlog,
+            max_unread: self.watch_max_unread,
+        }
+    }
+
     pub fn agent_version(&self) -> String {
         self.reported_version
             .clone()
@@ -520,6 +539,10 @@ mod tests {
         assert_eq!(config.libvirt_uri, "qemu:///system");
         assert_eq!(config.metrics_port, 8089);
         assert_eq!(config.pull_timeout, Duration::from_secs(600));
+        assert_eq!(
+            config.watch_bounds(),
+            crate::server::outbox::WatchBounds::default()
+        );
     }
 
     #[test]

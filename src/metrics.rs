@@ -89,6 +89,8 @@ pub struct Metrics {
     pub runtime_errors: Family<RuntimeLabels, Counter>,
     pub log_entries: Gauge,
     pub watch_streams: Gauge,
+    /// Watch streams ended because their client fell behind, by bound.
+    pub watch_expired: Family<ReasonLabels, Counter>,
     pub runtime_up: Family<RuntimeLabels, Gauge>,
     pub task_up: Family<TaskLabels, Gauge>,
     pub grpc_requests: Family<GrpcLabels, Counter>,
@@ -115,6 +117,7 @@ impl Metrics {
         let runtime_errors = Family::<RuntimeLabels, Counter>::default();
         let log_entries = Gauge::default();
         let watch_streams = Gauge::default();
+        let watch_expired = Family::<ReasonLabels, Counter>::default();
         let runtime_up = Family::<RuntimeLabels, Gauge>::default();
         let task_up = Family::<TaskLabels, Gauge>::default();
         let grpc_requests = Family::<GrpcLabels, Counter>::default();
@@ -189,6 +192,11 @@ impl Metrics {
         );
         registry.register("watch_streams", "Watch streams open", watch_streams.clone());
         registry.register(
+            "watch_expired",
+            "Watch streams expired because their client fell behind, by the bound passed (backlog: PERSYS_WATCH_MAX_BACKLOG events unsent; unread: nothing read for PERSYS_WATCH_MAX_UNREAD)",
+            watch_expired.clone(),
+        );
+        registry.register(
             "runtime_up",
             "1 when the runtime is reachable and healthy",
             runtime_up.clone(),
@@ -227,6 +235,7 @@ impl Metrics {
             runtime_errors,
             log_entries,
             watch_streams,
+            watch_expired,
             runtime_up,
             task_up,
             grpc_requests,
@@ -248,6 +257,14 @@ impl Metrics {
         self.deletes
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn watch_expired(&self, expiry: crate::server::outbox::Expiry) {
+        self.watch_expired
+            .get_or_create(&ReasonLabels {
+                reason: expiry.label(),
             })
             .inc();
     }

@@ -1,8 +1,8 @@
 //! The agent's long-running background tasks, watched: the informer, each
 //! runtime's controller, sampler and probe, the scheduler link, the
-//! ceilings' ledger, the node sampler, the metrics endpoint and the health
-//! reporter. (The TLS and authorization-policy reloaders and each Watch
-//! stream's sender are not among them.)
+//! ceilings' ledger, the node sampler, the metrics endpoint, the health
+//! reporter, and the TLS and authorization-policy reloaders. (Each Watch
+//! stream's task is not among them: it ends with its stream.)
 //!
 //! Each is meant to run until shutdown. One that ends before it (returns
 //! or panics) is dead, and never silently: it is logged at error level,

@@ -303,6 +303,15 @@ async fn every_role_gets_exactly_its_rpcs_and_strangers_get_none() {
         !metrics.contains("someone-else") && !metrics.contains("compute-agent"),
         "metric labels must not carry identities"
     );
+    // The policy file's reloader is a watched background task.
+    assert_eq!(
+        common::sample(
+            &metrics,
+            "persys_agent_background_task_up{task=\"authz-policy-reloader\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -137,6 +137,7 @@ async fn metrics_move_after_applies_and_probes_answer() {
         "node-sampler",
         "metrics-endpoint",
         "grpc-health",
+        "tls-reloader",
     ] {
         let series = format!(r#"persys_agent_background_task_up{{task="{task}"}}"#);
         if task == "scheduler-link" {

@@ -883,6 +883,169 @@ async fn watch_lists_then_follows_and_an_expired_version_says_so() {
     );
 }
 
+/// A connection whose HTTP/2 windows are h2's initial 64 KiB (hyper's
+/// client default is megabytes): a stream on it that is not read backs up
+/// at the agent after a few large events.
+async fn narrow_channel(f: &Fixture) -> Channel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&f.certs.ca.cert_pem))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(
+            &f.certs.client_cert,
+            &f.certs.client_key,
+        ));
+    Channel::from_shared(format!("https://127.0.0.1:{}", f.agent.port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// The next event of a Watch stream that is being read; a silent agent
+/// fails the test rather than hanging it.
+async fn next_event(stream: &mut tonic::Streaming<WatchEvent>) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("no watch event within 30 s")
+        .unwrap()
+        .expect("the watch ended")
+}
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_expired_while_one_that_reads_gets_every_change_in_order() {
+    const MAX_BACKLOG: u64 = 32;
+    const APPLIES: usize = 150;
+    let mut f = start(&[
+        ("PERSYS_DOCKER_ENABLED", "true"),
+        ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+        ("PERSYS_WATCH_MAX_BACKLOG", &MAX_BACKLOG.to_string()),
+    ])
+    .await;
+    let mut reader = f
+        .client
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let end_of_list = next_event(&mut reader).await;
+    assert_eq!(end_of_list.r#type(), WatchEventType::Bookmark);
+    let from = end_of_list.resource_version;
+    // Opened, and never read until it has been expired.
+    let mut stalled = AgentServiceClient::new(narrow_channel(&f).await)
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Each apply writes a 4 KiB object; the reader reads up to it before
+    // the next, so it is never more than a few changes behind.
+    let padding = "x".repeat(4096);
+    let mut seen = Vec::new();
+    for i in 0..APPLIES {
+        let mut request = container(&format!("w{i}"), "", "nginx:1");
+        if let Some(workload_spec::Spec::Container(spec)) =
+            request.spec.as_mut().and_then(|s| s.spec.as_mut())
+        {
+            spec.labels.insert("padding".into(), padding.clone());
+        }
+        f.client.apply_workload(request).await.unwrap();
+        loop {
+            let event = next_event(&mut reader).await;
+            if event.r#type() == WatchEventType::Bookmark {
+                continue;
+            }
+            seen.push(event.resource_version);
+            if event.r#type() == WatchEventType::Added
+                && event.object.as_ref().unwrap().id() == format!("w{i}")
+            {
+                break;
+            }
+        }
+    }
+    // Every change of the log, in order, none twice.
+    let expected: Vec<u64> = (from + 1..=from + seen.len() as u64).collect();
+    assert_eq!(seen, expected);
+    assert!(seen.len() >= APPLIES);
+
+    // The stalled watcher fell more than MAX_BACKLOG changes behind: its
+    // stream is expired, counted, and its task gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, metrics) = common::http_get(f.agent.metrics_port, "/metrics");
+        let expired = sample(
+            &metrics,
+            r#"persys_agent_watch_expired_total{reason="backlog"}"#,
+        );
+        let open = sample(&metrics, "persys_agent_watch_streams");
+        if expired == Some(1.0) && open == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expired {expired:?}, open streams {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // What it had been sent comes first, in order; then the status, which
+    // says from where to watch again; nothing after.
+    let mut last = None;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), stalled.message())
+            .await
+            .expect("the expired stream did not end")
+        {
+            Ok(Some(event)) => {
+                if event.r#type() != WatchEventType::Bookmark {
+                    assert_eq!(
+                        event.resource_version,
+                        last.map_or(from + 1, |l: u64| l + 1)
+                    );
+                    last = Some(event.resource_version);
+                } else {
+                    assert_eq!(event.resource_version, from);
+                }
+            }
+            Ok(None) => panic!("the expired stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    let last = last.expect("the stalled watcher was sent some events first");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let behind: u64 = status
+        .message()
+        .split("fell behind by ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", status.message()));
+    assert!(behind > MAX_BACKLOG, "{}", status.message());
+    assert!(
+        status.message().contains(&format!(
+            "more than PERSYS_WATCH_MAX_BACKLOG allows ({MAX_BACKLOG}); every change through resource_version {last} was sent: watch again from {last}"
+        )),
+        "{}",
+        status.message()
+    );
+
+    // The reader goes on.
+    f.client
+        .apply_workload(container("after", "", "nginx:1"))
+        .await
+        .unwrap();
+    loop {
+        let event = next_event(&mut reader).await;
+        if event.object.is_some_and(|o| o.id() == "after") {
+            break;
+        }
+    }
+}
+
 #[tokio::test]
 async fn describe_returns_spec_status_and_events() {
     let mut f = start(UNREACHABLE_RUNTIMES).await;
@@ -1075,6 +1238,8 @@ fn help_documents_every_variable() {
         "PERSYS_POLICY_NODE_VCPUS",
         "PERSYS_POLICY_NODE_MEMORY_MIB",
         "PERSYS_POLICY_NODE_DISK_GIB",
+        "PERSYS_WATCH_MAX_BACKLOG",
+        "PERSYS_WATCH_MAX_UNREAD",
     ] {
         assert!(help.contains(variable), "{variable} missing from --help");
     }

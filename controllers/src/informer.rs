@@ -234,6 +234,13 @@ impl Informer {
         let _ = synced.wait_for(|s| *s).await;
     }
 
+    /// The resource version the cache has reached, now and as it moves:
+    /// how far the log has gone, for a reader that must know how far
+    /// behind it is.
+    pub fn versions(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
     /// Resolves once the cache holds every change up to `resource_version`.
     pub async fn wait_for_version(&self, resource_version: u64) {
         let mut version = self.version.subscribe();

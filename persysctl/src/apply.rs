@@ -5,6 +5,7 @@ use crate::connection::Agent;
 use crate::error::CliError;
 use crate::manifest;
 use crate::output::print;
+use crate::terminal;
 
 /// Reads every file first (a broken file applies nothing, and is reported
 /// without an agent), then applies each manifest in order; a refused one
@@ -20,8 +21,10 @@ pub async fn run(connection: &ConnectionArgs, args: ApplyArgs) -> Result<(), Cli
     for manifest in manifests {
         let id = manifest.request.id.clone();
         match agent.apply(manifest.request).await {
-            Ok(response) if response.skipped => print(&format!("{id} unchanged"))?,
-            Ok(_) => print(&format!("{id} applied"))?,
+            Ok(response) if response.skipped => {
+                print(&format!("{} unchanged", terminal::line(&id)))?
+            }
+            Ok(_) => print(&format!("{} applied", terminal::line(&id)))?,
             Err(
                 error
                 @ (CliError::Connect { .. } | CliError::Tls { .. } | CliError::Timeout { .. }),
@@ -37,7 +40,7 @@ pub async fn run(connection: &ConnectionArgs, args: ApplyArgs) -> Result<(), Cli
         1 if total == 1 => Err(failures.remove(0)),
         _ => {
             for failure in &failures {
-                eprintln!("persysctl: {failure}");
+                eprintln!("persysctl: {}", terminal::line(&failure.to_string()));
             }
             Err(CliError::Partial {
                 failed: failures.len(),

@@ -8,6 +8,7 @@ use crate::cli::DeleteArgs;
 use crate::connection::Agent;
 use crate::error::CliError;
 use crate::output::print;
+use crate::terminal;
 use crate::watcher::{ChangeKind, Filter, Item, Watcher};
 
 pub async fn run(agent: &Agent, args: DeleteArgs, wait_for: Duration) -> Result<(), CliError> {
@@ -50,7 +51,7 @@ pub async fn run(agent: &Agent, args: DeleteArgs, wait_for: Duration) -> Result<
         _ => {
             let total = failures.len();
             for failure in &failures {
-                eprintln!("persysctl: {failure}");
+                eprintln!("persysctl: {}", terminal::line(&failure.to_string()));
             }
             Err(CliError::Partial {
                 failed: total,
@@ -88,7 +89,7 @@ async fn delete_one(
         None => "deleted",
         Some(_) => "deleting",
     };
-    print(&format!("{id} {word}"))?;
+    print(&format!("{} {word}", terminal::line(id)))?;
     Ok(false)
 }
 
@@ -108,7 +109,7 @@ async fn wait(
             && change.kind == ChangeKind::Deleted
             && waiting.remove(change.workload.id())
         {
-            print(&format!("{} deleted", change.workload.id()))?;
+            print(&format!("{} deleted", terminal::line(change.workload.id())))?;
         }
     }
     Ok(())

@@ -16,6 +16,7 @@ use crate::output::{
     self, Cell, Palette, Table, age, event_type_name, human_duration, print, state_style,
     timestamp_and_age, until,
 };
+use crate::terminal;
 
 pub async fn run(agent: &Agent, args: DescribeArgs, palette: Palette) -> Result<(), CliError> {
     let described = agent
@@ -28,7 +29,9 @@ pub async fn run(agent: &Agent, args: DescribeArgs, palette: Palette) -> Result<
 /// Label column width: labels and values line up under each other.
 const LABEL_WIDTH: usize = 19;
 
-/// Builds the text, section by section.
+/// Builds the text, section by section. Every value and block is text from
+/// the agent, printed with its control characters escaped (see
+/// [`terminal`]).
 struct Page {
     text: String,
     palette: Palette,
@@ -37,6 +40,12 @@ struct Page {
 impl Page {
     /// "Label:   value" at `indent` spaces.
     fn field(&mut self, indent: usize, label: &str, value: impl AsRef<str>) {
+        let value = terminal::text(value.as_ref()).into_owned();
+        self.painted_field(indent, label, &value);
+    }
+
+    /// A field whose value persysctl wrote itself (colour codes included).
+    fn painted_field(&mut self, indent: usize, label: &str, value: &str) {
         let label = format!("{}{label}:", " ".repeat(indent));
         let pad = LABEL_WIDTH.saturating_sub(label.chars().count()).max(1);
         let label = if indent == 0 {
@@ -45,7 +54,7 @@ impl Page {
             label
         };
         self.text
-            .push_str(&format!("{label}{}{}\n", " ".repeat(pad), value.as_ref()));
+            .push_str(&format!("{label}{}{value}\n", " ".repeat(pad)));
     }
 
     /// A section title on its own line.
@@ -54,7 +63,13 @@ impl Page {
             .push_str(&format!("{}\n", self.palette.bold(&format!("{title}:"))));
     }
 
-    /// Lines indented under the last section.
+    /// Text from the agent, indented under the last section.
+    fn text_block(&mut self, text: &str) {
+        self.block(&terminal::text(text));
+    }
+
+    /// Lines persysctl laid out itself (a table, whose cells escape their
+    /// text), indented under the last section.
     fn block(&mut self, text: &str) {
         for line in text.lines() {
             self.text.push_str(&format!("  {line}\n"));
@@ -79,7 +94,7 @@ pub fn render(described: &DescribeWorkloadResponse, palette: Palette, now: i64) 
     page.field(0, "Desired State", workload.desired_state().short_name());
 
     page.section("Spec");
-    page.block(&spec_yaml(workload.workload_spec()));
+    page.text_block(&spec_yaml(workload.workload_spec()));
 
     page.section("Status");
     let actual = actual_word(&wire);
@@ -91,10 +106,10 @@ pub fn render(described: &DescribeWorkloadResponse, palette: Palette, now: i64) 
     } else {
         String::new()
     };
-    page.field(
+    page.painted_field(
         2,
         "Actual State",
-        format!("{}{since}", palette.paint(state_style(actual), actual)),
+        &format!("{}{since}", palette.paint(state_style(actual), actual)),
     );
     page.field(2, "Restarts", status.restart_count.to_string());
     if !status.message.is_empty() {
@@ -123,7 +138,7 @@ pub fn render(described: &DescribeWorkloadResponse, palette: Palette, now: i64) 
     page.block(&conditions(&status, palette, now));
 
     page.section("Runtime");
-    page.block(&runtime(meta.r#type(), &status, &wire.usage));
+    page.text_block(&runtime(meta.r#type(), &status, &wire.usage));
 
     page.section("Events");
     page.block(&events(described, palette, now));
@@ -294,10 +309,124 @@ fn events(described: &DescribeWorkloadResponse, palette: Palette, now: i64) -> S
     Table::new(vec!["TYPE", "REASON", "AGE", "MESSAGE"]).render(&rows, palette)
 }
 
+/// A workload whose every string says something hostile to a terminal:
+/// what a spec author or a runtime could make the agent report.
+#[cfg(test)]
+pub(crate) fn hostile_workload() -> persys_api::v1::Workload {
+    use persys_api::v1::{
+        Condition, ContainerSpec, ObjectSpec, Workload, WorkloadSpec, workload_spec,
+    };
+    let bad = |what: &str| {
+        format!(
+            "{what}\u{1b}[2J\u{1b}]52;c;ZXZpbA==\u{7}\rok\u{9b}31m\u{7f}\u{8}\u{1b}]0;t\u{1b}\\"
+        )
+    };
+    Workload {
+        metadata: Some(ObjectMeta {
+            id: bad("id"),
+            uid: bad("uid"),
+            r#type: WorkloadType::Container as i32,
+            revision_id: bad("rev"),
+            finalizers: vec![bad("finalizer")],
+            labels: [(bad("key"), bad("value"))].into(),
+            created_at_ms: 1,
+            ..Default::default()
+        }),
+        spec: Some(ObjectSpec {
+            desired_state: 1,
+            workload: Some(WorkloadSpec {
+                spec: Some(workload_spec::Spec::Container(ContainerSpec {
+                    image: bad("image"),
+                    command: vec![bad("command")],
+                    env: [(bad("ENV"), bad("env"))].into(),
+                    labels: [(bad("label"), bad("label"))].into(),
+                    ..Default::default()
+                })),
+            }),
+        }),
+        status: Some(ObjectStatus {
+            actual_state: 4,
+            conditions: vec![Condition {
+                r#type: bad("Ready"),
+                status: bad("False"),
+                reason: bad("reason"),
+                message: bad("condition\nmessage"),
+                last_transition_ms: 1,
+            }],
+            runtime_ref: bad("ref"),
+            message: bad("message"),
+            last_error: bad("multi\nline\terror"),
+            failure_reason: bad("INVALID_IMAGE"),
+            facts: [(bad("fact"), bad("fact"))].into(),
+            next_retry_at_ms: 2,
+            ..Default::default()
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use persys_api::v1::{Event, EventType, Workload};
+
+    #[test]
+    fn describe_escapes_every_control_character_from_the_agent() {
+        let described = DescribeWorkloadResponse {
+            workload: Some(hostile_workload()),
+            status: None,
+            events: vec![Event {
+                workload_id: "web".into(),
+                r#type: EventType::Warning as i32,
+                reason: "\u{1b}[2JBackOff".into(),
+                message: "restarting\r\u{9b}2K\u{7}".into(),
+                count: 1,
+                first_seen_ms: 1,
+                last_seen_ms: 1,
+            }],
+        };
+        let text = render(&described, Palette::plain(), 10_000);
+        let raw: Vec<char> = text
+            .chars()
+            .filter(|c| c.is_control() && *c != '\n' && *c != '\t')
+            .collect();
+        assert!(raw.is_empty(), "{raw:?} in\n{text}");
+        for shown in ["\\u{1b}[2J", "\\u{1b}]52;c;", "\\u{7}", "\\r", "\\u{9b}31m"] {
+            assert!(text.contains(shown), "{shown} missing from\n{text}");
+        }
+        assert!(text.contains("\\u{1b}[2JBackOff"), "{text}");
+        // In colour, the only escape sequences are persysctl's own SGR.
+        let coloured = render(&described, Palette::detect_for_tests(true), 10_000);
+        let stripped = strip_sgr(&coloured);
+        assert!(
+            !stripped
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{stripped:?}"
+        );
+    }
+
+    /// `text` without its SGR sequences (ESC [ digits and ; m).
+    fn strip_sgr(text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(at) = rest.find('\u{1b}') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let end = after
+                .strip_prefix('[')
+                .and_then(|a| a.find('m').map(|m| (a, m)))
+                .filter(|(a, m)| a[..*m].chars().all(|c| c.is_ascii_digit() || c == ';'));
+            match end {
+                Some((a, m)) => rest = &a[m + 1..],
+                None => {
+                    out.push('\u{1b}');
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        out
+    }
 
     #[test]
     fn folded_events_say_how_often_and_over_how_long() {

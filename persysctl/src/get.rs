@@ -263,3 +263,35 @@ fn print_objects(
             .try_for_each(|w| print_value(&output::workload_value(w), format, true)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_controls(text: &str) -> Vec<char> {
+        text.chars()
+            .filter(|c| c.is_control() && *c != '\n')
+            .collect()
+    }
+
+    #[test]
+    fn tables_json_and_yaml_show_no_raw_control_character_from_the_agent() {
+        let workload = crate::describe::hostile_workload();
+        let status = workload.to_wire_status();
+        for wide in [false, true] {
+            let text =
+                Table::new(header(wide)).render(&[row(&status, wide, 10_000)], Palette::plain());
+            assert_eq!(raw_controls(&text), [], "{text}");
+            assert_eq!(text.lines().count(), 2, "one row on one line:\n{text}");
+            assert!(text.contains("id\\u{1b}[2J"), "{text}");
+        }
+        // Scripts read the same value; the terminal sees escapes.
+        let value = output::workload_value(&workload);
+        let json = output::to_json(&value);
+        assert_eq!(raw_controls(&json), [], "{json}");
+        assert_eq!(serde_json::from_str::<Value>(&json).unwrap(), value);
+        let yaml = output::to_yaml(&value);
+        assert_eq!(raw_controls(&yaml), [], "{yaml}");
+        assert_eq!(serde_yaml_ng::from_str::<Value>(&yaml).unwrap(), value);
+    }
+}

@@ -4,6 +4,7 @@ use crate::cli::{ConnectionArgs, HealthArgs, OutputFormat, VersionArgs};
 use crate::connection::Agent;
 use crate::error::CliError;
 use crate::output::{self, Cell, Palette, Table, print, state_style};
+use crate::terminal;
 
 /// Prints the agent's health; fails when the agent says it is unhealthy.
 pub async fn health(agent: &Agent, args: HealthArgs, palette: Palette) -> Result<(), CliError> {
@@ -29,7 +30,7 @@ pub async fn health(agent: &Agent, args: HealthArgs, palette: Palette) -> Result
                     "Health:    {}",
                     palette.paint(state_style(verdict), verdict)
                 ),
-                format!("Version:   {}", health.version),
+                format!("Version:   {}", terminal::line(&health.version)),
                 format!("CPU:       {:.1}%", health.cpu_utilization),
                 format!("Memory:    {:.1}%", health.memory_utilization),
                 format!("Disk:      {:.1}%", health.disk_utilization),
@@ -68,5 +69,8 @@ pub async fn version(connection: &ConnectionArgs, args: VersionArgs) -> Result<(
     }
     let agent = Agent::connect(connection).await?;
     let health = agent.health().await?;
-    print(&format!("Server Version: {}", health.version))
+    print(&format!(
+        "Server Version: {}",
+        terminal::line(&health.version)
+    ))
 }

@@ -7,6 +7,7 @@
 //!   unknown keys refused.
 //! - `watcher`: the Watch stream followed through expired versions.
 //! - `output`: tables, ages, colour, and the JSON/YAML form of objects.
+//! - `terminal`: control characters in what the agent sends, escaped.
 //! - One file per command: `apply`, `get`, `describe`, `delete`, `watch`,
 //!   `health` (with `version`).
 //!
@@ -23,6 +24,7 @@ mod get;
 mod health;
 mod manifest;
 mod output;
+mod terminal;
 mod watch;
 mod watcher;
 
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("persysctl: {}", line.join("; "));
+            eprintln!("persysctl: {}", terminal::line(&line.join("; ")));
             ExitCode::FAILURE
         }
     }

@@ -9,6 +9,7 @@ use persys_api::v1::{ActualState, DesiredState, EventType, Workload, WorkloadTyp
 use serde_json::Value;
 
 use crate::error::CliError;
+use crate::terminal;
 
 /// Writes `text` and a newline to standard output. A reader that went away
 /// ends the command quietly (see [`CliError::BrokenPipe`]).
@@ -42,6 +43,18 @@ impl Palette {
         }
     }
 
+    /// No colour (for tests of the text itself).
+    #[cfg(test)]
+    pub fn plain() -> Palette {
+        Palette { enabled: false }
+    }
+
+    /// Colour on or off whatever the terminal (for tests).
+    #[cfg(test)]
+    pub fn detect_for_tests(enabled: bool) -> Palette {
+        Palette { enabled }
+    }
+
     pub fn bold(&self, text: &str) -> String {
         self.paint(Style::new().bold(), text)
     }
@@ -62,7 +75,8 @@ pub fn state_style(state: &str) -> Style {
     }
 }
 
-/// One cell of a table: its text and how to paint it.
+/// One cell of a table: its text, on one line with every control
+/// character escaped (see [`terminal`]), and how to paint it.
 #[derive(Debug, Clone)]
 pub struct Cell {
     text: String,
@@ -70,16 +84,13 @@ pub struct Cell {
 }
 
 impl Cell {
-    pub fn plain(text: impl Into<String>) -> Cell {
-        Cell {
-            text: text.into(),
-            style: Style::new(),
-        }
+    pub fn plain(text: impl AsRef<str>) -> Cell {
+        Cell::styled(text, Style::new())
     }
 
-    pub fn styled(text: impl Into<String>, style: Style) -> Cell {
+    pub fn styled(text: impl AsRef<str>, style: Style) -> Cell {
         Cell {
-            text: text.into(),
+            text: terminal::line(text.as_ref()).into_owned(),
             style,
         }
     }
@@ -313,8 +324,11 @@ pub fn prune(value: Value) -> Option<Value> {
     }
 }
 
+/// Pretty JSON, with the control characters serde_json leaves raw escaped
+/// (the same value).
 pub fn to_json(value: &Value) -> String {
-    serde_json::to_string_pretty(value).unwrap_or_default()
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    terminal::json(&text).into_owned()
 }
 
 pub fn to_yaml(value: &Value) -> String {

@@ -51,3 +51,26 @@ fn row(change: &Change) -> Vec<Cell> {
         Cell::plain(one_line(&status.message)),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watcher::ChangeKind;
+
+    #[test]
+    fn a_change_prints_on_one_line_with_control_characters_escaped() {
+        let change = Change {
+            kind: ChangeKind::Modified,
+            resource_version: 7,
+            workload: crate::describe::hostile_workload(),
+            at_ms: 1,
+        };
+        let mut table = Table::with_min_widths(HEADER.to_vec(), &MIN_WIDTHS);
+        let line = table.render_row(&row(&change), Palette::plain());
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.contains("id\\u{1b}[2J\\u{1b}]52;c;ZXZpbA==\\u{7}\\rok\\u{9b}31m"),
+            "{line}"
+        );
+    }
+}

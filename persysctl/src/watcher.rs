@@ -6,7 +6,9 @@
 //! has been compacted away the agent answers FAILED_PRECONDITION "expired";
 //! the watcher then lists again (a new stream from 0) and reports only what
 //! differs from what it reported before — objects that vanished meanwhile as
-//! DELETED — so the relist is invisible to the reader.
+//! DELETED — so the relist is invisible to the reader. It does the same
+//! when the agent expired the stream because the watcher fell behind
+//! (RESOURCE_EXHAUSTED "watch expired": a terminal that stopped reading).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -81,8 +83,12 @@ pub struct Watcher {
 /// Bookmarks every second while idle: the first one ends the list part.
 const BOOKMARK_SECONDS: u32 = 1;
 
+/// The version asked for is gone from the log, or the agent ended a
+/// stream that fell behind: either way, list again.
 fn is_expired(status: &Status) -> bool {
-    status.code() == Code::FailedPrecondition && status.message().starts_with("expired")
+    (status.code() == Code::FailedPrecondition && status.message().starts_with("expired"))
+        || (status.code() == Code::ResourceExhausted
+            && status.message().starts_with("watch expired"))
 }
 
 impl Watcher {
@@ -269,5 +275,22 @@ impl Watcher {
             workload,
             at_ms,
         })));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compacted_version_and_a_stream_that_fell_behind_both_list_again() {
+        assert!(is_expired(&Status::failed_precondition(
+            "expired: resource version 3 is compacted"
+        )));
+        assert!(is_expired(&Status::resource_exhausted(
+            "watch expired: the client fell behind by 10001 changes (resource_version 5 of 10006), more than PERSYS_WATCH_MAX_BACKLOG allows (10000); every change through resource_version 5 was sent: watch again from 5, or list again from 0"
+        )));
+        assert!(!is_expired(&Status::resource_exhausted("too many streams")));
+        assert!(!is_expired(&Status::unavailable("expired")));
     }
 }

@@ -33,7 +33,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 /// The agent's own service, as it appears in request paths.
@@ -606,21 +605,23 @@ impl PolicyHandle {
     }
 
     /// Loads `file` now (an error stops the agent) and checks it every
-    /// `interval` until `stop`: a changed file that loads replaces the
+    /// `interval` until the tasks stop, as the background task
+    /// `authz-policy-reloader`: a changed file that loads replaces the
     /// policy; one that does not is logged once and counted, and the
     /// previous policy stays.
     pub fn watch(
         file: PathBuf,
         interval: Duration,
         metrics: AuthzMetrics,
-        stop: CancellationToken,
+        tasks: &crate::tasks::Tasks,
     ) -> Result<PolicyHandle, PolicyError> {
         let policy = Policy::load(&file)?;
         tracing::info!(file = %file.display(), rules = policy.rules.len(), "authorization policy loaded");
         let handle = PolicyHandle::fixed(policy);
         let current = handle.current.clone();
         let mut seen = std::fs::read(&file).ok();
-        tokio::spawn(async move {
+        let stop = tasks.stop().clone();
+        tasks.spawn("authz-policy-reloader", async move {
             let mut ticker = tokio::time::interval(interval);
             loop {
                 tokio::select! {

@@ -8,6 +8,7 @@ pub mod authz;
 pub mod ceilings;
 pub mod coalesce;
 pub mod grpc_metrics;
+pub mod outbox;
 pub mod redact;
 pub mod tls;
 pub mod validate;
@@ -70,6 +71,8 @@ pub struct Agent {
     pub metrics: crate::metrics::Metrics,
     /// Ends Watch streams when the agent shuts down.
     pub shutdown: CancellationToken,
+    /// How far a Watch client may fall behind before its stream is expired.
+    pub watch_bounds: outbox::WatchBounds,
     /// Set while the scheduler drains the node: new workload ids are refused.
     pub drain: crate::scheduler::Drain,
     /// The scheduler link's state, for HealthCheck.
@@ -482,13 +485,28 @@ impl AgentService for Agent {
         });
         let mut changes = Box::pin(self.store.watch(from));
         let shutdown = self.shutdown.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<WatchEvent, Status>>(256);
+        // A client of a list may resume once it has the whole list.
+        let (outbox, stream) = outbox::outbox(
+            self.watch_bounds,
+            self.informer.versions(),
+            (!listed).then_some(from),
+        );
         let open = crate::metrics::OpenStream::new(&self.metrics.watch_streams);
+        let metrics = self.metrics.clone();
+        let closed = move |closed: outbox::Closed| {
+            if let outbox::Closed::Expired(expiry) = closed {
+                metrics.watch_expired(expiry);
+                tracing::info!(
+                    reason = expiry.label(),
+                    "a Watch client fell behind; its stream was expired"
+                );
+            }
+        };
         tokio::spawn(async move {
             let _open = open;
             for event in initial {
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
+                if let Err(why) = outbox.push(event, None).await {
+                    return closed(why);
                 }
             }
             // As Kubernetes marks the end of its initial events: everything
@@ -499,8 +517,8 @@ impl AgentService for Agent {
                     resource_version: from,
                     object: None,
                 };
-                if tx.send(Ok(end_of_list)).await.is_err() {
-                    return;
+                if let Err(why) = outbox.push(end_of_list, Some(from)).await {
+                    return closed(why);
                 }
             }
             let mut last = from;
@@ -511,15 +529,15 @@ impl AgentService for Agent {
             loop {
                 let item = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
+                    _ = outbox.gone() => return,
                     _ = bookmark.tick() => {
                         let event = WatchEvent {
                             r#type: WatchEventType::Bookmark as i32,
                             resource_version: last,
                             object: None,
                         };
-                        if tx.send(Ok(event)).await.is_err() {
-                            return;
+                        if let Err(why) = outbox.push(event, Some(last)).await {
+                            return closed(why);
                         }
                         continue;
                     }
@@ -529,6 +547,7 @@ impl AgentService for Agent {
                     Some(Ok(change)) => {
                         last = change.resource_version;
                         if !matches(&change.object) {
+                            outbox.progress(last);
                             continue;
                         }
                         bookmark.reset();
@@ -537,21 +556,16 @@ impl AgentService for Agent {
                             resource_version: change.resource_version,
                             object: Some(shown(&change.object)),
                         };
-                        if tx.send(Ok(event)).await.is_err() {
-                            return;
+                        if let Err(why) = outbox.push(event, Some(last)).await {
+                            return closed(why);
                         }
                     }
-                    Some(Err(error)) => {
-                        let _ = tx.send(Err(store_status(error))).await;
-                        return;
-                    }
+                    Some(Err(error)) => return outbox.finish(Some(store_status(error))),
                     None => return,
                 }
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn describe_workload(

@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::authz::Identified;
 use super::coalesce::Coalesced;
 use crate::metrics::ReasonLabels;
+use crate::tasks::Tasks;
 
 /// How long a client may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -287,18 +288,16 @@ impl ReloadingConfig {
     }
 
     /// Loads the files now (failing if they cannot be loaded) and watches
-    /// them every `interval` until `shutdown`.
-    pub fn watch(
-        files: TlsFiles,
-        interval: Duration,
-        shutdown: CancellationToken,
-    ) -> Result<Self, TlsError> {
+    /// them every `interval` until the tasks stop, as the background task
+    /// `tls-reloader` (one that dies is reported, see [`Tasks`]).
+    pub fn watch(files: TlsFiles, interval: Duration, tasks: &Tasks) -> Result<Self, TlsError> {
         let config = files.load()?;
         let reloading = ReloadingConfig {
             current: Arc::new(RwLock::new(config)),
         };
         let current = reloading.current.clone();
-        tokio::spawn(async move {
+        let shutdown = tasks.stop().clone();
+        tasks.spawn("tls-reloader", async move {
             let mut seen = files.fingerprint();
             let mut ticker = tokio::time::interval(interval);
             loop {
