@@ -22,6 +22,10 @@
 //! - `document`: a compose file read within bounds (size, alias expansion,
 //!   depth), merge keys applied, `${VAR}` interpolated as compose does.
 //! - `policy`: a compose file against the node's workload policy.
+//! - `binds`: the file's bind mounts, resolved and checked as containers'
+//!   are before every `up`; the engine gets the resolved sources.
+//! - `restarts`: the restart policy each service asks for, which the agent
+//!   applies (the engine's is `no`).
 //! - [`observe`]: the project as found: its containers, from the engine,
 //!   and its folder.
 //! - `runtime`: the facade over the compose CLI and the engine.
@@ -43,6 +47,7 @@
 
 mod act;
 pub mod binary;
+mod binds;
 pub(crate) mod cli;
 pub(crate) mod command;
 pub(crate) mod config;
@@ -57,6 +62,7 @@ mod plan;
 mod policy;
 pub(crate) mod project;
 pub(crate) mod reconciler;
+mod restarts;
 mod runtime;
 pub(crate) mod services;
 pub(crate) mod status;
@@ -70,4 +76,5 @@ pub use errors::{ComposeError, FailureReason};
 pub use naming::derive_project_name;
 pub use policy::{ComposeRules, check_compose_policy};
 pub use reconciler::{ComposeController, ComposeHealth};
+pub use restarts::RESTART_LABEL;
 pub use validate::{ValidCompose, validate_compose_spec};
