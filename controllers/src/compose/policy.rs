@@ -16,6 +16,7 @@ use super::binds;
 use super::cli::is_reserved_env;
 use super::document;
 use super::project::env_value_problem;
+use super::restarts;
 use crate::docker::HostPathPolicy;
 use crate::docker::labels::RESERVED_PREFIX;
 use crate::policy::{ALWAYS, NodePolicy, Rule, SAFE_SYSCTLS, refusal};
@@ -67,6 +68,9 @@ pub fn check_compose_policy(
             format!("{why} (compose would fail to interpolate it)"),
         )
     })?;
+    // Restart policies the agent applies itself (the engine's is `no`):
+    // one compose would not run is refused here rather than at the `up`.
+    restarts::restarts_of(&document).map_err(|why| SpecError::new(FILE, why))?;
     Checker { rules }
         .document(&document)
         .map_err(|(key, why)| SpecError::new(FILE, format!("{key}: {why}")))
@@ -716,6 +720,21 @@ mod tests {
             ..Default::default()
         };
         check_spec(&profiles, &NodePolicy::default()).unwrap();
+    }
+
+    #[test]
+    fn a_restart_policy_compose_would_not_run_is_refused() {
+        let error = check(
+            "services:\n  a:\n    image: x\n    restart: sometimes\n",
+            &NodePolicy::default(),
+        )
+        .unwrap_err();
+        assert!(error.message.starts_with("services.a.restart"), "{error}");
+        check(
+            "services:\n  a:\n    image: x\n    restart: on-failure:3\n",
+            &NodePolicy::default(),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -20,6 +20,9 @@
 //! with the back-off of failed starts, so putting the directory back lets
 //! the workload run again.
 //!
+//! Compose services follow the same rule before every `up`
+//! (`crate::compose` resolves their sources with [`resolve_source`]).
+//!
 //! Residual window: the engine resolves the path once more itself, when it
 //! starts the container, after this check. A swap in the moments between
 //! the check and the engine's mount is not caught; one made at any time
