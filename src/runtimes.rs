@@ -298,6 +298,8 @@ impl Starter<'_> {
             host: Some(self.config.docker_host.clone()),
             binary: self.config.compose_binary.clone(),
             command_timeout: self.config.compose_timeout,
+            // The same host-path rule as containers.
+            host_paths: crate::policy::host_path_policy(self.config, self.policy),
             ..ComposeConfig::new(&self.config.state_path)
         };
         let compose = Arc::new(ComposeController::new(

@@ -16,7 +16,8 @@ use bollard::query_parameters::{RemoveContainerOptions, RemoveVolumeOptions};
 use compose_support::*;
 use persys_api::CONDITION_READY;
 use persys_api::v1::{ActualState, DesiredState, ObjectStatus, Workload};
-use persys_controllers::compose::ComposeController;
+use persys_controllers::compose::{ComposeConfig, ComposeController};
+use persys_controllers::docker::HostPathPolicy;
 use tokio::time::Instant;
 
 /// Bringing a project up takes v1 about a second and a half here; the
@@ -680,4 +681,213 @@ async fn an_engine_outage_reports_unknown_and_reconnecting_repairs_what_drifted(
     agent.wait_for(&late, CONVERGE, "running", running).await;
     agent.stop().await;
     proxy.stop().await;
+}
+
+/// A container's state and mounts, by id.
+async fn inspect(bed: &TestBed, container: &str) -> bollard::models::ContainerInspectResponse {
+    bed.docker
+        .inspect_container(
+            container,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .expect("inspect")
+}
+
+/// The host sources of a container's bind mounts, as the engine recorded
+/// them.
+fn bind_sources(found: &bollard::models::ContainerInspectResponse) -> Vec<String> {
+    found
+        .mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.typ.as_deref() == Some("bind"))
+        .filter_map(|m| m.source.clone())
+        .collect()
+}
+
+fn started_at(found: &bollard::models::ContainerInspectResponse) -> Option<String> {
+    found.state.as_ref().and_then(|s| s.started_at.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_directory_swapped_for_a_link_is_refused_at_the_next_up_and_runs_once_restored() {
+    let Some(bed) = TestBed::new("compose-swap").await else {
+        return;
+    };
+    // The allowed root, a directory the spec reaches through a link inside
+    // it, and a directory outside it the swapped link will point at.
+    let base = std::fs::canonicalize(bed.dir.path()).expect("canonical temp dir");
+    let root = base.join("volumes");
+    let data = root.join("data");
+    let kept_aside = root.join("data.kept");
+    let current = root.join("current");
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&data).expect("mkdir data");
+    std::fs::create_dir_all(&outside).expect("mkdir outside");
+    std::fs::write(outside.join("marker"), "outside").expect("write marker");
+    std::os::unix::fs::symlink(&data, &current).expect("link current to data");
+    let config = ComposeConfig {
+        host_paths: HostPathPolicy::new(Some(&bed.state_dir()), vec![root.clone()]),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let id = unique("compose-swap");
+    let project = bed.project("swap");
+    let compose = compose_file(&[("web", "volumes: ['${DATA}:/data:ro']")]);
+    let spec = compose_spec(&project, &compose, &[("DATA", current.to_str().unwrap())]);
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    let web = ids_by_service(&bed.docker, &project).await["web"].clone();
+    let before = inspect(&bed, &web).await;
+    assert_eq!(
+        bind_sources(&before),
+        [data.display().to_string()],
+        "compose is given the resolved path, not the file's link"
+    );
+
+    // After apply the directory becomes a link out of the root, and the
+    // service exits: the agent's restart must not mount the link.
+    std::fs::rename(&data, &kept_aside).expect("move data aside");
+    std::os::unix::fs::symlink(&outside, &data).expect("link data outside");
+    bed.docker
+        .kill_container(
+            &web,
+            None::<bollard::query_parameters::KillContainerOptions>,
+        )
+        .await
+        .expect("kill web");
+    let refused = agent
+        .wait_for(&id, CONVERGE, "refused by the policy", |w| {
+            status(w).failure_reason == "POLICY_VIOLATION"
+        })
+        .await;
+    let s = status(&refused);
+    assert_eq!(s.actual_state(), ActualState::Failed);
+    assert!(!s.retry_terminal, "restoring the directory must be enough");
+    assert!(s.next_retry_at_ms > 0, "retried with back-off");
+    assert!(
+        s.message.contains("services.web.volumes[0]")
+            && s.message.contains("host_paths.allowed_roots"),
+        "{}",
+        s.message
+    );
+    let violation = agent
+        .event(&id, "PolicyViolation")
+        .expect("a PolicyViolation event");
+    assert!(
+        violation.message.contains("services.web.volumes[0]"),
+        "{violation:?}"
+    );
+    let after = inspect(&bed, &web).await;
+    assert_eq!(after.state.as_ref().and_then(|s| s.running), Some(false));
+    assert_eq!(
+        started_at(&after),
+        started_at(&before),
+        "never started again, so the link's target was never mounted"
+    );
+    for container in containers_of(&bed.docker, &project).await {
+        let found = inspect(&bed, container.id.as_deref().unwrap_or_default()).await;
+        assert!(
+            !bind_sources(&found)
+                .iter()
+                .any(|s| s.starts_with(&outside.display().to_string())),
+            "{:?}",
+            bind_sources(&found)
+        );
+    }
+
+    // The directory put back: the next retry starts the service again.
+    std::fs::remove_file(&data).expect("remove link");
+    std::fs::rename(&kept_aside, &data).expect("restore data");
+    let restored = agent
+        .wait_for(&id, CONVERGE, "running again", running)
+        .await;
+    assert!(status(&restored).failure_reason.is_empty());
+    let web = ids_by_service(&bed.docker, &project).await["web"].clone();
+    let found = inspect(&bed, &web).await;
+    assert_ne!(started_at(&found), started_at(&before), "started again");
+    assert_eq!(bind_sources(&found), [data.display().to_string()]);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_restarts_services_by_their_policy_and_the_engine_restarts_none() {
+    let Some(bed) = TestBed::new("compose-restarts").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("compose-restarts");
+    let project = bed.project("restarts");
+    let compose = compose_file(&[
+        ("web", "restart: always"),
+        ("once", "restart: \"no\"\ncommand: [\"true\"]"),
+    ]);
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            compose_spec(&project, &compose, &[]),
+        )
+        .await;
+    let w = agent
+        .wait_for(&id, CONVERGE, "running, once finished", |w| {
+            running(w) && status(w).facts.get("service.once").map(String::as_str) == Some("exited")
+        })
+        .await;
+    assert_eq!(status(&w).facts["service.once.exit_code"], "0");
+    let ids = ids_by_service(&bed.docker, &project).await;
+    let (web, once) = (ids["web"].clone(), ids["once"].clone());
+    for (container, asked) in [(&web, "always"), (&once, "no")] {
+        let found = inspect(&bed, container).await;
+        let engine_policy = found
+            .host_config
+            .as_ref()
+            .and_then(|h| h.restart_policy.as_ref())
+            .and_then(|p| p.name);
+        assert_eq!(
+            engine_policy,
+            Some(bollard::models::RestartPolicyNameEnum::NO),
+            "the engine restarts nothing by itself"
+        );
+        let labels = found.config.and_then(|c| c.labels).unwrap_or_default();
+        assert_eq!(labels["persys.restart-policy"], asked);
+    }
+    let web_before = inspect(&bed, &web).await;
+    let once_before = inspect(&bed, &once).await;
+
+    // web exits: the agent starts it again; once stays finished.
+    bed.docker
+        .kill_container(
+            &web,
+            None::<bollard::query_parameters::KillContainerOptions>,
+        )
+        .await
+        .expect("kill web");
+    let w = agent
+        .wait_for(&id, CONVERGE, "web restarted", |w| {
+            running(w) && status(w).restart_count == 1
+        })
+        .await;
+    let web_after = inspect(&bed, &web).await;
+    assert_eq!(web_after.state.as_ref().and_then(|s| s.running), Some(true));
+    assert_ne!(
+        started_at(&web_after),
+        started_at(&web_before),
+        "started again"
+    );
+    let once_after = inspect(&bed, &once).await;
+    assert_eq!(
+        once_after.state.as_ref().and_then(|s| s.running),
+        Some(false)
+    );
+    assert_eq!(
+        started_at(&once_after),
+        started_at(&once_before),
+        "a finished one-shot service is not run again"
+    );
+    assert_eq!(status(&w).facts["service.once"], "exited");
+    assert_eq!(agent.event_count(&id, "ServiceExited"), 1, "only web");
+    agent.stop().await;
 }

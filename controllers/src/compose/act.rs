@@ -8,17 +8,20 @@ use persys_api::now_ms;
 use persys_api::v1::EventType;
 use tokio::time::Instant;
 
+use super::binds::{self, Resolved};
 use super::cli::Verb;
 use super::desired::Desired;
 use super::errors::{ComposeError, FailureReason};
 use super::memory::Failure;
 use super::observe::{Observation, Observed, ServiceReport, assess, describe, names};
-use super::plan::{Claim, Up};
+use super::plan::{Claim, Up, judge};
+use super::project::ProjectFiles;
 use super::reconciler::ComposeController;
 use super::services::DeclaredServices;
 use super::status::{self, Outcome};
 use crate::crash_loop::{Gate, RetryGate};
-use crate::kit::Classify;
+use crate::docker::binds::BindViolation;
+use crate::kit::{self, Classify};
 
 /// How soon to look again at a project that is coming up (a service the
 /// engine is restarting, one that exited right after `up`): engine events
@@ -135,7 +138,11 @@ impl ComposeController {
         let (id, prepared) = (desired.id.as_str(), &desired.prepared);
         let binary = self.runtime.binary_for(id).await?;
         let project = (prepared.project.as_str(), &prepared.dir);
-        if let Err(error) = self.runtime.run(id, &binary, project, Verb::Stop).await {
+        if let Err(error) = self
+            .runtime
+            .run(id, &binary, project, Verb::Stop, &[])
+            .await
+        {
             let observed = &observation.containers;
             return Ok(self.failed(id, &prepared.declared, observed, error).await);
         }
@@ -151,13 +158,22 @@ impl ComposeController {
         ))
     }
 
-    /// `compose up`: counted in the crash loop when a repair (with an
-    /// event per service it repairs), then reported as it came up.
+    /// `compose up`, once every bind source passed the container rule
+    /// (else nothing starts: a `PolicyViolation`, retried with the failure
+    /// back-off); counted in the crash loop when a repair (with an event
+    /// per service it repairs), then reported as it came up.
     pub(crate) async fn up(&self, desired: &Desired, up: Up) -> Result<Converged, ComposeError> {
         let (id, prepared) = (desired.id.as_str(), &desired.prepared);
+        let resolved = match self.resolve_binds(desired).await {
+            Ok(resolved) => resolved,
+            Err(error) => {
+                let observed = self.runtime.containers(id, &prepared.project).await?;
+                return Ok(self.failed(id, &prepared.declared, &observed, error).await);
+            }
+        };
         // Now, not when planned: claiming may have taken a project down.
         let (now, now_wall) = (Instant::now(), now_ms());
-        if let Up::Repair { unsatisfied } = &up {
+        if let Up::Repair { unsatisfied, .. } = &up {
             for service in unsatisfied {
                 let (kind, reason, message) = repair_event(service);
                 self.event(id, kind, reason, message).await;
@@ -172,8 +188,21 @@ impl ComposeController {
             self.workloads.with(id, |m| m.crash.started(now, now_wall));
         }
         let binary = self.runtime.binary_for(id).await?;
+        // The engine is given the sources just checked.
+        let files = ProjectFiles {
+            labels: prepared.override_file(id, &resolved),
+            ..prepared.files.clone()
+        };
+        if let Err(source) = prepared.dir.write(&files).await {
+            return Err(self.files_error(id, &prepared.dir, source));
+        }
         let project = (prepared.project.as_str(), &prepared.dir);
-        if let Err(error) = self.runtime.run(id, &binary, project, Verb::Up).await {
+        let services = up.services();
+        if let Err(error) = self
+            .runtime
+            .run(id, &binary, project, Verb::Up, services)
+            .await
+        {
             let observed = self.runtime.containers(id, &prepared.project).await?;
             return Ok(self.failed(id, &prepared.declared, &observed, error).await);
         }
@@ -187,31 +216,58 @@ impl ComposeController {
                 "compose project {} is up (revision {})",
                 prepared.project, desired.revision
             ),
-            Up::Repair { unsatisfied } => format!(
+            Up::Repair { unsatisfied, .. } => format!(
                 "compose project {} repaired: {}",
                 prepared.project,
                 names(unsatisfied)
             ),
             Up::Start => format!("compose project {} started", prepared.project),
+            Up::TakeOver { services } => format!(
+                "compose project {}: {} recreated with the engine's restart policy no; the agent restarts them",
+                prepared.project,
+                services.join(", ")
+            ),
         };
         self.event(id, EventType::Normal, "Up", message).await;
         let converged = Converged::new(Outcome::Running, &prepared.declared, &observed);
-        let still: Vec<&ServiceReport> = converged
-            .services
-            .iter()
-            .flatten()
-            .filter(|r| !r.is_satisfied())
-            .collect();
+        let reports = converged.services.clone().unwrap_or_default();
+        let restarts = self.restarts_of(id);
+        let (still, _) = judge(desired, reports, restarts);
         if still.is_empty() {
             return Ok(converged);
         }
-        let message = format!("waiting for services: {}", describe(still));
+        let message = format!("waiting for services: {}", describe(&still));
         let outcome = Outcome::Pending { message };
         Ok(Converged::new(outcome, &prepared.declared, &observed).after(PENDING_REQUEUE))
     }
 
-    /// Counts a failed command and reports it (status and a
-    /// `ComposeFailed` event); the error goes to the runtime's back-off
+    /// The project's bind sources, resolved and checked now (on a blocking
+    /// thread: it walks the filesystem).
+    async fn resolve_binds(&self, desired: &Desired) -> Result<Vec<Resolved>, ComposeError> {
+        let binds = desired.prepared.binds.clone();
+        let policy = self.config.host_paths.clone();
+        let checked =
+            match tokio::task::spawn_blocking(move || binds::resolve(&binds, &policy)).await {
+                Ok(checked) => checked,
+                Err(join) => Err(BindViolation {
+                    what: "bind sources".to_string(),
+                    message: format!("the check did not complete: {join}"),
+                }),
+            };
+        checked.map_err(|violation| ComposeError::PolicyViolation {
+            id: desired.id.clone(),
+            violation,
+        })
+    }
+
+    /// The restart count of the workload's current spec.
+    fn restarts_of(&self, id: &str) -> i32 {
+        self.workloads.get(id, |m| m.crash.restarts()).unwrap_or(0)
+    }
+
+    /// Counts a failed command (or a bind source refused before one) and
+    /// reports it: status, and a `ComposeFailed` event (`PolicyViolation`
+    /// for a refused source); the error goes to the runtime's back-off
     /// once the status is written.
     async fn failed(
         &self,
@@ -249,13 +305,20 @@ impl ComposeController {
             Gate::Open => None,
         };
         tracing::warn!(%error, "compose failed");
-        let event = format!(
-            "{}\n{}",
-            failure.message,
-            status::keep_end(&failure.detail, 1024)
-        );
-        self.event(id, EventType::Warning, "ComposeFailed", event)
-            .await;
+        let event = if failure.detail == failure.message {
+            failure.message.clone()
+        } else {
+            format!(
+                "{}\n{}",
+                failure.message,
+                status::keep_end(&failure.detail, 1024)
+            )
+        };
+        let kind = match reason {
+            FailureReason::PolicyViolation => kit::refusal_event(reason),
+            _ => "ComposeFailed",
+        };
+        self.event(id, EventType::Warning, kind, event).await;
         Converged {
             error: Some(error),
             ..Converged::failure(failure, due_ms, declared, observed)

@@ -150,17 +150,32 @@ impl ComposeEnvironment {
     }
 }
 
-/// `verb` on the project in `dir`, named `project`, in `environment`.
-/// `labelled`: the folder holds the agent's override file (see
-/// [`super::project::OVERRIDE_FILE`]), passed after the compose file.
+/// One compose command on a project.
+#[derive(Debug, Clone, Copy)]
+pub struct Command<'a> {
+    pub verb: Verb,
+    /// The services it is limited to; none: every service. An `up` of
+    /// some services leaves the others alone (`--no-deps`): a repair
+    /// brings back what exited, not a finished dependency.
+    pub services: &'a [String],
+    /// The folder holds the agent's override file (see
+    /// [`super::project::OVERRIDE_FILE`]), passed after the compose file.
+    pub labelled: bool,
+}
+
+/// `command` on the project in `dir`, named `project`, in `environment`.
 pub fn invocation(
     binary: &ComposeBinary,
     project: &str,
     dir: &ProjectDir,
-    verb: Verb,
+    command: Command<'_>,
     environment: &ComposeEnvironment,
-    labelled: bool,
 ) -> Invocation {
+    let Command {
+        verb,
+        services,
+        labelled,
+    } = command;
     let mut args: Vec<OsString> = binary.leading_args.iter().map(Into::into).collect();
     if binary.kind == ComposeKind::V2 {
         // v1 writes no colours without a terminal, and would take an
@@ -181,6 +196,14 @@ pub fn invocation(
         dir.path().as_os_str().to_owned(),
     ]);
     args.extend(verb.args().iter().map(Into::into));
+    // v1's parser reads no `--`: a name that could be taken for a flag
+    // makes the command one on every service instead.
+    if !services.is_empty() && !services.iter().any(|s| s.starts_with('-')) {
+        if verb == Verb::Up {
+            args.push("--no-deps".into());
+        }
+        args.extend(services.iter().map(Into::into));
+    }
     Invocation {
         program: binary.program.clone(),
         args,
@@ -228,7 +251,29 @@ mod tests {
             kind: ComposeKind::V1,
             version: "1.29.2".into(),
         };
-        let invocation = invocation(&binary, "shop", &dir, Verb::Up, &environment, false);
+        let up = Command {
+            verb: Verb::Up,
+            services: &[],
+            labelled: false,
+        };
+        let invocation = invocation(&binary, "shop", &dir, up, &environment);
+        assert_eq!(
+            invocation
+                .args
+                .last()
+                .map(|a| a.to_string_lossy().into_owned()),
+            Some("--remove-orphans".to_string())
+        );
+        let repair = Command {
+            services: &["web".to_string()],
+            ..up
+        };
+        let limited = super::invocation(&binary, "shop", &dir, repair, &environment);
+        let tail: Vec<String> = limited.args[limited.args.len() - 3..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(tail, ["--remove-orphans", "--no-deps", "web"]);
         let env: BTreeMap<_, _> = invocation.env.into_iter().collect();
         assert_eq!(
             env.keys().map(String::as_str).collect::<Vec<_>>(),

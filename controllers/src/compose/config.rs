@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::crash_loop::CrashLoopPolicy;
+use crate::docker::HostPathPolicy;
+use crate::policy::DEFAULT_VOLUME_ROOT;
 
 /// Settings of a [`super::ComposeController`].
 #[derive(Debug, Clone)]
@@ -31,6 +33,10 @@ pub struct ComposeConfig {
     /// long: longer than the scheduler's 300 s re-list, so an agent that
     /// lost its state gets the workload re-applied and adopts the project.
     pub orphan_grace: Duration,
+    /// Which host paths services may bind-mount: the container rule. Every
+    /// bind source is resolved and checked against it before every `up`,
+    /// and the engine is given the resolved path.
+    pub host_paths: HostPathPolicy,
     /// Back-off between repairs of a project whose services keep exiting
     /// (kubelet's 10 s doubling to 5 min, reset after 10 min).
     pub crash_loop: CrashLoopPolicy,
@@ -42,7 +48,9 @@ pub struct ComposeConfig {
 }
 
 impl ComposeConfig {
-    /// The defaults, with project folders under `<state_path>/compose`.
+    /// The defaults, with project folders under `<state_path>/compose`,
+    /// and bind sources only under the node policy's default root (never
+    /// the state directory).
     pub fn new(state_path: &Path) -> ComposeConfig {
         ComposeConfig {
             host: None,
@@ -51,6 +59,10 @@ impl ComposeConfig {
             command_timeout: Duration::from_secs(300),
             max_concurrent_commands: 4,
             orphan_grace: Duration::from_secs(600),
+            host_paths: HostPathPolicy::new(
+                Some(state_path),
+                vec![PathBuf::from(DEFAULT_VOLUME_ROOT)],
+            ),
             crash_loop: CrashLoopPolicy::default(),
             failure_backoff: Backoff {
                 base: Duration::from_secs(1),

@@ -1,14 +1,20 @@
 //! What a compose workload asks for, read from its spec and stored status
 //! without touching anything: the plan's first input.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use persys_api::v1::{ActualState, ComposeSpec, DesiredState, Workload, workload_spec};
+use serde_yaml_ng::Value;
 
+use super::binds::{Binds, Resolved, binds_of};
+use super::cli::ComposeEnvironment;
+use super::document;
 use super::errors::ComposeError;
 use super::naming::{self, project_name_of};
-use super::project::{ProjectDir, ProjectFiles, render_env, render_labels};
+use super::project::{Override, ProjectDir, ProjectFiles, render_env, render_override};
+use super::restarts::{Restarts, restarts_of};
 use super::services::DeclaredServices;
 use super::validate::validate_compose_spec;
 
@@ -22,6 +28,28 @@ pub(crate) struct Prepared {
     pub(crate) files: ProjectFiles,
     /// What "every service runs" means for this file.
     pub(crate) declared: DeclaredServices,
+    /// The restart policy each service asks for, which the agent applies.
+    pub(crate) restarts: Restarts,
+    /// Services whose file sets `deploy.restart_policy`.
+    pub(crate) deploy_restarts: BTreeSet<String>,
+    /// The bind mounts of the interpolated file: resolved and checked
+    /// before every `up`.
+    pub(crate) binds: Binds,
+    /// The file's `version`, which the override repeats.
+    pub(crate) version: Option<Value>,
+}
+
+impl Prepared {
+    /// The override file for workload `id`, with `binds` (resolved right
+    /// before an `up`, or none).
+    pub(crate) fn override_file(&self, id: &str, binds: &[Resolved]) -> String {
+        let extra = Override {
+            restarts: &self.restarts,
+            deploy_restarts: &self.deploy_restarts,
+            binds,
+        };
+        render_override(id, self.version.as_ref(), &self.declared, extra)
+    }
 }
 
 /// A workload with a valid spec, as the plan needs it: the project, and the
@@ -53,8 +81,10 @@ impl Desired {
     pub(crate) async fn read_off_runtime(
         workload: Arc<Workload>,
         root: PathBuf,
+        environment: ComposeEnvironment,
     ) -> Option<Result<Desired, ComposeError>> {
-        match tokio::task::spawn_blocking(move || Desired::read(&workload, &root)).await {
+        let read = move || Desired::read(&workload, &root, &environment);
+        match tokio::task::spawn_blocking(read).await {
             Ok(read) => Some(read),
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(_) => None,
@@ -62,8 +92,13 @@ impl Desired {
     }
 
     /// The workload's spec, checked and rendered into project files under
-    /// `root`; `InvalidSpec` when it cannot run as it is.
-    pub(crate) fn read(workload: &Workload, root: &Path) -> Result<Desired, ComposeError> {
+    /// `root`, interpolated as compose will in `environment`;
+    /// `InvalidSpec` when it cannot run as it is.
+    pub(crate) fn read(
+        workload: &Workload,
+        root: &Path,
+        environment: &ComposeEnvironment,
+    ) -> Result<Desired, ComposeError> {
         let status = workload.status.as_ref();
         Ok(Desired {
             id: workload.id().to_string(),
@@ -72,13 +107,19 @@ impl Desired {
             stopped: workload.desired_state() == DesiredState::Stopped,
             reported_stopped: status.map(|s| s.actual_state()) == Some(ActualState::Stopped),
             restarts: status.map(|s| s.restart_count).unwrap_or(0),
-            prepared: prepare(workload, root)?,
+            prepared: prepare(workload, root, environment)?,
         })
     }
 }
 
-/// The spec, checked and rendered into project files.
-pub(crate) fn prepare(workload: &Workload, root: &Path) -> Result<Prepared, ComposeError> {
+/// The spec, checked and rendered into project files; its file read as
+/// compose will interpolate it in `environment` (the restart policies and
+/// bind mounts it asks for).
+pub(crate) fn prepare(
+    workload: &Workload,
+    root: &Path,
+    environment: &ComposeEnvironment,
+) -> Result<Prepared, ComposeError> {
     let id = workload.id();
     let invalid = |message: String| ComposeError::InvalidSpec {
         id: id.to_string(),
@@ -97,18 +138,41 @@ pub(crate) fn prepare(workload: &Workload, root: &Path) -> Result<Prepared, Comp
         )));
     }
     let valid = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
-    let labels = render_labels(id, valid.document.get("version"), &valid.declared);
-    Ok(Prepared {
+    let file = |why: String| invalid(format!("spec.compose.compose_yaml: {why}"));
+    let mut interpolated = valid.document.clone();
+    let vars = environment.interpolation(&spec.env, &project);
+    document::interpolate(&mut interpolated, &vars, "")
+        .map_err(|why| file(format!("{why} (compose would fail to interpolate it)")))?;
+    let restarts = restarts_of(&interpolated).map_err(file)?;
+    let mut prepared = Prepared {
         files: ProjectFiles {
             compose: valid.text,
             env: render_env(&spec.env),
-            labels,
+            labels: String::new(),
             project: format!("{project}\n"),
         },
         project,
         dir,
         declared: valid.declared,
-    })
+        restarts,
+        deploy_restarts: deploy_restarts(&interpolated),
+        binds: binds_of(&interpolated),
+        version: valid.document.get("version").cloned(),
+    };
+    prepared.files.labels = prepared.override_file(id, &[]);
+    Ok(prepared)
+}
+
+/// The services whose file sets `deploy.restart_policy`.
+fn deploy_restarts(document: &Value) -> BTreeSet<String> {
+    document
+        .get("services")
+        .and_then(Value::as_mapping)
+        .into_iter()
+        .flatten()
+        .filter(|(_, service)| !service["deploy"]["restart_policy"].is_null())
+        .filter_map(|(name, _)| name.as_str().map(String::from))
+        .collect()
 }
 
 #[cfg(test)]
@@ -134,6 +198,10 @@ impl Desired {
                     project: "shop\n".into(),
                 },
                 declared: [("web".to_string(), 1), ("db".to_string(), 1)].into(),
+                restarts: Restarts::new(),
+                deploy_restarts: BTreeSet::new(),
+                binds: Binds::default(),
+                version: None,
             },
         }
     }

@@ -8,6 +8,7 @@ use bollard::errors::Error as EngineError;
 
 use super::binary::DetectError;
 use super::cli::Verb;
+use crate::docker::binds::BindViolation;
 use crate::docker::errors::{engine_detail, is_unreachable};
 use crate::kit::{Classify, ErrorClass, store_class};
 use crate::source::WriteError;
@@ -153,6 +154,14 @@ pub enum ComposeError {
         #[source]
         source: std::io::Error,
     },
+    /// A bind source may not be mounted now (checked before every `up`):
+    /// the node's files changed since apply. Retried: putting the
+    /// directory back is enough.
+    #[error("workload {id}: policy violation: {violation}")]
+    PolicyViolation {
+        id: String,
+        violation: BindViolation,
+    },
     /// The spec cannot be run as it is.
     #[error("workload {id}: invalid spec: {message}")]
     InvalidSpec { id: String, message: String },
@@ -186,7 +195,8 @@ impl Classify for ComposeError {
             // The engine refused, no binary yet, a full disk: may pass.
             ComposeError::Engine { .. }
             | ComposeError::NoBinary { .. }
-            | ComposeError::Files { .. } => ErrorClass::Retryable,
+            | ComposeError::Files { .. }
+            | ComposeError::PolicyViolation { .. } => ErrorClass::Retryable,
             ComposeError::Command { reason, .. } => ErrorClass::of(*reason),
             ComposeError::InvalidSpec { .. } => ErrorClass::Terminal,
             ComposeError::Store { source, .. } => store_class(source),
@@ -198,6 +208,7 @@ impl Classify for ComposeError {
         match self {
             ComposeError::Command { reason, .. } => *reason,
             ComposeError::InvalidSpec { .. } => FailureReason::InvalidSpec,
+            ComposeError::PolicyViolation { .. } => FailureReason::PolicyViolation,
             ComposeError::Files { .. } => FailureReason::StorageError,
             ComposeError::Engine { .. }
             | ComposeError::NoBinary { .. }
@@ -217,6 +228,7 @@ impl Classify for ComposeError {
                 format!("project files at {}: {source}", path.display())
             }
             ComposeError::InvalidSpec { message, .. } => message.clone(),
+            ComposeError::PolicyViolation { violation, .. } => violation.to_string(),
             ComposeError::Store { source, .. } => source.to_string(),
         }
     }

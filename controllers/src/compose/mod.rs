@@ -24,6 +24,10 @@
 //! - `policy`: a compose file against the node's workload policy.
 //! - `resources`: the CPU and memory a project's services are limited to,
 //!   which the node's ceilings count.
+//! - `binds`: the file's bind mounts, resolved and checked as containers'
+//!   are before every `up`; the engine gets the resolved sources.
+//! - `restarts`: the restart policy each service asks for, which the agent
+//!   applies (the engine's is `no`).
 //! - [`observe`]: the project as found: its containers, from the engine,
 //!   and its folder.
 //! - `runtime`: the facade over the compose CLI and the engine.
@@ -45,6 +49,7 @@
 
 mod act;
 pub mod binary;
+mod binds;
 pub(crate) mod cli;
 pub(crate) mod command;
 pub(crate) mod config;
@@ -60,6 +65,7 @@ mod policy;
 pub(crate) mod project;
 pub(crate) mod reconciler;
 mod resources;
+mod restarts;
 mod runtime;
 pub(crate) mod services;
 pub(crate) mod status;
@@ -74,4 +80,5 @@ pub use naming::derive_project_name;
 pub use policy::{ComposeRules, check_compose_policy};
 pub use reconciler::{ComposeController, ComposeHealth};
 pub use resources::{ComposeResources, declared_resources};
+pub use restarts::RESTART_LABEL;
 pub use validate::{ValidCompose, validate_compose_spec};

@@ -14,6 +14,7 @@ use persys_api::v1::Workload;
 use super::desired::Desired;
 use super::errors::{ComposeError, Operation};
 use super::naming;
+use super::restarts::RESTART_LABEL;
 use super::runtime::ComposeRuntime;
 use super::services::DeclaredServices;
 use crate::docker::labels::{MANAGED, WORKLOAD_ID};
@@ -84,6 +85,10 @@ pub(crate) struct ServiceContainer {
     /// and `persys.workload-id`); none on a container the agent did not
     /// label.
     pub(crate) workload: Option<String>,
+    /// The restart policy its service asked for, as the agent's override
+    /// recorded it ([`super::restarts::RESTART_LABEL`]); none on a
+    /// container made before the agent took restarts from the engine.
+    pub(crate) asked_restart: Option<String>,
 }
 
 /// The project's containers by service (`compose run` ones left out).
@@ -188,6 +193,7 @@ pub(crate) async fn observe(
             .filter(|v| *v == "true")
             .and(labels.get(WORKLOAD_ID))
             .cloned();
+        let asked_restart = labels.get(RESTART_LABEL).cloned();
         let state = ContainerState::from_summary(summary.state);
         let exit_code = if matches!(state, ContainerState::Exited | ContainerState::Dead) {
             match docker
@@ -214,6 +220,7 @@ pub(crate) async fn observe(
                 state,
                 exit_code,
                 workload,
+                asked_restart,
             });
     }
     for containers in observed.by_service.values_mut() {
@@ -374,6 +381,7 @@ impl Observation {
                 state,
                 exit_code,
                 workload: Some("shop".into()),
+                asked_restart: Some("always".into()),
             };
             let by_service = containers.by_service.entry(service.into());
             by_service.or_default().push(container);
@@ -397,6 +405,7 @@ mod tests {
             state,
             exit_code,
             workload: None,
+            asked_restart: None,
         }
     }
 

@@ -11,7 +11,9 @@ use tokio::time::Instant;
 use super::desired::Desired;
 use super::memory::{Failure, Memory, Rules};
 use super::observe::{Observation, ServiceReport, assess, describe, names};
+use super::restarts::{Verdict, verdict};
 use crate::crash_loop::Gate;
+use crate::kit::restart::RestartRule;
 
 /// What a reconcile does about a workload's project.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,9 +26,14 @@ pub(crate) enum Plan {
     NotAdopted { why: String },
     /// Every service runs: report it; a failed command's back-off is over.
     Running,
-    /// The only services down are ones the engine is restarting itself (a
-    /// compose `restart:` policy): wait for it.
+    /// The only services down are ones the engine is restarting itself
+    /// (containers made before the agent took restarts from the engine):
+    /// wait for it.
     EngineRestarting { message: String },
+    /// Every service that should run does, but some exited and their
+    /// restart policy does not restart them (`no`, or on-failure's limit):
+    /// report it; nothing is started.
+    GaveUp { message: String },
     /// Desired stopped, and nothing runs.
     AlreadyStopped,
     /// Desired stopped, and something runs: `compose stop`.
@@ -56,8 +63,49 @@ pub(crate) enum Up {
     NewSpec,
     /// The desired state turned to running after a stop: not a repair.
     Start,
-    /// Services stopped running or went missing: a counted repair.
-    Repair { unsatisfied: Vec<ServiceReport> },
+    /// Services stopped running or went missing and their restart policy
+    /// brings them back: a counted repair, of those services only
+    /// (`services`; none: every service), so a finished one-shot service
+    /// stays finished.
+    Repair {
+        unsatisfied: Vec<ServiceReport>,
+        services: Vec<String>,
+    },
+    /// Services run in containers made before the agent took restarts from
+    /// the engine (no restart label): recreated with the override, so the
+    /// engine restarts none of them by itself.
+    TakeOver { services: Vec<String> },
+}
+
+impl Up {
+    /// The services `up` is limited to; none: every service.
+    pub(crate) fn services(&self) -> &[String] {
+        match self {
+            Up::Repair { services, .. } | Up::TakeOver { services } => services,
+            Up::NewSpec | Up::Start => &[],
+        }
+    }
+}
+
+/// The services not running as declared, by what their restart policy
+/// says of them after `restarts` restarts: those to bring up, and those
+/// that failed and stay exited. Finished ones are neither.
+pub(crate) fn judge(
+    desired: &Desired,
+    reports: Vec<ServiceReport>,
+    restarts: i32,
+) -> (Vec<ServiceReport>, Vec<ServiceReport>) {
+    let mut bring_up = Vec::new();
+    let mut gave_up = Vec::new();
+    for report in reports.into_iter().filter(|r| !r.is_satisfied()) {
+        let rule = desired.prepared.restarts.get(&report.name).copied();
+        match verdict(&report, rule.unwrap_or(RestartRule::Always), restarts) {
+            Verdict::Restart => bring_up.push(report),
+            Verdict::Completed => {}
+            Verdict::GaveUp => gave_up.push(report),
+        }
+    }
+    (bring_up, gave_up)
 }
 
 /// What is done first once the project is the workload's, whatever the
@@ -106,14 +154,31 @@ pub(crate) fn plan(
         }
         return held(&memory, rules, now).unwrap_or(Plan::Stop);
     }
-    let unsatisfied: Vec<ServiceReport> = assess(&desired.prepared.declared, containers)
-        .into_iter()
-        .filter(|r| !r.is_satisfied())
+    let reports = assess(&desired.prepared.declared, containers);
+    let running: Vec<String> = reports
+        .iter()
+        .filter(|r| r.is_satisfied() && r.running > 0)
+        .map(|r| r.name.clone())
         .collect();
+    let (unsatisfied, gave_up) = judge(desired, reports, memory.crash.restarts());
     let up = if observation.brought_up.as_deref() != Some(desired.hash.as_str()) {
         Up::NewSpec
     } else if unsatisfied.is_empty() {
-        return Plan::Running;
+        let engine_restarts = not_taken_over(desired, observation);
+        if !engine_restarts.is_empty() {
+            Up::TakeOver {
+                services: engine_restarts,
+            }
+        } else if !gave_up.is_empty() {
+            return Plan::GaveUp {
+                message: format!(
+                    "exited and not restarted by their restart policy: {}",
+                    describe(&gave_up)
+                ),
+            };
+        } else {
+            return Plan::Running;
+        }
     } else if desired.reported_stopped {
         Up::Start
     } else if unsatisfied.iter().all(|r| r.state == "restarting") {
@@ -121,12 +186,26 @@ pub(crate) fn plan(
             message: format!("restarting: {}", names(&unsatisfied)),
         };
     } else {
-        Up::Repair { unsatisfied }
+        // Only what is brought back; with nothing but services no longer in
+        // the file to remove, the running ones (`up` with none would start
+        // every finished one).
+        let mut services: Vec<String> = unsatisfied
+            .iter()
+            .filter(|r| !r.orphan)
+            .map(|r| r.name.clone())
+            .collect();
+        if services.is_empty() {
+            services = running;
+        }
+        Up::Repair {
+            unsatisfied,
+            services,
+        }
     };
     if let Some(hold) = held(&memory, rules, now) {
         return hold;
     }
-    if let Up::Repair { unsatisfied } = &up
+    if let Up::Repair { unsatisfied, .. } = &up
         && let Gate::Closed {
             delay,
             remaining,
@@ -144,6 +223,23 @@ pub(crate) fn plan(
         };
     }
     Plan::Up(up)
+}
+
+/// Declared services with a running container that lacks the restart
+/// label: the engine may restart those by itself.
+fn not_taken_over(desired: &Desired, observation: &Observation) -> Vec<String> {
+    observation
+        .containers
+        .by_service
+        .iter()
+        .filter(|(name, _)| desired.prepared.declared.contains_key(*name))
+        .filter(|(_, containers)| {
+            containers
+                .iter()
+                .any(|c| c.state.is_up() && c.asked_restart.is_none())
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// The failed command's back-off, while it runs. Never reset by time: only

@@ -12,9 +12,11 @@ use std::path::{Component, Path};
 use persys_api::v1::ComposeSpec;
 use serde_yaml_ng::{Mapping, Value};
 
+use super::binds;
 use super::cli::is_reserved_env;
 use super::document;
 use super::project::env_value_problem;
+use super::restarts;
 use crate::docker::HostPathPolicy;
 use crate::docker::labels::RESERVED_PREFIX;
 use crate::policy::{ALWAYS, NodePolicy, Rule, SAFE_SYSCTLS, refusal};
@@ -66,6 +68,9 @@ pub fn check_compose_policy(
             format!("{why} (compose would fail to interpolate it)"),
         )
     })?;
+    // Restart policies the agent applies itself (the engine's is `no`):
+    // one compose would not run is refused here rather than at the `up`.
+    restarts::restarts_of(&document).map_err(|why| SpecError::new(FILE, why))?;
     Checker { rules }
         .document(&document)
         .map_err(|(key, why)| SpecError::new(FILE, format!("{key}: {why}")))
@@ -83,14 +88,14 @@ fn refuse<T>(
 }
 
 /// The value under a tag (`!override`, `!reset`): checked as if untagged.
-fn untagged(value: &Value) -> &Value {
+pub(super) fn untagged(value: &Value) -> &Value {
     match value {
         Value::Tagged(tagged) => untagged(&tagged.value),
         other => other,
     }
 }
 
-fn text(value: &Value) -> Option<&str> {
+pub(super) fn text(value: &Value) -> Option<&str> {
     untagged(value).as_str()
 }
 
@@ -107,7 +112,7 @@ fn truthy(value: &Value) -> bool {
 }
 
 /// A list, or a single value as a list of one.
-fn items(value: &Value) -> Vec<&Value> {
+pub(super) fn items(value: &Value) -> Vec<&Value> {
     match untagged(value) {
         Value::Sequence(items) => items.iter().collect(),
         Value::Null => Vec::new(),
@@ -115,7 +120,7 @@ fn items(value: &Value) -> Vec<&Value> {
     }
 }
 
-fn entries(value: &Value) -> Vec<(String, &Value)> {
+pub(super) fn entries(value: &Value) -> Vec<(String, &Value)> {
     match untagged(value) {
         Value::Mapping(mapping) => mapping.iter().map(|(k, v)| (key_text(k), v)).collect(),
         _ => Vec::new(),
@@ -434,29 +439,19 @@ impl Checker<'_> {
     /// A service's `volumes` entry, short (`src:dst[:mode]`) or long
     /// syntax: bind sources follow the container rule.
     fn service_volume(&self, key: &str, volume: &Value) -> Result<(), Refusal> {
-        match untagged(volume) {
-            Value::String(short) => {
-                let mut parts = short.splitn(2, ':');
-                let source = parts.next().unwrap_or_default();
-                if parts.next().is_some() {
-                    self.bind_source(key, source)?;
-                }
-                Ok(())
+        if let Value::Mapping(long) = untagged(volume) {
+            let kind = long.get("type").and_then(text).unwrap_or("volume");
+            if !matches!(kind, "bind" | "volume" | "tmpfs" | "image") {
+                return refuse(
+                    format!("{key}.type"),
+                    format_args!("mount type {kind:?} is not allowed"),
+                    ALWAYS,
+                );
             }
-            Value::Mapping(long) => {
-                let kind = long.get("type").and_then(text).unwrap_or("volume");
-                let source = long.get("source").and_then(text).unwrap_or_default();
-                match kind {
-                    "bind" => self.bind_source(&format!("{key}.source"), source),
-                    "volume" | "tmpfs" | "image" => Ok(()),
-                    other => refuse(
-                        format!("{key}.type"),
-                        format_args!("mount type {other:?} is not allowed"),
-                        ALWAYS,
-                    ),
-                }
-            }
-            _ => Ok(()),
+        }
+        match binds::service_bind(key, volume) {
+            Some((key, source, _)) => self.bind_source(&key, &source),
+            None => Ok(()),
         }
     }
 
@@ -485,16 +480,14 @@ impl Checker<'_> {
 
     fn top_level_volume(&self, key: &str, volume: &Value) -> Result<(), Refusal> {
         self.not_external(key, volume)?;
+        if let Some(device) = binds::device_bind(volume) {
+            return self.bind_source(&format!("{key}.driver_opts.device"), device);
+        }
         let options = &untagged(volume)["driver_opts"];
         let Some(device) = text(&options["device"]) else {
             return Ok(());
         };
         let kind = text(&options["type"]).unwrap_or("none");
-        let binds = kind == "none"
-            || text(&options["o"]).is_some_and(|o| o.split(',').any(|o| o == "bind"));
-        if binds {
-            return self.bind_source(&format!("{key}.driver_opts.device"), device);
-        }
         if kind == "tmpfs" {
             return Ok(());
         }
@@ -727,6 +720,21 @@ mod tests {
             ..Default::default()
         };
         check_spec(&profiles, &NodePolicy::default()).unwrap();
+    }
+
+    #[test]
+    fn a_restart_policy_compose_would_not_run_is_refused() {
+        let error = check(
+            "services:\n  a:\n    image: x\n    restart: sometimes\n",
+            &NodePolicy::default(),
+        )
+        .unwrap_err();
+        assert!(error.message.starts_with("services.a.restart"), "{error}");
+        check(
+            "services:\n  a:\n    image: x\n    restart: on-failure:3\n",
+            &NodePolicy::default(),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! project is what lets the workload adopt that project (see
 //! [`super::observe`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -17,8 +17,10 @@ use std::sync::{Arc, RwLock};
 
 use serde_yaml_ng::{Mapping, Value};
 
+use super::binds::Resolved;
 use super::cli::is_reserved_env;
 use super::naming::{derive_project_name, is_valid_project_name};
+use super::restarts::{RESTART_LABEL, Restarts};
 use super::services::DeclaredServices;
 use crate::docker::labels::{MANAGED, WORKLOAD_ID};
 
@@ -29,7 +31,9 @@ pub const COMPOSE_FILE: &str = "docker-compose.yml";
 pub const ENV_FILE: &str = ".env";
 /// The agent's own compose file, passed after the spec's: it labels every
 /// declared service's containers `persys.managed` and `persys.workload-id`,
-/// so the project says whose it is even without this folder.
+/// so the project says whose it is even without this folder; takes restarts
+/// from the engine (`restart: "no"`, the asked policy as a label); and,
+/// when written for an `up`, gives bind volumes their resolved sources.
 pub const OVERRIDE_FILE: &str = ".persys-labels.yml";
 /// The project name the folder's containers run under.
 pub const PROJECT_FILE: &str = ".persys-project";
@@ -111,19 +115,64 @@ pub fn render_env(env: &BTreeMap<String, String>) -> String {
     text
 }
 
-/// The override file's text: every declared service labelled as the
-/// workload's, in the compose file's own `version` (v1 refuses files of
-/// different versions).
-pub fn render_labels(id: &str, version: Option<&Value>, declared: &DeclaredServices) -> String {
-    let labels = Mapping::from_iter([
-        (Value::from(MANAGED), Value::from("true")),
-        (Value::from(WORKLOAD_ID), Value::from(id)),
-    ]);
+/// What the override file says of the services besides whose they are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Override<'a> {
+    /// The policy each service asked for: recorded as [`RESTART_LABEL`],
+    /// while the engine's is `no`.
+    pub(crate) restarts: &'a Restarts,
+    /// Services whose file sets `deploy.restart_policy`, which compose v2
+    /// prefers to `restart`: its condition is set to `none` too.
+    pub(crate) deploy_restarts: &'a BTreeSet<String>,
+    /// Bind volumes with their sources resolved, written right before an
+    /// `up`; none in the copy a reconcile writes for the other commands.
+    pub(crate) binds: &'a [Resolved],
+}
+
+/// The override file's text (JSON, which compose reads as YAML), in the
+/// compose file's own `version` (v1 refuses files of different versions):
+/// every declared service labelled
+/// as the workload's and with the policy it asked for, run with the
+/// engine's restart policy `no`, and its bind volumes on their resolved
+/// sources (compose merges `volumes` by target).
+pub(crate) fn render_override(
+    id: &str,
+    version: Option<&Value>,
+    declared: &DeclaredServices,
+    extra: Override<'_>,
+) -> String {
     let services: Mapping = declared
         .keys()
         .map(|name| {
-            let service =
-                Mapping::from_iter([(Value::from("labels"), Value::from(labels.clone()))]);
+            let mut labels = Mapping::from_iter([
+                (Value::from(MANAGED), Value::from("true")),
+                (Value::from(WORKLOAD_ID), Value::from(id)),
+            ]);
+            if let Some(rule) = extra.restarts.get(name) {
+                labels.insert(Value::from(RESTART_LABEL), Value::from(rule.to_string()));
+            }
+            let mut service = Mapping::from_iter([
+                (Value::from("labels"), Value::from(labels)),
+                (Value::from("restart"), Value::from("no")),
+            ]);
+            if extra.deploy_restarts.contains(name) {
+                let policy = Mapping::from_iter([
+                    (Value::from("condition"), Value::from("none")),
+                    (Value::from("max_attempts"), Value::from(0)),
+                ]);
+                let deploy =
+                    Mapping::from_iter([(Value::from("restart_policy"), Value::from(policy))]);
+                service.insert(Value::from("deploy"), Value::from(deploy));
+            }
+            let volumes: Vec<Value> = extra
+                .binds
+                .iter()
+                .filter(|bind| bind.service == *name)
+                .map(Resolved::entry)
+                .collect();
+            if !volumes.is_empty() {
+                service.insert(Value::from("volumes"), Value::from(volumes));
+            }
             (Value::from(name.as_str()), Value::from(service))
         })
         .collect();
@@ -132,8 +181,12 @@ pub fn render_labels(id: &str, version: Option<&Value>, declared: &DeclaredServi
         file.insert(Value::from("version"), version.clone());
     }
     file.insert(Value::from("services"), Value::from(services));
-    let yaml = serde_yaml_ng::to_string(&file).unwrap_or_default();
-    format!("# Written by persys-agent: whose these containers are.\n{yaml}")
+    // As JSON, which is YAML with every string quoted: v1 reads YAML 1.1,
+    // where an unquoted `no` is false, not the restart policy.
+    let json = serde_json::to_string_pretty(&file).unwrap_or_default();
+    format!(
+        "# Written by persys-agent: whose these containers are, and what the engine may do.\n{json}\n"
+    )
 }
 
 /// What a project folder holds, rendered from a spec.
@@ -418,18 +471,59 @@ mod tests {
     }
 
     #[test]
-    fn the_override_labels_every_service_in_the_file_s_version() {
+    fn the_override_labels_every_service_takes_its_restarts_and_resolves_its_binds() {
+        use crate::compose::binds::Entry;
+        use crate::kit::restart::RestartRule;
         let declared =
             DeclaredServices::from([("web".to_string(), 1), ("odd name".to_string(), 0)]);
-        let text = render_labels("shop", Some(&Value::from("2.4")), &declared);
+        let restarts = Restarts::from([
+            (
+                "web".to_string(),
+                RestartRule::OnFailure { max_restarts: 3 },
+            ),
+            ("odd name".to_string(), RestartRule::Never),
+        ]);
+        let deploy_restarts = BTreeSet::from(["web".to_string()]);
+        let binds = [Resolved {
+            service: "web".into(),
+            source: PathBuf::from("/var/lib/persys/volumes/web"),
+            entry: Entry::Short {
+                rest: "/data:ro".into(),
+            },
+        }];
+        let extra = Override {
+            restarts: &restarts,
+            deploy_restarts: &deploy_restarts,
+            binds: &binds,
+        };
+        let text = render_override("shop", Some(&Value::from("2.4")), &declared, extra);
         let value: Value = serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(value["version"], "2.4");
         for service in ["web", "odd name"] {
             assert_eq!(value["services"][service]["labels"][MANAGED], "true");
             assert_eq!(value["services"][service]["labels"][WORKLOAD_ID], "shop");
+            assert_eq!(value["services"][service]["restart"], "no");
         }
-        let text = render_labels("shop", None, &declared);
-        assert!(!text.contains("version"), "{text}");
+        let web = &value["services"]["web"];
+        assert_eq!(web["labels"][RESTART_LABEL], "on-failure:3");
+        assert_eq!(web["deploy"]["restart_policy"]["condition"], "none");
+        assert_eq!(web["volumes"][0], "/var/lib/persys/volumes/web:/data:ro");
+        let odd = &value["services"]["odd name"];
+        assert_eq!(odd["labels"][RESTART_LABEL], "no");
+        assert!(odd.get("deploy").is_none() && odd.get("volumes").is_none());
+        let extra = Override {
+            binds: &[],
+            ..extra
+        };
+        let text = render_override("shop", None, &declared, extra);
+        assert!(
+            !text.contains("version") && !text.contains("volumes"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"restart\": \"no\""),
+            "quoted, or YAML 1.1 reads false: {text}"
+        );
     }
 
     #[tokio::test]

@@ -4,9 +4,11 @@
 //! A reconcile reads the workload ([`Desired`]) and its project
 //! ([`Observation`]: the folder, the containers by compose's project
 //! label), lets [`plan()`] decide, and acts: `up -d --remove-orphans` when
-//! the spec hash differs from the one last brought up or a service is not
-//! running; `stop` when the desired state is stopped; `down
-//! --remove-orphans` (named volumes stay) on delete.
+//! the spec hash differs from the one last brought up, or of the services
+//! whose restart policy brings them back when they are not running (every
+//! `up` after the bind sources passed the container rule); `stop` when the
+//! desired state is stopped; `down --remove-orphans` (named volumes stay)
+//! on delete.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,6 +199,15 @@ impl ComposeController {
                 self.succeeded(id);
                 Converged::new(Outcome::Running, declared, observed)
             }
+            Plan::GaveUp { message } => {
+                let outcome = Outcome::Failed {
+                    reason: FailureReason::ContainerExited,
+                    detail: message.clone(),
+                    message,
+                    due_ms: None,
+                };
+                Converged::new(outcome, declared, observed)
+            }
             Plan::EngineRestarting { message } => {
                 let outcome = Outcome::Pending { message };
                 Converged::new(outcome, declared, observed).after(PENDING_REQUEUE)
@@ -306,7 +317,9 @@ impl Reconciler for ComposeController {
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, ComposeError> {
         let id = workload.id();
         let root = self.config.project_root.clone();
-        let Some(read) = Desired::read_off_runtime(workload.clone(), root).await else {
+        let environment = self.runtime.environment().clone();
+        let Some(read) = Desired::read_off_runtime(workload.clone(), root, environment).await
+        else {
             return Ok(Action::requeue(PENDING_REQUEUE));
         };
         let desired = match read {
@@ -372,7 +385,9 @@ impl Reconciler for ComposeController {
             // `down` with the current spec when it renders; else with what
             // is on disk. No folder: nothing was brought up from one (or a
             // cleanup already ran), and none is made just to be removed.
-            if let Ok(prepared) = desired::prepare(&workload, &self.config.project_root)
+            let environment = self.runtime.environment();
+            if let Ok(prepared) =
+                desired::prepare(&workload, &self.config.project_root, environment)
                 && prepared.project == project
                 && dir.exists().await
             {

@@ -66,6 +66,12 @@ impl ComposeRuntime {
         self.found_again.subscribe()
     }
 
+    /// The environment of every compose process, which is also what
+    /// compose interpolates a file from (under the spec's `.env`).
+    pub(crate) fn environment(&self) -> &ComposeEnvironment {
+        &self.environment
+    }
+
     pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -128,17 +134,24 @@ impl ComposeRuntime {
         observe::observe(&self.docker(id).await?, id, project).await
     }
 
-    /// Runs `verb` on a project; a non-zero exit is a classified error.
+    /// Runs `verb` on a project (limited to `services`, if any); a
+    /// non-zero exit is a classified error.
     pub(crate) async fn run(
         &self,
         id: &str,
         binary: &ComposeBinary,
         (project, dir): (&str, &ProjectDir),
         verb: Verb,
+        services: &[String],
     ) -> Result<Output, ComposeError> {
         let labelled = dir.has_override().await;
-        let invocation = cli::invocation(binary, project, dir, verb, &self.environment, labelled);
-        tracing::info!(project, %verb, compose = %binary.command_line(), "running compose");
+        let command = cli::Command {
+            verb,
+            services,
+            labelled,
+        };
+        let invocation = cli::invocation(binary, project, dir, command, &self.environment);
+        tracing::info!(project, %verb, ?services, compose = %binary.command_line(), "running compose");
         let failed = |reason: FailureReason, detail: String| ComposeError::Command {
             id: id.to_string(),
             verb,
@@ -210,7 +223,8 @@ impl ComposeRuntime {
         if dir.exists().await {
             match self.binary().await {
                 Ok(binary) => {
-                    if let Err(error) = self.run(id, &binary, (project, dir), Verb::Down).await {
+                    if let Err(error) = self.run(id, &binary, (project, dir), Verb::Down, &[]).await
+                    {
                         tracing::warn!(%error, "compose down failed; removing what is left through the engine");
                     }
                 }

@@ -20,6 +20,9 @@
 //! with the back-off of failed starts, so putting the directory back lets
 //! the workload run again.
 //!
+//! Compose services follow the same rule before every `up`
+//! (`crate::compose` resolves their sources with [`resolve_source`]).
+//!
 //! Residual window: the engine resolves the path once more itself, when it
 //! starts the container, after this check. A swap in the moments between
 //! the check and the engine's mount is not caught; one made at any time
@@ -79,8 +82,7 @@ pub fn resolve(spec: &ContainerSpec, policy: &HostPathPolicy) -> Result<Vec<Bind
                 what: format!("spec.container.volumes[{i}].host_path"),
                 message,
             };
-            let source = policy.check(&volume.host_path).map_err(violation)?;
-            check_source(policy, &source).map_err(violation)?;
+            let source = resolve_source(policy, &volume.host_path).map_err(violation)?;
             Ok(Bind {
                 source,
                 target: volume.container_path.clone(),
@@ -88,6 +90,16 @@ pub fn resolve(spec: &ContainerSpec, policy: &HostPathPolicy) -> Result<Vec<Bind
             })
         })
         .collect()
+}
+
+/// `host_path` as a create gives it to the engine: resolved through the
+/// filesystem and judged ([`HostPathPolicy::check`]), then walked without
+/// following any link ([`check_source`]). The rule for every bind source
+/// the agent hands an engine, a container's or a compose service's.
+pub fn resolve_source(policy: &HostPathPolicy, host_path: &str) -> Result<PathBuf, String> {
+    let source = policy.check(host_path)?;
+    check_source(policy, &source)?;
+    Ok(source)
 }
 
 /// Checks every bind source `found` records, as the engine will mount it

@@ -13,7 +13,6 @@
 //! - [`binds`]: bind sources resolved for a create, and checked without
 //!   following links before every create and start.
 //! - [`labels`]: the `persys.*` marks by which containers are adopted.
-//! - [`restart`]: restart policies and kubelet's crash-loop back-off.
 //! - [`errors`]: typed errors and the failure reasons reported in status.
 //! - `status`: what a reconcile found, as the workload's status.
 //! - [`validate`], [`image`]: checks the API server also runs at apply time.
@@ -49,7 +48,6 @@ mod observe;
 pub(crate) mod observed;
 mod plan;
 pub mod reconciler;
-pub mod restart;
 mod runtime;
 pub mod spec;
 pub(crate) mod status;

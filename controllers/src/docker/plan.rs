@@ -13,9 +13,9 @@ use super::errors::FailureReason;
 use super::image::PullPolicy;
 use super::memory::Memory;
 use super::observe::{Observation, state_of};
-use super::restart::{ExitDecision, RestartRule};
 use crate::backoff::Backoff;
 use crate::crash_loop::{CrashLoopPolicy, Gate};
+use crate::kit::restart::{ExitDecision, RestartRule};
 use crate::kit::{self, Failed};
 
 /// What the workload asks for, and the rules it is held to.

@@ -403,7 +403,7 @@ fn validate_with(
     }
 
     if let Some(policy) = &spec.restart_policy {
-        if super::restart::RestartRule::parse(&policy.policy).is_none() {
+        if crate::kit::restart::RestartRule::parse(&policy.policy).is_none() {
             return Err(SpecError::new(
                 format!("{PREFIX}.restart_policy.policy"),
                 format!(

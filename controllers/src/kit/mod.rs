@@ -9,7 +9,10 @@
 //! - [`ErrorClass`]: retryable, terminal or unreachable, for every error
 //!   of every runtime;
 //! - [`status::StatusBuilder`]: the states and conditions every runtime's
-//!   status shares, with the few differences as parameters.
+//!   status shares, with the few differences as parameters;
+//! - [`restart::RestartRule`]: whether something that exited starts again,
+//!   for containers and compose services alike (the engine's own restart
+//!   policy is always `no`: every start is the agent's).
 //!
 //! The rules decided here hold for Docker, Compose and VM alike:
 //! - a status write that lost a race with another write requeues after
@@ -24,6 +27,7 @@
 //!   to wait out. The next start waits the back-off since the failed one
 //!   (the base, then doubling), never less than the base.
 
+pub(crate) mod restart;
 pub(crate) mod status;
 
 use std::collections::HashMap;

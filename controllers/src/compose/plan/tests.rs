@@ -6,7 +6,9 @@ use super::*;
 use crate::compose::config::ComposeConfig;
 use crate::compose::errors::FailureReason;
 use crate::compose::observe::ContainerState;
+use crate::kit::restart::RestartRule;
 use ContainerState::{Exited, Paused, Restarting, Running};
+use RestartRule::{Never as No, OnFailure};
 
 const HASH: &str = "h2";
 const WALL: i64 = 1_000_000;
@@ -79,6 +81,31 @@ impl Row {
         self.memory.spec_hash = "h1".into();
         self
     }
+    /// The compose file asks these restart policies (the others say
+    /// nothing: always).
+    fn asking(mut self, restarts: &[(&str, RestartRule)]) -> Row {
+        for (service, rule) in restarts {
+            self.desired
+                .prepared
+                .restarts
+                .insert(service.to_string(), *rule);
+        }
+        self
+    }
+    /// The service's containers lack the restart label: made before the
+    /// agent took restarts from the engine.
+    fn unlabelled(mut self, service: &str) -> Row {
+        for container in self
+            .observation
+            .containers
+            .by_service
+            .get_mut(service)
+            .unwrap()
+        {
+            container.asked_restart = None;
+        }
+        self
+    }
     fn at(mut self, after: Duration) -> Row {
         self.after = after;
         self
@@ -140,8 +167,17 @@ fn down(name: &str, state: &'static str, exit_code: Option<i64>) -> ServiceRepor
     }
 }
 
+/// A repair of the services in `unsatisfied` still in the file.
 fn repair(unsatisfied: Vec<ServiceReport>) -> Plan {
-    Plan::Up(Up::Repair { unsatisfied })
+    let services = unsatisfied
+        .iter()
+        .filter(|r| !r.orphan)
+        .map(|r| r.name.clone())
+        .collect();
+    Plan::Up(Up::Repair {
+        unsatisfied,
+        services,
+    })
 }
 
 /// The crash loop's gap, due `due` seconds after the first stamp.
@@ -213,7 +249,10 @@ fn rows() -> Vec<Row> {
                 ("db", Running, None),
                 ("old", Running, None),
             ])
-            .expect(repair(vec![orphan])),
+            .expect(Plan::Up(Up::Repair {
+                unsatisfied: vec![orphan],
+                services: vec!["db".into(), "web".into()],
+            })),
         row("a_second_repair_waits_the_crash_loop_base_since_the_first")
             .db_exited()
             .remembering(memory(&[0], &[]))
@@ -309,6 +348,51 @@ fn rows() -> Vec<Row> {
             .remembering(memory(&[], &[0]))
             .of_old_spec()
             .expect(Plan::Up(Up::NewSpec)),
+        row("a_one_shot_service_whose_policy_is_no_stays_exited_once_it_finished")
+            .asking(&[("db", No)])
+            .seeing(&[("web", Running, None), ("db", Exited, Some(0))]),
+        row("a_service_whose_policy_is_no_that_failed_is_reported_and_not_restarted")
+            .asking(&[("db", No)])
+            .db_exited()
+            .expect(Plan::GaveUp {
+                message: "exited and not restarted by their restart policy: db exited (code 3)"
+                    .into(),
+            }),
+        row("on_failure_restarts_a_failed_service_below_its_limit")
+            .asking(&[("db", OnFailure { max_restarts: 2 })])
+            .db_exited()
+            .remembering(memory(&[0], &[]))
+            .at(10 * S)
+            .expect(repair(exited())),
+        row("on_failure_gives_up_once_its_limit_is_reached")
+            .asking(&[("db", OnFailure { max_restarts: 2 })])
+            .db_exited()
+            .remembering(memory(&[0, 10], &[]))
+            .at(60 * S)
+            .expect(Plan::GaveUp {
+                message: "exited and not restarted by their restart policy: db exited (code 3)"
+                    .into(),
+            }),
+        row("on_failure_leaves_a_service_that_exited_0_finished")
+            .asking(&[("db", OnFailure { max_restarts: 0 })])
+            .seeing(&[("web", Running, None), ("db", Exited, Some(0))]),
+        row("a_repair_brings_back_only_what_its_policy_restarts")
+            .asking(&[("db", No)])
+            .seeing(&[("web", Exited, Some(3)), ("db", Exited, Some(0))])
+            .expect(repair(vec![down("web", "exited", Some(3))])),
+        row("a_service_with_no_policy_is_restarted_even_after_exit_0")
+            .seeing(&[("web", Running, None), ("db", Exited, Some(0))])
+            .expect(repair(vec![down("db", "exited", Some(0))])),
+        row("a_service_the_engine_may_restart_by_itself_is_taken_over")
+            .unlabelled("web")
+            .expect(Plan::Up(Up::TakeOver {
+                services: vec!["web".into()],
+            })),
+        row("a_take_over_waits_the_failure_back_off")
+            .unlabelled("web")
+            .remembering(memory(&[], &[0]))
+            .at(S / 2)
+            .expect(held(S / 2, 1000)),
         row("desired_stopped_with_nothing_up_is_already_stopped")
             .stopped()
             .seeing(&[("web", Exited, Some(0)), ("db", Exited, Some(0))])

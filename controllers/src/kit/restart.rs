@@ -1,6 +1,10 @@
-//! Restarts are the agent's job, not the engine's: containers are created
-//! with the engine's restart policy `no`, and this module decides whether an
-//! exited container starts again; when is the crash loop's job (`crash_loop.rs`).
+//! Restarts are the agent's job, not the engine's: containers, and the
+//! containers of compose services, run with the engine's restart policy
+//! `no`, and this module decides whether one that exited starts again; when
+//! is the crash loop's job (`crash_loop.rs`). The rule reads the policy
+//! names both the container spec and a compose file use.
+
+use std::fmt;
 
 use persys_api::v1::ContainerSpec;
 
@@ -40,6 +44,23 @@ impl RestartRule {
         }
     }
 
+    /// A compose service's `restart` value (`no`, `always`,
+    /// `unless-stopped`, `on-failure`, `on-failure:N`). Compose's default,
+    /// when the file says nothing, is the caller's to choose.
+    pub fn parse_compose(policy: &str) -> Option<RestartRule> {
+        let (name, count) = match policy.trim().split_once(':') {
+            Some((name, count)) => (name, Some(count.trim())),
+            None => (policy.trim(), None),
+        };
+        match (RestartRule::parse(name)?, count) {
+            (rule, None) if !name.is_empty() => Some(rule),
+            (RestartRule::OnFailure { .. }, Some(count)) => Some(RestartRule::OnFailure {
+                max_restarts: count.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+
     /// The rule of a (validated) spec.
     pub fn of(spec: &ContainerSpec) -> RestartRule {
         let Some(policy) = &spec.restart_policy else {
@@ -72,6 +93,19 @@ impl RestartRule {
                 }
             }
             RestartRule::OnFailure { .. } => ExitDecision::Restart,
+        }
+    }
+}
+
+/// The compose spelling: what the agent records as the policy a compose
+/// service asked for.
+impl fmt::Display for RestartRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestartRule::Always => f.write_str("always"),
+            RestartRule::OnFailure { max_restarts: 0 } => f.write_str("on-failure"),
+            RestartRule::OnFailure { max_restarts } => write!(f, "on-failure:{max_restarts}"),
+            RestartRule::Never => f.write_str("no"),
         }
     }
 }
@@ -118,5 +152,25 @@ mod tests {
             }
         );
         assert_eq!(RestartRule::Always.decide(0, 100), ExitDecision::Restart);
+    }
+
+    #[test]
+    fn compose_policies_read_with_their_retry_count_and_print_back_as_written() {
+        for (text, rule) in [
+            ("no", RestartRule::Never),
+            ("always", RestartRule::Always),
+            ("unless-stopped", RestartRule::Always),
+            ("on-failure", RestartRule::OnFailure { max_restarts: 0 }),
+            ("on-failure:3", RestartRule::OnFailure { max_restarts: 3 }),
+        ] {
+            assert_eq!(RestartRule::parse_compose(text), Some(rule), "{text}");
+        }
+        for bad in ["", "sometimes", "always:2", "on-failure:x", "no:1"] {
+            assert_eq!(RestartRule::parse_compose(bad), None, "{bad:?}");
+        }
+        for text in ["no", "always", "on-failure", "on-failure:3"] {
+            let rule = RestartRule::parse_compose(text).unwrap();
+            assert_eq!(rule.to_string(), text);
+        }
     }
 }
