@@ -47,6 +47,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,7 @@ use std::time::{Duration, Instant};
 use common::{AgentProcess, Certs, client};
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
+use support::{cpu_ticks, percentile, request};
 use tonic::transport::Channel;
 
 const CLIENTS: usize = 64;
@@ -73,37 +75,6 @@ type Client = AgentServiceClient<Channel>;
 /// uses, 52–57 µs.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// A new revision of workload `id`: every call is a durable write (a
-/// creation the first time, then a spec change).
-fn request(id: String, revision: String) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id,
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: "persys-test/busybox:latest".into(),
-                command: vec!["httpd".into(), "-f".into(), "-p".into(), "8080".into()],
-                ports: vec![PortMapping {
-                    host_port: 0,
-                    container_port: 8080,
-                    protocol: "tcp".into(),
-                }],
-                env: [("REVISION".to_string(), revision)].into(),
-                ..Default::default()
-            })),
-        }),
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Rpc {
@@ -314,24 +285,6 @@ struct Steadiness {
     episodes_per_s: f64,
     median_ms: f64,
     longest_ms: f64,
-}
-
-/// CPU time the process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |n: usize| {
-        fields
-            .get(n)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line.
-    field(11) + field(12)
 }
 
 /// The process's peak resident set, in KiB.

@@ -30,6 +30,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,7 @@ use std::time::{Duration, Instant};
 use common::{AgentProcess, Certs, client, sample};
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
+use support::{cpu_ticks, percentile, request};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -66,51 +68,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn workload_id(n: usize) -> String {
     format!("w{n}")
-}
-
-fn request(id: String, revision: String) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id,
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: "persys-test/busybox:latest".into(),
-                command: vec!["httpd".into(), "-f".into(), "-p".into(), "8080".into()],
-                ports: vec![PortMapping {
-                    host_port: 0,
-                    container_port: 8080,
-                    protocol: "tcp".into(),
-                }],
-                env: [("REVISION".to_string(), revision)].into(),
-                ..Default::default()
-            })),
-        }),
-    }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
-}
-
-/// CPU time the process has used, in clock ticks (100 a second).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let field = |n: usize| {
-        fields
-            .get(n)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
 }
 
 /// A line of /proc/PID/status in KiB (VmHWM: peak resident; VmRSS: now).
