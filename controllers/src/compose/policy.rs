@@ -554,6 +554,9 @@ impl Checker<'_> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;
