@@ -237,7 +237,11 @@ mod tests {
         queue.done("a");
         assert_eq!(queue.len(), 1);
         assert_eq!(next_now(&queue).await.as_deref(), Some("a"));
-        assert_eq!(next_now(&queue).await, None, "a is running, and queued once");
+        assert_eq!(
+            next_now(&queue).await,
+            None,
+            "a is running, and queued once"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -95,7 +95,12 @@ pub fn apply_bytes(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
 
 /// `text` with `edits` applied, on character boundaries.
 pub fn apply_text(text: &str, edits: &[Edit]) -> String {
-    apply(text.chars().collect(), edits, |s| s.chars().collect(), char::from)
-        .into_iter()
-        .collect()
+    apply(
+        text.chars().collect(),
+        edits,
+        |s| s.chars().collect(),
+        char::from,
+    )
+    .into_iter()
+    .collect()
 }

@@ -53,9 +53,18 @@ fn map() -> impl Strategy<Value = BTreeMap<String, String>> {
 }
 
 fn managed_volume() -> impl Strategy<Value = ManagedVolumeSpec> {
-    (text(), text(), any::<i64>(), text(), text(), text(), any::<bool>(), text()).prop_map(
-        |(name, driver, size_gb, access_mode, fs_type, mount_path, read_only, retain_policy)| {
-            ManagedVolumeSpec {
+    (
+        text(),
+        text(),
+        any::<i64>(),
+        text(),
+        text(),
+        text(),
+        any::<bool>(),
+        text(),
+    )
+        .prop_map(
+            |(
                 name,
                 driver,
                 size_gb,
@@ -64,9 +73,19 @@ fn managed_volume() -> impl Strategy<Value = ManagedVolumeSpec> {
                 mount_path,
                 read_only,
                 retain_policy,
-            }
-        },
-    )
+            )| {
+                ManagedVolumeSpec {
+                    name,
+                    driver,
+                    size_gb,
+                    access_mode,
+                    fs_type,
+                    mount_path,
+                    read_only,
+                    retain_policy,
+                }
+            },
+        )
 }
 
 fn container() -> impl Strategy<Value = ContainerSpec> {
@@ -83,28 +102,28 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
             0..2,
         ),
         prop::collection::vec(
-            (any::<i32>(), any::<i32>(), text()).prop_map(|(host_port, container_port, protocol)| {
-                PortMapping {
+            (any::<i32>(), any::<i32>(), text()).prop_map(
+                |(host_port, container_port, protocol)| PortMapping {
                     host_port,
                     container_port,
                     protocol,
-                }
-            }),
+                },
+            ),
             0..2,
         ),
-        prop::option::of((any::<i64>(), any::<i64>(), any::<i64>()).prop_map(|(c, m, s)| {
-            ResourceLimits {
+        prop::option::of(
+            (any::<i64>(), any::<i64>(), any::<i64>()).prop_map(|(c, m, s)| ResourceLimits {
                 cpu_shares: c,
                 memory_bytes: m,
                 memory_swap_bytes: s,
-            }
-        })),
-        prop::option::of((text(), any::<i32>()).prop_map(|(policy, max_retry_count)| {
-            RestartPolicy {
+            }),
+        ),
+        prop::option::of(
+            (text(), any::<i32>()).prop_map(|(policy, max_retry_count)| RestartPolicy {
                 policy,
                 max_retry_count,
-            }
-        })),
+            }),
+        ),
         map(),
         prop::collection::vec(managed_volume(), 0..2),
         (text(), any::<i32>()),
@@ -153,12 +172,10 @@ fn vm() -> impl Strategy<Value = VmSpec> {
             0..2,
         ),
         prop::collection::vec(
-            (text(), text(), text()).prop_map(|(network, mac_address, ip_address)| {
-                NetworkConfig {
-                    network,
-                    mac_address,
-                    ip_address,
-                }
+            (text(), text(), text()).prop_map(|(network, mac_address, ip_address)| NetworkConfig {
+                network,
+                mac_address,
+                ip_address,
             }),
             0..2,
         ),
@@ -198,13 +215,16 @@ fn vm() -> impl Strategy<Value = VmSpec> {
 }
 
 fn compose() -> impl Strategy<Value = ComposeSpec> {
-    (text(), text().prop_filter("required", |t| !t.is_empty()), map()).prop_map(
-        |(project_name, compose_yaml, env)| ComposeSpec {
+    (
+        text(),
+        text().prop_filter("required", |t| !t.is_empty()),
+        map(),
+    )
+        .prop_map(|(project_name, compose_yaml, env)| ComposeSpec {
             project_name,
             compose_yaml,
             env,
-        },
-    )
+        })
 }
 
 fn request() -> impl Strategy<Value = ApplyWorkloadRequest> {

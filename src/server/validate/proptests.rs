@@ -91,7 +91,10 @@ where
 
 fn env() -> impl Strategy<Value = std::collections::BTreeMap<String, String>> {
     prop::collection::btree_map(
-        text(&["A", "V_1", "HTTP_PORT"], &["", "A=B", "PATH", "LD_PRELOAD"]),
+        text(
+            &["A", "V_1", "HTTP_PORT"],
+            &["", "A=B", "PATH", "LD_PRELOAD"],
+        ),
         text(&["1", "x y", "it's", "é"], &["${HOME}", "$HOME", "nul\0"]),
         0..3,
     )
@@ -106,8 +109,8 @@ fn managed_volume() -> impl Strategy<Value = ManagedVolumeSpec> {
         any::<bool>(),
         text(&["", "Delete", "Retain"], &["keep"]),
     )
-        .prop_map(|(name, driver, size_gb, mount_path, read_only, retain_policy)| {
-            ManagedVolumeSpec {
+        .prop_map(
+            |(name, driver, size_gb, mount_path, read_only, retain_policy)| ManagedVolumeSpec {
                 name,
                 driver,
                 size_gb,
@@ -115,8 +118,8 @@ fn managed_volume() -> impl Strategy<Value = ManagedVolumeSpec> {
                 read_only,
                 retain_policy,
                 ..Default::default()
-            }
-        })
+            },
+        )
 }
 
 fn container() -> impl Strategy<Value = ContainerSpec> {
@@ -336,19 +339,20 @@ fn request() -> impl Strategy<Value = ApplyWorkloadRequest> {
             vm().prop_map(workload_spec::Spec::Vm),
         ]),
     )
-        .prop_map(|(id, r#type, revision_id, desired_state, spec)| ApplyWorkloadRequest {
-            id,
-            r#type,
-            revision_id,
-            desired_state,
-            spec: Some(WorkloadSpec { spec }),
-        })
+        .prop_map(
+            |(id, r#type, revision_id, desired_state, spec)| ApplyWorkloadRequest {
+                id,
+                r#type,
+                revision_id,
+                desired_state,
+                spec: Some(WorkloadSpec { spec }),
+            },
+        )
 }
 
 /// The request with the node's disk root in its VM disk paths.
 fn on_node(mut request: ApplyWorkloadRequest, node: &Node) -> ApplyWorkloadRequest {
-    if let Some(workload_spec::Spec::Vm(vm)) = request.spec.as_mut().and_then(|s| s.spec.as_mut())
-    {
+    if let Some(workload_spec::Spec::Vm(vm)) = request.spec.as_mut().and_then(|s| s.spec.as_mut()) {
         for disk in &mut vm.disks {
             disk.path = disk.path.replace(ROOT, &node.root);
         }
@@ -382,7 +386,12 @@ fn check(request: ApplyWorkloadRequest) -> Result<(), TestCaseError> {
         match (&first, &second) {
             (Ok(a), Ok(b)) => prop_assert_eq!(parts(a), parts(b), "deterministic"),
             (Err(a), Err(b)) => prop_assert_eq!(a, b, "deterministic"),
-            _ => prop_assert!(false, "one request, two verdicts: {:?} / {:?}", first.as_ref().err(), second.as_ref().err()),
+            _ => prop_assert!(
+                false,
+                "one request, two verdicts: {:?} / {:?}",
+                first.as_ref().err(),
+                second.as_ref().err()
+            ),
         }
         match first {
             Err(error) => prop_assert!(
@@ -396,8 +405,9 @@ fn check(request: ApplyWorkloadRequest) -> Result<(), TestCaseError> {
                 let decoded = ApplyWorkloadRequest::decode(&*request.encode_to_vec())
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(&decoded, &request, "protobuf round trip");
-                let again = judge(&decoded, &node.limits)
-                    .map_err(|e| TestCaseError::fail(format!("valid, then refused after a round trip: {e}")))?;
+                let again = judge(&decoded, &node.limits).map_err(|e| {
+                    TestCaseError::fail(format!("valid, then refused after a round trip: {e}"))
+                })?;
                 prop_assert_eq!(parts(&again), parts(&apply));
             }
         }

@@ -20,8 +20,22 @@ use crate::seal::{Aad, NodeKey, Sealer, key_check, key_check_opens};
 /// (Bytes from 0x80 up, varint continuations, come from the edits that
 /// set a byte.)
 const WIRE: &[&str] = &[
-    "\u{0}", "\u{8}", "\u{10}", "\u{12}", "\u{1a}", "\u{22}", "\u{2a}", "\u{42}", "\u{4a}",
-    "\u{7f}", "\u{1}", "\u{5}", "\u{4b}", "\u{4c}", "\u{4a}\u{7f}", "\u{12}\u{0}",
+    "\u{0}",
+    "\u{8}",
+    "\u{10}",
+    "\u{12}",
+    "\u{1a}",
+    "\u{22}",
+    "\u{2a}",
+    "\u{42}",
+    "\u{4a}",
+    "\u{7f}",
+    "\u{1}",
+    "\u{5}",
+    "\u{4b}",
+    "\u{4c}",
+    "\u{4a}\u{7f}",
+    "\u{12}\u{0}",
 ];
 
 thread_local! {
@@ -60,7 +74,14 @@ fn workload() -> impl Strategy<Value = Workload> {
 }
 
 fn record() -> impl Strategy<Value = LogRecord> {
-    (workload(), 1..4i32, any::<u64>(), ".{0,12}", any::<i64>(), ".{0,20}")
+    (
+        workload(),
+        1..4i32,
+        any::<u64>(),
+        ".{0,12}",
+        any::<i64>(),
+        ".{0,20}",
+    )
         .prop_map(|(object, kind, rv, action, at_ms, caller)| LogRecord {
             kind,
             resource_version: rv,

@@ -64,7 +64,11 @@ impl Model {
         if self.last - self.compacted > MAX_LOG {
             self.compacted = self.last - MAX_LOG;
         }
-        while self.log.front().is_some_and(|(rv, ..)| *rv <= self.compacted) {
+        while self
+            .log
+            .front()
+            .is_some_and(|(rv, ..)| *rv <= self.compacted)
+        {
             self.log.pop_front();
         }
     }
@@ -96,10 +100,7 @@ async fn step(store: &Store, model: &mut Model, op: &Op) -> Result<(), TestCaseE
     match *op {
         Op::Apply(i, image) => {
             let id = IDS[i];
-            let outcome = store
-                .apply(apply_request(id, image))
-                .await
-                .map_err(fail)?;
+            let outcome = store.apply(apply_request(id, image)).await.map_err(fail)?;
             match (model.objects.insert(id, image), outcome) {
                 (Some(old), ApplyOutcome::Unchanged(_)) if old == image => {}
                 (None, ApplyOutcome::Created(_)) => model.change(ChangeKind::Added, id),
@@ -115,7 +116,10 @@ async fn step(store: &Store, model: &mut Model, op: &Op) -> Result<(), TestCaseE
         }
         Op::Delete(i) => {
             let id = IDS[i];
-            match (model.objects.remove(id), store.delete(id).await.map_err(fail)?) {
+            match (
+                model.objects.remove(id),
+                store.delete(id).await.map_err(fail)?,
+            ) {
                 (None, DeleteOutcome::NotFound) => {}
                 (Some(_), DeleteOutcome::Deleted(_)) => model.change(ChangeKind::Deleted, id),
                 (old, outcome) => {
@@ -158,10 +162,21 @@ async fn check(
             Some(Err(StoreError::Expired { requested, compacted_through }))
                 if requested == from && compacted_through == model.compacted
         );
-        prop_assert!(expired, "watch from {} under {}: {:?}", from, model.compacted, item.map(|r| r.map(|c| c.resource_version)));
+        prop_assert!(
+            expired,
+            "watch from {} under {}: {:?}",
+            from,
+            model.compacted,
+            item.map(|r| r.map(|c| c.resource_version))
+        );
         return Ok(());
     }
-    let expected: Vec<_> = model.log.iter().filter(|(rv, ..)| *rv > from).copied().collect();
+    let expected: Vec<_> = model
+        .log
+        .iter()
+        .filter(|(rv, ..)| *rv > from)
+        .copied()
+        .collect();
     for (rv, kind, id) in expected {
         let change = next(&mut watch, from)
             .await?
@@ -170,7 +185,8 @@ async fn check(
         prop_assert_eq!(
             (change.resource_version, change.kind, change.object.id()),
             (rv, kind, id),
-            "watch from {}", from
+            "watch from {}",
+            from
         );
     }
     // Then exactly the next write: nothing extra was in between.

@@ -172,7 +172,9 @@ fn docker_compose_config_reads_every_env_value_as_written() {
     let printed = &config["services"]["s"]["environment"];
     for (name, value) in &env {
         // `config` prints a compose file, where a `$` is written `$$`.
-        let read = printed[name.as_str()].as_str().map(|v| v.replace("$$", "$"));
+        let read = printed[name.as_str()]
+            .as_str()
+            .map(|v| v.replace("$$", "$"));
         assert_eq!(
             read.as_deref(),
             Some(value.as_str()),

@@ -133,7 +133,18 @@ fn plan() -> impl Strategy<Value = DomainPlan> {
         marks(),
     )
         .prop_map(
-            |(name, uuid, domain_type, vcpus, memory_mib, disks, nics, graphics, password, marks)| {
+            |(
+                name,
+                uuid,
+                domain_type,
+                vcpus,
+                memory_mib,
+                disks,
+                nics,
+                graphics,
+                password,
+                marks,
+            )| {
                 DomainPlan {
                     name,
                     uuid,
@@ -183,11 +194,46 @@ const STATE: DomainState = DomainState {
 
 /// XML syntax, for edits of a written description.
 const XML_SYNTAX: &[&str] = &[
-    "<", ">", "/>", "</", "<a>", "</a>", "<domain>", "</domain>", "<devices>", "</devices>",
-    "<disk>", "</disk>", "<metadata>", "<persys:workload>", "</persys:workload>", "'", "\"", "=",
-    "&", "&amp;", "&#", "&#x", "&#xFFFFFFFF;", "&#99999999999;", ";", "<!--", "-->",
-    "<![CDATA[", "]]>", "<?", "?>", "<!DOCTYPE x>", ":", " ", "\n", "unit='GiB'", "unit='b'",
-    "18446744073709551615", "99999999999999999999", "-1",
+    "<",
+    ">",
+    "/>",
+    "</",
+    "<a>",
+    "</a>",
+    "<domain>",
+    "</domain>",
+    "<devices>",
+    "</devices>",
+    "<disk>",
+    "</disk>",
+    "<metadata>",
+    "<persys:workload>",
+    "</persys:workload>",
+    "'",
+    "\"",
+    "=",
+    "&",
+    "&amp;",
+    "&#",
+    "&#x",
+    "&#xFFFFFFFF;",
+    "&#99999999999;",
+    ";",
+    "<!--",
+    "-->",
+    "<![CDATA[",
+    "]]>",
+    "<?",
+    "?>",
+    "<!DOCTYPE x>",
+    ":",
+    " ",
+    "\n",
+    "unit='GiB'",
+    "unit='b'",
+    "18446744073709551615",
+    "99999999999999999999",
+    "-1",
 ];
 
 proptest! {
