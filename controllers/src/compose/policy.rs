@@ -13,7 +13,7 @@ use persys_api::v1::ComposeSpec;
 use serde_yaml_ng::{Mapping, Value};
 
 use super::cli::is_reserved_env;
-use super::document;
+use super::document::{self, key_text};
 use super::project::env_value_problem;
 use crate::docker::HostPathPolicy;
 use crate::docker::labels::RESERVED_PREFIX;
@@ -119,15 +119,6 @@ fn entries(value: &Value) -> Vec<(String, &Value)> {
     match untagged(value) {
         Value::Mapping(mapping) => mapping.iter().map(|(k, v)| (key_text(k), v)).collect(),
         _ => Vec::new(),
-    }
-}
-
-fn key_text(key: &Value) -> String {
-    match key {
-        Value::String(s) => s.clone(),
-        other => serde_yaml_ng::to_string(other)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
     }
 }
 
