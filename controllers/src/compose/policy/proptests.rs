@@ -137,13 +137,13 @@ proptest! {
                 if let Err(error) = judge(&spec) {
                     prop_assert_eq!(&error.field, FILE, "{}", error);
                     let path = named_path(&error);
-                    let top = path.split(['.', '[']).next().unwrap_or_default();
                     let keys: Vec<String> = match &valid.document {
                         Value::Mapping(mapping) => mapping.keys().map(key_text).collect(),
                         _ => Vec::new(),
                     };
+                    // A key may hold '.' or '[' itself: match whole keys.
                     prop_assert!(
-                        !top.is_empty() && keys.iter().any(|k| k == top),
+                        keys.iter().any(|k| !k.is_empty() && names(path, k)),
                         "the refusal names {:?}, not a key of the file ({:?}): {}", path, keys, error
                     );
                 }
