@@ -219,6 +219,9 @@ impl<'de> Visitor<'de> for Node<'_> {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

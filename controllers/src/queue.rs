@@ -141,9 +141,13 @@ impl WorkQueue {
     }
 
     /// Marks `key` finished; if it was added meanwhile it is ready again.
+    /// A `done` for a key that was not handed out changes nothing (it must
+    /// not queue a key that is already waiting a second time).
     pub fn done(&self, key: &str) {
         let mut state = self.state();
-        state.processing.remove(key);
+        if !state.processing.remove(key) {
+            return;
+        }
         if state.dirty.contains(key) && !state.shut_down {
             state.ready.push_back(key.to_string());
             drop(state);
@@ -176,6 +180,9 @@ impl WorkQueue {
         self.state().deadlines.get(key).copied()
     }
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {
@@ -218,6 +225,23 @@ mod tests {
         );
         queue.done("a");
         assert_eq!(next_now(&queue).await, None, "and only one");
+    }
+
+    /// Found by the queue's model test: a `done` for a key that was
+    /// waiting, not handed out, queued it a second time, so it was handed
+    /// out twice, the second time while the first run was going on.
+    #[tokio::test(start_paused = true)]
+    async fn queue_ignores_done_for_a_key_it_did_not_hand_out() {
+        let queue = WorkQueue::new();
+        queue.add("a");
+        queue.done("a");
+        assert_eq!(queue.len(), 1);
+        assert_eq!(next_now(&queue).await.as_deref(), Some("a"));
+        assert_eq!(
+            next_now(&queue).await,
+            None,
+            "a is running, and queued once"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,19 +88,25 @@ pub fn read(path: &Path) -> Result<Vec<Manifest>, CliError> {
         };
         (text, source)
     };
-    let is_json =
-        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with(['{', '[']);
+    let json_file = path.extension().is_some_and(|e| e == "json");
+    parse_text(&text, &source, json_file)
+}
+
+/// Every manifest of `text`, read from `source` (JSON when `json_file`
+/// or when the text starts as JSON does).
+fn parse_text(text: &str, source: &Source, json_file: bool) -> Result<Vec<Manifest>, CliError> {
+    let is_json = json_file || text.trim_start().starts_with(['{', '[']);
     let documents = if is_json {
         // JSON has no aliases, and serde_json bounds its nesting.
-        parse_json(&text, &source)?
+        parse_json(text, source)?
     } else {
         // Bad YAML is left to the parse below, which names line and column.
-        if let Err(error) = yaml::check(&text, &yaml::MANIFEST)
+        if let Err(error) = yaml::check(text, &yaml::MANIFEST)
             && error.is_bound()
         {
             return Err(CliError::Manifest(format!("{}: {error}", source.name)));
         }
-        parse_yaml(&text, &source)?
+        parse_yaml(text, source)?
     };
     if documents.is_empty() {
         return Err(CliError::Manifest(format!(
@@ -110,7 +116,7 @@ pub fn read(path: &Path) -> Result<Vec<Manifest>, CliError> {
     }
     documents
         .into_iter()
-        .map(|parsed| parsed.into_manifest(&source))
+        .map(|parsed| parsed.into_manifest(source))
         .collect()
 }
 
@@ -518,6 +524,9 @@ fn compose_spec(
         env: spec.env.clone(),
     }))
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {

@@ -228,6 +228,9 @@ impl From<SpecError> for FieldError {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

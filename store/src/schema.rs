@@ -686,3 +686,6 @@ pub(super) fn decode_sealed_record(value: &[u8]) -> Result<SealedLogRecord, Stor
     }
     Ok(record)
 }
+
+#[cfg(test)]
+mod proptests;

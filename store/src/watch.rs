@@ -142,3 +142,6 @@ pub(super) fn change_of(record: LogRecord) -> Change {
         object: Arc::new(record.object.unwrap_or_default()),
     }
 }
+
+#[cfg(test)]
+mod proptests;

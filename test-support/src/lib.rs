@@ -9,6 +9,11 @@
 //!   log ([`skip_log`]), which `hack/test.sh` counts and lists in its summary
 //!   (cargo hides the output of passing tests, so the log is what makes a
 //!   skip visible).
+//! - Property tests share [`mutate`] (random edits of valid inputs) and
+//!   [`compose`] (random compose files with the default policy's verdict).
+
+pub mod compose;
+pub mod mutate;
 
 use std::fmt::Display;
 use std::io::Write;

@@ -46,7 +46,7 @@ pub fn interpolate(
         }
         Value::Mapping(mapping) => {
             for (key, item) in mapping.iter_mut() {
-                let key = key.as_str().map(str::to_string).unwrap_or_default();
+                let key = key_text(key);
                 let path = if path.is_empty() {
                     key
                 } else {
@@ -59,6 +59,17 @@ pub fn interpolate(
         _ => {}
     }
     Ok(())
+}
+
+/// A mapping key as a path names it: a string as it is, any other key
+/// (a number, a tagged `!override web`) as YAML writes it.
+pub(super) fn key_text(key: &Value) -> String {
+    match key {
+        Value::String(s) => s.clone(),
+        other => serde_yaml_ng::to_string(other)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+    }
 }
 
 fn substitute(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
@@ -197,6 +208,19 @@ mod tests {
         let error = interpolate(&mut doc, &BTreeMap::new(), "").unwrap_err();
         assert!(
             error.starts_with("services.web.image: X is required"),
+            "{error}"
+        );
+    }
+
+    /// Found by the compose policy property tests: under a key that is not
+    /// a plain string (here tagged), a failing variable was named by a path
+    /// that left the key out.
+    #[test]
+    fn a_failing_variable_under_a_tagged_key_is_named_by_the_key_as_written() {
+        let mut doc = load("!override web:\n  environment: ['C=${X:?set X}']\n").unwrap();
+        let error = interpolate(&mut doc, &BTreeMap::new(), "").unwrap_err();
+        assert!(
+            error.starts_with("!override web.environment[0]: X is required"),
             "{error}"
         );
     }

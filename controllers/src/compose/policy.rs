@@ -14,7 +14,7 @@ use serde_yaml_ng::{Mapping, Value};
 
 use super::binds;
 use super::cli::is_reserved_env;
-use super::document;
+use super::document::{self, key_text};
 use super::project::env_value_problem;
 use super::restarts;
 use crate::docker::HostPathPolicy;
@@ -124,15 +124,6 @@ pub(super) fn entries(value: &Value) -> Vec<(String, &Value)> {
     match untagged(value) {
         Value::Mapping(mapping) => mapping.iter().map(|(k, v)| (key_text(k), v)).collect(),
         _ => Vec::new(),
-    }
-}
-
-fn key_text(key: &Value) -> String {
-    match key {
-        Value::String(s) => s.clone(),
-        other => serde_yaml_ng::to_string(other)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
     }
 }
 
@@ -545,6 +536,9 @@ impl Checker<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod proptests;
 
 #[cfg(test)]
 mod tests {

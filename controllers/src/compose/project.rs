@@ -430,6 +430,9 @@ impl ProjectIndex {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

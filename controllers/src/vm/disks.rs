@@ -91,7 +91,9 @@ impl Bus {
     }
 
     fn of(device: &str) -> Option<Bus> {
-        let (prefix, letters) = device.split_at(device.len().min(2));
+        // Checked: a device name is the spec's text, and its second byte
+        // may fall inside a character.
+        let (prefix, letters) = device.split_at_checked(2)?;
         let letters_ok =
             (1..=2).contains(&letters.len()) && letters.chars().all(|c| c.is_ascii_lowercase());
         if !letters_ok {
@@ -727,6 +729,17 @@ mod tests {
             r#type: kind.into(),
             boot,
         }
+    }
+
+    /// Found by the apply validation property tests: a device name whose
+    /// second byte falls inside a character (`0¡`) panicked validation.
+    #[test]
+    fn a_device_name_with_a_multibyte_character_is_refused_not_a_panic() {
+        for device in ["0¡", "v¡", "¡", "vdé", "é"] {
+            assert_eq!(Bus::of(device), None, "{device}");
+        }
+        assert_eq!(Bus::of("vdb"), Some(Bus::Virtio));
+        assert_eq!(Bus::of("sd"), None);
     }
 
     #[test]

@@ -364,6 +364,9 @@ impl DomainPlan {
 }
 
 #[cfg(test)]
+mod proptests;
+
+#[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 

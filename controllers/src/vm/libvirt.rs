@@ -348,8 +348,10 @@ impl LiveDomain {
                 let value: u64 = m.text.trim().parse().unwrap_or(0);
                 match m.attribute("unit").unwrap_or("KiB") {
                     "b" | "bytes" => value / 1024,
-                    "MiB" | "M" => value * 1024,
-                    "GiB" | "G" => value * 1024 * 1024,
+                    // Saturating: a figure past u64 in KiB is no reason to
+                    // panic the observer.
+                    "MiB" | "M" => value.saturating_mul(1024),
+                    "GiB" | "G" => value.saturating_mul(1024 * 1024),
                     _ => value,
                 }
             })
@@ -970,6 +972,23 @@ fn guest_ips(domain: &Domain) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the domain XML property tests: a memory figure whose KiB
+    /// overflow u64 panicked the reader (in a debug build).
+    #[test]
+    fn a_memory_figure_past_u64_in_kib_reads_as_the_largest_not_a_panic() {
+        let state = DomainState {
+            power: PowerState::Running,
+            reason: 1,
+        };
+        for unit in ["MiB", "GiB"] {
+            let xml = format!(
+                "<domain type='kvm'><name>w</name><memory unit='{unit}'>18014398509481984</memory></domain>"
+            );
+            let live = LiveDomain::from_xml("u", state, &xml).unwrap();
+            assert_eq!(live.memory_kib, u64::MAX, "{unit}");
+        }
+    }
 
     #[test]
     fn a_live_description_yields_disks_interfaces_and_marks() {
