@@ -402,6 +402,19 @@ impl Admission {
         }
     }
 
+    /// Waits (up to 5 s) until the ledger holds every write up to
+    /// `acknowledged`, so an admission counts what was acknowledged before
+    /// it (a stop just answered has freed its share). False when it did
+    /// not catch up in time.
+    pub async fn caught_up(&self, acknowledged: u64) -> bool {
+        let mut reached = self.version.subscribe();
+        let caught_up = reached.wait_for(|v| v.is_some_and(|v| v >= acknowledged));
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), caught_up).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Admits workload `id` with `spec` and `desired` state, or says which
     /// ceiling it would break. Waits (briefly) for the informer's first
     /// list, so the figures in use are the node's.

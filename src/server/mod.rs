@@ -234,6 +234,18 @@ impl AgentService for Agent {
             self.metrics.apply("refused");
             return Err(Status::failed_precondition("node is draining"));
         }
+        // Read-your-writes: the figures in use include every write
+        // acknowledged before this apply.
+        if !self
+            .admission
+            .caught_up(self.store.resource_version())
+            .await
+        {
+            self.metrics.apply("error");
+            return Err(Status::unavailable(
+                "the workloads in use are not known yet (the ceilings' ledger is behind the store); retry",
+            ));
+        }
         let reservation = self
             .admission
             .admit(&id, &apply.spec, &apply.labels, apply.desired_state)
