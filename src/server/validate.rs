@@ -131,7 +131,7 @@ pub fn apply_request(
                 named => named.to_string(),
             };
             let vars = limits.compose_env.interpolation(&c.env, &project);
-            check_compose_policy(
+            let interpolated = check_compose_policy(
                 c,
                 &valid.document,
                 &ComposeRules {
@@ -140,11 +140,7 @@ pub fn apply_request(
                     vars: &vars,
                 },
             )?;
-            labels = super::ceilings::compose_labels(declared_resources(
-                &valid.document,
-                &vars,
-                &c.env,
-            )?);
+            labels = super::ceilings::compose_labels(declared_resources(&interpolated, &c.env)?);
             Ok(())
         }),
         workload_spec::Spec::Vm(v) => {

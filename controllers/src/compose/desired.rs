@@ -139,7 +139,8 @@ pub(crate) fn prepare(
     }
     let valid = validate_compose_spec(spec).map_err(|e| invalid(e.to_string()))?;
     let file = |why: String| invalid(format!("spec.compose.compose_yaml: {why}"));
-    let mut interpolated = valid.document.clone();
+    let version = valid.document.get("version").cloned();
+    let mut interpolated = valid.document;
     let vars = environment.interpolation(&spec.env, &project);
     document::interpolate(&mut interpolated, &vars, "")
         .map_err(|why| file(format!("{why} (compose would fail to interpolate it)")))?;
@@ -157,7 +158,7 @@ pub(crate) fn prepare(
         restarts,
         deploy_restarts: deploy_restarts(&interpolated),
         binds: binds_of(&interpolated),
-        version: valid.document.get("version").cloned(),
+        version,
     };
     prepared.files.labels = prepared.override_file(id, &[]);
     Ok(prepared)

@@ -38,12 +38,14 @@ pub struct ComposeRules<'a> {
 /// Refuses a compose spec whose variables or file break the policy.
 /// `document` is the file as [`super::validate_compose_spec`] read it: the
 /// file is not parsed again. Errors name `spec.compose.env[…]` or
-/// `spec.compose.compose_yaml`, and then the key in the file.
+/// `spec.compose.compose_yaml`, and then the key in the file. Answers the
+/// file as it passed, interpolated as compose will read it (what
+/// [`super::declared_resources`] reads).
 pub fn check_compose_policy(
     spec: &ComposeSpec,
     document: &Value,
     rules: &ComposeRules<'_>,
-) -> Result<(), SpecError> {
+) -> Result<Value, SpecError> {
     if let Some(name) = spec.env.keys().find(|name| is_reserved_env(name)) {
         return Err(SpecError::new(
             format!("spec.compose.env[{name:?}]"),
@@ -73,7 +75,8 @@ pub fn check_compose_policy(
     restarts::restarts_of(&document).map_err(|why| SpecError::new(FILE, why))?;
     Checker { rules }
         .document(&document)
-        .map_err(|(key, why)| SpecError::new(FILE, format!("{key}: {why}")))
+        .map_err(|(key, why)| SpecError::new(FILE, format!("{key}: {why}")))?;
+    Ok(document)
 }
 
 /// A refusal: the key in the file, and why with the rule.
@@ -567,6 +570,7 @@ mod tests {
                 vars: &vars,
             },
         )
+        .map(drop)
     }
 
     #[test]

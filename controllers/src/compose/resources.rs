@@ -3,7 +3,8 @@
 //! node's ceilings count for a compose workload, as they count a
 //! container's limits and a VM's size.
 //!
-//! Per service, read as compose reads it (after interpolation):
+//! Per service, read as compose reads it (the file as the policy check
+//! interpolated it):
 //! - memory: `mem_limit`, or `deploy.resources.limits.memory` (the larger
 //!   when both are set), in compose's byte units (`512m`, `1g`, `1.5GiB`,
 //!   a plain number of bytes);
@@ -20,7 +21,6 @@ use std::collections::BTreeMap;
 
 use serde_yaml_ng::Value;
 
-use super::document;
 use super::services::declared_services;
 use crate::spec::SpecError;
 
@@ -35,57 +35,19 @@ pub struct ComposeResources {
     pub memory_mib: i64,
 }
 
-/// The fields of a service that say what it is limited to, and how many
-/// containers it runs: the only parts interpolated here.
-const READ: [&str; 6] = [
-    "mem_limit",
-    "cpus",
-    "cpu_shares",
-    "deploy",
-    "scale",
-    "profiles",
-];
-
-/// Sums the limits of `document`'s services (the file as
-/// [`super::validate_compose_spec`] read it), interpolated from `vars`
-/// (what compose interpolates from), times each service's containers.
-/// `env` is the spec's environment, for `COMPOSE_PROFILES`.
+/// Sums the limits of the services of `interpolated` (the file as
+/// [`super::check_compose_policy`] answers it: read as compose reads it
+/// and interpolated), times each service's containers. `env` is the
+/// spec's environment, for `COMPOSE_PROFILES`.
 pub fn declared_resources(
-    document: &Value,
-    vars: &BTreeMap<String, String>,
+    interpolated: &Value,
     env: &BTreeMap<String, String>,
 ) -> Result<ComposeResources, SpecError> {
-    let Some(services) = document.get("services").and_then(Value::as_mapping) else {
+    let Some(services) = interpolated.get("services").and_then(Value::as_mapping) else {
         return Ok(ComposeResources::default());
     };
-    // Only the fields read here are copied and interpolated: not the file.
-    let mut read = serde_yaml_ng::Mapping::new();
-    for (name, service) in services {
-        let mut fields = serde_yaml_ng::Mapping::new();
-        if let Some(service) = service.as_mapping() {
-            for key in READ {
-                if let Some(value) = service.get(key) {
-                    fields.insert(Value::from(key), value.clone());
-                }
-            }
-        }
-        read.insert(name.clone(), Value::Mapping(fields));
-    }
-    let mut read = Value::Mapping(read);
-    document::interpolate(&mut read, vars, "services").map_err(|why| {
-        SpecError::new(
-            FILE,
-            format!("{why} (compose would fail to interpolate it)"),
-        )
-    })?;
-    let mut wrapped = serde_yaml_ng::Mapping::new();
-    wrapped.insert(Value::from("services"), read);
-    let wrapped = Value::Mapping(wrapped);
-    let scales = declared_services(&wrapped, env).map_err(|why| SpecError::new(FILE, why))?;
+    let scales = declared_services(interpolated, env).map_err(|why| SpecError::new(FILE, why))?;
     let mut total = ComposeResources::default();
-    let Some(services) = wrapped.get("services").and_then(Value::as_mapping) else {
-        return Ok(total);
-    };
     for (name, service) in services {
         let name = name.as_str().unwrap_or_default();
         let containers = i64::from(scales.get(name).copied().unwrap_or(1));
@@ -219,13 +181,15 @@ fn bytes(value: &Value) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// `yaml` read and interpolated from `vars` as the policy check does.
     fn resources(yaml: &str, vars: &[(&str, &str)]) -> Result<ComposeResources, SpecError> {
-        let document = document::load(yaml).expect("valid YAML");
+        let mut document = crate::compose::document::load(yaml).expect("valid YAML");
         let vars = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        declared_resources(&document, &vars, &BTreeMap::new())
+        crate::compose::document::interpolate(&mut document, &vars, "").expect("interpolated");
+        declared_resources(&document, &BTreeMap::new())
     }
 
     #[test]
