@@ -241,16 +241,7 @@ mod tests {
         );
     }
 
-    /// A canonical temporary directory with an allowed root inside it.
-    fn setup() -> (tempfile::TempDir, PathBuf, HostPathPolicy) {
-        let dir = tempfile::tempdir().unwrap();
-        let base = std::fs::canonicalize(dir.path()).unwrap();
-        let root = base.join("root");
-        std::fs::create_dir_all(root.join("data")).unwrap();
-        std::fs::create_dir_all(base.join("outside")).unwrap();
-        let policy = HostPathPolicy::new(None, vec![root.clone()]);
-        (dir, root, policy)
-    }
+    use crate::docker::binds::test_root as setup;
 
     #[test]
     fn the_override_gets_resolved_sources_written_as_the_file_wrote_them() {

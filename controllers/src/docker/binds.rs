@@ -240,22 +240,26 @@ fn open_component_wise(path: &Path) -> Result<(), Errno> {
     Ok(())
 }
 
+/// For tests of bind sources (here and compose's): a canonical temporary
+/// directory holding `root/data` and `outside`, and a policy that allows
+/// only `root`.
+#[cfg(test)]
+pub(crate) fn test_root() -> (tempfile::TempDir, PathBuf, HostPathPolicy) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let root = base.join("root");
+    std::fs::create_dir_all(root.join("data")).unwrap();
+    std::fs::create_dir_all(base.join("outside")).unwrap();
+    let policy = HostPathPolicy::new(None, vec![root.clone()]);
+    (dir, root, policy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use persys_api::v1::VolumeMount;
 
-    /// A canonical temporary directory with an allowed root inside it, and
-    /// a policy that allows only that root.
-    fn setup() -> (tempfile::TempDir, PathBuf, HostPathPolicy) {
-        let dir = tempfile::tempdir().unwrap();
-        let base = std::fs::canonicalize(dir.path()).unwrap();
-        let root = base.join("root");
-        std::fs::create_dir_all(root.join("data")).unwrap();
-        std::fs::create_dir_all(base.join("outside")).unwrap();
-        let policy = HostPathPolicy::new(None, vec![root.clone()]);
-        (dir, root, policy)
-    }
+    use super::test_root as setup;
 
     #[test]
     fn a_plain_directory_under_the_root_passes_and_so_does_one_not_made_yet() {
