@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use common::{AgentProcess, Certs, client};
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
-use support::{cpu_ticks, percentile, request};
+use support::{cpu_ticks, open_loop, percentile, request};
 use tonic::transport::Channel;
 
 const CLIENTS: usize = 64;
@@ -158,43 +158,24 @@ async fn run_at_rate(
     round: &str,
     window: Duration,
 ) -> (f64, Vec<Duration>, Vec<Duration>) {
-    let runtime = tokio::runtime::Handle::current();
     let clients = clients.to_vec();
     let round = round.to_string();
     let started = Instant::now();
-    let calls = tokio::task::spawn_blocking(move || {
-        let every = Duration::from_secs_f64(1.0 / rate);
-        let total = (rate * window.as_secs_f64()) as u32;
-        let mut calls = Vec::with_capacity(total as usize);
-        for n in 0..total {
-            let due = started + every * n;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let n = n as usize;
-            let c = n % clients.len();
-            let id = format!("c{c}-{}", (n / clients.len()) % WORKLOADS_PER_CLIENT);
-            let revision = format!("{round}-{n}");
-            let mut client = clients[c].clone();
-            calls.push(runtime.spawn(async move {
-                let lag = due.elapsed();
-                let response = client.apply_workload(request(id, revision)).await.unwrap();
-                assert!(response.get_ref().applied);
-                (due.elapsed(), lag)
-            }));
+    let calls = open_loop(rate, window, move |n, due| {
+        let c = n % clients.len();
+        let id = format!("c{c}-{}", (n / clients.len()) % WORKLOADS_PER_CLIENT);
+        let revision = format!("{round}-{n}");
+        let mut client = clients[c].clone();
+        async move {
+            let lag = due.elapsed();
+            let response = client.apply_workload(request(id, revision)).await.unwrap();
+            assert!(response.get_ref().applied);
+            (due.elapsed(), lag)
         }
-        calls
     })
-    .await
-    .unwrap();
-    let mut latencies = Vec::with_capacity(calls.len());
-    let mut lags = Vec::with_capacity(calls.len());
-    for call in calls {
-        let (latency, lag) = call.await.unwrap();
-        latencies.push(latency);
-        lags.push(lag);
-    }
-    let rate = latencies.len() as f64 / started.elapsed().as_secs_f64();
+    .await;
+    let rate = calls.len() as f64 / started.elapsed().as_secs_f64();
+    let (mut latencies, mut lags): (Vec<Duration>, Vec<Duration>) = calls.into_iter().unzip();
     latencies.sort();
     lags.sort();
     (rate, latencies, lags)

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use common::{AgentProcess, Certs, client, sample};
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
-use support::{cpu_ticks, percentile, request};
+use support::{cpu_ticks, open_loop, percentile, request};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -117,53 +117,38 @@ async fn offer(
     window: Duration,
     round: &str,
 ) -> (Vec<Duration>, Vec<Acked>, Vec<String>) {
-    let runtime = tokio::runtime::Handle::current();
     let clients = clients.to_vec();
     let round = round.to_string();
-    let started = Instant::now();
-    let calls = tokio::task::spawn_blocking(move || {
-        let every = Duration::from_secs_f64(1.0 / rate);
-        let total = (rate * window.as_secs_f64()) as u64;
-        let mut calls = Vec::with_capacity(total as usize);
-        for n in 0..total {
-            let due = started + every * n as u32;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let n = n as usize;
-            let workload = n % WORKLOADS;
-            let mut client = clients[n % clients.len()].clone();
-            let revision = format!("{round}-{n}");
-            calls.push(runtime.spawn(async move {
-                let result = client
-                    .apply_workload(request(workload_id(workload), revision))
-                    .await;
-                let latency = due.elapsed();
-                let acked = result.map(|response| {
-                    let version = response
-                        .get_ref()
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.metadata.get("resource_version"))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    Acked {
-                        workload,
-                        resource_version: version,
-                    }
-                });
-                (latency, acked)
-            }));
+    let calls = open_loop(rate, window, move |n, due| {
+        let workload = n % WORKLOADS;
+        let mut client = clients[n % clients.len()].clone();
+        let revision = format!("{round}-{n}");
+        async move {
+            let result = client
+                .apply_workload(request(workload_id(workload), revision))
+                .await;
+            let latency = due.elapsed();
+            let acked = result.map(|response| {
+                let version = response
+                    .get_ref()
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.metadata.get("resource_version"))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                Acked {
+                    workload,
+                    resource_version: version,
+                }
+            });
+            (latency, acked)
         }
-        calls
     })
-    .await
-    .unwrap();
+    .await;
     let mut latencies = Vec::with_capacity(calls.len());
     let mut acked = Vec::with_capacity(calls.len());
     let mut failed = Vec::new();
-    for call in calls {
-        let (latency, result) = call.await.unwrap();
+    for (latency, result) in calls {
         latencies.push(latency);
         match result {
             Ok(a) => acked.push(a),

@@ -1,7 +1,8 @@
-//! What the gRPC benchmarks share: the apply they send, percentiles, and
-//! the agent process's CPU time from /proc.
+//! What the gRPC benchmarks share: the apply they send, the open-loop
+//! pacing of calls, percentiles, and the agent process's CPU time from
+//! /proc.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use persys_api::v1::*;
 
@@ -53,4 +54,43 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     };
     // utime and stime are fields 14 and 15 of the whole line.
     field(11) + field(12)
+}
+
+/// Makes `rate × window` calls, open loop: the n-th is started at its due
+/// time `started + n / rate` by a pacing thread of its own, whatever the
+/// earlier ones are doing, so a stall delays every call behind it and each
+/// call can count its latency from when it was due (no coordinated
+/// omission). `call(n, due)` makes the n-th call's future, run as a task;
+/// answers each task's output, in order, once all have finished.
+pub async fn open_loop<T, F>(
+    rate: f64,
+    window: Duration,
+    mut call: impl FnMut(usize, Instant) -> F + Send + 'static,
+) -> Vec<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
+{
+    let runtime = tokio::runtime::Handle::current();
+    let started = Instant::now();
+    let tasks = tokio::task::spawn_blocking(move || {
+        let every = Duration::from_secs_f64(1.0 / rate);
+        let total = (rate * window.as_secs_f64()) as u32;
+        let mut tasks = Vec::with_capacity(total as usize);
+        for n in 0..total {
+            let due = started + every * n;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            tasks.push(runtime.spawn(call(n as usize, due)));
+        }
+        tasks
+    })
+    .await
+    .unwrap();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
 }
