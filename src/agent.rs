@@ -189,6 +189,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         drain: link.drain.clone(),
         scheduler: link.status.clone(),
         tasks: tasks.clone(),
+        io: controllers.io.clone(),
     };
     let router = router(
         agent,

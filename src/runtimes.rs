@@ -11,6 +11,7 @@ use futures::stream::BoxStream;
 use persys_api::v1::WorkloadType;
 use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::{DockerConfig, DockerController};
+use persys_controllers::io::WorkloadIo;
 use persys_controllers::policy::NodePolicy;
 use persys_controllers::vm::{VmConfig, VmController, default_disk_roots};
 use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer, Reconciler};
@@ -159,6 +160,34 @@ impl RuntimeBoard {
 pub struct Controllers {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
     pub usage: Option<crate::server::UsageLookup>,
+    pub io: WorkloadIoSet,
+}
+
+/// Each enabled runtime's logs, exec and console, by workload type.
+#[derive(Clone, Default)]
+pub struct WorkloadIoSet {
+    container: Option<Arc<dyn WorkloadIo>>,
+    compose: Option<Arc<dyn WorkloadIo>>,
+    vm: Option<Arc<dyn WorkloadIo>>,
+}
+
+impl WorkloadIoSet {
+    pub fn set(&mut self, kind: WorkloadType, io: Arc<dyn WorkloadIo>) {
+        match kind {
+            WorkloadType::Container | WorkloadType::Unspecified => self.container = Some(io),
+            WorkloadType::Compose => self.compose = Some(io),
+            WorkloadType::Vm => self.vm = Some(io),
+        }
+    }
+
+    /// The runtime of a workload type, when it is enabled.
+    pub fn get(&self, kind: WorkloadType) -> Option<Arc<dyn WorkloadIo>> {
+        match kind {
+            WorkloadType::Container | WorkloadType::Unspecified => self.container.clone(),
+            WorkloadType::Compose => self.compose.clone(),
+            WorkloadType::Vm => self.vm.clone(),
+        }
+    }
 }
 
 /// How often each runtime's health is probed for HealthCheck and metrics.

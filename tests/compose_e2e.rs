@@ -93,6 +93,7 @@ async fn a_compose_project_runs_reports_its_cli_and_is_deleted() {
             desired_state: DesiredState::Running as i32,
             spec: Some(WorkloadSpec {
                 spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                    probes: Default::default(),
                     project_name: project.clone(),
                     compose_yaml: yaml,
                     env: [("GREETING".to_string(), "hello".to_string())].into(),
@@ -221,6 +222,7 @@ async fn sigterm_ends_watches_at_once_and_cancels_a_slow_compose_up_at_the_deadl
         r#type: WorkloadType::Compose as i32,
         spec: Some(WorkloadSpec {
             spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                probes: Default::default(),
                 project_name: project.clone(),
                 compose_yaml: yaml,
                 env: Default::default(),
@@ -415,6 +417,7 @@ async fn compose_runs_with_an_allow_listed_environment_and_spec_values_only_reac
         r#type: WorkloadType::Compose as i32,
         spec: Some(WorkloadSpec {
             spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                probes: Default::default(),
                 project_name: project.clone(),
                 compose_yaml: format!(
                     "services:\n  web:\n    image: {}\n    init: true\n    command: [\"sleep\", \"3600\"]\n    environment:\n      GREETING: ${{GREETING}}\n      INJECT: ${{INJECT}}\n      PRELOAD: ${{LD_PRELOAD:-unset}}\n      AGENT: ${{PERSYS_TEST_AGENT_ONLY:-unset}}\n",
@@ -602,6 +605,7 @@ async fn a_project_started_by_hand_under_the_workload_s_name_is_neither_adopted_
         r#type: WorkloadType::Compose as i32,
         spec: Some(WorkloadSpec {
             spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                probes: Default::default(),
                 project_name: project.clone(),
                 compose_yaml: format!(
                     "services:\n  web:\n    image: {}\n    init: true\n    command: [\"sleep\", \"7200\"]\n",

@@ -510,6 +510,7 @@ fn sleeper() -> workload_spec::Spec {
 /// A one-service project (`web`) on no network: nothing on the host's.
 fn compose_project(project: &str) -> workload_spec::Spec {
     workload_spec::Spec::Compose(ComposeSpec {
+        probes: Default::default(),
         project_name: project.into(),
         compose_yaml: format!(
             "services:\n  web:\n    image: {}\n    init: true\n    network_mode: none\n    command: [\"sleep\", \"3600\"]\n",

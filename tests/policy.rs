@@ -1109,6 +1109,7 @@ async fn the_go_agent_s_example_specs_apply_under_a_policy_that_allows_their_pat
         ..Default::default()
     };
     let myapp = ComposeSpec {
+        probes: Default::default(),
         project_name: "myapp".into(),
         compose_yaml: "services:\n  web:\n    image: nginx:latest\n    ports: ['8080:80']\n    environment:\n      DATABASE_URL: ${DATABASE_URL}\n".into(),
         env: [("DATABASE_URL".to_string(), "postgres://db/app".to_string())].into(),

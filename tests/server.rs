@@ -60,6 +60,7 @@ fn compose(id: &str) -> ApplyWorkloadRequest {
         desired_state: DesiredState::Running as i32,
         spec: Some(WorkloadSpec {
             spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                probes: Default::default(),
                 project_name: String::new(),
                 compose_yaml: "services:\n  web:\n    image: persys-test/busybox:latest\n".into(),
                 env: Default::default(),

@@ -49,6 +49,7 @@ pub use controller::{
     controller_name, orphan_grace_left,
 };
 pub use informer::{Cache, Informer, Notification};
+pub use kit::io;
 pub use kit::{Classify, ErrorClass};
 /// The store-facing types, defined once in `persys-api`.
 pub use persys_api::source;

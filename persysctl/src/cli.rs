@@ -86,6 +86,14 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Print a line for every change of the workloads, until Ctrl-C.
     Watch(WatchArgs),
+    /// Print a workload's output: container logs, compose services' logs or
+    /// a VM's serial console.
+    Logs(LogsArgs),
+    /// Run a command in a container or a compose service, e.g.
+    /// `persysctl exec -it web -- sh`. Exits with the command's status.
+    Exec(ExecArgs),
+    /// Attach to a VM's serial console (Ctrl-] leaves).
+    Console(ConsoleArgs),
     /// Report the agent's health and its runtimes.
     Health(HealthArgs),
     /// Print the client and the agent version.
@@ -154,6 +162,61 @@ pub struct WatchArgs {
     /// workloads.
     #[arg(long, value_name = "RV")]
     pub since: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    pub id: String,
+
+    /// Keep printing new output until Ctrl-C or the workload is deleted.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+
+    /// Only the last N lines (of each container).
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u64>,
+
+    /// Only output newer than this, e.g. 10m, or from a time (RFC 3339).
+    #[arg(long, value_name = "DURATION|TIME")]
+    pub since: Option<String>,
+
+    /// Compose: only this service.
+    #[arg(long, value_name = "SERVICE")]
+    pub service: Option<String>,
+
+    /// Prefix each line with its time.
+    #[arg(long)]
+    pub timestamps: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    pub id: String,
+
+    /// Pass standard input to the command.
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
+
+    /// Allocate a terminal (standard output and error merge).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+
+    /// Compose: the service to run it in.
+    #[arg(long, value_name = "SERVICE")]
+    pub service: Option<String>,
+
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    pub id: String,
+
+    /// Take the console over from another session holding it.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

@@ -9,7 +9,7 @@
 //! - `output`: tables, ages, colour, and the JSON/YAML form of objects.
 //! - `terminal`: control characters in what the agent sends, escaped.
 //! - One file per command: `apply`, `get`, `describe`, `delete`, `watch`,
-//!   `health` (with `version`).
+//!   `logs`, `exec`, `console`, `health` (with `version`).
 //!
 //! Exit status: 0 on success, 1 on any failure (one line on standard error,
 //! prefixed "persysctl: "), 2 on a usage error.
@@ -17,11 +17,14 @@
 mod apply;
 mod cli;
 mod connection;
+mod console;
 mod delete;
 mod describe;
 mod error;
+mod exec;
 mod get;
 mod health;
+mod logs;
 mod manifest;
 mod output;
 mod terminal;
@@ -92,6 +95,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             delete::run(&Agent::connect(connection).await?, args, wait_for).await
         }
         Command::Watch(args) => watch::run(&Agent::connect(connection).await?, args, palette).await,
+        Command::Logs(args) => logs::run(&Agent::connect(connection).await?, args).await,
+        Command::Exec(args) => exec::run(&Agent::connect(connection).await?, args).await,
+        Command::Console(args) => console::run(&Agent::connect(connection).await?, args).await,
         Command::Health(args) => {
             health::health(&Agent::connect(connection).await?, args, palette).await
         }

@@ -522,6 +522,7 @@ fn compose_spec(
         project_name: spec.project_name.clone(),
         compose_yaml,
         env: spec.env.clone(),
+        ..ComposeSpec::default()
     }))
 }
 

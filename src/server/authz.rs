@@ -53,6 +53,7 @@ const SCHEDULER_RPCS: &[&str] = &[
     "DescribeWorkload",
     "ListActions",
     "HealthCheck",
+    "StreamLogs",
 ];
 
 /// What the `viewer` role may call: reads only.
@@ -63,6 +64,7 @@ const VIEWER_RPCS: &[&str] = &[
     "DescribeWorkload",
     "ListActions",
     "HealthCheck",
+    "StreamLogs",
 ];
 
 /// A fixed set of RPCs a caller may use.

@@ -7,7 +7,9 @@
 pub mod authz;
 pub mod ceilings;
 pub mod coalesce;
+pub mod exec;
 pub mod grpc_metrics;
+pub mod logs;
 pub mod outbox;
 pub mod redact;
 pub mod tls;
@@ -79,6 +81,8 @@ pub struct Agent {
     pub scheduler: tokio::sync::watch::Receiver<crate::scheduler::LinkStatus>,
     /// The agent's background tasks: a dead one makes the node unhealthy.
     pub tasks: crate::tasks::Tasks,
+    /// Logs, exec and console of each runtime that is enabled.
+    pub io: crate::runtimes::WorkloadIoSet,
 }
 
 fn store_status(error: StoreError) -> Status {
@@ -598,5 +602,31 @@ impl AgentService for Agent {
             workload: Some(workload),
             events,
         }))
+    }
+    type StreamLogsStream = logs::LogStream;
+
+    async fn stream_logs(
+        &self,
+        request: Request<persys_api::v1::StreamLogsRequest>,
+    ) -> Result<Response<logs::LogStream>, Status> {
+        logs::stream_logs(self, request).await.map(Response::new)
+    }
+
+    type ExecStream = exec::ExecStream;
+
+    async fn exec(
+        &self,
+        request: Request<tonic::Streaming<persys_api::v1::ExecRequest>>,
+    ) -> Result<Response<exec::ExecStream>, Status> {
+        exec::exec(self, request).await.map(Response::new)
+    }
+
+    type ConsoleStream = exec::ConsoleStream;
+
+    async fn console(
+        &self,
+        request: Request<tonic::Streaming<persys_api::v1::ConsoleRequest>>,
+    ) -> Result<Response<exec::ConsoleStream>, Status> {
+        exec::console(self, request).await.map(Response::new)
     }
 }

@@ -10,6 +10,8 @@
 //!   of every runtime;
 //! - [`status::StatusBuilder`]: the states and conditions every runtime's
 //!   status shares, with the few differences as parameters;
+//! - [`io::WorkloadIo`]: logs, exec and console, one trait the three
+//!   runtimes implement and the gRPC server calls;
 //! - [`restart::RestartRule`]: whether something that exited starts again,
 //!   for containers and compose services alike (the engine's own restart
 //!   policy is always `no`: every start is the agent's).
@@ -27,6 +29,7 @@
 //!   to wait out. The next start waits the back-off since the failed one
 //!   (the base, then doubling), never less than the base.
 
+pub mod io;
 pub(crate) mod restart;
 pub(crate) mod status;
 

@@ -148,6 +148,7 @@ pub fn compose_file(services: &[(&str, &str)]) -> String {
 /// The spec of a project: plain YAML, an explicit project name, env.
 pub fn compose_spec(project: &str, compose: &str, env: &[(&str, &str)]) -> ComposeSpec {
     ComposeSpec {
+        probes: Default::default(),
         project_name: project.to_string(),
         compose_yaml: compose.to_string(),
         env: env

@@ -139,6 +139,8 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
                 managed_volumes,
                 (image_pull_policy, stop_grace_period_seconds),
             )| ContainerSpec {
+                liveness_probe: None,
+                readiness_probe: None,
                 image,
                 command,
                 args,
@@ -221,6 +223,7 @@ fn compose() -> impl Strategy<Value = ComposeSpec> {
         map(),
     )
         .prop_map(|(project_name, compose_yaml, env)| ComposeSpec {
+            probes: Default::default(),
             project_name,
             compose_yaml,
             env,

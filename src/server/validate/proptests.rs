@@ -209,6 +209,8 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
                 image_pull_policy,
                 stop_grace_period_seconds,
             )| ContainerSpec {
+                liveness_probe: None,
+                readiness_probe: None,
                 image,
                 args: command.clone(),
                 command,
@@ -233,6 +235,7 @@ fn compose() -> impl Strategy<Value = ComposeSpec> {
         env(),
     )
         .prop_map(|(project_name, file, base64, env)| ComposeSpec {
+            probes: Default::default(),
             project_name,
             compose_yaml: if base64 {
                 base64::engine::general_purpose::STANDARD.encode(&file.text)

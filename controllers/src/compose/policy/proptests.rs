@@ -48,6 +48,7 @@ fn spec(text: &str, env: BTreeMap<String, String>) -> ComposeSpec {
         project_name: String::new(),
         compose_yaml: text.to_string(),
         env,
+        ..ComposeSpec::default()
     }
 }
 
