@@ -53,10 +53,10 @@ const SCHEDULER_RPCS: &[&str] = &[
     "DescribeWorkload",
     "ListActions",
     "HealthCheck",
-    "StreamLogs",
 ];
 
-/// What the `viewer` role may call: reads only.
+/// What the `viewer` role may call: reads only (logs included; exec and
+/// console are the operator's).
 const VIEWER_RPCS: &[&str] = &[
     "GetWorkloadStatus",
     "ListWorkloads",
@@ -940,7 +940,12 @@ mod tests {
         }
         assert!(Role::Operator.allows(&rpc("StreamLogs")));
         assert!(!Role::Scheduler.allows(&rpc("StreamLogs")));
+        assert!(Role::Viewer.allows(&rpc("StreamLogs")));
         assert!(!Role::Viewer.allows(&rpc("Exec")));
+        assert!(!Role::Viewer.allows(&rpc("Console")));
+        assert!(!Role::Scheduler.allows(&rpc("Exec")));
+        assert!(Role::Operator.allows(&rpc("Exec")));
+        assert!(Role::Operator.allows(&rpc("Console")));
         let health = Rpc::from_path("/grpc.health.v1.Health/Check");
         let reflection =
             Rpc::from_path("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo");
