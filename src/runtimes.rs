@@ -305,6 +305,9 @@ impl Starter<'_> {
             Arc::new(self.store.clone()),
         ));
         self.controller(docker.clone(), docker.trigger(self.informer.cache()));
+        self.controllers
+            .io
+            .set(WorkloadType::Container, Arc::new(docker.io()));
         self.spawn(
             "docker-usage-sampler".into(),
             docker.usage_sampler().run(self.shutdown.clone()),
@@ -337,6 +340,9 @@ impl Starter<'_> {
             self.informer.cache(),
         ));
         self.controller(compose.clone(), compose.trigger());
+        self.controllers
+            .io
+            .set(WorkloadType::Compose, Arc::new(compose.io()));
         self.probe("compose", move |board| {
             let compose = compose.clone();
             async move {
@@ -358,6 +364,7 @@ impl Starter<'_> {
             Arc::new(self.store.clone()),
         ));
         self.controller(vm.clone(), vm.trigger(self.informer.cache()));
+        self.controllers.io.set(WorkloadType::Vm, Arc::new(vm.io()));
         self.spawn(
             "vm-usage-sampler".into(),
             vm.usage_sampler().run(self.shutdown.clone()),

@@ -98,6 +98,11 @@ impl ComposeController {
         &self.config
     }
 
+    /// Logs and exec of this controller's projects, for the API server.
+    pub fn io(&self) -> super::io::ComposeIo {
+        super::io::ComposeIo::new(self.runtime.engine().clone())
+    }
+
     pub fn engine(&self) -> &Engine {
         self.runtime.engine()
     }

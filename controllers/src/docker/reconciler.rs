@@ -98,6 +98,11 @@ impl DockerController {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Logs and exec of this controller's containers, for the API server.
+    pub fn io(&self) -> super::io::DockerIo {
+        super::io::DockerIo::new(self.engine.clone())
+    }
+
     /// The last usage samples, for the API server.
     pub fn usage(&self) -> UsageSnapshots {
         self.usage.clone()

@@ -272,6 +272,10 @@ impl DomainPlan {
         writeln!(x, "  <os>")?;
         if std::env::consts::ARCH == "x86_64" {
             writeln!(x, "    <type arch='x86_64'>hvm</type>")?;
+            // The firmware writes to the serial console too, so a VM's
+            // logs start at power-on; with nothing bootable it retries
+            // every 10 s instead of halting.
+            writeln!(x, "    <bios useserial='yes' rebootTimeout='10000'/>")?;
         } else {
             writeln!(x, "    <type>hvm</type>")?;
         }

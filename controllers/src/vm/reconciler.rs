@@ -118,6 +118,14 @@ impl VmController {
         .into_stream()
     }
 
+    /// Logs and console of this controller's domains, for the API server.
+    pub fn io(&self) -> super::io::VmIo {
+        super::io::VmIo {
+            config: self.config.clone(),
+            hypervisor: self.hypervisor.clone(),
+        }
+    }
+
     /// The last usage samples, for the API server.
     pub fn usage(&self) -> UsageSnapshots {
         self.usage.clone()
