@@ -542,10 +542,17 @@ impl AgentService for Agent {
                 tokio::time::Instant::now() + bookmark_every,
                 bookmark_every,
             );
+            // Made once, not on every change: each one registers with its
+            // token, and the shutdown token is shared by every stream, so
+            // re-made per change they would serialise the streams on its
+            // lock at every write.
+            let shutting_down = shutdown.cancelled();
+            let client_gone = outbox.gone();
+            tokio::pin!(shutting_down, client_gone);
             loop {
                 let item = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = outbox.gone() => return,
+                    _ = &mut shutting_down => return,
+                    _ = &mut client_gone => return,
                     _ = bookmark.tick() => {
                         let event = WatchEvent {
                             r#type: WatchEventType::Bookmark as i32,

@@ -267,9 +267,10 @@ impl Sender {
         state.wake();
     }
 
-    /// Resolves when the client went away.
-    pub async fn gone(&self) {
-        self.gone.cancelled().await
+    /// Resolves when the client went away; it does not borrow the sender,
+    /// so one can be kept across the sender's use.
+    pub fn gone(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.gone.clone().cancelled_owned()
     }
 }
 
