@@ -19,6 +19,7 @@ use crate::server::authz::{
 };
 use crate::server::coalesce::Coalesced;
 use crate::server::grpc_metrics::GrpcMetricsLayer;
+use crate::server::oversize::OversizeLayer;
 use crate::server::tls::{self, ReloadingConfig, TlsFiles};
 use crate::server::validate::Limits;
 use crate::server::{Agent, MAX_REQUEST_BYTES};
@@ -287,10 +288,19 @@ fn router(
     stop: &CancellationToken,
 ) -> Result<tonic::transport::server::Router<GrpcLayers>, AgentError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_error = |e: tonic_reflection::server::Error| {
+        AgentError::Tls(tls::TlsError::from_message(format!("reflection: {e}")))
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(persys_api::v1::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| AgentError::Tls(tls::TlsError::from_message(format!("reflection: {e}"))))?;
+        .map_err(reflection_error)?;
+    // v1alpha too: Python's grpc_reflection, Postman and older grpcurl
+    // speak only it.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(persys_api::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(reflection_error)?;
     tasks.spawn(
         "grpc-health",
         report_health(
@@ -313,15 +323,20 @@ fn router(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(GrpcMetricsLayer::new(metrics.clone()))
         .layer(AuthzLayer::new(authentication, metrics.authz.clone()))
+        .layer(OversizeLayer)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service))
 }
 
 /// The layers every call passes, outermost first.
 type GrpcLayers = tower::layer::util::Stack<
-    AuthzLayer,
-    tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+    OversizeLayer,
+    tower::layer::util::Stack<
+        AuthzLayer,
+        tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>,
+    >,
 >;
 
 /// Keeps grpc.health.v1 in step with the store, the informer and the

@@ -642,13 +642,13 @@ async fn applies_and_deletes_record_who_asked_in_events_and_actions() {
         .actions;
     let apply = actions
         .iter()
-        .find(|a| a.action_type == "apply")
+        .find(|a| a.action_type == "apply_workload")
         .expect("the apply is listed");
     assert_eq!(apply.caller, "CN=persys-scheduler");
     assert_eq!(apply.role, "scheduler");
     let delete = actions
         .iter()
-        .find(|a| a.action_type == "delete")
+        .find(|a| a.action_type == "delete_workload")
         .expect("the delete is listed");
     assert_eq!(delete.caller, "CN=persysctl");
     assert_eq!(delete.role, "operator");

@@ -23,9 +23,13 @@ pub const KNOWN_METHODS: &[&str] = &[
     "persys.agent.v1.AgentService/ListActions",
     "persys.agent.v1.AgentService/Watch",
     "persys.agent.v1.AgentService/DescribeWorkload",
+    "persys.agent.v1.AgentService/StreamLogs",
+    "persys.agent.v1.AgentService/Exec",
+    "persys.agent.v1.AgentService/Console",
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
 /// The `method` label of any path not in [`KNOWN_METHODS`].
@@ -143,7 +147,6 @@ mod tests {
             "/persys.agent.v1.AgentService/Nope",
             "/persys.agent.v1.AgentService/ApplyWorkload/extra",
             "/persys.agent.v1.AgentService/applyworkload",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
             "/x9f3a1c",
             "/",
             "",

@@ -4,6 +4,7 @@
 //! the informer cache; none waits on a runtime. Applies and deletes only
 //! append to the log — the controllers do the work.
 
+pub mod actions;
 pub mod authz;
 pub mod ceilings;
 pub mod coalesce;
@@ -11,6 +12,7 @@ pub mod exec;
 pub mod grpc_metrics;
 pub mod logs;
 pub mod outbox;
+pub mod oversize;
 pub mod redact;
 pub mod tls;
 pub mod validate;
@@ -175,6 +177,10 @@ impl Agent {
         status
     }
 
+    /// A change-log record as an action, in the Go agent's words:
+    /// `apply_workload`, `delete_workload` or `reconcile` (a controller's
+    /// status write), `completed` or `failed` (a record is written once the
+    /// action is done, so none is ever `pending` or `running`).
     fn action_of(record: &LogRecord) -> AgentAction {
         let object = record.object.clone().unwrap_or_default();
         let status = object.status.clone().unwrap_or_default();
@@ -185,8 +191,13 @@ impl Agent {
         AgentAction {
             task_id: record.resource_version.to_string(),
             workload_id: object.id().to_string(),
-            action_type: record.action.clone(),
-            status: if failed { "failed" } else { "succeeded" }.to_string(),
+            action_type: actions::action_type(&record.action).to_string(),
+            status: if failed {
+                actions::FAILED
+            } else {
+                actions::COMPLETED
+            }
+            .to_string(),
             error: if failed {
                 status.last_error.clone()
             } else {
@@ -414,12 +425,14 @@ impl AgentService for Agent {
         &self,
         request: Request<ListActionsRequest>,
     ) -> Result<Response<ListActionsResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         let limit = match request.limit {
             n if n < 0 => return Err(Status::invalid_argument("limit: must not be negative")),
             0 => 100,
             n => (n as usize).min(10_000),
         };
+        request.action_type = actions::type_filter(&request.action_type)?;
+        request.status = actions::status_filter(&request.status)?;
         let store = self.store.clone();
         let records = tokio::task::spawn_blocking(move || {
             store.log_records(request.newest_first, limit, |record| {
