@@ -1,7 +1,7 @@
 # persys-agent image: the agent and persysctl on Debian 12 with the tools the
 # runtimes need.
 #
-#   docker build -t persys/agent:dev .
+#   docker build -t persys/compute-agent:dev .
 #
 # Where no base image can be pulled (no registry), hack/image.sh builds an
 # equivalent image offline from the host's Debian packages; it uses this

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds the agent's container image, persys/agent:dev (PERSYS_IMAGE to
-# change the tag), then checks it runs: persys-agent --help, docker-compose,
+# Builds the agent's container image, persys/compute-agent:dev (the
+# platform's name; PERSYS_IMAGE to change the tag), also tagged with the
+# earlier name persys/agent:dev so what refers to it keeps working (not with
+# PERSYS_IMAGE), then checks it runs: persys-agent --help, docker-compose,
 # qemu-img, genisoimage and tini inside it. Idempotent.
 #
 # Two ways to build, detected (PERSYS_IMAGE_MODE=auto|dockerfile|offline):
@@ -47,7 +49,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 
-IMAGE=${PERSYS_IMAGE:-persys/agent:dev}
+IMAGE=${PERSYS_IMAGE:-persys/compute-agent:dev}
+# The earlier name, kept as a second tag of the default image.
+OLD_IMAGE=persys/agent:dev
 MODE=${PERSYS_IMAGE_MODE:-auto}
 CARGO_MODE=${PERSYS_IMAGE_CARGO:-auto}
 BASE_IMAGES=(rust:1-bookworm debian:bookworm-slim)
@@ -325,6 +329,11 @@ if dk run --rm --network none --entrypoint /bin/sh "$IMAGE" -c 'test -x /usr/loc
 fi
 user=$(dk image inspect --format '{{.Config.User}}' "$IMAGE")
 size=$(dk image inspect --format '{{.Size}}' "$IMAGE")
+
+if [[ -z ${PERSYS_IMAGE:-} ]]; then
+  dk tag "$IMAGE" "$OLD_IMAGE"
+  log "tagged $OLD_IMAGE too (the earlier name)"
+fi
 
 printf 'image %s (%s, %d MB, user %s): agent ok; docker-compose %s; %s; %s; %s; persysctl: %s\n' \
   "$IMAGE" "$MODE" $((size / 1000000)) "$user" "$compose" "$qemu" "$iso" "$tini" "$ctl"
