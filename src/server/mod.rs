@@ -468,6 +468,7 @@ impl AgentService for Agent {
             Err(_) => return Err(Status::invalid_argument("type: unknown value")),
         };
         let id_filter = (!request.id.is_empty()).then_some(request.id.clone());
+        let one_id = id_filter.clone();
         let matches = move |w: &Workload| {
             type_filter.is_none_or(|t| w.workload_type() as i32 == t)
                 && id_filter.as_deref().is_none_or(|id| w.id() == id)
@@ -512,7 +513,12 @@ impl AgentService for Agent {
             0 => 30,
             n => n.into(),
         });
-        let mut changes = Box::pin(self.store.watch(from));
+        // A watch of one id is woken by that id's changes only, not by
+        // every write to the node.
+        let mut changes: Pin<Box<dyn Stream<Item = _> + Send>> = match &one_id {
+            Some(id) => Box::pin(self.store.watch_id(from, id)),
+            None => Box::pin(self.store.watch(from)),
+        };
         let shutdown = self.shutdown.clone();
         // A client of a list may resume once it has the whole list.
         let (outbox, stream) = outbox::outbox(
@@ -587,6 +593,11 @@ impl AgentService for Agent {
                             continue;
                         }
                         bookmark.reset();
+                        if one_id.is_some() {
+                            // The id's changes come in order and complete:
+                            // the client has every change before this one.
+                            outbox.progress(last.saturating_sub(1));
+                        }
                         let event = WatchEvent {
                             r#type: WatchEventType::from(change.kind) as i32,
                             resource_version: change.resource_version,

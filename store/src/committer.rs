@@ -320,7 +320,15 @@ impl Committer {
                     .last_resource_version
                     .store(rv, Ordering::Release);
                 group.replies.into_iter().for_each(Reply::send);
+                let by_id = self
+                    .inner
+                    .changes_by_id
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 for change in group.changes {
+                    if let Some(watchers) = by_id.get(change.object.id()) {
+                        let _ = watchers.send(change.clone());
+                    }
                     let _ = self.inner.changes.send(change);
                 }
             }

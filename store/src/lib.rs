@@ -165,6 +165,10 @@ pub(crate) struct Inner {
     sealer: Sealer,
     /// Committed changes, published after their sync, for live watches.
     changes: broadcast::Sender<Arc<Change>>,
+    /// The same changes, per workload id, for the watches of one id: each
+    /// is woken only by its own workload's changes, not by every write.
+    /// An id has a channel while someone watches it.
+    changes_by_id: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Change>>>>,
     /// The last committed resource version.
     last_resource_version: AtomicU64,
     /// The log serves nothing at or below this version.
@@ -191,6 +195,10 @@ pub struct Store {
 
 /// Live changes buffered per watcher before it must catch up from the log.
 const LIVE_BUFFER: usize = 8192;
+
+/// The same for a watch of one id: its workload's changes are few, and a
+/// channel is allocated whole for every watched id.
+const LIVE_BUFFER_ONE_ID: usize = 64;
 
 impl Store {
     /// Opens (or creates) the store in `config.path`, recovering what the
@@ -290,6 +298,7 @@ impl Store {
             meta,
             sealer,
             changes,
+            changes_by_id: Default::default(),
             last_resource_version: AtomicU64::new(last_resource_version),
             compacted_through: AtomicU64::new(compacted_through),
             metrics: StoreMetrics::default(),

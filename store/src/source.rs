@@ -51,7 +51,17 @@ impl Store {
         &self,
         after: u64,
     ) -> impl futures::Stream<Item = Result<Change, StoreError>> + Send + 'static {
-        super::watch::watch(self.inner.clone(), after)
+        super::watch::watch(self.inner.clone(), after, None)
+    }
+
+    /// [`Store::watch`] of one workload id: the changes of that id after
+    /// `after`, in order, with no gap. Woken only by that id's changes.
+    pub fn watch_id(
+        &self,
+        after: u64,
+        id: &str,
+    ) -> impl futures::Stream<Item = Result<Change, StoreError>> + Send + 'static {
+        super::watch::watch(self.inner.clone(), after, Some(id.to_string()))
     }
 }
 

@@ -4,6 +4,12 @@
 //! The watcher subscribes to live changes *before* it reads the log, so a
 //! change is either read from the log or received live (and then skipped if
 //! already read). If it falls behind the live buffer, it reads the log again.
+//!
+//! A watch of one id subscribes to that id's channel instead of every
+//! change's: the committer publishes each change on both. Its live changes
+//! are not consecutive versions, so it cannot see a gap by their numbers;
+//! it needs none: the id's channel carries every change of the id in order,
+//! and one it lagged behind is reported (then the log is read again).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,24 +36,70 @@ enum Phase {
 
 struct Watch {
     inner: Arc<Inner>,
+    /// Dropped before `_subscription`, which then finds the id unwatched.
     live: broadcast::Receiver<Arc<Change>>,
-    /// The next resource version to deliver.
+    /// Only this workload's changes, when set.
+    id: Option<String>,
+    /// The next resource version to deliver (or, for one id, to consider).
     next: u64,
     phase: Phase,
     pending: std::collections::VecDeque<Change>,
+    _subscription: Option<IdSubscription>,
+}
+
+/// Removes an id's channel when its last watcher goes.
+struct IdSubscription {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Drop for IdSubscription {
+    fn drop(&mut self) {
+        let mut by_id = self
+            .inner
+            .changes_by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if by_id
+            .get(&self.id)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            by_id.remove(&self.id);
+        }
+    }
 }
 
 pub(super) fn watch(
     inner: Arc<Inner>,
     after: u64,
+    id: Option<String>,
 ) -> impl Stream<Item = Result<Change, StoreError>> + Send + 'static {
-    let live = inner.changes.subscribe();
+    let (live, subscription) = match &id {
+        None => (inner.changes.subscribe(), None),
+        Some(id) => {
+            let mut by_id = inner
+                .changes_by_id
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let live = by_id
+                .entry(id.clone())
+                .or_insert_with(|| broadcast::channel(super::LIVE_BUFFER_ONE_ID).0)
+                .subscribe();
+            let subscription = IdSubscription {
+                inner: inner.clone(),
+                id: id.clone(),
+            };
+            (live, Some(subscription))
+        }
+    };
     let state = Watch {
         inner,
         live,
+        id,
         next: after + 1,
         phase: Phase::Replaying,
         pending: Default::default(),
+        _subscription: subscription,
     };
     futures::stream::unfold(state, |mut state| async move {
         let item = state.step().await?;
@@ -75,6 +127,15 @@ impl Watch {
                     }
                 },
                 Phase::Following => match self.live.recv().await {
+                    Ok(change) if self.id.is_some() => {
+                        // Only this id's changes come: a later version is
+                        // the next one of the id, not a gap.
+                        if change.resource_version < self.next {
+                            continue;
+                        }
+                        self.next = change.resource_version + 1;
+                        return Some(Ok((*change).clone()));
+                    }
                     Ok(change) => {
                         if change.resource_version < self.next {
                             continue;
@@ -121,7 +182,13 @@ impl Watch {
                     compacted_through: compacted.max(record.resource_version - 1),
                 });
             }
-            self.pending.push_back(change_of(record));
+            let wanted = self
+                .id
+                .as_deref()
+                .is_none_or(|id| record.object.as_ref().is_some_and(|o| o.id() == id));
+            if wanted {
+                self.pending.push_back(change_of(record));
+            }
             self.next += 1;
             read += 1;
             if read == REPLAY_CHUNK {

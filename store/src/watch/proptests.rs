@@ -7,7 +7,8 @@
 //! Checked for every case: the store's last and compacted-through versions
 //! are the model's; a watch from a compacted version is `Expired`; any
 //! other delivers every change after it in order (no gap, no duplicate),
-//! and then the next write and nothing before it. One store serves all the
+//! and then the next write and nothing before it. The same for a watch of
+//! each id (`Store::watch_id`), with that id's changes only. One store serves all the
 //! cases of a run (opening one per case would cost more than the case), so
 //! the model carries over from case to case and a failure is reported
 //! without shrinking.
@@ -154,21 +155,36 @@ async fn check(
     prop_assert_eq!(store.compacted_through(), model.compacted);
     let from = model.last.saturating_sub(back);
     let mut watch = Box::pin(store.watch(from));
+    let mut by_id: Vec<_> = IDS
+        .iter()
+        .map(|id| Box::pin(store.watch_id(from, id)))
+        .collect();
     let next = next_item;
     if from < model.compacted {
         let item: Option<Result<_, StoreError>> = next(&mut watch, from).await?;
-        let expired = matches!(
-            item,
-            Some(Err(StoreError::Expired { requested, compacted_through }))
-                if requested == from && compacted_through == model.compacted
-        );
+        let expired = |item: &Option<Result<persys_api::source::Change, StoreError>>| {
+            matches!(
+                item,
+                Some(Err(StoreError::Expired { requested, compacted_through }))
+                    if *requested == from && *compacted_through == model.compacted
+            )
+        };
         prop_assert!(
-            expired,
+            expired(&item),
             "watch from {} under {}: {:?}",
             from,
             model.compacted,
             item.map(|r| r.map(|c| c.resource_version))
         );
+        for watch in &mut by_id {
+            let item = next_item(watch, from).await?;
+            prop_assert!(
+                expired(&item),
+                "watch of one id from {} under {}",
+                from,
+                model.compacted
+            );
+        }
         return Ok(());
     }
     let expected: Vec<_> = model
@@ -189,6 +205,37 @@ async fn check(
             from
         );
     }
+    for (i, watch) in by_id.iter_mut().enumerate() {
+        let expected: Vec<_> = model
+            .log
+            .iter()
+            .filter(|(rv, _, id)| *rv > from && *id == IDS[i])
+            .copied()
+            .collect();
+        for (rv, kind, id) in expected {
+            let change = next_item(watch, from)
+                .await?
+                .ok_or_else(|| fail(format!("watch of {id} from {from} ended before {rv}")))?
+                .map_err(fail)?;
+            prop_assert_eq!(
+                (change.resource_version, change.kind, change.object.id()),
+                (rv, kind, id),
+                "watch of one id from {}",
+                from
+            );
+        }
+        // Nothing more is ready: the watch has read the whole log (a watch
+        // never polled would not have, and could find it compacted by the
+        // writes below) and follows live.
+        let more = futures::FutureExt::now_or_never(watch.next());
+        prop_assert!(
+            more.is_none(),
+            "watch of {} from {}: more than its changes: {:?}",
+            IDS[i],
+            from,
+            more.map(|item| item.map(|r| r.map(|c| c.resource_version)))
+        );
+    }
     // Then exactly the next write: nothing extra was in between.
     let image = model.objects.get("a").map_or(0, |i| (i + 1) % 3);
     step(store, model, &Op::Apply(0, image)).await?;
@@ -197,6 +244,24 @@ async fn check(
         .ok_or_else(|| fail("watch ended"))?
         .map_err(fail)?;
     prop_assert_eq!(change.resource_version, model.last, "watch from {}", from);
+    // And for each id, its own next write, with nothing of the others'
+    // (written before it) in between.
+    for (i, watch) in by_id.iter_mut().enumerate() {
+        if i > 0 {
+            let image = model.objects.get(IDS[i]).map_or(0, |v| (v + 1) % 3);
+            step(store, model, &Op::Apply(i, image)).await?;
+        }
+        let change = next_item(watch, from)
+            .await?
+            .ok_or_else(|| fail("watch of one id ended"))?
+            .map_err(fail)?;
+        prop_assert_eq!(
+            (change.resource_version, change.object.id()),
+            (model.last, IDS[i]),
+            "watch of one id from {}",
+            from
+        );
+    }
     Ok(())
 }
 
