@@ -406,7 +406,15 @@ async fn a_vm_s_boot_output_on_its_serial_console_appears_in_logs() {
         .join(format!("state/vm/{id}/console.log"));
     assert!(log.exists(), "captured under the state directory");
 
-    // A follower sees the firmware's next boot attempt (every 10 s).
+    // Truncated in place, as the agent's rotation does: qemu appends, so
+    // it carries on at the new start (no hole of zeros before it), and a
+    // follower sees the firmware's next boot attempt (every 10 s).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     let mut follower = fixture.follow(&["-f", "--tail", "0", &id]);
     let deadline = Instant::now() + Duration::from_secs(60);
     let attempts = |f: &Follower| f.seen.iter().filter(|l| l.contains("Booting")).count();
@@ -418,6 +426,12 @@ async fn a_vm_s_boot_output_on_its_serial_console_appears_in_logs() {
         );
         follower.poll(Duration::from_secs(1));
     }
+    let written = std::fs::read(&log).unwrap();
+    assert!(
+        !written.is_empty() && written[0] != 0,
+        "qemu wrote at its old offset after the truncation: {:?}",
+        String::from_utf8_lossy(&written[..written.len().min(64)])
+    );
     fixture.delete(&id).await;
     let (code, stderr) = follower.wait_exit(Duration::from_secs(60));
     assert_eq!(code, Some(0), "deleting the VM ends the stream: {stderr}");
