@@ -1,5 +1,5 @@
 //! `StreamLogs`: a workload's output through its runtime's
-//! [`WorkloadIo`](persys_controllers::io::WorkloadIo).
+//! [`WorkloadIo`].
 //!
 //! Without follow, one runtime stream and done. With follow, a
 //! `Session` outlives the runtime object: when the runtime's stream ends
