@@ -57,6 +57,17 @@ fn libvirt_available(test: &str) -> bool {
     ok
 }
 
+/// The platform's names, plus a viewer.
+const POLICY: &str = "\
+rules:
+  - match: {cn: persys-scheduler}
+    role: scheduler
+  - match: {cn: persysctl}
+    role: operator
+  - match: {cn: persys-viewer}
+    role: viewer
+";
+
 /// An agent with `env`, its certificates and a home for persysctl.
 struct Fixture {
     dir: tempfile::TempDir,
@@ -69,8 +80,11 @@ impl Fixture {
         ctl::persysctl();
         let dir = tempfile::tempdir().unwrap();
         let certs = Certs::generate(&dir.path().join("certs"));
+        let policy = dir.path().join("authz.yaml");
+        std::fs::write(&policy, POLICY).unwrap();
         let mut env = env.to_vec();
         env.push(("PERSYS_RECONCILE_INTERVAL", "10m"));
+        env.push(("PERSYS_AUTHZ_FILE", policy.to_str().unwrap()));
         let agent = AgentProcess::start(&dir.path().join("state"), &certs, &env).await;
         Fixture { dir, certs, agent }
     }
@@ -141,12 +155,29 @@ impl Fixture {
         }
     }
 
+    /// Deletes the workload and waits (up to 60 s) until it is gone with
+    /// its runtime objects, so nothing outlives the test's agent.
     async fn delete(&self, id: &str) {
-        self.api()
-            .await
-            .delete_workload(DeleteWorkloadRequest { id: id.into() })
+        let mut api = self.api().await;
+        api.delete_workload(DeleteWorkloadRequest { id: id.into() })
             .await
             .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let gone = api
+                .get_workload_status(GetWorkloadStatusRequest { id: id.into() })
+                .await
+                .is_err_and(|e| e.code() == tonic::Code::NotFound);
+            if gone {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id}: not deleted within 60 s:\n{}",
+                self.agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -180,21 +211,27 @@ async fn logs_tail_prints_exactly_the_last_lines_with_stderr_kept_apart() {
     }
     let fixture = Fixture::start(&[("PERSYS_DOCKER_ENABLED", "true")]).await;
     let id = format!("logs-tail-{}", std::process::id());
-    let script =
-        "echo 'to stderr' >&2; for i in $(seq 1 20); do echo \"line $i\"; done; exec sleep 3600";
-    fixture
-        .api()
-        .await
-        .apply_workload(container(&id, script))
-        .await
-        .unwrap();
-    fixture
-        .wait_status(&id, "running", |s| s.actual_state() == ActualState::Running)
-        .await;
+    let mixed = format!("logs-mixed-{}", std::process::id());
+    let script = "for i in $(seq 1 20); do echo \"line $i\"; done; exec sleep 3600";
+    // The engine's two copiers may order an stderr line anywhere among
+    // the stdout lines (and a tail counts both): another container.
+    let both = "echo 'to stdout'; echo 'to stderr' >&2; exec sleep 3600";
+    let mut api = fixture.api().await;
+    api.apply_workload(container(&id, script)).await.unwrap();
+    api.apply_workload(container(&mixed, both)).await.unwrap();
+    for id in [&id, &mixed] {
+        fixture
+            .wait_status(id, "running", |s| s.actual_state() == ActualState::Running)
+            .await;
+    }
     let all = fixture.logs_until(&[&id], |run| run.stdout.contains("line 20\n"));
     assert_eq!(all.code, Some(0), "{all:?}");
-    assert_eq!(all.stdout, numbered(1, 20), "stdout holds stdout only");
-    assert_eq!(all.stderr, "to stderr\n", "stderr holds stderr only");
+    assert_eq!(all.stdout, numbered(1, 20));
+    let apart = fixture.logs_until(&[&mixed], |run| {
+        run.stdout.contains("to stdout") && run.stderr.contains("to stderr")
+    });
+    assert_eq!(apart.stdout, "to stdout\n", "stdout holds stdout only");
+    assert_eq!(apart.stderr, "to stderr\n", "stderr holds stderr only");
 
     let tail = fixture.logs(&["--tail", "5", &id]);
     assert_eq!(tail.code, Some(0), "{tail:?}");
@@ -226,6 +263,29 @@ async fn logs_tail_prints_exactly_the_last_lines_with_stderr_kept_apart() {
     let (code, stderr) = follower.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{stderr}");
 
+    // A viewer may read logs (and may not delete).
+    let (cert, key) = fixture.certs.ca.leaf("persys-viewer", false);
+    let viewer_cert = fixture.dir.path().join("viewer.crt");
+    let viewer_key = fixture.dir.path().join("viewer.key");
+    std::fs::write(&viewer_cert, cert).unwrap();
+    std::fs::write(&viewer_key, key).unwrap();
+    let as_viewer = |args: &[&str]| {
+        let mut command = fixture.ctl(args);
+        command
+            .env("PERSYSCTL_CERT", &viewer_cert)
+            .env("PERSYSCTL_KEY", &viewer_key);
+        run(command)
+    };
+    let viewed = as_viewer(&["logs", "--tail", "2", &id]);
+    assert_eq!(viewed.code, Some(0), "{viewed:?}");
+    assert_eq!(viewed.stdout, numbered(19, 20));
+    let refused = as_viewer(&["delete", &id]);
+    assert_eq!(
+        refused.code,
+        Some(1),
+        "a viewer may not delete: {refused:?}"
+    );
+
     let missing = fixture.logs(&["no-such-workload"]);
     assert_eq!(missing.code, Some(1));
     assert_eq!(
@@ -233,6 +293,7 @@ async fn logs_tail_prints_exactly_the_last_lines_with_stderr_kept_apart() {
         "persysctl: workload no-such-workload not found"
     );
     fixture.delete(&id).await;
+    fixture.delete(&mixed).await;
 }
 
 fn follower_pid(follower: &Follower) -> String {
