@@ -369,6 +369,13 @@ impl Starter<'_> {
             "vm-usage-sampler".into(),
             vm.usage_sampler().run(self.shutdown.clone()),
         );
+        self.spawn(
+            "vm-console-log-rotator".into(),
+            persys_controllers::vm::rotate_console_logs(
+                self.config.state_path.clone(),
+                self.shutdown.clone(),
+            ),
+        );
         let usage = vm.usage();
         self.usage(move |id| usage.get(id));
         self.probe("vm", move |board| {

@@ -66,6 +66,7 @@ fn domain_xml(name: &str, scope: &str, domain_type: &str, disks: Vec<DiskPlan>) 
         nics: Vec::new(),
         graphics: None,
         graphics_password: None,
+        console_log: None,
         marks: Marks {
             workload_id: name.to_string(),
             scope: scope.to_string(),

@@ -343,6 +343,22 @@ impl Agent {
         }
     }
 
+    /// Opens a StreamLogs stream. Only the opening waits within the
+    /// request timeout: a followed stream runs as long as it has output.
+    pub async fn stream_logs(
+        &self,
+        request: persys_api::v1::StreamLogsRequest,
+    ) -> Result<Streaming<persys_api::v1::LogChunk>, Status> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(self.timeout, client.stream_logs(request)).await {
+            Ok(result) => result.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "logs: no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+
     /// A failed call: the agent's own answer, or what broke underneath.
     pub async fn failure(&self, status: &Status) -> CliError {
         // Statuses made by the client's transport carry their cause; the

@@ -45,7 +45,7 @@ pub mod follow;
 pub mod image;
 pub mod io;
 pub mod labels;
-mod logs;
+pub(crate) mod logs;
 mod memory;
 mod observe;
 pub(crate) mod observed;

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use persys_api::v1::{NetworkConfig, VmSpec};
 use sha2::{Digest, Sha256};
@@ -66,6 +66,9 @@ pub struct DomainPlan {
     /// The display's password, set when the host is prepared (never part
     /// of the spec, never logged).
     pub graphics_password: Option<Password>,
+    /// Where libvirt appends the serial console's output (the VM's logs):
+    /// `<state>/vm/<id>/console.log`; none: not captured.
+    pub console_log: Option<PathBuf>,
     pub marks: Marks,
 }
 
@@ -339,7 +342,14 @@ impl DomainPlan {
             writeln!(x, "      <model type='virtio'/>")?;
             writeln!(x, "    </interface>")?;
         }
-        writeln!(x, "    <serial type='pty'><target port='0'/></serial>")?;
+        match &self.console_log {
+            Some(path) => writeln!(
+                x,
+                "    <serial type='pty'><log file='{}' append='on'/><target port='0'/></serial>",
+                escape(&path.to_string_lossy())
+            )?,
+            None => writeln!(x, "    <serial type='pty'><target port='0'/></serial>")?,
+        }
         writeln!(
             x,
             "    <console type='pty'><target type='serial' port='0'/></console>"
@@ -432,6 +442,7 @@ mod tests {
             ],
             graphics: Some(Graphics::Vnc),
             graphics_password: Some(Password::new("pa'ss<1>")),
+            console_log: Some(PathBuf::from("/state/vm/it's <web>/console.log")),
             marks: Marks {
                 workload_id: "web".into(),
                 scope: "default".into(),
@@ -478,9 +489,26 @@ mod tests {
         assert_eq!(graphics.attribute("listen"), Some("127.0.0.1"));
         assert_eq!(graphics.attribute("passwd"), Some("pa'ss<1>"));
         assert!(!format!("{:?}", plan()).contains("pa'ss"), "never in Debug");
-        assert!(devices.child("serial").is_some());
+        let serial = devices.child("serial").unwrap();
+        let log = serial.child("log").expect("the console is captured");
+        assert_eq!(
+            log.attribute("file"),
+            Some("/state/vm/it's <web>/console.log")
+        );
+        assert_eq!(log.attribute("append"), Some("on"));
+        assert_eq!(serial.child("target").unwrap().attribute("port"), Some("0"));
         assert!(xml.contains("it&apos;s &lt;web&gt;.qcow2"));
         assert!(!xml.contains("<uuid>"));
+    }
+
+    #[test]
+    fn without_a_console_log_the_serial_port_is_not_captured() {
+        let mut uncaptured = plan();
+        uncaptured.console_log = None;
+        let xml = uncaptured.to_xml();
+        let domain = Element::parse(&xml).expect("well-formed XML");
+        let serial = domain.child("devices").unwrap().child("serial").unwrap();
+        assert!(serial.child("log").is_none());
     }
 
     #[test]

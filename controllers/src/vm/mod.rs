@@ -67,5 +67,6 @@ pub use io::VmIo;
 pub use marks::Marks;
 pub use ownership::check_disk_owners;
 pub use reconciler::VmController;
+pub use serial::{CONSOLE_LOG, CONSOLE_LOG_CAP, rotate_console_logs};
 pub use usage::{UsageSampler, UsageSnapshots};
 pub use validate::{SYS_CLASS_NET, check_vm_networks, validate_vm_spec};

@@ -175,6 +175,7 @@ impl VmController {
                 nics,
                 graphics,
                 graphics_password: None,
+                console_log: Some(vm_dir.join(super::serial::CONSOLE_LOG)),
                 marks: Marks {
                     workload_id: id.to_string(),
                     scope: self.config.scope.clone(),

@@ -129,8 +129,8 @@ fn plan() -> impl Strategy<Value = DomainPlan> {
         prop::collection::vec(disk(), 0..4),
         prop::collection::vec(nic(), 0..3),
         prop::option::of(prop::sample::select(vec![Graphics::Vnc, Graphics::Spice])),
-        text(),
-        marks(),
+        (text(), marks()),
+        prop::option::of(text()),
     )
         .prop_map(
             |(
@@ -142,8 +142,8 @@ fn plan() -> impl Strategy<Value = DomainPlan> {
                 disks,
                 nics,
                 graphics,
-                password,
-                marks,
+                (password, marks),
+                console_log,
             )| {
                 DomainPlan {
                     name,
@@ -155,6 +155,7 @@ fn plan() -> impl Strategy<Value = DomainPlan> {
                     nics,
                     graphics,
                     graphics_password: Some(Password::new(password)),
+                    console_log: console_log.map(PathBuf::from),
                     marks,
                 }
             },
@@ -294,6 +295,14 @@ proptest! {
             })
             .collect();
         prop_assert_eq!(sources, written);
+        // The console log's file, escaped like every other path.
+        let log = domain
+            .child("devices")
+            .and_then(|d| d.child("serial"))
+            .and_then(|s| s.child("log"))
+            .and_then(|l| l.attribute("file"))
+            .map(str::to_string);
+        prop_assert_eq!(log, plan.console_log.as_ref().map(|p| as_xml(&p.to_string_lossy())));
     }
 
     #[test]
