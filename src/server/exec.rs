@@ -1,5 +1,5 @@
 //! `Exec` and `Console`: sessions inside a workload through its runtime's
-//! [`WorkloadIo`](persys_controllers::io::WorkloadIo).
+//! [`WorkloadIo`].
 //!
 //! The first request names the session (`start`); later ones are its
 //! input. The workload comes from the informer cache, the runtime from the
