@@ -9,12 +9,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{AgentProcess, Certs};
+use futures::StreamExt;
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::workload_spec::Spec;
 use persys_api::v1::{
-    ApplyWorkloadRequest, ContainerSpec, DeleteWorkloadRequest, DescribeWorkloadRequest,
-    GetWorkloadStatusRequest, HealthCheckRequest, ListActionsRequest, ListWorkloadsRequest,
-    WatchRequest, WorkloadSpec, WorkloadType,
+    ApplyWorkloadRequest, ConsoleRequest, ConsoleStart, ContainerSpec, DeleteWorkloadRequest,
+    DescribeWorkloadRequest, ExecRequest, ExecStart, GetWorkloadStatusRequest, HealthCheckRequest,
+    ListActionsRequest, ListWorkloadsRequest, StreamLogsRequest, WatchRequest, WorkloadSpec,
+    WorkloadType, console_request, exec_request,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -652,4 +654,80 @@ async fn applies_and_deletes_record_who_asked_in_events_and_actions() {
         .expect("the delete is listed");
     assert_eq!(delete.caller, "CN=persysctl");
     assert_eq!(delete.role, "operator");
+}
+
+/// An Exec request stream: the start, then the stream stays open.
+fn exec_start(id: &str) -> impl futures::Stream<Item = ExecRequest> + Send + 'static {
+    let start = ExecRequest {
+        request: Some(exec_request::Request::Start(ExecStart {
+            id: id.into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        })),
+    };
+    futures::stream::iter([start]).chain(futures::stream::pending())
+}
+
+fn console_start(id: &str) -> impl futures::Stream<Item = ConsoleRequest> + Send + 'static {
+    let start = ConsoleRequest {
+        request: Some(console_request::Request::Start(ConsoleStart {
+            id: id.into(),
+            force: false,
+        })),
+    };
+    futures::stream::iter([start]).chain(futures::stream::pending())
+}
+
+#[tokio::test]
+async fn a_viewer_may_stream_logs_but_exec_and_console_are_the_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = Certs::generate(&dir.path().join("certs"));
+    let policy = dir.path().join("authz.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let agent = start(
+        dir.path(),
+        &certs,
+        &[("PERSYS_AUTHZ_FILE", policy.to_str().unwrap())],
+    )
+    .await;
+    let callers = Callers::new(&certs);
+    let mut viewer = client_as(&agent, &certs, &callers.viewer).await;
+
+    let logs = viewer
+        .stream_logs(StreamLogsRequest {
+            id: "absent".into(),
+            ..Default::default()
+        })
+        .await;
+    if let Err(status) = &logs {
+        assert_ne!(status.code(), Code::PermissionDenied, "{status:?}");
+    }
+
+    let refused = viewer.exec(exec_start("absent")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let message = refused.message();
+    assert!(message.contains("CN=persys-viewer"), "{message}");
+    assert!(message.contains("role viewer"), "{message}");
+    assert!(message.contains("AgentService/Exec"), "{message}");
+    assert!(message.contains("authz.yaml:7"), "{message}");
+
+    let refused = viewer.console(console_start("absent")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let message = refused.message();
+    assert!(message.contains("role viewer"), "{message}");
+    assert!(message.contains("AgentService/Console"), "{message}");
+
+    let mut scheduler = client_as(&agent, &certs, &callers.scheduler).await;
+    let refused = scheduler.exec(exec_start("absent")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let message = refused.message();
+    assert!(message.contains("CN=persys-scheduler"), "{message}");
+    assert!(message.contains("role scheduler"), "{message}");
+
+    // The operator passes the check and reaches the session's own answer.
+    let mut operator = client_as(&agent, &certs, &callers.operator).await;
+    let missing = operator.exec(exec_start("absent")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    let missing = operator.console(console_start("absent")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 }

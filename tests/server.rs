@@ -1332,7 +1332,7 @@ async fn list_actions_speaks_the_go_agent_s_vocabulary() {
         .delete_workload(DeleteWorkloadRequest { id: "w1".into() })
         .await
         .unwrap();
-    let mut actions = |action_type: &str, status: &str| {
+    let actions = |action_type: &str, status: &str| {
         let request = ListActionsRequest {
             workload_id: "w1".into(),
             action_type: action_type.into(),

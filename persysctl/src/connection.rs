@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::{
-    ApplyWorkloadRequest, ApplyWorkloadResponse, DeleteWorkloadRequest, DeleteWorkloadResponse,
-    DescribeWorkloadRequest, DescribeWorkloadResponse, GetWorkloadStatusRequest,
+    ApplyWorkloadRequest, ApplyWorkloadResponse, ConsoleRequest, ConsoleResponse,
+    DeleteWorkloadRequest, DeleteWorkloadResponse, DescribeWorkloadRequest,
+    DescribeWorkloadResponse, ExecRequest, ExecResponse, GetWorkloadStatusRequest,
     HealthCheckRequest, HealthCheckResponse, ListWorkloadsRequest, WatchEvent, WatchRequest,
     WorkloadStatus, WorkloadType,
 };
@@ -357,6 +358,25 @@ impl Agent {
                 humantime::format_duration(self.timeout)
             ))),
         }
+    }
+
+    /// Opens an Exec session: `requests` starts with its `start`. Only the
+    /// opening is bounded by the request timeout, never the session.
+    pub async fn exec(
+        &self,
+        requests: impl futures::Stream<Item = ExecRequest> + Send + 'static,
+    ) -> Result<Streaming<ExecResponse>, CliError> {
+        let mut client = self.client.clone();
+        self.call("exec", client.exec(requests)).await
+    }
+
+    /// Opens a Console session, as [`Agent::exec`].
+    pub async fn console(
+        &self,
+        requests: impl futures::Stream<Item = ConsoleRequest> + Send + 'static,
+    ) -> Result<Streaming<ConsoleResponse>, CliError> {
+        let mut client = self.client.clone();
+        self.call("console", client.console(requests)).await
     }
 
     /// A failed call: the agent's own answer, or what broke underneath.

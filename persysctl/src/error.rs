@@ -3,7 +3,8 @@
 use tonic::{Code, Status};
 
 /// Every failure ends the command with exit status 1 (usage errors are
-/// clap's, with status 2). None is retried by persysctl itself: the user
+/// clap's, with status 2), except [`CliError::RemoteExit`], whose status
+/// is the remote command's. None is retried by persysctl itself: the user
 /// fixes the cause and runs the command again.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -60,6 +61,16 @@ pub enum CliError {
         what: &'static str,
     },
 
+    /// `exec`: the remote command ended with this nonzero status, which
+    /// becomes persysctl's own (nothing is printed).
+    #[error("the command exited with status {0}")]
+    RemoteExit(i32),
+
+    /// An exec or console session cut short: a signal, or the agent
+    /// ending the stream without an exit status.
+    #[error("{0}")]
+    SessionEnded(String),
+
     /// Writing to standard output failed.
     #[error("writing output: {0}")]
     Output(std::io::Error),
@@ -98,6 +109,15 @@ impl CliError {
                 ..
             }
         )
+    }
+}
+
+/// The exit status persysctl ends with for `error`: the remote command's
+/// for `exec` (1 when it does not fit one), 1 for its own failures.
+pub fn exit_status(error: &CliError) -> u8 {
+    match error {
+        CliError::RemoteExit(code) => u8::try_from(*code).ok().filter(|c| *c != 0).unwrap_or(1),
+        _ => 1,
     }
 }
 
@@ -147,6 +167,10 @@ mod tests {
         let missing = CliError::from_agent(&Status::not_found("workload web not found"));
         assert_eq!(missing.to_string(), "workload web not found");
         assert!(missing.is_not_found());
+        assert_eq!(exit_status(&CliError::RemoteExit(3)), 3);
+        assert_eq!(exit_status(&CliError::RemoteExit(300)), 1);
+        assert_eq!(exit_status(&CliError::RemoteExit(-1)), 1);
+        assert_eq!(exit_status(&missing), 1);
         let old = CliError::from_agent(&Status::unimplemented(""));
         assert_eq!(old.to_string(), "not supported by this agent");
     }

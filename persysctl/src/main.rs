@@ -11,8 +11,11 @@
 //! - One file per command: `apply`, `get`, `describe`, `delete`, `watch`,
 //!   `logs`, `exec`, `console`, `health` (with `version`).
 //!
+//! - `raw`: the local terminal in raw mode for `exec -t` and `console`.
+//!
 //! Exit status: 0 on success, 1 on any failure (one line on standard error,
-//! prefixed "persysctl: "), 2 on a usage error.
+//! prefixed "persysctl: "), 2 on a usage error; `exec` ends with the remote
+//! command's status.
 
 mod apply;
 mod cli;
@@ -27,6 +30,7 @@ mod health;
 mod logs;
 mod manifest;
 mod output;
+mod raw;
 mod terminal;
 mod watch;
 mod watcher;
@@ -54,6 +58,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) | Err(CliError::BrokenPipe) => ExitCode::SUCCESS,
+        // The remote command has said what it had to on its own streams.
+        Err(error @ CliError::RemoteExit(_)) => ExitCode::from(error::exit_status(&error)),
         Err(error) => {
             let text = error.to_string();
             let line: Vec<&str> = text
@@ -62,7 +68,7 @@ fn main() -> ExitCode {
                 .filter(|l| !l.is_empty())
                 .collect();
             eprintln!("persysctl: {}", terminal::line(&line.join("; ")));
-            ExitCode::FAILURE
+            ExitCode::from(error::exit_status(&error))
         }
     }
 }

@@ -67,6 +67,9 @@ const VIEWER_RPCS: &[&str] = &[
     "StreamLogs",
 ];
 
+/// The operator's session RPCs, named in metrics like the others.
+const STREAM_RPCS: &[&str] = &["StreamLogs", "Exec", "Console"];
+
 /// A fixed set of RPCs a caller may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -161,7 +164,12 @@ impl Rpc {
     /// A bounded metric label: known methods by name, anything else `unknown`.
     fn label(&self) -> &str {
         match self {
-            Rpc::Agent(name) if SCHEDULER_RPCS.contains(&name.as_str()) => name,
+            Rpc::Agent(name)
+                if SCHEDULER_RPCS.contains(&name.as_str())
+                    || STREAM_RPCS.contains(&name.as_str()) =>
+            {
+                name
+            }
             Rpc::Health => "Health",
             Rpc::Reflection => "Reflection",
             _ => "unknown",

@@ -40,7 +40,7 @@ pub mod credentials;
 pub mod engine;
 pub mod errors;
 pub mod events;
-mod exec;
+pub(crate) mod exec;
 pub mod follow;
 pub mod image;
 pub mod io;
