@@ -44,13 +44,26 @@ pub struct RegistryAuthFile {
 }
 
 /// The credentials found for one registry, and where they came from.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Found {
     /// None: pull anonymously.
     pub credentials: Option<DockerCredentials>,
     /// Where they came from (or where none were found), for a message:
     /// the file and the entry or helper, never a secret.
     pub source: String,
+}
+
+/// Never the secret, whoever prints it.
+impl std::fmt::Debug for Found {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Found")
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<redacted>"),
+            )
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
