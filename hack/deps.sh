@@ -8,6 +8,8 @@ packages=(
   libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   qemu-system-x86 qemu-utils genisoimage protobuf-compiler pkg-config
   iproute2 procps openssl
+  # tests/registry.rs: a private registry (distribution 2.8) with htpasswd auth.
+  docker-registry apache2-utils
 )
 
 missing=()

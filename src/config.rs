@@ -1,12 +1,14 @@
 //! Configuration: every setting is an environment variable (the original
 //! agent's names) and a flag of the same meaning.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use persys_controllers::docker::credentials::RegistryAuthFile;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -144,6 +146,13 @@ pub struct Config {
     /// workload fails with IMAGE_PULL_FAILED (retried with the pull back-off).
     #[arg(long, env = "PERSYS_PULL_TIMEOUT", default_value = "10m", value_parser = parse_deadline)]
     pub pull_timeout: Duration,
+
+    /// Registry credentials for image pulls: a Docker `config.json`
+    /// (`auths`, `credsStore`, `credHelpers`), read at each pull. Default:
+    /// `$DOCKER_CONFIG/config.json`, else /root/.docker/config.json, when
+    /// present. A file named here must be readable at every pull.
+    #[arg(long, env = "PERSYS_REGISTRY_AUTH_FILE")]
+    pub registry_auth_file: Option<PathBuf>,
 
     /// Run Docker Compose projects.
     #[arg(long, env = "PERSYS_COMPOSE_ENABLED", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
@@ -470,6 +479,15 @@ impl Config {
             .unwrap_or_else(|| crate::store::seal::default_key_file(&self.state_path))
     }
 
+    /// The Docker `config.json` pulls take credentials from: the one
+    /// named, else the default location, which may be absent.
+    pub fn registry_auth(&self) -> RegistryAuthFile {
+        registry_auth(
+            self.registry_auth_file.as_deref(),
+            std::env::var_os("DOCKER_CONFIG"),
+        )
+    }
+
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(hostname)
     }
@@ -486,6 +504,29 @@ impl Config {
         self.reported_version
             .clone()
             .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+    }
+}
+
+/// Where the Docker CLI keeps root's `config.json` without `DOCKER_CONFIG`.
+pub const DEFAULT_REGISTRY_AUTH_FILE: &str = "/root/.docker/config.json";
+
+/// The registry auth file: `named` (required), else
+/// `$DOCKER_CONFIG/config.json`, else [`DEFAULT_REGISTRY_AUTH_FILE`] (both
+/// optional).
+fn registry_auth(named: Option<&Path>, docker_config: Option<OsString>) -> RegistryAuthFile {
+    match (named, docker_config.filter(|d| !d.is_empty())) {
+        (Some(path), _) => RegistryAuthFile {
+            path: path.to_path_buf(),
+            required: true,
+        },
+        (None, Some(dir)) => RegistryAuthFile {
+            path: PathBuf::from(dir).join("config.json"),
+            required: false,
+        },
+        (None, None) => RegistryAuthFile {
+            path: PathBuf::from(DEFAULT_REGISTRY_AUTH_FILE),
+            required: false,
+        },
     }
 }
 
@@ -559,6 +600,35 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn registry_credentials_come_from_the_named_file_else_where_docker_keeps_them() {
+        let config = Config::try_parse_from_iter([
+            "persys-agent",
+            "--registry-auth-file",
+            "/etc/persys/registry/config.json",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.registry_auth_file,
+            Some(PathBuf::from("/etc/persys/registry/config.json"))
+        );
+        let named = registry_auth(config.registry_auth_file.as_deref(), Some("/d".into()));
+        assert_eq!(
+            named,
+            RegistryAuthFile {
+                path: "/etc/persys/registry/config.json".into(),
+                required: true
+            }
+        );
+        let from_env = registry_auth(None, Some("/srv/docker".into()));
+        assert_eq!(from_env.path, PathBuf::from("/srv/docker/config.json"));
+        assert!(!from_env.required, "the default file may be absent");
+        let fallback = registry_auth(None, Some("".into()));
+        assert_eq!(fallback.path, PathBuf::from(DEFAULT_REGISTRY_AUTH_FILE));
+        assert!(!fallback.required);
+        assert_eq!(registry_auth(None, None), fallback);
     }
 
     #[test]

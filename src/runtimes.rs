@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -200,8 +201,22 @@ pub fn docker_config(config: &Config, policy: &NodePolicy) -> DockerConfig {
         host: Some(config.docker_host.clone()),
         host_paths: crate::policy::host_path_policy(config, policy),
         pull_timeout: config.pull_timeout,
+        registry_auth: Some(config.registry_auth()),
         ..DockerConfig::default()
     }
+}
+
+/// `DOCKER_CONFIG` for compose: the directory of the registry auth file
+/// named by `PERSYS_REGISTRY_AUTH_FILE`, when it is named `config.json`
+/// (the only name compose reads). None otherwise: compose then reads the
+/// agent's own `DOCKER_CONFIG` or `$HOME/.docker`, which is where the
+/// default file is looked for anyway.
+pub fn compose_docker_config(config: &Config) -> Option<PathBuf> {
+    let named = config.registry_auth_file.as_deref()?;
+    if named.file_name()? != "config.json" {
+        return None;
+    }
+    named.parent().map(Path::to_path_buf)
 }
 
 /// The VM controller's settings from the agent's configuration.
@@ -300,6 +315,12 @@ impl Starter<'_> {
     }
 
     fn docker(&mut self) {
+        let auth = self.config.registry_auth();
+        tracing::info!(
+            file = %auth.path.display(),
+            named = auth.required,
+            "registry credentials for pulls come from this Docker config file"
+        );
         let docker = Arc::new(DockerController::new(
             docker_config(self.config, self.policy),
             Arc::new(self.store.clone()),
@@ -326,12 +347,21 @@ impl Starter<'_> {
     }
 
     fn compose(&mut self) {
+        if let Some(named) = &self.config.registry_auth_file
+            && compose_docker_config(self.config).is_none()
+        {
+            tracing::warn!(
+                file = %named.display(),
+                "compose pulls do not use PERSYS_REGISTRY_AUTH_FILE: compose reads only a file named config.json"
+            );
+        }
         let compose_config = ComposeConfig {
             host: Some(self.config.docker_host.clone()),
             binary: self.config.compose_binary.clone(),
             command_timeout: self.config.compose_timeout,
             // The same host-path rule as containers.
             host_paths: crate::policy::host_path_policy(self.config, self.policy),
+            docker_config: compose_docker_config(self.config),
             ..ComposeConfig::new(&self.config.state_path)
         };
         let compose = Arc::new(ComposeController::new(
@@ -456,6 +486,27 @@ mod tests {
     }
 
     #[test]
+    fn pulls_and_compose_take_credentials_from_the_named_auth_file() {
+        let named = |path: &str| {
+            Config::try_parse_from_iter(["persys-agent", "--registry-auth-file", path]).unwrap()
+        };
+        let config = named("/etc/persys/registry/config.json");
+        let auth = docker_config(&config, &NodePolicy::default())
+            .registry_auth
+            .unwrap();
+        assert_eq!(auth.path, PathBuf::from("/etc/persys/registry/config.json"));
+        assert!(auth.required);
+        assert_eq!(
+            compose_docker_config(&config),
+            Some(PathBuf::from("/etc/persys/registry"))
+        );
+        // Compose reads only a file named config.json.
+        assert_eq!(compose_docker_config(&named("/etc/persys/pull.json")), None);
+        let unnamed = Config::try_parse_from_iter(["persys-agent"]).unwrap();
+        assert_eq!(compose_docker_config(&unnamed), None);
+    }
+
+    #[test]
     fn the_docker_controller_gets_the_pull_deadline_and_the_agents_forbidden_paths() {
         let config = Config::try_parse_from_iter([
             "persys-agent",
@@ -467,6 +518,8 @@ mod tests {
         .unwrap();
         let docker = docker_config(&config, &NodePolicy::default());
         assert_eq!(docker.pull_timeout, Duration::from_secs(90));
+        let auth = docker.registry_auth.unwrap();
+        assert!(!auth.required, "the default auth file may be absent");
         let socket = docker
             .host_paths
             .check("/srv/engine/docker.sock")

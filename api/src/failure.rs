@@ -20,9 +20,16 @@ use crate::control::v1::FailureReason as ControlReason;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureReason {
-    /// The registry could not be reached, refused the credentials, or the
-    /// pull broke off. Retried with back-off.
+    /// The registry could not be reached, or the pull broke off. Retried
+    /// with back-off.
     ImagePullFailed,
+    /// The registry refused the pull: no credentials, wrong ones, or no
+    /// access to the repository. Reported under the same code as
+    /// [`FailureReason::ImagePullFailed`] (the scheduler's vocabulary has
+    /// no other), but terminal: pulling again with the same credentials
+    /// only hammers the registry, so nothing is pulled until the spec
+    /// changes.
+    ImagePullUnauthorized,
     /// The image does not exist (in the registry, or locally under the
     /// `Never` pull policy). Retried with back-off: a tag can be pushed later.
     ImageNotFound,
@@ -59,8 +66,9 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 12] = [
+    pub const ALL: [FailureReason; 13] = [
         FailureReason::ImagePullFailed,
+        FailureReason::ImagePullUnauthorized,
         FailureReason::ImageNotFound,
         FailureReason::InvalidSpec,
         FailureReason::PortBindConflict,
@@ -77,7 +85,9 @@ impl FailureReason {
     /// The agent's code, in `status.failure_reason`.
     pub fn code(self) -> &'static str {
         match self {
-            FailureReason::ImagePullFailed => "IMAGE_PULL_FAILED",
+            FailureReason::ImagePullFailed | FailureReason::ImagePullUnauthorized => {
+                "IMAGE_PULL_FAILED"
+            }
             FailureReason::ImageNotFound => "IMAGE_NOT_FOUND",
             FailureReason::InvalidSpec => "INVALID_SPEC",
             FailureReason::PortBindConflict => "PORT_BIND_CONFLICT",
@@ -96,6 +106,9 @@ impl FailureReason {
     /// scheduler's names for the same failures (`INVALID_SPECIFICATION`,
     /// `INVALID_CONFIGURATION`, `INVALID_IMAGE`), so a status written in
     /// either vocabulary reads back. `None` for an empty or unknown code.
+    /// `IMAGE_PULL_FAILED` reads back as [`FailureReason::ImagePullFailed`]:
+    /// whether a refused pull was terminal is `status.retry_terminal`'s to
+    /// say.
     pub fn from_code(code: &str) -> Option<FailureReason> {
         match code {
             "INVALID_SPECIFICATION" | "INVALID_CONFIGURATION" => Some(FailureReason::InvalidSpec),
@@ -122,7 +135,9 @@ impl FailureReason {
     /// a policy violation is a spec the node will not run as it stands.
     pub fn control(self) -> ControlReason {
         match self {
-            FailureReason::ImagePullFailed => ControlReason::ImagePullFailed,
+            FailureReason::ImagePullFailed | FailureReason::ImagePullUnauthorized => {
+                ControlReason::ImagePullFailed
+            }
             FailureReason::ImageNotFound => ControlReason::ImageNotFound,
             FailureReason::InvalidSpec | FailureReason::PolicyViolation => {
                 ControlReason::InvalidSpec
@@ -154,7 +169,9 @@ impl FailureReason {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            FailureReason::InvalidSpec | FailureReason::ContainerExited
+            FailureReason::InvalidSpec
+                | FailureReason::ContainerExited
+                | FailureReason::ImagePullUnauthorized
         )
     }
 
@@ -163,6 +180,7 @@ impl FailureReason {
     pub fn condition_reason(self) -> &'static str {
         match self {
             FailureReason::ImagePullFailed | FailureReason::ImageNotFound => "ImagePullBackOff",
+            FailureReason::ImagePullUnauthorized => "ImagePullUnauthorized",
             FailureReason::InvalidSpec => "InvalidSpec",
             FailureReason::PortBindConflict => "PortBindConflict",
             FailureReason::InsufficientResources => "InsufficientResources",
@@ -190,10 +208,15 @@ mod tests {
     #[test]
     fn every_code_reads_back_as_its_reason_and_the_schedulers_names_too() {
         for reason in FailureReason::ALL {
-            assert_eq!(FailureReason::from_code(reason.code()), Some(reason));
+            // A refused pull shares its code with every failed pull.
+            let read_back = match reason {
+                FailureReason::ImagePullUnauthorized => FailureReason::ImagePullFailed,
+                other => other,
+            };
+            assert_eq!(FailureReason::from_code(reason.code()), Some(read_back));
             assert_eq!(
                 FailureReason::from_code(reason.scheduler_code()),
-                Some(reason)
+                Some(read_back)
             );
         }
         assert_eq!(
@@ -240,6 +263,7 @@ mod tests {
         use FailureReason as F;
         for (reason, expected) in [
             (F::ImagePullFailed, C::ImagePullFailed),
+            (F::ImagePullUnauthorized, C::ImagePullFailed),
             (F::ImageNotFound, C::ImageNotFound),
             (F::InvalidSpec, C::InvalidSpec),
             (F::PortBindConflict, C::NetworkError),
@@ -267,17 +291,29 @@ mod tests {
     }
 
     #[test]
-    fn only_a_bad_spec_and_an_exited_container_are_terminal() {
+    fn only_a_bad_spec_an_exited_container_and_a_refused_pull_are_terminal() {
         for reason in FailureReason::ALL {
             assert_eq!(
                 reason.is_terminal(),
                 matches!(
                     reason,
-                    FailureReason::InvalidSpec | FailureReason::ContainerExited
+                    FailureReason::InvalidSpec
+                        | FailureReason::ContainerExited
+                        | FailureReason::ImagePullUnauthorized
                 ),
                 "{reason:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_refused_pull_tells_the_scheduler_image_pull_failed_and_is_not_retried() {
+        let reason = FailureReason::ImagePullUnauthorized;
+        assert_eq!(reason.code(), "IMAGE_PULL_FAILED");
+        assert_eq!(reason.scheduler_code(), "IMAGE_PULL_FAILED");
+        assert_eq!(reason.control(), ControlReason::ImagePullFailed);
+        assert!(reason.is_terminal());
+        assert!(!FailureReason::ImagePullFailed.is_terminal());
     }
 
     #[test]

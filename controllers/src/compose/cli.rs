@@ -120,6 +120,14 @@ impl ComposeEnvironment {
         ComposeEnvironment { vars }
     }
 
+    /// Compose reads registry credentials (and finds its CLI plugins) in
+    /// `dir` instead of where the agent's environment says.
+    pub fn with_docker_config(mut self, dir: &std::path::Path) -> ComposeEnvironment {
+        self.vars
+            .insert("DOCKER_CONFIG".into(), dir.display().to_string());
+        self
+    }
+
     /// The whole environment of a compose command on `project` (none: a
     /// command on no project, such as `version`).
     pub fn for_command(&self, project: Option<&str>) -> Vec<(String, String)> {
@@ -290,6 +298,20 @@ mod tests {
                 ("PATH".to_string(), DEFAULT_PATH.to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn compose_reads_the_registry_credentials_the_agent_pulls_with() {
+        let mut env = agent_env();
+        env.push(("DOCKER_CONFIG".into(), "/root/.docker".into()));
+        let environment = ComposeEnvironment::new(env, "unix:///run/d.sock")
+            .with_docker_config(std::path::Path::new("/etc/persys/registry"));
+        let vars: BTreeMap<_, _> = environment.for_command(Some("shop")).into_iter().collect();
+        assert_eq!(vars["DOCKER_CONFIG"], "/etc/persys/registry");
+        // A spec's `.env` cannot point compose elsewhere.
+        let spec_env = BTreeMap::from([("DOCKER_CONFIG".to_string(), "/tmp/evil".to_string())]);
+        let interpolated = environment.interpolation(&spec_env, "shop");
+        assert_eq!(interpolated["DOCKER_CONFIG"], "/etc/persys/registry");
     }
 
     #[test]

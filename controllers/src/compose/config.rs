@@ -45,6 +45,11 @@ pub struct ComposeConfig {
     pub failure_backoff: Backoff,
     /// Reconnect back-off of the `/events` stream after the engine went away.
     pub events_backoff: Backoff,
+    /// `DOCKER_CONFIG` of every compose process: the directory of the
+    /// `config.json` container pulls take credentials from, so compose
+    /// pulls with the same ones. None: the agent's own `DOCKER_CONFIG`, or
+    /// `$HOME/.docker`.
+    pub docker_config: Option<PathBuf>,
 }
 
 impl ComposeConfig {
@@ -74,6 +79,7 @@ impl ComposeConfig {
                 cap: Duration::from_secs(5),
                 jitter: 0.2,
             },
+            docker_config: None,
         }
     }
 }

@@ -47,8 +47,12 @@ impl ComposeRuntime {
     /// Contacts neither the engine nor the CLI: both are found on first use.
     pub(crate) fn new(config: &ComposeConfig) -> Self {
         let engine = Engine::new(config.host.clone());
+        let mut environment = ComposeEnvironment::new(std::env::vars(), engine.host());
+        if let Some(dir) = &config.docker_config {
+            environment = environment.with_docker_config(dir);
+        }
         ComposeRuntime {
-            environment: ComposeEnvironment::new(std::env::vars(), engine.host()),
+            environment,
             engine,
             runner: CommandRunner::new(config.max_concurrent_commands, config.command_timeout),
             configured: config.binary.clone(),

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::binds::recorded_sources;
 use super::config::DockerConfig;
-use super::credentials::credentials_for;
+use super::credentials::{Found, credentials_for};
 use super::errors::{DockerError, FailureReason};
 use super::image::ImageReference;
 use super::labels::{self, Marks};
@@ -391,21 +391,30 @@ impl Act<'_> {
             Ok(reference) => reference,
             Err(message) => return Ok(Err((FailureReason::InvalidSpec, message))),
         };
-        let credentials = match &self.config.registry_auth_file {
-            Some(path) => match credentials_for(path, reference.registry()).await {
-                Ok(credentials) => credentials,
+        let found = match &self.config.registry_auth {
+            Some(file) => match credentials_for(file, reference.registry()).await {
+                Ok(found) => found,
                 Err(message) => {
-                    let detail = format!("registry credentials: {message}");
+                    let detail = format!("pulling image {image}: registry credentials: {message}");
+                    self.event(EventType::Warning, "Failed", detail.clone())
+                        .await;
                     return Ok(Err((FailureReason::ImagePullFailed, detail)));
                 }
             },
-            None => None,
+            None => Found {
+                credentials: None,
+                source: "no credentials (no registry auth file)".to_string(),
+            },
         };
         let message = format!("pulling image {image}");
         self.event(EventType::Normal, "Pulling", message).await;
         let started = Instant::now();
         let deadline = self.config.pull_timeout;
-        match self.runtime.pull(&reference, credentials, deadline).await {
+        match self
+            .runtime
+            .pull(&reference, found.credentials, deadline)
+            .await
+        {
             Ok(()) => {
                 let took = started.elapsed().as_secs_f64();
                 let message = format!("pulled image {image} in {took:.1}s");
@@ -414,11 +423,25 @@ impl Act<'_> {
             }
             Err(error @ DockerError::Unreachable { .. }) => Err(error),
             Err(error) => {
-                let detail = format!("pulling image {image}: {}", error.detail());
+                let reason = error.reason();
+                let detail = if reason == FailureReason::ImagePullUnauthorized {
+                    // Said in so many words whatever the registry's own
+                    // are ("no basic auth credentials"), with where the
+                    // credentials came from: not retried until the spec
+                    // changes.
+                    format!(
+                        "pulling image {image}: unauthorized: registry {} refused the pull with {}; not retried until the spec changes: {}",
+                        reference.registry(),
+                        found.source,
+                        error.detail()
+                    )
+                } else {
+                    format!("pulling image {image}: {}", error.detail())
+                };
                 tracing::warn!(%error, "pull failed");
                 self.event(EventType::Warning, "Failed", detail.clone())
                     .await;
-                Ok(Err((error.reason(), detail)))
+                Ok(Err((reason, detail)))
             }
         }
     }

@@ -1,8 +1,8 @@
 //! How the Docker controller is set up.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use super::credentials::RegistryAuthFile;
 use super::validate::HostPathPolicy;
 use crate::backoff::Backoff;
 use crate::crash_loop::CrashLoopPolicy;
@@ -38,9 +38,9 @@ pub struct DockerConfig {
     /// workload fails with IMAGE_PULL_FAILED, so a registry that never
     /// answers cannot hold a controller slot (`PERSYS_PULL_TIMEOUT`).
     pub pull_timeout: Duration,
-    /// A docker `config.json` with registry credentials (`auths`); none:
-    /// anonymous pulls.
-    pub registry_auth_file: Option<PathBuf>,
+    /// A Docker `config.json` pulls take registry credentials from
+    /// (`credHelpers`, `credsStore`, `auths`); none: anonymous pulls.
+    pub registry_auth: Option<RegistryAuthFile>,
     /// Which host paths containers may bind-mount.
     pub host_paths: HostPathPolicy,
     /// Log lines put into `last_error` when a container fails.
@@ -67,7 +67,7 @@ impl Default for DockerConfig {
                 jitter: 0.0,
             },
             pull_timeout: DEFAULT_PULL_TIMEOUT,
-            registry_auth_file: None,
+            registry_auth: None,
             host_paths: HostPathPolicy::default(),
             log_tail_lines: 20,
             events_backoff: Backoff {

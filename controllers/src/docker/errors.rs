@@ -80,6 +80,9 @@ pub fn classify(operation: Operation, error: &EngineError) -> FailureReason {
             status_code,
             message,
         } => match (operation, *status_code) {
+            (Operation::Pull, _) if is_unauthorized(message) => {
+                FailureReason::ImagePullUnauthorized
+            }
             (Operation::Pull, 404) => FailureReason::ImageNotFound,
             (Operation::Pull, _) => FailureReason::ImagePullFailed,
             (Operation::InspectImage | Operation::Create, 404) => FailureReason::ImageNotFound,
@@ -90,11 +93,32 @@ pub fn classify(operation: Operation, error: &EngineError) -> FailureReason {
             (_, 500) if is_resource_exhaustion(message) => FailureReason::InsufficientResources,
             _ => FailureReason::RuntimeError,
         },
-        EngineError::DockerStreamError { .. } if operation == Operation::Pull => {
-            FailureReason::ImagePullFailed
+        EngineError::DockerStreamError { error } if operation == Operation::Pull => {
+            if is_unauthorized(error) {
+                FailureReason::ImagePullUnauthorized
+            } else {
+                FailureReason::ImagePullFailed
+            }
         }
         _ => FailureReason::RuntimeError,
     }
+}
+
+/// True when the registry refused the pull for want of (valid)
+/// credentials, as the engine words it: `unauthorized: authentication
+/// required`, `no basic auth credentials`, `denied: requested access to the
+/// resource is denied` (also what Docker Hub answers for a repository that
+/// does not exist, which no retry makes appear either).
+pub fn is_unauthorized(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "unauthorized",
+        "authentication required",
+        "no basic auth credentials",
+        "denied: requested access",
+    ]
+    .iter()
+    .any(|words| message.contains(words))
 }
 
 fn is_port_conflict(message: &str) -> bool {
@@ -298,6 +322,29 @@ mod tests {
                 EngineError::DockerStreamError {
                     error: "unauthorized".into(),
                 },
+                FailureReason::ImagePullUnauthorized,
+            ),
+            (
+                Operation::Pull,
+                server(
+                    500,
+                    "Head \"https://127.0.0.1:5000/v2/private/app/manifests/1\": no basic auth credentials",
+                ),
+                FailureReason::ImagePullUnauthorized,
+            ),
+            (
+                Operation::Pull,
+                server(
+                    404,
+                    "pull access denied for private/app, repository does not exist or may require 'docker login': denied: requested access to the resource is denied",
+                ),
+                FailureReason::ImagePullUnauthorized,
+            ),
+            (
+                Operation::Pull,
+                EngineError::DockerStreamError {
+                    error: "unexpected EOF".into(),
+                },
                 FailureReason::ImagePullFailed,
             ),
             (
@@ -379,6 +426,7 @@ mod tests {
         assert!(FailureReason::ContainerExited.is_terminal());
         assert!(!FailureReason::PortBindConflict.is_terminal());
         assert!(!FailureReason::ImagePullFailed.is_terminal());
+        assert!(FailureReason::ImagePullUnauthorized.is_terminal());
         assert_eq!(
             FailureReason::InvalidSpec.scheduler_code(),
             "INVALID_SPECIFICATION"

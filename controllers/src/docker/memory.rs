@@ -60,7 +60,9 @@ impl Memory {
     }
 
     /// A pull of `image` failed (or its policy forbids it): the next waits
-    /// the pull back-off, and the failure is reported meanwhile.
+    /// the pull back-off, and the failure is reported meanwhile. A terminal
+    /// failure (the registry refused the credentials) holds every pull and
+    /// start until a new spec.
     pub(crate) fn pull_failed(
         &mut self,
         image: &str,
@@ -69,6 +71,11 @@ impl Memory {
         (now, now_ms): (Instant, i64),
     ) -> Failed {
         self.pulling(image);
+        if reason.is_terminal() {
+            self.terminal = Some((reason, detail.clone()));
+            self.last_failure = Some((reason, detail.clone()));
+            return Failed::until_changed(reason, detail);
+        }
         self.pull.counted(now, now_ms);
         self.last_failure = Some((reason, detail.clone()));
         let (retry_in, due_ms) = match self.pull.gate(backoff, Duration::MAX, now) {
@@ -126,5 +133,38 @@ mod tests {
         assert_eq!(memory.crash.restarts(), 0, "a new spec counts from zero");
         assert_eq!(memory.terminal, None, "and may run again");
         assert_eq!(memory.pull_image, "", "and pulls afresh");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_pull_holds_every_later_pull_until_a_new_spec() {
+        let backoff = Backoff {
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(300),
+            jitter: 0.0,
+        };
+        let mut memory = Memory::default();
+        memory.renew("h1", 0);
+        let refused = (
+            FailureReason::ImagePullUnauthorized,
+            "unauthorized: authentication required".to_string(),
+        );
+        let failed = memory.pull_failed("r:5000/app:1", refused, &backoff, (Instant::now(), 0));
+        assert_eq!((failed.retry_in, failed.due_ms), (None, None));
+        assert_eq!(
+            memory.terminal.as_ref().map(|t| t.0),
+            Some(FailureReason::ImagePullUnauthorized)
+        );
+        // An unreachable registry, by contrast, is retried on the back-off.
+        let mut other = Memory::default();
+        let failed = other.pull_failed(
+            "r:5000/app:1",
+            (FailureReason::ImagePullFailed, "no such host".into()),
+            &backoff,
+            (Instant::now(), 0),
+        );
+        assert_eq!(failed.retry_in, Some(backoff.base));
+        assert_eq!(other.terminal, None);
+        memory.renew("h2", 0);
+        assert_eq!(memory.terminal, None, "a new spec pulls again");
     }
 }
