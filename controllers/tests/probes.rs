@@ -38,9 +38,8 @@ fn running_with_ready(w: &Workload, ready: bool, reason: Option<&str>) -> bool {
     let want = if ready { "True" } else { "False" };
     s.actual_state() == ActualState::Running
         && s.observed_generation == w.generation()
-        && s.condition(CONDITION_READY).is_some_and(|c| {
-            c.status == want && reason.is_none_or(|r| c.reason == r)
-        })
+        && s.condition(CONDITION_READY)
+            .is_some_and(|c| c.status == want && reason.is_none_or(|r| c.reason == r))
 }
 
 fn exec_probe(script: &str) -> Probe {
@@ -113,7 +112,9 @@ async fn a_readiness_probe_on_a_file_keeps_ready_false_until_the_file_is_created
 
     exec_in(&bed, &s.runtime_ref, ": > /tmp/ready").await;
     let ready = agent
-        .wait_for(&id, CONVERGE, "ready", |w| running_with_ready(w, true, None))
+        .wait_for(&id, CONVERGE, "ready", |w| {
+            running_with_ready(w, true, None)
+        })
         .await;
     let s = status(&ready);
     assert_eq!(s.facts["ready"], "true");
@@ -156,9 +157,7 @@ async fn a_liveness_probe_that_starts_failing_restarts_the_container_with_an_unh
                 && s.facts.get("container.started_at") != Some(&started)
         })
         .await;
-    let unhealthy = agent
-        .event(&id, "Unhealthy")
-        .expect("an Unhealthy event");
+    let unhealthy = agent.event(&id, "Unhealthy").expect("an Unhealthy event");
     assert_eq!(unhealthy.r#type(), persys_api::v1::EventType::Warning);
     assert!(
         unhealthy.message.contains("Liveness probe failed"),
@@ -350,6 +349,10 @@ async fn without_a_readiness_probe_the_images_healthcheck_decides_readiness() {
         })
         .await;
     assert_eq!(status(&healthy).facts["ready"], "true");
-    assert_eq!(status(&healthy).restart_count, 0, "HEALTHCHECK never restarts");
+    assert_eq!(
+        status(&healthy).restart_count,
+        0,
+        "HEALTHCHECK never restarts"
+    );
     agent.stop().await;
 }

@@ -244,7 +244,9 @@ impl DockerController {
             Some(workload_spec::Spec::Container(spec)) => Some(spec),
             _ => None,
         };
-        let instance = container.zip(spec).and_then(|(c, spec)| instance_of(c, spec));
+        let instance = container
+            .zip(spec)
+            .and_then(|(c, spec)| instance_of(c, spec));
         let health = match &instance {
             Some(instance) => {
                 self.prober.watch(

@@ -11,8 +11,8 @@ use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
 use crate::kit::Failed;
-use crate::kit::status::{READY_FACT, Readiness};
 pub(crate) use crate::kit::status::{MAX_LAST_ERROR, keep_end};
+use crate::kit::status::{READY_FACT, Readiness};
 use crate::kit::status::{StatusBuilder, keep_start};
 
 /// Docker's "never" timestamp.

@@ -96,7 +96,12 @@ impl StatusBuilder {
     /// image's HEALTHCHECK) does not pass. `reason` says which
     /// (`ReadinessProbeFailed`), `why` gives the probe's output. Not
     /// degraded: the runtime did its part, the workload is not serving.
-    pub(crate) fn running_unready(mut self, message: &str, reason: &str, why: &str) -> ObjectStatus {
+    pub(crate) fn running_unready(
+        mut self,
+        message: &str,
+        reason: &str,
+        why: &str,
+    ) -> ObjectStatus {
         self.settle(ActualState::Running, message);
         self.conditions((false, reason, why), (false, "Running"), (false, ""));
         self.status

@@ -242,12 +242,7 @@ impl Prober {
     /// What the probes say of `container_id` of `workload` since the start
     /// `started_at`. A probe registered for that start but not yet run
     /// answers a verdict without a result.
-    pub fn health(
-        &self,
-        workload: &str,
-        container_id: &str,
-        started_at: &str,
-    ) -> InstanceHealth {
+    pub fn health(&self, workload: &str, container_id: &str, started_at: &str) -> InstanceHealth {
         let registered = lock(&self.shared.registered);
         let verdicts = read(&self.shared.verdicts);
         let of = |kind: ProbeKind| -> Option<Verdict> {

@@ -203,7 +203,10 @@ pub fn validate_probe(field: &str, liveness: bool, probe: &Probe) -> Result<(), 
     if let Some(http) = &probe.http_get {
         port(&at("http_get.port"), http.port)?;
         no_host(&at("http_get.host"), &http.host)?;
-        if !matches!(http.scheme.as_str(), "" | "HTTP" | "HTTPS" | "http" | "https") {
+        if !matches!(
+            http.scheme.as_str(),
+            "" | "HTTP" | "HTTPS" | "http" | "https"
+        ) {
             return Err(SpecError::new(
                 at("http_get.scheme"),
                 format!("{:?} is not HTTP or HTTPS", http.scheme),
@@ -303,9 +306,7 @@ fn no_host(field: &str, host: &str) -> Result<(), SpecError> {
     } else {
         Err(SpecError::new(
             field,
-            format!(
-                "{host:?}: a probe reaches only the workload's own address; leave host empty"
-            ),
+            format!("{host:?}: a probe reaches only the workload's own address; leave host empty"),
         ))
     }
 }
