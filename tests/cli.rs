@@ -584,10 +584,7 @@ async fn get_prints_a_table_a_wide_table_and_single_workloads() {
     assert_eq!(lines[3][..3], ["web", "container", "running"]);
     for line in &lines[1..] {
         assert_state(line[3], &table);
-        assert!(
-            ["true", "false", "-"].contains(&line[4]),
-            "ready: {table}"
-        );
+        assert!(["true", "false", "-"].contains(&line[4]), "ready: {table}");
         assert_eq!(line[5], "0", "restarts: {table}");
     }
     assert!(lines[3][6].ends_with('s'), "an age: {:?}", lines[3]);

@@ -251,8 +251,10 @@ fn probes(spec: Option<&workload_spec::Spec>, status: &ObjectStatus) -> Option<S
     };
     let mut lines = Vec::new();
     let mut pair = |label: &str, prefix: &str, live: Option<&Probe>, ready: Option<&Probe>| {
-        for (kind, name, probe) in [("liveness", "Liveness", live), ("readiness", "Readiness", ready)]
-        {
+        for (kind, name, probe) in [
+            ("liveness", "Liveness", live),
+            ("readiness", "Readiness", ready),
+        ] {
             if let Some(probe) = probe {
                 lines.push(format!(
                     "{label}{name}: {}{}",
@@ -300,7 +302,11 @@ fn probe_line(probe: &Probe) -> String {
         } else {
             "http"
         };
-        let path = if http.path.is_empty() { "/" } else { &http.path };
+        let path = if http.path.is_empty() {
+            "/"
+        } else {
+            &http.path
+        };
         format!("http-get {scheme}://:{}{path}", http.port)
     } else if let Some(tcp) = &probe.tcp_socket {
         format!("tcp-socket :{}", tcp.port)

@@ -120,7 +120,9 @@ fn print_value(value: &Value, format: OutputFormat, stream: bool) -> Result<(), 
 }
 
 pub fn header(wide: bool) -> Vec<&'static str> {
-    let mut header = vec!["ID", "TYPE", "DESIRED", "ACTUAL", "READY", "RESTARTS", "AGE"];
+    let mut header = vec![
+        "ID", "TYPE", "DESIRED", "ACTUAL", "READY", "RESTARTS", "AGE",
+    ];
     if wide {
         header.extend([
             "REVISION",

@@ -25,8 +25,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use persys_api::v1::{
     ApplyWorkloadRequest, ComposeSpec, ContainerSpec, DesiredState, ServiceProbes, VmSpec,
-    WorkloadSpec,
-    WorkloadType, workload_spec,
+    WorkloadSpec, WorkloadType, workload_spec,
 };
 use persys_api::yaml;
 use serde::Deserialize;
@@ -622,7 +621,10 @@ mod tests {
         assert_eq!(ready.http_get.as_ref().unwrap().port, 8080);
         assert_eq!(ready.period_seconds, 5);
         let live = spec.liveness_probe.as_ref().unwrap();
-        assert_eq!(live.exec.as_ref().unwrap().command, ["test", "-f", "/tmp/ok"]);
+        assert_eq!(
+            live.exec.as_ref().unwrap().command,
+            ["test", "-f", "/tmp/ok"]
+        );
         assert_eq!(live.failure_threshold, 2);
 
         let manifests = parse(
@@ -646,7 +648,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(error.contains("spec.readiness_probe.http_get.prot"), "{error}");
+        assert!(
+            error.contains("spec.readiness_probe.http_get.prot"),
+            "{error}"
+        );
     }
 
     #[test]

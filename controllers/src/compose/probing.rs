@@ -75,6 +75,7 @@ impl ComposeController {
                     self.stop_unhealthy(&docker, id, probed, output).await;
                     health.stopped_unhealthy = true;
                     service_ready = false;
+                    unready.push(format!("{service}: liveness probe failed; restarting"));
                     continue;
                 }
                 let (readiness, facts) = readiness_of(&verdicts, &probed.inspect);

@@ -281,6 +281,8 @@ impl Prober {
 struct Running {
     workload: String,
     registration: Registration,
+    /// The registration's spec, shared with each check it starts.
+    spec: Arc<ProbeSpec>,
     target: Arc<Target>,
     notify: Notifier,
     successes: u32,
@@ -363,6 +365,7 @@ impl Runner {
                 id,
                 Running {
                     workload: workload.clone(),
+                    spec: Arc::new(new.registration.spec.clone()),
                     registration: new.registration,
                     target: new.target,
                     notify: new.notify,
@@ -410,7 +413,7 @@ impl Runner {
         let Some(probe) = self.probes.get(&id) else {
             return;
         };
-        let spec = probe.registration.spec.clone();
+        let spec = probe.spec.clone();
         let target = probe.target.clone();
         self.in_flight.push(Box::pin(async move {
             (id, check::run(&spec.action, &target, spec.timeout).await)
@@ -446,16 +449,28 @@ impl Runner {
         };
         let changed = probe.passing != Some(passing);
         probe.passing = Some(passing);
-        let verdict = Verdict {
-            started_at: probe.registration.started_at.clone(),
-            passing: Some(passing),
-            output: outcome.output,
-        };
+        // Written only when it differs: a probe that keeps passing costs a
+        // read lock, no allocation.
         let key = (probe.registration.container_id.clone(), kind);
-        write(&self.verdicts)
-            .entry(probe.workload.clone())
-            .or_default()
-            .insert(key, verdict);
+        let same = read(&self.verdicts)
+            .get(&probe.workload)
+            .and_then(|v| v.get(&key))
+            .is_some_and(|v| {
+                v.passing == Some(passing)
+                    && v.output == outcome.output
+                    && v.started_at == probe.registration.started_at
+            });
+        if !same {
+            let verdict = Verdict {
+                started_at: probe.registration.started_at.clone(),
+                passing: Some(passing),
+                output: outcome.output,
+            };
+            write(&self.verdicts)
+                .entry(probe.workload.clone())
+                .or_default()
+                .insert(key, verdict);
+        }
         if changed {
             tracing::debug!(
                 workload_id = %probe.workload,
