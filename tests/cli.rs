@@ -613,8 +613,8 @@ async fn get_prints_a_table_a_wide_table_and_single_workloads() {
     }
     let row: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[0], "web");
-    assert_eq!(row[6..8], ["r1", "1"], "revision and generation: {wide}");
-    assert!(["0", "1"].contains(&row[8]), "observed generation: {wide}");
+    assert_eq!(row[7..9], ["r1", "1"], "revision and generation: {wide}");
+    assert!(["0", "1"].contains(&row[9]), "observed generation: {wide}");
     assert_eq!(wide.lines().count(), 2);
 
     let error = f.run(&["get", "nope"]).failed(1);
