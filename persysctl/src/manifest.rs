@@ -176,7 +176,8 @@ struct ComposeManifestSpec {
 
 /// The second pass's result for one manifest.
 enum Typed {
-    Container(Document<ContainerSpec>),
+    // Boxed: a container spec with its probes outweighs the others.
+    Container(Box<Document<ContainerSpec>>),
     Compose(Document<ComposeManifestSpec>),
     Vm(Document<VmSpec>),
 }
@@ -206,7 +207,9 @@ impl<'de> DeserializeSeed<'de> for ManifestSeed<'_> {
             |path: serde_ignored::Path| unknown.push(path.to_string().replace(".?", ""));
         let deserializer = serde_ignored::Deserializer::new(deserializer, &mut record);
         Ok(match kind {
-            Some(Kind::Container) => Typed::Container(Document::deserialize(deserializer)?),
+            Some(Kind::Container) => {
+                Typed::Container(Box::new(Document::deserialize(deserializer)?))
+            }
             Some(Kind::Compose) => Typed::Compose(Document::deserialize(deserializer)?),
             Some(Kind::Vm) => Typed::Vm(Document::deserialize(deserializer)?),
             // No usable type: this fails on `type`, at its line and column.
@@ -469,7 +472,7 @@ impl Parsed {
             )));
         }
         let request = match self.typed {
-            Typed::Container(d) => request(d, WorkloadType::Container, |s| {
+            Typed::Container(d) => request(*d, WorkloadType::Container, |s| {
                 Ok(workload_spec::Spec::Container(s))
             }),
             Typed::Vm(d) => request(d, WorkloadType::Vm, |s| Ok(workload_spec::Spec::Vm(s))),
