@@ -14,6 +14,7 @@ use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::{DockerConfig, DockerController};
 use persys_controllers::io::WorkloadIo;
 use persys_controllers::policy::NodePolicy;
+use persys_controllers::probes::Prober;
 use persys_controllers::vm::{VmConfig, VmController, default_disk_roots};
 use persys_controllers::{Controller, ControllerConfig, ControllerObserver, Informer, Reconciler};
 use tokio_util::sync::CancellationToken;
@@ -251,6 +252,11 @@ struct Starter<'a> {
     tasks: &'a Tasks,
     shutdown: CancellationToken,
     controllers: Controllers,
+    /// One prober for the Docker and Compose controllers' probes: one
+    /// timer wheel and one bound on checks in flight for the node. Its task
+    /// starts with the first probe registered, and ends with the
+    /// controllers.
+    prober: Prober,
 }
 
 impl Starter<'_> {
@@ -321,10 +327,13 @@ impl Starter<'_> {
             named = auth.required,
             "registry credentials for pulls come from this Docker config file"
         );
-        let docker = Arc::new(DockerController::new(
-            docker_config(self.config, self.policy),
-            Arc::new(self.store.clone()),
-        ));
+        let docker = Arc::new(
+            DockerController::new(
+                docker_config(self.config, self.policy),
+                Arc::new(self.store.clone()),
+            )
+            .with_prober(self.prober.clone()),
+        );
         self.controller(docker.clone(), docker.trigger(self.informer.cache()));
         self.controllers
             .io
@@ -364,11 +373,14 @@ impl Starter<'_> {
             docker_config: compose_docker_config(self.config),
             ..ComposeConfig::new(&self.config.state_path)
         };
-        let compose = Arc::new(ComposeController::new(
-            compose_config,
-            Arc::new(self.store.clone()),
-            self.informer.cache(),
-        ));
+        let compose = Arc::new(
+            ComposeController::new(
+                compose_config,
+                Arc::new(self.store.clone()),
+                self.informer.cache(),
+            )
+            .with_prober(self.prober.clone()),
+        );
         self.controller(compose.clone(), compose.trigger());
         self.controllers
             .io
@@ -437,6 +449,7 @@ pub fn start_controllers(
         tasks,
         shutdown: tasks.stop().clone(),
         controllers: Controllers::default(),
+        prober: Prober::default(),
     };
     for runtime in Registry::new(config).enabled() {
         match runtime.kind {

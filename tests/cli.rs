@@ -575,7 +575,7 @@ async fn get_prints_a_table_a_wide_table_and_single_workloads() {
     assert_eq!(
         lines[0],
         [
-            "ID", "TYPE", "DESIRED", "ACTUAL", "RESTARTS", "AGE", "MESSAGE"
+            "ID", "TYPE", "DESIRED", "ACTUAL", "READY", "RESTARTS", "AGE", "MESSAGE"
         ]
     );
     assert_eq!(lines.len(), 4, "{table}");
@@ -584,9 +584,10 @@ async fn get_prints_a_table_a_wide_table_and_single_workloads() {
     assert_eq!(lines[3][..3], ["web", "container", "running"]);
     for line in &lines[1..] {
         assert_state(line[3], &table);
-        assert_eq!(line[4], "0", "restarts: {table}");
+        assert!(["true", "false", "-"].contains(&line[4]), "ready: {table}");
+        assert_eq!(line[5], "0", "restarts: {table}");
     }
-    assert!(lines[3][5].ends_with('s'), "an age: {:?}", lines[3]);
+    assert!(lines[3][6].ends_with('s'), "an age: {:?}", lines[3]);
     // Columns line up: every row's TYPE starts where the header's does.
     let at = table.lines().next().unwrap().find("TYPE").unwrap();
     for line in table.lines().skip(1) {
@@ -612,8 +613,8 @@ async fn get_prints_a_table_a_wide_table_and_single_workloads() {
     }
     let row: Vec<&str> = wide.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[0], "web");
-    assert_eq!(row[6..8], ["r1", "1"], "revision and generation: {wide}");
-    assert!(["0", "1"].contains(&row[8]), "observed generation: {wide}");
+    assert_eq!(row[7..9], ["r1", "1"], "revision and generation: {wide}");
+    assert!(["0", "1"].contains(&row[9]), "observed generation: {wide}");
     assert_eq!(wide.lines().count(), 2);
 
     let error = f.run(&["get", "nope"]).failed(1);

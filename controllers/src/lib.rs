@@ -27,6 +27,8 @@
 //! - [`compose`]: the Compose controller — compose projects through the
 //!   compose CLI, observed through the Docker API.
 //! - [`vm`]: the VM controller — libvirt domains, disks and cloud-init seeds.
+//! - [`probes`]: liveness and readiness probes, all on one timer wheel,
+//!   for the Docker and Compose controllers.
 //! - [`policy`]: the node's workload policy — what a spec may ask of the
 //!   host (bind roots, privileges, compose features, VM networks,
 //!   ceilings) — which the validators enforce.
@@ -39,6 +41,7 @@ pub mod docker;
 mod informer;
 mod kit;
 pub mod policy;
+pub mod probes;
 mod queue;
 mod spec;
 mod usage;

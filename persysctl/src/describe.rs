@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use persys_api::v1::{
-    DescribeWorkloadResponse, ObjectMeta, ObjectStatus, WorkloadType, workload_spec,
+    DescribeWorkloadResponse, ObjectMeta, ObjectStatus, Probe, WorkloadType, workload_spec,
 };
 use serde_json::Value;
 
@@ -137,6 +137,11 @@ pub fn render(described: &DescribeWorkloadResponse, palette: Palette, now: i64) 
     page.section("Conditions");
     page.block(&conditions(&status, palette, now));
 
+    if let Some(text) = probes(workload.workload_spec(), &status) {
+        page.section("Probes");
+        page.text_block(&text);
+    }
+
     page.section("Runtime");
     page.text_block(&runtime(meta.r#type(), &status, &wire.usage));
 
@@ -226,6 +231,99 @@ fn conditions(status: &ObjectStatus, palette: Palette, now: i64) -> String {
         })
         .collect();
     Table::new(vec!["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]).render(&rows, palette)
+}
+
+/// The probes the spec defines, as kubectl shows them, each with what it
+/// last said (`passing`, `failing`, `pending`); the image's HEALTHCHECK
+/// when it decides readiness. None when there is neither.
+fn probes(spec: Option<&workload_spec::Spec>, status: &ObjectStatus) -> Option<String> {
+    let result = |kind: &str, prefix: &str| {
+        let key = if prefix.is_empty() {
+            format!("probe.{kind}")
+        } else {
+            format!("{prefix}.probe.{kind}")
+        };
+        status
+            .facts
+            .get(&key)
+            .map(|r| format!("  (last result: {r})"))
+            .unwrap_or_default()
+    };
+    let mut lines = Vec::new();
+    let mut pair = |label: &str, prefix: &str, live: Option<&Probe>, ready: Option<&Probe>| {
+        for (kind, name, probe) in [
+            ("liveness", "Liveness", live),
+            ("readiness", "Readiness", ready),
+        ] {
+            if let Some(probe) = probe {
+                lines.push(format!(
+                    "{label}{name}: {}{}",
+                    probe_line(probe),
+                    result(kind, prefix)
+                ));
+            }
+        }
+    };
+    match spec {
+        Some(workload_spec::Spec::Container(c)) => pair(
+            "",
+            "",
+            c.liveness_probe.as_ref(),
+            c.readiness_probe.as_ref(),
+        ),
+        Some(workload_spec::Spec::Compose(c)) => {
+            let mut services: Vec<_> = c.probes.iter().collect();
+            services.sort_by(|a, b| a.0.cmp(b.0));
+            for (service, probes) in services {
+                pair(
+                    &format!("{service}: "),
+                    &format!("service.{service}"),
+                    probes.liveness_probe.as_ref(),
+                    probes.readiness_probe.as_ref(),
+                );
+            }
+        }
+        _ => {}
+    }
+    if let Some(health) = status.facts.get("probe.healthcheck") {
+        lines.push(format!("HEALTHCHECK (image): {health}"));
+    }
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+/// `http-get http://:8080/healthz delay=0s timeout=1s period=10s
+/// #success=1 #failure=3`, with kubelet's defaults for what is unset.
+fn probe_line(probe: &Probe) -> String {
+    let action = if let Some(exec) = &probe.exec {
+        format!("exec {:?}", exec.command)
+    } else if let Some(http) = &probe.http_get {
+        let scheme = if http.scheme.eq_ignore_ascii_case("https") {
+            "https"
+        } else {
+            "http"
+        };
+        let path = if http.path.is_empty() {
+            "/"
+        } else {
+            &http.path
+        };
+        format!("http-get {scheme}://:{}{path}", http.port)
+    } else if let Some(tcp) = &probe.tcp_socket {
+        format!("tcp-socket :{}", tcp.port)
+    } else if let Some(grpc) = &probe.grpc {
+        format!("grpc :{} {:?}", grpc.port, grpc.service)
+    } else {
+        "<no handler>".into()
+    };
+    let or = |value: i32, default: i32| if value == 0 { default } else { value };
+    format!(
+        "{action} delay={}s timeout={}s period={}s #success={} #failure={}",
+        probe.initial_delay_seconds,
+        or(probe.timeout_seconds, 1),
+        or(probe.period_seconds, 10),
+        or(probe.success_threshold, 1),
+        or(probe.failure_threshold, 3)
+    )
 }
 
 /// What the runtime object is called, and what the controller learnt of it.
@@ -451,5 +549,61 @@ mod tests {
             .unwrap_or_else(|| panic!("{text}"));
         assert!(line.contains("10s (3x over 2m)"), "{line}");
         assert!(line.contains("Warning"), "{line}");
+    }
+
+    #[test]
+    fn probes_are_shown_with_their_defaults_and_last_results() {
+        use persys_api::v1::{ContainerSpec, ExecAction, HttpGetAction, ObjectSpec, WorkloadSpec};
+        let spec = ContainerSpec {
+            image: "nginx".into(),
+            readiness_probe: Some(Probe {
+                http_get: Some(HttpGetAction {
+                    path: "/healthz".into(),
+                    port: 8080,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            liveness_probe: Some(Probe {
+                exec: Some(ExecAction {
+                    command: vec!["true".into()],
+                }),
+                period_seconds: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let workload = Workload {
+            spec: Some(ObjectSpec {
+                workload: Some(WorkloadSpec {
+                    spec: Some(workload_spec::Spec::Container(spec)),
+                }),
+                ..Default::default()
+            }),
+            status: Some(ObjectStatus {
+                facts: [
+                    ("probe.readiness".to_string(), "failing".to_string()),
+                    ("probe.liveness".to_string(), "passing".to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let described = DescribeWorkloadResponse {
+            workload: Some(workload),
+            status: None,
+            events: vec![],
+        };
+        let text = render(&described, Palette::plain(), 0);
+        assert!(text.contains("Probes:"), "{text}");
+        assert!(
+            text.contains("Readiness: http-get http://:8080/healthz delay=0s timeout=1s period=10s #success=1 #failure=3  (last result: failing)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Liveness: exec [\"true\"] delay=0s timeout=1s period=5s"),
+            "{text}"
+        );
     }
 }

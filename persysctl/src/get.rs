@@ -120,7 +120,9 @@ fn print_value(value: &Value, format: OutputFormat, stream: bool) -> Result<(), 
 }
 
 pub fn header(wide: bool) -> Vec<&'static str> {
-    let mut header = vec!["ID", "TYPE", "DESIRED", "ACTUAL", "RESTARTS", "AGE"];
+    let mut header = vec![
+        "ID", "TYPE", "DESIRED", "ACTUAL", "READY", "RESTARTS", "AGE",
+    ];
     if wide {
         header.extend([
             "REVISION",
@@ -147,6 +149,22 @@ pub fn actual_word(status: &WorkloadStatus) -> &'static str {
     }
 }
 
+/// Whether the workload serves: the `ready` status key (a running
+/// workload whose readiness probe or HEALTHCHECK fails is not), else its
+/// Ready condition; `-` before either is known.
+pub fn ready_word(status: &WorkloadStatus) -> &'static str {
+    let ready = status
+        .metadata
+        .get("ready")
+        .map(|r| r == "true")
+        .or_else(|| status.metadata.get("condition.Ready").map(|r| r == "True"));
+    match ready {
+        Some(true) => "true",
+        Some(false) => "false",
+        None => "-",
+    }
+}
+
 /// A container id is long; its first 12 characters name it, as in Docker.
 fn short_ref(runtime_ref: &str) -> &str {
     if runtime_ref.len() == 64 && runtime_ref.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -168,6 +186,7 @@ pub fn row(status: &WorkloadStatus, wide: bool, now_ms: i64) -> Vec<Cell> {
         Cell::plain(status.r#type().short_name()),
         Cell::plain(desired.short_name()),
         Cell::styled(actual, state_style(actual)),
+        Cell::plain(ready_word(status)),
         Cell::plain(match meta("restart_count") {
             count if count.is_empty() => "0".to_string(),
             count => count,

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use persys_api::v1::{
-    ApplyWorkloadRequest, ComposeSpec, ContainerSpec, DesiredState, VmSpec, WorkloadSpec,
-    WorkloadType, workload_spec,
+    ApplyWorkloadRequest, ComposeSpec, ContainerSpec, DesiredState, ServiceProbes, VmSpec,
+    WorkloadSpec, WorkloadType, workload_spec,
 };
 use persys_api::yaml;
 use serde::Deserialize;
@@ -162,7 +162,8 @@ struct Document<S> {
 }
 
 /// The compose spec as a manifest may write it: the compose file inline
-/// (`compose_yaml`, base64 or plain YAML) or by path (`compose_file`).
+/// (`compose_yaml`, base64 or plain YAML) or by path (`compose_file`),
+/// and probes per service (`probes: {web: {readiness_probe: …}}`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct ComposeManifestSpec {
@@ -170,11 +171,13 @@ struct ComposeManifestSpec {
     compose_yaml: String,
     compose_file: Option<PathBuf>,
     env: BTreeMap<String, String>,
+    probes: BTreeMap<String, ServiceProbes>,
 }
 
 /// The second pass's result for one manifest.
 enum Typed {
-    Container(Document<ContainerSpec>),
+    // Boxed: a container spec with its probes outweighs the others.
+    Container(Box<Document<ContainerSpec>>),
     Compose(Document<ComposeManifestSpec>),
     Vm(Document<VmSpec>),
 }
@@ -199,10 +202,14 @@ impl<'de> DeserializeSeed<'de> for ManifestSeed<'_> {
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Typed, D::Error> {
         let ManifestSeed { kind, unknown } = self;
-        let mut record = |path: serde_ignored::Path| unknown.push(path.to_string());
+        // `?` marks an optional field's value (a probe): not a key to show.
+        let mut record =
+            |path: serde_ignored::Path| unknown.push(path.to_string().replace(".?", ""));
         let deserializer = serde_ignored::Deserializer::new(deserializer, &mut record);
         Ok(match kind {
-            Some(Kind::Container) => Typed::Container(Document::deserialize(deserializer)?),
+            Some(Kind::Container) => {
+                Typed::Container(Box::new(Document::deserialize(deserializer)?))
+            }
             Some(Kind::Compose) => Typed::Compose(Document::deserialize(deserializer)?),
             Some(Kind::Vm) => Typed::Vm(Document::deserialize(deserializer)?),
             // No usable type: this fails on `type`, at its line and column.
@@ -465,7 +472,7 @@ impl Parsed {
             )));
         }
         let request = match self.typed {
-            Typed::Container(d) => request(d, WorkloadType::Container, |s| {
+            Typed::Container(d) => request(*d, WorkloadType::Container, |s| {
                 Ok(workload_spec::Spec::Container(s))
             }),
             Typed::Vm(d) => request(d, WorkloadType::Vm, |s| Ok(workload_spec::Spec::Vm(s))),
@@ -522,7 +529,11 @@ fn compose_spec(
         project_name: spec.project_name.clone(),
         compose_yaml,
         env: spec.env.clone(),
-        ..ComposeSpec::default()
+        probes: spec
+            .probes
+            .iter()
+            .map(|(service, probes)| (service.clone(), probes.clone()))
+            .collect(),
     }))
 }
 
@@ -598,6 +609,52 @@ mod tests {
         let spec = container(&manifests[0]);
         assert_eq!(spec.image, "nginx:1");
         assert_eq!(spec.ports[0].host_port, 8080);
+    }
+
+    #[test]
+    fn probes_are_read_with_kubelets_names() {
+        let manifests = parse(
+            "id: web\ntype: container\nspec:\n  image: nginx\n\
+             \x20 readiness_probe:\n    http_get: {path: /healthz, port: 8080}\n    period_seconds: 5\n\
+             \x20 liveness_probe:\n    exec: {command: [test, -f, /tmp/ok]}\n    failure_threshold: 2\n",
+        )
+        .unwrap();
+        let spec = container(&manifests[0]);
+        let ready = spec.readiness_probe.as_ref().unwrap();
+        assert_eq!(ready.http_get.as_ref().unwrap().port, 8080);
+        assert_eq!(ready.period_seconds, 5);
+        let live = spec.liveness_probe.as_ref().unwrap();
+        assert_eq!(
+            live.exec.as_ref().unwrap().command,
+            ["test", "-f", "/tmp/ok"]
+        );
+        assert_eq!(live.failure_threshold, 2);
+
+        let manifests = parse(
+            "id: app\ntype: compose\nspec:\n  compose_yaml: \"services: {web: {image: nginx}}\"\n\
+             \x20 probes:\n    web:\n      readiness_probe:\n        tcp_socket: {port: 80}\n",
+        )
+        .unwrap();
+        let Some(workload_spec::Spec::Compose(compose)) = manifests[0]
+            .request
+            .spec
+            .as_ref()
+            .and_then(|s| s.spec.clone())
+        else {
+            panic!("not a compose spec")
+        };
+        let probe = compose.probes["web"].readiness_probe.as_ref().unwrap();
+        assert_eq!(probe.tcp_socket.as_ref().unwrap().port, 80);
+
+        let error = parse(
+            "id: web\ntype: container\nspec:\n  image: nginx\n  readiness_probe: {http_get: {prot: 1}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("spec.readiness_probe.http_get.prot"),
+            "{error}"
+        );
     }
 
     #[test]

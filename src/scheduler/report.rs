@@ -218,7 +218,10 @@ impl Allocation {
 /// scheduler's coarser `persys.control.v1.FailureReason` (see
 /// [`persys_api::FailureReason::control`]); the
 /// agent's own code, and without a failure the reason of the `Ready`
-/// condition, goes in `reason.code`, so nothing is lost.
+/// condition, goes in `reason.code`, so nothing is lost. A workload that
+/// runs but is not ready (its readiness probe or HEALTHCHECK fails) is
+/// reported `Running` with the condition's reason (`ReadinessProbeFailed`)
+/// and, in `reason.message`, its message (the probe's output).
 pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) -> WorkloadStatus {
     let status = workload.status_or_default();
     let state = match status.actual_state() {
@@ -226,13 +229,16 @@ pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) 
         other => other,
     };
     let last_transition = timestamp_ms(status.last_transition_ms);
-    let code = if status.failure_reason.is_empty() {
-        status
-            .condition(CONDITION_READY)
-            .map(|c| c.reason.clone())
-            .unwrap_or_default()
+    let ready = status.condition(CONDITION_READY);
+    let (code, detail) = if status.failure_reason.is_empty() {
+        let code = ready.map(|c| c.reason.clone()).unwrap_or_default();
+        let detail = match ready {
+            Some(c) if c.status != "True" && status.last_error.is_empty() => c.message.clone(),
+            _ => status.last_error.clone(),
+        };
+        (code, detail)
     } else {
-        status.failure_reason.clone()
+        (status.failure_reason.clone(), status.last_error.clone())
     };
     WorkloadStatus {
         workload_id: workload.id().to_string(),
@@ -242,7 +248,7 @@ pub fn status_report(workload: &Workload, usage: Option<WorkloadUsageSnapshot>) 
         last_transition,
         reason: Some(ReasonDetail {
             code,
-            message: status.last_error.clone(),
+            message: detail,
             last_transition,
             next_retry_at: timestamp_ms(status.next_retry_at_ms),
             retryable: !status.retry_terminal,
@@ -468,6 +474,36 @@ mod tests {
         assert_eq!(reason.code, "Pulling");
         assert!(reason.retryable);
         assert_eq!(reason.next_retry_at, None, "no retry scheduled: unset");
+    }
+
+    #[test]
+    fn a_running_but_unready_workload_is_reported_with_its_probes_reason_and_output() {
+        let mut unready = (*workload("web", container(0, 0), DesiredState::Running)).clone();
+        let mut status = ObjectStatus {
+            actual_state: ActualState::Running as i32,
+            message: "running, not ready".into(),
+            ..Default::default()
+        };
+        status.set_condition(
+            CONDITION_READY,
+            false,
+            "ReadinessProbeFailed",
+            "readiness probe failed: HTTP probe failed with statuscode: 503",
+        );
+        unready.status = Some(status.clone());
+        let report = status_report(&unready, None);
+        assert_eq!(report.state, "Running");
+        assert_eq!(report.failure_reason(), FailureReason::Unspecified);
+        let reason = report.reason.unwrap();
+        assert_eq!(reason.code, "ReadinessProbeFailed");
+        assert!(reason.message.contains("statuscode: 503"), "{reason:?}");
+        assert!(reason.retryable);
+
+        status.set_condition(CONDITION_READY, true, "Running", "");
+        unready.status = Some(status);
+        let reason = status_report(&unready, None).reason.unwrap();
+        assert_eq!(reason.code, "Running");
+        assert!(reason.message.is_empty());
     }
 
     #[test]

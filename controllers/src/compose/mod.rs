@@ -65,6 +65,7 @@ pub(crate) mod naming;
 pub mod observe;
 mod plan;
 mod policy;
+mod probing;
 pub(crate) mod project;
 pub(crate) mod reconciler;
 mod resources;

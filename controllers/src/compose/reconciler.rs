@@ -10,13 +10,14 @@
 //! desired state is stopped; `down --remove-orphans` (named volumes stay)
 //! on delete.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{self, BoxStream, StreamExt};
 use persys_api::v1::{EventType, Workload, WorkloadType};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::WatchStream;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 
 use super::act::{Converged, PENDING_REQUEUE};
 use super::binary::{ComposeBinary, DetectError};
@@ -28,6 +29,7 @@ use super::memory::{Memory, Rules};
 use super::naming::{self, project_name_of};
 use super::observe::{self, Observation};
 use super::plan::{self, Plan, plan};
+use super::probing::ProjectHealth;
 use super::project::{ProjectDir, ProjectIndex};
 use super::runtime::ComposeRuntime;
 use super::status::{self, Outcome, Report};
@@ -36,6 +38,7 @@ use crate::docker::follow;
 use crate::docker::{Engine, EngineVersion};
 use crate::informer::Cache;
 use crate::kit::{self, Classify, ErrorClass, Recorder, Workloads};
+use crate::probes::{Notifier, Prober};
 use crate::source::WorkloadWriter;
 
 /// How soon a workload whose project name another workload owns looks
@@ -76,14 +79,29 @@ pub struct ComposeController {
     /// Project name → workload id of the folders on disk, shared with the
     /// event trigger.
     pub(crate) index: ProjectIndex,
+    /// Runs the services' probes; may be shared with the Docker
+    /// controller (one timer for the node).
+    pub(crate) prober: Prober,
+    /// Wakes this controller when a probe's verdict changes.
+    pub(crate) probe_wake: Notifier,
+    /// The other end, until [`ComposeController::trigger`] takes it.
+    probe_woken: Mutex<Option<mpsc::Receiver<String>>>,
 }
+
+/// Probe verdict changes waiting for the controller; more are dropped (a
+/// wake is pending anyway).
+const PROBE_WAKES: usize = 1024;
 
 impl ComposeController {
     /// A controller writing status through `writer`. Contacts neither the
     /// engine nor the compose CLI: the agent starts, and reports why, while
     /// either is missing.
     pub fn new(config: ComposeConfig, writer: Arc<dyn WorkloadWriter>, cache: Cache) -> Self {
+        let (probe_wake, probe_woken) = mpsc::channel(PROBE_WAKES);
         ComposeController {
+            prober: Prober::default(),
+            probe_wake,
+            probe_woken: Mutex::new(Some(probe_woken)),
             runtime: ComposeRuntime::new(&config),
             config,
             events: Recorder::new(writer.clone()),
@@ -92,6 +110,13 @@ impl ComposeController {
             workloads: Workloads::default(),
             index: ProjectIndex::default(),
         }
+    }
+
+    /// Runs this controller's probes on `prober`, shared with other
+    /// controllers.
+    pub fn with_prober(mut self, prober: Prober) -> Self {
+        self.prober = prober;
+        self
     }
 
     pub fn config(&self) -> &ComposeConfig {
@@ -131,7 +156,16 @@ impl ComposeController {
             );
             stream::iter(ids)
         });
-        stream::select(events, found).boxed()
+        let woken = self
+            .probe_woken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let events = stream::select(events, found);
+        match woken {
+            Some(woken) => stream::select(events, ReceiverStream::new(woken)).boxed(),
+            None => events.boxed(),
+        }
     }
 
     /// The health probe: the compose CLI (kind, version) and the engine.
@@ -165,6 +199,7 @@ impl ComposeController {
 
     fn forget(&self, id: &str) {
         self.workloads.forget(id);
+        self.prober.forget(id);
         self.index.remove_workload(id);
     }
 
@@ -241,9 +276,18 @@ impl ComposeController {
         &self,
         workload: &Workload,
         project: &str,
-        converged: Converged,
+        mut converged: Converged,
     ) -> Result<Action, ComposeError> {
         let id = workload.id();
+        let health = if converged.outcome == Outcome::Running {
+            self.probe_services(workload, project).await
+        } else {
+            self.prober.forget(id);
+            ProjectHealth::default()
+        };
+        if health.stopped_unhealthy {
+            converged.requeue = Some(Duration::ZERO);
+        }
         let previous = workload.status_or_default();
         let restarts = self.restarts(id).unwrap_or(previous.restart_count);
         let status = status::build(
@@ -254,6 +298,8 @@ impl ComposeController {
                 project,
                 services: converged.services.as_deref(),
                 restarts,
+                readiness: health.readiness,
+                probe_facts: health.facts,
             },
         );
         let written =

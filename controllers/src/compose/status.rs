@@ -10,8 +10,8 @@ use persys_api::v1::ObjectStatus;
 
 use super::errors::FailureReason;
 use super::observe::ServiceReport;
-use crate::kit::status::StatusBuilder;
 pub(crate) use crate::kit::status::{MAX_LAST_ERROR, keep_end};
+use crate::kit::status::{READY_FACT, Readiness, StatusBuilder};
 /// `message` holds at most this many bytes.
 const MAX_MESSAGE: usize = 512;
 
@@ -49,6 +49,11 @@ pub struct Report<'a> {
     pub services: Option<&'a [ServiceReport]>,
     /// Repairs of services that had stopped running.
     pub restarts: i32,
+    /// Whether every probed service's containers pass their readiness
+    /// probes.
+    pub readiness: Readiness,
+    /// What the probes last said, per service, for `describe`.
+    pub probe_facts: BTreeMap<String, String>,
 }
 
 /// The status `report` describes, starting from `previous`.
@@ -58,14 +63,26 @@ pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
         .with_max_message(MAX_MESSAGE);
     if !matches!(report.outcome, Outcome::Unknown { .. }) {
         match report.services {
-            Some(services) => status.observed(report.project.to_string(), facts(services)),
+            Some(services) => {
+                let mut facts = facts(services);
+                let ready =
+                    report.outcome == Outcome::Running && report.readiness == Readiness::Ready;
+                facts.insert(READY_FACT.to_string(), ready.to_string());
+                facts.extend(report.probe_facts.clone());
+                status.observed(report.project.to_string(), facts)
+            }
             None => status.runtime_ref(report.project.to_string()),
         }
     }
     // Compose writes the error last: keep the end.
     let last_error = |detail: &str| keep_end(detail.trim(), MAX_LAST_ERROR).to_string();
     match report.outcome {
-        Outcome::Running => status.running("all services running"),
+        Outcome::Running => match report.readiness {
+            Readiness::Ready => status.running("all services running"),
+            Readiness::NotReady { reason, message } => {
+                status.running_unready("all services running, not all ready", &reason, &message)
+            }
+        },
         Outcome::Stopped => status.stopped(),
         Outcome::Pending { message } => status.pending("Starting", &message),
         Outcome::BackingOff { message, due_ms } => status.failed(
@@ -136,7 +153,31 @@ mod tests {
             project: "shop",
             services: Some(services),
             restarts: 1,
+            readiness: Readiness::Ready,
+            probe_facts: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_project_with_an_unready_probed_service_runs_but_is_not_ready() {
+        let services = [service("web", "running", None)];
+        let mut unready = report(Outcome::Running, &services);
+        unready.readiness = Readiness::NotReady {
+            reason: "ReadinessProbeFailed".into(),
+            message: "web: readiness probe failed".into(),
+        };
+        unready.probe_facts = [("service.web.ready".to_string(), "false".to_string())].into();
+        let status = build(&ObjectStatus::default(), unready);
+        assert_eq!(status.actual_state(), ActualState::Running);
+        let ready = status.condition(CONDITION_READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ReadinessProbeFailed")
+        );
+        assert_eq!(status.facts["ready"], "false");
+        assert_eq!(status.facts["service.web.ready"], "false");
+        let ready = build(&status, report(Outcome::Running, &services));
+        assert_eq!(ready.facts["ready"], "true");
     }
 
     #[test]

@@ -31,7 +31,8 @@ pub struct ValidCompose {
 
 /// Checks a compose spec: the project name (when given), the compose file
 /// (text, YAML within bounds, a non-empty `services` map, and what it
-/// declares under the spec's profiles), and the `.env` names and values.
+/// declares under the spec's profiles), the `.env` names and values, and
+/// the probes (of services the file declares).
 /// CPU work on an input of up to 1 MiB: run it on a blocking thread.
 pub fn validate_compose_spec(spec: &ComposeSpec) -> Result<ValidCompose, SpecError> {
     if !spec.project_name.is_empty() && !is_valid_project_name(&spec.project_name) {
@@ -65,6 +66,20 @@ pub fn validate_compose_spec(spec: &ComposeSpec) -> Result<ValidCompose, SpecErr
     let document = super::document::load(&text).map_err(|why| SpecError::new(FILE, why))?;
     let declared =
         declared_services(&document, &spec.env).map_err(|why| SpecError::new(FILE, why))?;
+    for (service, probes) in &spec.probes {
+        let field = format!("spec.compose.probes[{service:?}]");
+        if !declared.contains_key(service) {
+            return Err(SpecError::new(
+                field,
+                "names no service of the compose file (under the spec's profiles)",
+            ));
+        }
+        crate::probes::spec::validate_pair(
+            &field,
+            probes.liveness_probe.as_ref(),
+            probes.readiness_probe.as_ref(),
+        )?;
+    }
     Ok(ValidCompose {
         text,
         document,
@@ -81,6 +96,35 @@ mod tests {
             compose_yaml: yaml.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn probes_must_name_services_of_the_file_and_be_valid() {
+        use persys_api::v1::{ExecAction, Probe, ServiceProbes};
+        let exec = |command: Vec<String>| Probe {
+            exec: Some(ExecAction { command }),
+            ..Default::default()
+        };
+        let with = |service: &str, probe: Probe| ComposeSpec {
+            probes: [(
+                service.to_string(),
+                ServiceProbes {
+                    readiness_probe: Some(probe),
+                    liveness_probe: None,
+                },
+            )]
+            .into(),
+            ..spec("services:\n  web:\n    image: nginx\n")
+        };
+        let unknown = validate_compose_spec(&with("db", exec(vec!["true".into()]))).unwrap_err();
+        assert_eq!(unknown.field, "spec.compose.probes[\"db\"]");
+        assert!(unknown.message.contains("no service"), "{unknown}");
+        let empty = validate_compose_spec(&with("web", exec(vec![]))).unwrap_err();
+        assert_eq!(
+            empty.field,
+            "spec.compose.probes[\"web\"].readiness_probe.exec.command"
+        );
+        validate_compose_spec(&with("web", exec(vec!["true".into()]))).unwrap();
     }
 
     #[test]

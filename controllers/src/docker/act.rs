@@ -175,6 +175,31 @@ impl Act<'_> {
         Ok(Converged::new(Outcome::Running, found))
     }
 
+    /// Its liveness probe failed beyond threshold: a Warning `Unhealthy`
+    /// event with the probe's output, then a stop with the spec's grace.
+    /// What follows is an exit like any other: the restart policy and the
+    /// crash loop decide the restart, which counts.
+    pub(crate) async fn stop_unhealthy(
+        &self,
+        found: &ContainerInspectResponse,
+        output: &str,
+    ) -> Result<(), Halt> {
+        let cid = cid_of(found);
+        let name = display_name(found);
+        let message = if output.is_empty() {
+            format!("Liveness probe failed on container {name}")
+        } else {
+            format!("Liveness probe failed on container {name}: {output}")
+        };
+        self.event(EventType::Warning, "Unhealthy", message).await;
+        let grace = stop_grace(self.spec);
+        tracing::info!(container = %cid, ?grace, "stopping: liveness probe failed");
+        self.runtime.stop(&cid, Some(grace)).await?;
+        let message = format!("container {name} failed its liveness probe and will be restarted");
+        self.event(EventType::Normal, "Killing", message).await;
+        Ok(())
+    }
+
     /// Tells that an exited container is started again.
     pub(crate) async fn announce_restart(&self, found: &ContainerInspectResponse, exit_code: i64) {
         let message = format!(

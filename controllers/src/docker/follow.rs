@@ -35,7 +35,19 @@ pub const REPLAYED: Duration = Duration::from_secs(1);
 
 /// Container actions that can change what a reconcile would find.
 pub const CONTAINER_ACTIONS: &[&str] = &[
-    "create", "start", "die", "stop", "kill", "oom", "pause", "unpause", "destroy", "rename",
+    "create",
+    "start",
+    "die",
+    "stop",
+    "kill",
+    "oom",
+    "pause",
+    "unpause",
+    "destroy",
+    "rename",
+    // HEALTHCHECK transitions (the engine matches `health_status: …`):
+    // readiness without a readiness probe.
+    "health_status",
 ];
 
 /// Why a followed stream stopped.

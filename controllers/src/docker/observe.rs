@@ -22,6 +22,10 @@ pub(crate) struct Observation {
     /// Whether the engine has the spec's image. Read only when a create
     /// needs to know (`Plan::LookForImage`): none until then.
     pub(crate) image_present: Option<bool>,
+    /// The kept container runs and its liveness probe failed beyond its
+    /// threshold: the probe's output. Read from the prober, not the
+    /// engine.
+    pub(crate) unhealthy: Option<String>,
 }
 
 /// Reads the workload's containers: the listing (cached while it holds),
@@ -43,6 +47,7 @@ pub(crate) async fn observe(
         duplicates,
         stale,
         image_present: None,
+        unhealthy: None,
     })
 }
 

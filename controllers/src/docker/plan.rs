@@ -60,6 +60,10 @@ pub(crate) enum Plan {
     StayStopped,
     /// The container runs, as desired.
     ReportRunning,
+    /// It runs, but its liveness probe failed beyond its threshold: stop
+    /// it (with the spec's grace), and let its restart policy and the
+    /// crash loop restart it, as after any exit.
+    RestartUnhealthy { output: String },
     /// Someone paused it: a paused workload serves nothing.
     Unpause,
     /// Created but not started (or its first start failed): start it.
@@ -135,7 +139,12 @@ pub(crate) fn plan(
         return create(desired, observed, memory, now);
     };
     match state {
-        Some(State::RUNNING) => Plan::ReportRunning,
+        Some(State::RUNNING) => match &observed.unhealthy {
+            Some(output) => Plan::RestartUnhealthy {
+                output: output.clone(),
+            },
+            None => Plan::ReportRunning,
+        },
         Some(State::PAUSED) => Plan::Unpause,
         Some(State::CREATED) => held(desired, memory, now).unwrap_or(Plan::StartFirst),
         Some(State::EXITED | State::DEAD) => after_exit(desired, kept, memory, now),

@@ -1,13 +1,18 @@
 //! The Docker controller: makes the engine's containers match the container
 //! workloads, one level-triggered reconcile at a time.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bollard::errors::Error as EngineError;
+use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use persys_api::v1::{ContainerSpec, Workload, WorkloadType, workload_spec};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::act::{Act, Converged, Halt, StartKind};
 use super::config::DockerConfig;
@@ -26,7 +31,9 @@ use super::usage::{UsageSampler, UsageSnapshots};
 use super::validate::{SpecError, validate_stored_container_spec};
 use crate::controller::{Action, Cleanup, Reconciler, orphan_grace_left};
 use crate::informer::Cache;
+use crate::kit::status::Readiness;
 use crate::kit::{self, Classify, Failed, Recorder, Workloads};
+use crate::probes::{Instance, InstanceHealth, Notifier, ProbeKind, ProbeSpec, Prober};
 use crate::source::WorkloadWriter;
 
 /// How soon to look again at a container in a passing state (stopping,
@@ -45,14 +52,29 @@ pub struct DockerController {
     usage: UsageSnapshots,
     /// Containers as last seen, valid until an event or a change of ours.
     observed: Arc<Observed>,
+    /// Runs the containers' liveness and readiness probes; may be shared
+    /// with the Compose controller (one timer for the node).
+    prober: Prober,
+    /// Wakes this controller when a probe's verdict changes.
+    probe_wake: Notifier,
+    /// The other end, until [`DockerController::trigger`] takes it.
+    probe_woken: Mutex<Option<mpsc::Receiver<String>>>,
 }
+
+/// Probe verdict changes waiting for the controller; more are dropped (a
+/// wake is pending anyway).
+const PROBE_WAKES: usize = 1024;
 
 impl DockerController {
     /// A controller writing status through `writer`. Does not contact the
     /// engine: the agent starts, and reports `Unknown`, while it is down.
     pub fn new(config: DockerConfig, writer: Arc<dyn WorkloadWriter>) -> Self {
         let engine = Engine::new(config.host.clone());
+        let (probe_wake, probe_woken) = mpsc::channel(PROBE_WAKES);
         DockerController {
+            prober: Prober::default(),
+            probe_wake,
+            probe_woken: Mutex::new(Some(probe_woken)),
             config,
             engine,
             events: Recorder::new(writer.clone()),
@@ -61,6 +83,18 @@ impl DockerController {
             usage: UsageSnapshots::default(),
             observed: Arc::new(Observed::default()),
         }
+    }
+
+    /// Runs this controller's probes on `prober`, shared with other
+    /// controllers.
+    pub fn with_prober(mut self, prober: Prober) -> Self {
+        self.prober = prober;
+        self
+    }
+
+    /// The prober running this controller's probes.
+    pub fn prober(&self) -> &Prober {
+        &self.prober
     }
 
     pub fn config(&self) -> &DockerConfig {
@@ -78,8 +112,22 @@ impl DockerController {
 
     /// Workload ids to reconcile, from the engine's `/events` (and, on every
     /// (re)connect, every container workload in `cache` and every managed
-    /// container): the trigger to pass to `Controller::with_trigger`.
+    /// container) and from probe verdicts that changed: the trigger to pass
+    /// to `Controller::with_trigger`.
     pub fn trigger(&self, cache: Cache) -> BoxStream<'static, String> {
+        let events = self.engine_trigger(cache);
+        let woken = self
+            .probe_woken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match woken {
+            Some(woken) => futures::stream::select(events, ReceiverStream::new(woken)).boxed(),
+            None => events,
+        }
+    }
+
+    fn engine_trigger(&self, cache: Cache) -> BoxStream<'static, String> {
         follow::trigger(
             self.engine.clone(),
             self.config.events_backoff,
@@ -156,6 +204,7 @@ impl DockerController {
         converged: Converged,
     ) -> Result<Action, DockerError> {
         let previous = workload.status_or_default();
+        let (readiness, probe_facts) = self.probe(workload, &converged);
         let status = status::build(
             &previous,
             Report {
@@ -167,6 +216,8 @@ impl DockerController {
                 image: image_of(workload),
                 container: converged.container.as_ref(),
                 log_tail: converged.log_tail,
+                readiness,
+                probe_facts,
             },
         );
         kit::publish_status(self.writer.as_ref(), workload, status, converged.requeue)
@@ -175,6 +226,47 @@ impl DockerController {
                 id: workload.id().to_string(),
                 source,
             })
+    }
+
+    /// Registers the running container's probes (or drops them when it
+    /// does not run), and answers its readiness: the readiness probe's
+    /// verdict, else the image's HEALTHCHECK, else ready; with what the
+    /// probes last said, as status facts.
+    fn probe(
+        &self,
+        workload: &Workload,
+        converged: &Converged,
+    ) -> (Readiness, BTreeMap<String, String>) {
+        let id = workload.id();
+        let running = converged.outcome == Outcome::Running;
+        let container = converged.container.as_ref().filter(|_| running);
+        let spec = match workload.workload_spec() {
+            Some(workload_spec::Spec::Container(spec)) => Some(spec),
+            _ => None,
+        };
+        let instance = container
+            .zip(spec)
+            .and_then(|(c, spec)| instance_of(c, spec));
+        let health = match &instance {
+            Some(instance) => {
+                self.prober.watch(
+                    id,
+                    &self.engine,
+                    &self.probe_wake,
+                    std::slice::from_ref(instance),
+                );
+                self.prober
+                    .health(id, &instance.container_id, &instance.started_at)
+            }
+            None => {
+                self.prober.forget(id);
+                InstanceHealth::default()
+            }
+        };
+        match container {
+            Some(container) => readiness_of(&health, container),
+            None => (Readiness::Ready, BTreeMap::new()),
+        }
     }
 
     /// Reports an error that stopped the reconcile and hands it to the
@@ -197,6 +289,22 @@ impl DockerController {
         Err(error)
     }
 
+    /// The output of the kept container's liveness probe, when it failed
+    /// beyond its threshold since the container's current start.
+    fn liveness_failure(
+        &self,
+        id: &str,
+        kept: Option<&ContainerInspectResponse>,
+    ) -> Option<String> {
+        let kept = kept?;
+        let cid = kept.id.as_deref()?;
+        let started_at = kept.state.as_ref()?.started_at.as_deref()?;
+        self.prober
+            .health(id, cid, started_at)
+            .liveness_failure()
+            .map(str::to_string)
+    }
+
     /// Brings the engine in line with a live workload: observe, then act on
     /// each plan until one settles it.
     async fn converge(
@@ -211,6 +319,7 @@ impl DockerController {
         let first_sight = self.workloads.with(id, |m| m.renew(&hash, carried));
         let desired = Desired::of(workload, spec, &self.config);
         let mut observed = observe(runtime, &hash).await?;
+        observed.unhealthy = self.liveness_failure(id, observed.kept.as_ref());
         let act = Act {
             runtime,
             events: &self.events,
@@ -239,6 +348,11 @@ impl DockerController {
                 Plan::Stop => act.stop(kept, true).await,
                 Plan::StayStopped => act.stop(kept, false).await,
                 Plan::ReportRunning => Ok(Converged::new(Outcome::Running, kept)),
+                Plan::RestartUnhealthy { output } => {
+                    act.stop_unhealthy(&found(), &output).await?;
+                    observed = observe(runtime, &hash).await?;
+                    continue;
+                }
                 Plan::Unpause => act.unpause(&found()).await,
                 Plan::StartFirst => act.start(&found(), StartKind::First).await,
                 Plan::RestartAfterExit { exit_code } => {
@@ -292,6 +406,103 @@ impl DockerController {
             };
         }
     }
+}
+
+/// The running container `container` to probe, when `spec` has probes.
+fn instance_of(container: &ContainerInspectResponse, spec: &ContainerSpec) -> Option<Instance> {
+    let probe = |kind, probe: &Option<persys_api::v1::Probe>| {
+        probe.as_ref().and_then(|p| ProbeSpec::of(kind, p))
+    };
+    let liveness = probe(ProbeKind::Liveness, &spec.liveness_probe);
+    let readiness = probe(ProbeKind::Readiness, &spec.readiness_probe);
+    if liveness.is_none() && readiness.is_none() {
+        return None;
+    }
+    let started_at = container.state.as_ref()?.started_at.clone()?;
+    Some(Instance {
+        container_id: container.id.clone()?,
+        started: humantime::parse_rfc3339(&started_at).unwrap_or_else(|_| SystemTime::now()),
+        started_at,
+        address: address_of(container),
+        liveness,
+        readiness,
+    })
+}
+
+/// The container's address on its first network (by name) that gave it
+/// one.
+pub(crate) fn address_of(container: &ContainerInspectResponse) -> Option<std::net::IpAddr> {
+    let networks = container.network_settings.as_ref()?.networks.as_ref()?;
+    let mut networks: Vec<_> = networks.iter().collect();
+    networks.sort_by(|a, b| a.0.cmp(b.0));
+    networks
+        .into_iter()
+        .filter_map(|(_, endpoint)| endpoint.ip_address.as_deref())
+        .find_map(|ip| ip.parse().ok())
+}
+
+/// Readiness from the probes' verdicts, else from the image's
+/// HEALTHCHECK as the engine reports it; and the status facts saying so.
+pub(crate) fn readiness_of(
+    health: &InstanceHealth,
+    container: &ContainerInspectResponse,
+) -> (Readiness, BTreeMap<String, String>) {
+    let mut facts = BTreeMap::new();
+    let word = |passing: Option<bool>| match passing {
+        Some(true) => "passing",
+        Some(false) => "failing",
+        None => "pending",
+    };
+    if let Some(liveness) = &health.liveness {
+        facts.insert("probe.liveness".into(), word(liveness.passing).into());
+    }
+    if let Some(verdict) = &health.readiness {
+        facts.insert("probe.readiness".into(), word(verdict.passing).into());
+        let readiness = match verdict.passing {
+            Some(true) => Readiness::Ready,
+            Some(false) => Readiness::NotReady {
+                reason: "ReadinessProbeFailed".into(),
+                message: if verdict.output.is_empty() {
+                    "readiness probe failed".into()
+                } else {
+                    format!("readiness probe failed: {}", verdict.output)
+                },
+            },
+            None => Readiness::NotReady {
+                reason: "ReadinessProbePending".into(),
+                message: "the readiness probe has not passed yet".into(),
+            },
+        };
+        return (readiness, facts);
+    }
+    let Some(health) = container.state.as_ref().and_then(|s| s.health.as_ref()) else {
+        return (Readiness::Ready, facts);
+    };
+    let last_output = || {
+        health
+            .log
+            .as_ref()
+            .and_then(|log| log.last())
+            .and_then(|r| r.output.as_deref())
+            .map(|o| crate::kit::status::keep_start(o.trim(), 1024).to_string())
+            .unwrap_or_default()
+    };
+    let readiness = match health.status {
+        Some(HealthStatusEnum::HEALTHY) => Readiness::Ready,
+        Some(HealthStatusEnum::STARTING) => Readiness::NotReady {
+            reason: "HealthCheckStarting".into(),
+            message: "the image's HEALTHCHECK has not passed yet".into(),
+        },
+        Some(HealthStatusEnum::UNHEALTHY) => Readiness::NotReady {
+            reason: "HealthCheckFailed".into(),
+            message: format!("the image's HEALTHCHECK fails: {}", last_output()),
+        },
+        _ => return (Readiness::Ready, facts),
+    };
+    if let Some(status) = health.status {
+        facts.insert("probe.healthcheck".into(), status.to_string());
+    }
+    (readiness, facts)
 }
 
 /// The image a container workload names, for status (empty without a
@@ -351,6 +562,7 @@ impl Reconciler for DockerController {
         runtime.remove_volumes().await?;
         self.workloads.forget(id);
         self.usage.remove(id);
+        self.prober.forget(id);
         Ok(Cleanup::Done)
     }
 
@@ -364,6 +576,7 @@ impl Reconciler for DockerController {
         if found.is_empty() {
             self.workloads.forget(id);
             self.usage.remove(id);
+            self.prober.forget(id);
             return Ok(Action::await_change());
         }
         if let Some(left) = orphan_grace_left(self.config.orphan_grace, orphaned_for) {
@@ -383,6 +596,7 @@ impl Reconciler for DockerController {
         runtime.remove_volumes().await?;
         self.workloads.forget(id);
         self.usage.remove(id);
+        self.prober.forget(id);
         Ok(Action::await_change())
     }
 }

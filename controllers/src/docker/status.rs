@@ -12,6 +12,7 @@ use persys_api::v1::ObjectStatus;
 use super::errors::FailureReason;
 use crate::kit::Failed;
 pub(crate) use crate::kit::status::{MAX_LAST_ERROR, keep_end};
+use crate::kit::status::{READY_FACT, Readiness};
 use crate::kit::status::{StatusBuilder, keep_start};
 
 /// Docker's "never" timestamp.
@@ -52,18 +53,27 @@ pub struct Report<'a> {
     pub restarts: i32,
     /// The last lines of the container's log, for failures.
     pub log_tail: Option<String>,
+    /// Whether the running container serves (probes, HEALTHCHECK).
+    pub readiness: Readiness,
+    /// What the probes last said (`probe.readiness`: `passing`…), for
+    /// `describe`.
+    pub probe_facts: std::collections::BTreeMap<String, String>,
 }
 
 /// The status `report` describes, starting from `previous`.
 pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
     let mut status = StatusBuilder::new(previous, report.generation, report.restarts);
     if !matches!(report.outcome, Outcome::Unknown { .. }) {
+        let mut facts = facts(report.container, report.image);
+        let ready = report.outcome == Outcome::Running && report.readiness == Readiness::Ready;
+        facts.insert(READY_FACT.to_string(), ready.to_string());
+        facts.extend(report.probe_facts.clone());
         status.observed(
             report
                 .container
                 .and_then(|c| c.id.clone())
                 .unwrap_or_default(),
-            facts(report.container, report.image),
+            facts,
         );
     }
     let exit_code = report
@@ -73,7 +83,12 @@ pub fn build(previous: &ObjectStatus, report: Report<'_>) -> ObjectStatus {
         .unwrap_or(0);
     let log_tail = report.log_tail.as_deref();
     match report.outcome {
-        Outcome::Running => status.running("running"),
+        Outcome::Running => match report.readiness {
+            Readiness::Ready => status.running("running"),
+            Readiness::NotReady { reason, message } => {
+                status.running_unready("running, not ready", &reason, &message)
+            }
+        },
         Outcome::Stopped => status.stopped(),
         Outcome::Completed => status.completed("completed (exit code 0)", "exited with code 0"),
         Outcome::BackingOff {
@@ -266,6 +281,8 @@ mod tests {
             container: c,
             restarts: 2,
             log_tail: Some("line 1\nboom\n".into()),
+            readiness: Readiness::Ready,
+            probe_facts: Default::default(),
         }
     }
 
@@ -290,6 +307,26 @@ mod tests {
         assert!(status.failure_reason.is_empty() && status.last_error.is_empty());
         assert_eq!(status.next_retry_at_ms, 0);
         assert_eq!(status.condition(CONDITION_READY).unwrap().status, "True");
+    }
+
+    #[test]
+    fn a_running_container_failing_readiness_is_running_but_not_ready() {
+        let c = container(ContainerStateStatusEnum::RUNNING, 0);
+        let mut unready = report(Outcome::Running, Some(&c));
+        unready.readiness = Readiness::NotReady {
+            reason: "ReadinessProbeFailed".into(),
+            message: "HTTP probe failed with statuscode: 503".into(),
+        };
+        let status = build(&ObjectStatus::default(), unready);
+        assert_eq!(status.actual_state(), ActualState::Running);
+        let ready = status.condition(CONDITION_READY).unwrap();
+        assert_eq!(ready.status, "False");
+        assert_eq!(ready.reason, "ReadinessProbeFailed");
+        assert!(ready.message.contains("503"));
+        assert_eq!(status.facts["ready"], "false");
+        let passing = build(&status, report(Outcome::Running, Some(&c)));
+        assert_eq!(passing.facts["ready"], "true");
+        assert_eq!(passing.condition(CONDITION_READY).unwrap().status, "True");
     }
 
     #[test]

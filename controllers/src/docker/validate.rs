@@ -439,6 +439,12 @@ fn validate_with(
         ));
     }
 
+    crate::probes::spec::validate_pair(
+        PREFIX,
+        spec.liveness_probe.as_ref(),
+        spec.readiness_probe.as_ref(),
+    )?;
+
     if spec.stop_grace_period_seconds < 0 {
         return Err(SpecError::new(
             format!("{PREFIX}.stop_grace_period_seconds"),
@@ -772,5 +778,41 @@ mod tests {
             )
         };
         validate_container_spec(&spec, &policy).unwrap();
+    }
+
+    #[test]
+    fn probes_are_checked_at_apply_with_their_field_named() {
+        use persys_api::v1::{HttpGetAction, Probe, TcpSocketAction};
+        let policy = HostPathPolicy::default();
+        let http = |port| Probe {
+            http_get: Some(HttpGetAction {
+                port,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let bad_port = ContainerSpec {
+            readiness_probe: Some(http(0)),
+            ..spec("busybox")
+        };
+        let error = validate_container_spec(&bad_port, &policy).unwrap_err();
+        assert_eq!(error.field, "spec.container.readiness_probe.http_get.port");
+        let elsewhere = ContainerSpec {
+            liveness_probe: Some(Probe {
+                tcp_socket: Some(TcpSocketAction {
+                    port: 22,
+                    host: "10.0.0.1".into(),
+                }),
+                ..Default::default()
+            }),
+            ..spec("busybox")
+        };
+        let error = validate_container_spec(&elsewhere, &policy).unwrap_err();
+        assert_eq!(error.field, "spec.container.liveness_probe.tcp_socket.host");
+        let good = ContainerSpec {
+            readiness_probe: Some(http(8080)),
+            ..spec("busybox")
+        };
+        validate_container_spec(&good, &policy).unwrap();
     }
 }

@@ -14,6 +14,21 @@ use persys_api::{CONDITION_DEGRADED, CONDITION_PROGRESSING, CONDITION_READY, Fai
 /// `last_error` holds at most this many bytes.
 pub(crate) const MAX_LAST_ERROR: usize = 4096;
 
+/// The status fact (and `WorkloadStatus` metadata key) saying whether the
+/// workload is ready: `true` or `false`.
+pub(crate) const READY_FACT: &str = "ready";
+
+/// Whether a running workload serves: its readiness probe, else its
+/// image's HEALTHCHECK, else running is ready.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    #[default]
+    Ready,
+    /// Running, not serving: `reason` names the check
+    /// (`ReadinessProbeFailed`), `message` is its output.
+    NotReady { reason: String, message: String },
+}
+
 /// A status being built for one reconcile.
 pub(crate) struct StatusBuilder {
     status: ObjectStatus,
@@ -74,6 +89,21 @@ impl StatusBuilder {
     pub(crate) fn running(mut self, message: &str) -> ObjectStatus {
         self.settle(ActualState::Running, message);
         self.conditions((true, "Running", ""), (false, "Running"), (false, ""));
+        self.status
+    }
+
+    /// Runs, as desired, but is not ready: its readiness probe (or the
+    /// image's HEALTHCHECK) does not pass. `reason` says which
+    /// (`ReadinessProbeFailed`), `why` gives the probe's output. Not
+    /// degraded: the runtime did its part, the workload is not serving.
+    pub(crate) fn running_unready(
+        mut self,
+        message: &str,
+        reason: &str,
+        why: &str,
+    ) -> ObjectStatus {
+        self.settle(ActualState::Running, message);
+        self.conditions((false, reason, why), (false, "Running"), (false, ""));
         self.status
     }
 
@@ -222,6 +252,33 @@ mod tests {
         assert_eq!(running.restart_count, 1);
         let again = StatusBuilder::new(&running, 2, 1).running("running");
         assert_eq!(again, running, "the same report writes nothing new");
+    }
+
+    #[test]
+    fn a_running_but_unready_workload_says_why_and_becomes_ready_when_it_passes() {
+        let unready = StatusBuilder::new(&ObjectStatus::default(), 1, 0).running_unready(
+            "running",
+            "ReadinessProbeFailed",
+            "no /tmp/ready",
+        );
+        assert_eq!(unready.actual_state(), ActualState::Running);
+        assert_eq!(
+            condition(&unready, CONDITION_READY),
+            Some((
+                "False".into(),
+                "ReadinessProbeFailed".into(),
+                "no /tmp/ready".into()
+            ))
+        );
+        assert_eq!(
+            condition(&unready, CONDITION_DEGRADED).map(|c| c.0),
+            Some("False".into())
+        );
+        let ready = StatusBuilder::new(&unready, 1, 0).running("running");
+        assert_eq!(
+            condition(&ready, CONDITION_READY).map(|c| c.0),
+            Some("True".into())
+        );
     }
 
     #[test]

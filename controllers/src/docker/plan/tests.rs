@@ -360,3 +360,22 @@ fn containers_of_an_older_spec_go_first_unless_a_create_replaces_them_after_its_
         "the new image is pulled first"
     );
 }
+
+fn unhealthy(status: ContainerStateStatusEnum) -> Observation {
+    Observation {
+        unhealthy: Some("no heartbeat".into()),
+        ..seen(status)
+    }
+}
+
+#[test]
+#[rustfmt::skip]
+fn a_failed_liveness_probe_restarts_a_running_container_and_nothing_else() {
+    let kill = Plan::RestartUnhealthy { output: "no heartbeat".into() };
+    check(Instant::now(), vec![
+        ("a running container failing liveness is restarted",
+            running(), unhealthy(RUNNING), fresh(), 1, kill),
+        ("desired stopped wins over liveness", stopped(), unhealthy(RUNNING), fresh(), 1, Plan::Stop),
+        ("a paused container is unpaused first", running(), unhealthy(PAUSED), fresh(), 1, Plan::Unpause),
+    ]);
+}

@@ -1,0 +1,358 @@
+//! Liveness and readiness probes of container workloads, on the real
+//! engine, the real fjall store and the real controller runtime. Nothing
+//! here sleeps: each test waits on the workload's status (through the
+//! store's change log) with a deadline.
+//!
+//! Needs a Docker engine and the offline test image (hack/runtimes-up.sh).
+//! Outside CI a test without them is skipped with a loud message; in CI
+//! (`CI=true`) it fails.
+
+mod docker_support;
+
+use std::time::Duration;
+
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerConfig, ContainerCreateBody, HealthConfig};
+use bollard::query_parameters::{
+    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, RemoveContainerOptions,
+    RemoveImageOptions,
+};
+use docker_support::*;
+use futures::StreamExt;
+use persys_api::CONDITION_READY;
+use persys_api::v1::{
+    ActualState, ContainerSpec, DesiredState, ExecAction, HttpGetAction, ObjectStatus, Probe,
+    TcpSocketAction, Workload,
+};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn status(w: &Workload) -> ObjectStatus {
+    w.status.clone().unwrap_or_default()
+}
+
+/// Running, and the Ready condition is `ready` with `reason` (any reason
+/// when None).
+fn running_with_ready(w: &Workload, ready: bool, reason: Option<&str>) -> bool {
+    let s = status(w);
+    let want = if ready { "True" } else { "False" };
+    s.actual_state() == ActualState::Running
+        && s.observed_generation == w.generation()
+        && s.condition(CONDITION_READY)
+            .is_some_and(|c| c.status == want && reason.is_none_or(|r| c.reason == r))
+}
+
+fn exec_probe(script: &str) -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+        }),
+        period_seconds: 1,
+        failure_threshold: 1,
+        ..Default::default()
+    }
+}
+
+/// Runs `script` in the container, as an operator's `exec` would, and
+/// waits for it to end.
+async fn exec_in(bed: &TestBed, container: &str, script: &str) {
+    let created = bed
+        .docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                cmd: Some(vec!["sh", "-c", script]),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create exec");
+    if let StartExecResults::Attached { mut output, .. } = bed
+        .docker
+        .start_exec(&created.id, None)
+        .await
+        .expect("start exec")
+    {
+        while output.next().await.is_some() {}
+    }
+    let inspect = bed.docker.inspect_exec(&created.id).await.expect("inspect");
+    assert_eq!(inspect.exit_code, Some(0), "{script} failed in {container}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readiness_probe_on_a_file_keeps_ready_false_until_the_file_is_created() {
+    let Some(bed) = TestBed::new("readiness").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("ready");
+    let spec = ContainerSpec {
+        readiness_probe: Some(exec_probe("test -f /tmp/ready")),
+        ..shell_spec("exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+
+    let unready = agent
+        .wait_for(&id, CONVERGE, "running but not ready", |w| {
+            running_with_ready(w, false, Some("ReadinessProbeFailed"))
+        })
+        .await;
+    let s = status(&unready);
+    assert_eq!(s.facts["ready"], "false");
+    assert_eq!(s.facts["probe.readiness"], "failing");
+    assert!(
+        unready
+            .to_wire_status()
+            .metadata
+            .get("ready")
+            .is_some_and(|v| v == "false")
+    );
+
+    exec_in(&bed, &s.runtime_ref, ": > /tmp/ready").await;
+    let ready = agent
+        .wait_for(&id, CONVERGE, "ready", |w| {
+            running_with_ready(w, true, None)
+        })
+        .await;
+    let s = status(&ready);
+    assert_eq!(s.facts["ready"], "true");
+    assert_eq!(s.facts["probe.readiness"], "passing");
+    assert_eq!(s.restart_count, 0, "readiness never restarts");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_liveness_probe_that_starts_failing_restarts_the_container_with_an_unhealthy_event() {
+    let Some(bed) = TestBed::new("liveness").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("live");
+    let spec = ContainerSpec {
+        liveness_probe: Some(Probe {
+            failure_threshold: 2,
+            ..exec_probe("test \"$(cat /tmp/state)\" != dead")
+        }),
+        ..shell_spec("echo alive > /tmp/state; exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let first = agent
+        .wait_for(&id, CONVERGE, "running and live", |w| {
+            running_with_ready(w, true, None)
+                && status(w).facts.get("probe.liveness").map(String::as_str) == Some("passing")
+        })
+        .await;
+    let s = status(&first);
+    let started = s.facts["container.started_at"].clone();
+    assert_eq!(s.restart_count, 0);
+
+    exec_in(&bed, &s.runtime_ref, "echo dead > /tmp/state").await;
+    let restarted = agent
+        .wait_for(&id, CONVERGE, "restarted", |w| {
+            let s = status(w);
+            s.restart_count >= 1
+                && s.actual_state() == ActualState::Running
+                && s.facts.get("container.started_at") != Some(&started)
+        })
+        .await;
+    let unhealthy = agent.event(&id, "Unhealthy").expect("an Unhealthy event");
+    assert_eq!(unhealthy.r#type(), persys_api::v1::EventType::Warning);
+    assert!(
+        unhealthy.message.contains("Liveness probe failed"),
+        "{unhealthy:?}"
+    );
+    // The same container, started again: its script made it alive again.
+    assert_eq!(status(&restarted).runtime_ref, s.runtime_ref);
+    agent
+        .wait_for(&id, CONVERGE, "live again", |w| {
+            status(w).facts.get("probe.liveness").map(String::as_str) == Some("passing")
+        })
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_tcp_probes_pass_against_a_listener_in_the_container() {
+    let Some(bed) = TestBed::new("netprobes").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("net");
+    let spec = ContainerSpec {
+        readiness_probe: Some(Probe {
+            http_get: Some(HttpGetAction {
+                path: "/index.html".into(),
+                port: 8080,
+                ..Default::default()
+            }),
+            period_seconds: 1,
+            ..Default::default()
+        }),
+        liveness_probe: Some(Probe {
+            tcp_socket: Some(TcpSocketAction {
+                port: 8080,
+                host: String::new(),
+            }),
+            period_seconds: 1,
+            ..Default::default()
+        }),
+        ..shell_spec("echo ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let ready = agent
+        .wait_for(&id, CONVERGE, "ready by its http probe", |w| {
+            running_with_ready(w, true, None)
+                && status(w).facts.get("probe.readiness").map(String::as_str) == Some("passing")
+                && status(w).facts.get("probe.liveness").map(String::as_str) == Some("passing")
+        })
+        .await;
+    assert_eq!(status(&ready).restart_count, 0);
+
+    // A probe on a port nothing listens on fails, and says why.
+    let closed = ContainerSpec {
+        readiness_probe: Some(Probe {
+            tcp_socket: Some(TcpSocketAction {
+                port: 9,
+                host: String::new(),
+            }),
+            period_seconds: 1,
+            failure_threshold: 1,
+            ..Default::default()
+        }),
+        ..shell_spec("echo ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp")
+    };
+    agent.apply(&id, "r2", DesiredState::Running, closed).await;
+    let refused = agent
+        .wait_for(&id, CONVERGE, "not ready on a closed port", |w| {
+            running_with_ready(w, false, Some("ReadinessProbeFailed"))
+        })
+        .await;
+    let message = status(&refused)
+        .condition(CONDITION_READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("dial tcp"), "{message}");
+    agent.stop().await;
+}
+
+/// An image of the test image with a HEALTHCHECK passing once
+/// /tmp/healthy exists; removed on drop.
+struct HealthcheckImage {
+    docker: bollard::Docker,
+    name: String,
+}
+
+impl HealthcheckImage {
+    async fn build(bed: &TestBed) -> HealthcheckImage {
+        let name = format!("persys-test/{}", unique("healthcheck"));
+        let base = bed
+            .docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::new().build()),
+                ContainerCreateBody {
+                    image: Some(test_image()),
+                    cmd: Some(vec!["true".into()]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create the base container");
+        let second = 1_000_000_000;
+        bed.docker
+            .commit_container(
+                CommitContainerOptionsBuilder::new()
+                    .container(&base.id)
+                    .repo(&name)
+                    .tag("latest")
+                    .build(),
+                ContainerConfig {
+                    healthcheck: Some(HealthConfig {
+                        test: Some(vec!["CMD-SHELL".into(), "test -f /tmp/healthy".into()]),
+                        interval: Some(second),
+                        timeout: Some(second),
+                        retries: Some(1),
+                        ..Default::default()
+                    }),
+                    env: Some(vec!["PATH=/bin".into()]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("commit the healthcheck image");
+        let _ = bed
+            .docker
+            .remove_container(&base.id, None::<RemoveContainerOptions>)
+            .await;
+        HealthcheckImage {
+            docker: bed.docker.clone(),
+            name: format!("{name}:latest"),
+        }
+    }
+}
+
+impl Drop for HealthcheckImage {
+    fn drop(&mut self) {
+        let docker = self.docker.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                docker
+                    .remove_image(
+                        &name,
+                        Some(RemoveImageOptions {
+                            force: true,
+                            ..Default::default()
+                        }),
+                        None,
+                    )
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_readiness_probe_the_images_healthcheck_decides_readiness() {
+    let Some(bed) = TestBed::new("healthcheck").await else {
+        return;
+    };
+    let image = HealthcheckImage::build(&bed).await;
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("hc");
+    let spec = ContainerSpec {
+        image: image.name.clone(),
+        image_pull_policy: "Never".into(),
+        ..shell_spec("exec sleep 3600")
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let unhealthy = agent
+        .wait_for(&id, CONVERGE, "unhealthy, so not ready", |w| {
+            running_with_ready(w, false, Some("HealthCheckFailed"))
+        })
+        .await;
+    let s = status(&unhealthy);
+    assert_eq!(s.facts["ready"], "false");
+    assert_eq!(s.facts["probe.healthcheck"], "unhealthy");
+
+    exec_in(&bed, &s.runtime_ref, ": > /tmp/healthy").await;
+    let healthy = agent
+        .wait_for(&id, CONVERGE, "healthy, so ready", |w| {
+            running_with_ready(w, true, None)
+        })
+        .await;
+    assert_eq!(status(&healthy).facts["ready"], "true");
+    assert_eq!(
+        status(&healthy).restart_count,
+        0,
+        "HEALTHCHECK never restarts"
+    );
+    agent.stop().await;
+}
