@@ -408,10 +408,29 @@ async fn compose_logs_prefix_every_service_and_show_one_when_asked() {
     let db = fixture.logs(&["--service", "db", &id]);
     assert_eq!(db.code, Some(0), "{db:?}");
     assert_eq!(db.stdout, "db one\ndb two\n", "one service, not prefixed");
+    // The last line the engine recorded for web: stdout and stderr come
+    // through two pipes, so `web err` may be recorded before or after
+    // `web two`. The times (RFC 3339, always nine digits) order them.
+    let stamped = fixture.logs(&["--service", "web", "--timestamps", &id]);
+    assert_eq!(stamped.code, Some(0), "{stamped:?}");
+    let (last, on_stderr) = stamped
+        .stdout
+        .lines()
+        .map(|line| (line, false))
+        .chain(stamped.stderr.lines().map(|line| (line, true)))
+        .max_by(|a, b| a.0.cmp(b.0))
+        .unwrap();
+    let text = format!("{}\n", last.split_once(' ').unwrap().1);
+    let expected = if on_stderr {
+        (String::new(), text)
+    } else {
+        (text, String::new())
+    };
     let tail = fixture.logs(&["--service", "web", "--tail", "1", &id]);
     assert_eq!(
-        (tail.stdout.as_str(), tail.stderr.as_str()),
-        ("", "web err\n")
+        (tail.stdout, tail.stderr),
+        expected,
+        "exactly the last line"
     );
 
     let unknown = fixture.logs(&["--service", "cache", &id]);
