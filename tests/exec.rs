@@ -2,14 +2,15 @@
 //! the real Docker engine, docker compose and libvirt.
 
 mod common;
+#[path = "common/ctl.rs"]
+mod ctl;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{AgentProcess, Certs, client};
+use ctl::persysctl;
 use futures::StreamExt;
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
@@ -61,48 +62,6 @@ fn libvirt_available(test: &str) -> bool {
         );
     }
     ok
-}
-
-/// The persysctl binary of this checkout, built (a no-op when fresh) in
-/// the profile and target directory of this test, as tests/cli.rs does.
-fn persysctl() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev",
-            Some(other) => other,
-            None => panic!("no profile directory above {}", exe.display()),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let mut command = Command::new(cargo);
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_MANIFEST_") {
-                command.env_remove(&*name);
-            }
-        }
-        let output = command
-            .arg("build")
-            .arg("--manifest-path")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .args(["--package", "persysctl", "--bin", "persysctl"])
-            .args(["--profile", profile])
-            .arg("--target-dir")
-            .arg(profile_dir.parent().unwrap())
-            .arg("--message-format=json-render-diagnostics")
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(output.status.success(), "cargo build -p persysctl failed");
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "persysctl")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no persysctl executable")
-    })
 }
 
 /// Runs persysctl against `agent` as the operator, with `stdin` piped in.
