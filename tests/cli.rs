@@ -2,76 +2,20 @@
 //! over mutual TLS (and once in plaintext).
 
 mod common;
+#[path = "common/ctl.rs"]
+mod ctl;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{OnceLock, mpsc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{AgentProcess, Authority, Certs, UNREACHABLE_RUNTIMES, client};
+use ctl::persysctl;
 use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
 use tonic::transport::Channel;
-
-/// The persysctl binary of this checkout, built before its first use.
-///
-/// persysctl is its own package, and cargo builds (and names in
-/// `CARGO_BIN_EXE_*`) only the binaries of the package under test. So the
-/// tests ask cargo for it: `cargo build -p persysctl` in the profile and
-/// target directory these tests were built in, a no-op when it is fresh, and
-/// the executable cargo reports. Never a binary left from an earlier build.
-fn persysctl() -> &'static Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(build_persysctl)
-}
-
-fn build_persysctl() -> PathBuf {
-    // This test runs from <target-dir>/<profile dir>/deps/.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev",
-        Some(other) => other,
-        None => panic!("no profile directory above {}", exe.display()),
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    let mut command = Command::new(cargo);
-    // Without the variables cargo sets for running this test: a build
-    // script that watches one (ring's, CARGO_MANIFEST_DIR) would otherwise
-    // be rebuilt here and again by the next cargo run from a shell.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_MANIFEST_") {
-            command.env_remove(&*name);
-        }
-    }
-    let output = command
-        .arg("build")
-        .arg("--manifest-path")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-        .args(["--package", "persysctl", "--bin", "persysctl"])
-        .args(["--profile", profile])
-        .arg("--target-dir")
-        .arg(profile_dir.parent().unwrap())
-        .arg("--message-format=json-render-diagnostics")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "cargo build -p persysctl failed: {}",
-        output.status
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| {
-            message["reason"] == "compiler-artifact" && message["target"]["name"] == "persysctl"
-        })
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no persysctl executable")
-}
 
 /// The words of the ACTUAL column. A runtime's controller may already have
 /// written a status (Unknown while its engine is unreachable), so tests
