@@ -365,10 +365,13 @@ mod tests {
         assert!(is_go_inspected_of(&created(), "web"));
     }
 
+    /// A change to the spec a test makes.
+    type Change = Box<dyn Fn(&mut ContainerSpec)>;
+
     #[test]
     fn each_field_that_differs_is_named() {
         let image_env = ["PATH=/bin".to_string()];
-        let cases: Vec<(&str, Box<dyn Fn(&mut ContainerSpec)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("image", Box::new(|s| s.image = "app:2".into())),
             ("command", Box::new(|s| s.args = vec!["sleep 5".into()])),
             (

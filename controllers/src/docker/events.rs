@@ -37,7 +37,7 @@ impl Follower for ContainerEvents {
     const NAME: &'static str = "containers";
 
     /// Every managed container's events: the Go agent's containers carry
-    /// no scope; [`workload_of`] keeps the ones of this scope and the Go
+    /// no scope; `workload_of` keeps the ones of this scope and the Go
     /// agent's.
     fn filters(&self) -> HashMap<String, Vec<String>> {
         let mut filters = HashMap::from([(

@@ -193,9 +193,12 @@ mod tests {
         assert_eq!(difference(&spec(), &defined()), None);
     }
 
+    /// A change to the spec a test makes.
+    type Change = Box<dyn Fn(&mut VmSpec)>;
+
     #[test]
     fn each_field_that_differs_is_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut VmSpec)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("vcpus", Box::new(|s| s.vcpus = 4)),
             ("memory_mb", Box::new(|s| s.memory_mb = 1024)),
             (
