@@ -50,6 +50,11 @@ pub struct ComposeConfig {
     /// pulls with the same ones. None: the agent's own `DOCKER_CONFIG`, or
     /// `$HOME/.docker`.
     pub docker_config: Option<PathBuf>,
+    /// Where the Go agent kept its project folders (`/var/lib/persys/compose`
+    /// beside the state directory `/var/lib/persys/state` an upgrade
+    /// makes): a workload whose folder is there runs as the Go agent's
+    /// project (see `super::adopt`). None: no Go agent to take over from.
+    pub go_project_root: Option<PathBuf>,
 }
 
 impl ComposeConfig {
@@ -80,6 +85,10 @@ impl ComposeConfig {
                 jitter: 0.2,
             },
             docker_config: None,
+            go_project_root: state_path
+                .parent()
+                .map(|parent| parent.join("compose"))
+                .filter(|root| *root != state_path.join("compose")),
         }
     }
 }

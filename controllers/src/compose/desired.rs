@@ -8,6 +8,7 @@ use std::sync::Arc;
 use persys_api::v1::{ActualState, ComposeSpec, DesiredState, Workload, workload_spec};
 use serde_yaml_ng::Value;
 
+use super::adopt::{self, GoProject};
 use super::binds::{Binds, Resolved, binds_of};
 use super::cli::ComposeEnvironment;
 use super::document;
@@ -37,9 +38,31 @@ pub(crate) struct Prepared {
     pub(crate) binds: Binds,
     /// The file's `version`, which the override repeats.
     pub(crate) version: Option<Value>,
+    /// The Go agent's project the workload runs as, if it does.
+    pub(crate) go: Option<GoProject>,
+    /// How the Go agent's files differ from the spec, when it is not
+    /// adopted yet; none: they say the same.
+    pub(crate) go_difference: Option<String>,
 }
 
 impl Prepared {
+    /// Runs the workload as the Go agent's project, when there is one
+    /// (`super::adopt`): under its name, whatever the spec's
+    /// `project_name`. Blocking (file reads).
+    pub(crate) fn take_go_project(&mut self, workload: &Workload, go_root: Option<&Path>) {
+        if let Some(go) = adopt::find(&self.dir, go_root, workload.id()) {
+            self.project = go.name.clone();
+            self.files.project = format!("{}\n", go.name);
+            if !go.adopted
+                && let (Some(go_dir), Some(workload_spec::Spec::Compose(spec))) =
+                    (&go.dir, workload.workload_spec())
+            {
+                self.go_difference = adopt::difference(go_dir, &self.files.compose, &spec.env);
+            }
+            self.go = Some(go);
+        }
+    }
+
     /// The override file for workload `id`, with `binds` (resolved right
     /// before an `up`, or none).
     pub(crate) fn override_file(&self, id: &str, binds: &[Resolved]) -> String {
@@ -80,10 +103,16 @@ impl Desired {
     /// runtime's threads. None when the runtime is shutting down.
     pub(crate) async fn read_off_runtime(
         workload: Arc<Workload>,
-        root: PathBuf,
+        (root, go_root): (PathBuf, Option<PathBuf>),
         environment: ComposeEnvironment,
     ) -> Option<Result<Desired, ComposeError>> {
-        let read = move || Desired::read(&workload, &root, &environment);
+        let read = move || {
+            let mut desired = Desired::read(&workload, &root, &environment)?;
+            desired
+                .prepared
+                .take_go_project(&workload, go_root.as_deref());
+            Ok(desired)
+        };
         match tokio::task::spawn_blocking(read).await {
             Ok(read) => Some(read),
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
@@ -159,6 +188,8 @@ pub(crate) fn prepare(
         deploy_restarts: deploy_restarts(&interpolated),
         binds: binds_of(&interpolated),
         version,
+        go: None,
+        go_difference: None,
     };
     prepared.files.labels = prepared.override_file(id, &[]);
     Ok(prepared)
@@ -203,6 +234,8 @@ impl Desired {
                 deploy_restarts: BTreeSet::new(),
                 binds: Binds::default(),
                 version: None,
+                go: None,
+                go_difference: None,
             },
         }
     }

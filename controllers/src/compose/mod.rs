@@ -18,6 +18,7 @@
 //! - `project`: the project folder under the state directory, written
 //!   atomically, and the spec hash last brought up.
 //! - `naming`: project names, and who owns a contested one.
+//! - `adopt`: taking over the projects the Go agent left running.
 //! - `services`: the services a compose file declares, with their scale.
 //! - `document`: a compose file read within bounds (size, alias expansion,
 //!   depth), merge keys applied, `${VAR}` interpolated as compose does.
@@ -48,6 +49,7 @@
 //! ```
 
 mod act;
+pub(crate) mod adopt;
 pub mod binary;
 mod binds;
 pub(crate) mod cli;

@@ -271,7 +271,8 @@ impl Observation {
             .await
             .filter(|previous| *previous != prepared.project && other(previous).is_none());
         let containers = runtime.containers(id, &prepared.project).await?;
-        let recorded = prepared.dir.records(&prepared.project, id).await;
+        // The Go agent's project of the workload is the workload's.
+        let recorded = prepared.go.is_some() || prepared.dir.records(&prepared.project, id).await;
         Ok(Observation {
             owner: None,
             foreign: adoption_refusal(id, &prepared.project, recorded, &containers),

@@ -226,8 +226,14 @@ pub(crate) fn plan(
 }
 
 /// Declared services with a running container that lacks the restart
-/// label: the engine may restart those by itself.
+/// label: the engine may restart those by itself. None in a project taken
+/// over from the Go agent.
 fn not_taken_over(desired: &Desired, observation: &Observation) -> Vec<String> {
+    if desired.prepared.go.is_some() {
+        // The Go agent's containers, adopted as they run: recreating them
+        // to take their restarts would restart them.
+        return Vec::new();
+    }
     observation
         .containers
         .by_service

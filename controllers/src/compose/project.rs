@@ -283,6 +283,31 @@ impl ProjectDir {
         .await
     }
 
+    /// Records that the workload took over the Go agent's `project`
+    /// (`super::adopt`), so it keeps that name.
+    pub async fn record_adopted(&self, project: &str) -> std::io::Result<()> {
+        let dir = self.path.clone();
+        let project = format!("{project}\n");
+        blocking(move || {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            if write_if_changed(&dir, super::adopt::ADOPTED_FILE, project.as_bytes())? {
+                sync_dir(&dir)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// True when the workload took over the Go agent's project.
+    pub async fn is_adopted(&self) -> bool {
+        tokio::fs::try_exists(self.path.join(super::adopt::ADOPTED_FILE))
+            .await
+            .unwrap_or(false)
+    }
+
     /// The project name the folder was last written for.
     pub async fn recorded_project(&self) -> Option<String> {
         read_trimmed(self.path.join(PROJECT_FILE))

@@ -203,6 +203,55 @@ impl ComposeController {
         self.index.remove_workload(id);
     }
 
+    /// Takes over the Go agent's project of the workload, once: recorded
+    /// as the workload's; adopted as it runs (the spec recorded as brought
+    /// up, so nothing is recreated) when the Go agent's files say what the
+    /// spec says, else left for the next `up` to replace what differs.
+    async fn take_over(
+        &self,
+        desired: &Desired,
+        observation: &mut Observation,
+    ) -> Result<(), ComposeError> {
+        let (id, prepared) = (desired.id.as_str(), &desired.prepared);
+        let Some(go) = prepared.go.as_ref().filter(|go| !go.adopted) else {
+            return Ok(());
+        };
+        if observation.owner.is_some() || observation.foreign.is_some() {
+            return Ok(());
+        }
+        let files = |source| self.files_error(id, &prepared.dir, source);
+        prepared.dir.write(&prepared.files).await.map_err(files)?;
+        let count = observation.containers.containers().count();
+        match &prepared.go_difference {
+            None if count > 0 => {
+                prepared
+                    .dir
+                    .record_hash(&desired.hash)
+                    .await
+                    .map_err(files)?;
+                observation.brought_up = Some(desired.hash.clone());
+                tracing::info!(project = %go.name, containers = count, "adopted the Go agent's compose project");
+                let message = format!(
+                    "adopted compose project {} of the Go agent as it runs ({count} containers, none recreated)",
+                    go.name
+                );
+                self.event(id, EventType::Normal, "Adopted", message).await;
+            }
+            None => {}
+            Some(difference) => {
+                tracing::info!(project = %go.name, %difference, "replacing the Go agent's compose project");
+                let message = format!(
+                    "compose project {} of the Go agent differs from the spec ({difference}); bringing it up from the spec",
+                    go.name
+                );
+                self.event(id, EventType::Normal, "Replacing", message)
+                    .await;
+            }
+        }
+        prepared.dir.record_adopted(&go.name).await.map_err(files)?;
+        Ok(())
+    }
+
     /// Carries out `plan` on the workload's project.
     async fn act(
         &self,
@@ -367,9 +416,12 @@ impl Reconciler for ComposeController {
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, ComposeError> {
         let id = workload.id();
-        let root = self.config.project_root.clone();
+        let roots = (
+            self.config.project_root.clone(),
+            self.config.go_project_root.clone(),
+        );
         let environment = self.runtime.environment().clone();
-        let Some(read) = Desired::read_off_runtime(workload.clone(), root, environment).await
+        let Some(read) = Desired::read_off_runtime(workload.clone(), roots, environment).await
         else {
             return Ok(Action::requeue(PENDING_REQUEUE));
         };
@@ -384,10 +436,13 @@ impl Reconciler for ComposeController {
         };
         let project = desired.prepared.project.as_str();
         let workloads = self.cache.list_type(WorkloadType::Compose);
-        let observation = match Observation::read(&self.runtime, &workloads, &desired).await {
+        let mut observation = match Observation::read(&self.runtime, &workloads, &desired).await {
             Ok(observation) => observation,
             Err(error) => return self.publish_error(&workload, project, error).await,
         };
+        if let Err(error) = self.take_over(&desired, &mut observation).await {
+            return self.publish_error(&workload, project, error).await;
+        }
         let memory = self.workloads.get(id, Memory::clone).unwrap_or_default();
         let now = Instant::now();
         let plan = plan(
@@ -450,6 +505,22 @@ impl Reconciler for ComposeController {
             }
             tracing::info!(%project, "taking the project down: the workload is deleted");
             self.runtime.take_down(id, &project, &dir).await?;
+            // The Go agent's folder of an adopted project goes with it, as
+            // the Go agent removed it (its `.env` may hold secrets).
+            if dir.is_adopted().await
+                && let Some(go_dir) = self.config.go_project_root.as_ref().map(|r| r.join(id))
+            {
+                match tokio::fs::remove_dir_all(&go_dir).await {
+                    Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(ComposeError::Files {
+                            id: id.to_string(),
+                            path: go_dir,
+                            source,
+                        });
+                    }
+                    _ => {}
+                }
+            }
         }
         dir.remove()
             .await

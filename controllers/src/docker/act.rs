@@ -9,6 +9,7 @@ use persys_api::now_ms;
 use persys_api::v1::{ContainerSpec, EventType, Workload};
 use tokio::time::Instant;
 
+use super::adopt::{self, Adoption};
 use super::binds::recorded_sources;
 use super::config::DockerConfig;
 use super::credentials::{Found, credentials_for};
@@ -57,6 +58,17 @@ impl Converged {
         self.requeue = Some(after);
         self
     }
+}
+
+/// What became of the Go agent's container of a workload.
+#[derive(Debug)]
+pub(crate) enum TakeOver {
+    /// Adopted as it is; this is the record.
+    Adopted(Adoption),
+    /// It differs from the spec: replaced like a container of an older spec.
+    Replace,
+    /// It is gone, or is not the Go agent's after all.
+    Gone,
 }
 
 /// Which start a container is getting.
@@ -116,6 +128,48 @@ impl Act<'_> {
         .await;
     }
 
+    /// Takes over the Go agent's container of the workload: adopted as it
+    /// runs when it is what the Go agent would have created from the spec
+    /// (its restarts handed over to this agent), else to be replaced,
+    /// with an event naming what differs.
+    pub(crate) async fn take_over(&self, go: &ContainerSummary) -> Result<TakeOver, DockerError> {
+        let Some(cid) = go.id.as_deref() else {
+            return Ok(TakeOver::Gone);
+        };
+        let Some(found) = self.runtime.inspect(cid).await? else {
+            return Ok(TakeOver::Gone);
+        };
+        if !adopt::is_go_inspected_of(&found, self.id()) {
+            return Ok(TakeOver::Gone);
+        }
+        let name = display_name(&found);
+        let image = found
+            .image
+            .clone()
+            .unwrap_or_else(|| self.spec.image.clone());
+        let image_env = self.runtime.image_env(&image).await;
+        match adopt::difference(self.spec, &found, &image_env) {
+            None => {
+                self.runtime.hand_over_restarts(cid).await?;
+                let adoption = Adoption::new(cid, self.workload, &self.config.scope);
+                self.memory(|m| m.adopted = Some(adoption.clone()));
+                tracing::info!(container = %name, "adopted the Go agent's container");
+                let message =
+                    format!("adopted container {name} of the Go agent as it is (no restart)");
+                self.event(EventType::Normal, "Adopted", message).await;
+                Ok(TakeOver::Adopted(adoption))
+            }
+            Some(difference) => {
+                tracing::info!(container = %name, %difference, "replacing the Go agent's container");
+                let message = format!(
+                    "container {name} of the Go agent differs from the spec ({difference}); replacing it"
+                );
+                self.event(EventType::Normal, "Replacing", message).await;
+                Ok(TakeOver::Replace)
+            }
+        }
+    }
+
     /// Stops and removes containers of an older spec; none are left.
     pub(crate) async fn remove_stale(
         &self,
@@ -126,6 +180,12 @@ impl Act<'_> {
                 continue;
             };
             let marks = Marks::read(old.labels.as_ref());
+            if marks.workload_id.is_none() {
+                // The Go agent's, not adopted: `take_over` said why.
+                tracing::info!(container = cid, "replacing the Go agent's container");
+                self.runtime.stop_and_remove(cid, None).await?;
+                continue;
+            }
             tracing::info!(container = cid, old_revision = ?marks.revision, "replacing: the spec changed");
             let message = format!(
                 "spec changed (revision {} → {}); replacing the container",

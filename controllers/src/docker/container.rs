@@ -1,6 +1,7 @@
 //! The engine calls the controller makes on containers, volumes and images,
 //! each failing with the workload and the operation in its error.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -44,6 +45,45 @@ pub async fn list(
             ..Default::default()
         }))
         .await
+}
+
+/// Every container labelled `persys.managed=true`, of any scope and of the
+/// Go agent: the caller sorts out which are whose.
+pub async fn list_managed(docker: &Docker) -> Result<Vec<ContainerSummary>, EngineError> {
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([(
+                "label".to_string(),
+                vec![format!("{}=true", labels::MANAGED)],
+            )])),
+            ..Default::default()
+        }))
+        .await
+}
+
+/// The Go agent's containers labelled with workload `id` (see
+/// `super::adopt`), listed afresh.
+pub async fn list_go(docker: &Docker, id: &str) -> Result<Vec<ContainerSummary>, DockerError> {
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![
+            format!("{}=true", labels::MANAGED),
+            format!("{}={id}", super::adopt::GO_WORKLOAD_ID),
+        ],
+    )]);
+    let found = docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .map_err(|e| DockerError::engine(id, Operation::List, e))?;
+    Ok(found
+        .into_iter()
+        .filter(|c| super::adopt::is_go_container_of(c, id))
+        .collect())
 }
 
 /// The workload's containers.

@@ -15,6 +15,7 @@ use bollard::errors::Error as EngineError;
 use bollard::models::EventMessage;
 use persys_api::v1::WorkloadType;
 
+use super::adopt;
 use super::container;
 use super::follow::{CONTAINER_ACTIONS, Events, Follower, Lost};
 use super::labels;
@@ -35,8 +36,14 @@ pub struct ContainerEvents {
 impl Follower for ContainerEvents {
     const NAME: &'static str = "containers";
 
+    /// Every managed container's events: the Go agent's containers carry
+    /// no scope; `workload_of` keeps the ones of this scope and the Go
+    /// agent's.
     fn filters(&self) -> HashMap<String, Vec<String>> {
-        let mut filters = labels::filter(&self.scope, None);
+        let mut filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}=true", labels::MANAGED)],
+        )]);
         filters.insert("type".into(), vec!["container".into()]);
         filters.insert(
             "event".into(),
@@ -63,17 +70,25 @@ impl Follower for ContainerEvents {
     }
 
     async fn ids(&self, event: EventMessage, _: &mut Events) -> (Vec<String>, Option<Lost>) {
+        let Some(id) = workload_of(&event, &self.scope) else {
+            // Another scope's container: nothing of ours changed.
+            return (Vec::new(), None);
+        };
         // Before the id is queued, so its reconcile looks afresh.
         self.observed.invalidate();
-        (workload_of(&event).into_iter().collect(), None)
+        (vec![id], None)
     }
 }
 
 /// The workload a container event concerns, from the container's labels
-/// (the engine copies them into the event's attributes).
-fn workload_of(event: &EventMessage) -> Option<String> {
+/// (the engine copies them into the event's attributes): a container of
+/// `scope`, or the Go agent's (whose workload, if stored, adopts it).
+fn workload_of(event: &EventMessage, scope: &str) -> Option<String> {
     let attributes = event.actor.as_ref()?.attributes.as_ref()?;
-    labels::Marks::read(Some(attributes)).workload_id
+    if attributes.get(labels::SCOPE).map(String::as_str) == Some(scope) {
+        return labels::Marks::read(Some(attributes)).workload_id;
+    }
+    adopt::go_owner(Some(attributes)).map(str::to_string)
 }
 
 #[cfg(test)]
@@ -97,14 +112,32 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            workload_of(&event(&[
-                (labels::MANAGED, "true"),
-                (labels::WORKLOAD_ID, "web"),
-                ("exitCode", "137"),
-            ]))
+            workload_of(
+                &event(&[
+                    (labels::MANAGED, "true"),
+                    (labels::WORKLOAD_ID, "web"),
+                    (labels::SCOPE, "s"),
+                    ("exitCode", "137"),
+                ]),
+                "s"
+            )
             .as_deref(),
             Some("web")
         );
-        assert_eq!(workload_of(&event(&[(labels::WORKLOAD_ID, "web")])), None);
+        assert_eq!(
+            workload_of(
+                &event(&[(labels::WORKLOAD_ID, "web"), (labels::SCOPE, "s")]),
+                "s"
+            ),
+            None
+        );
+        let other_scope = event(&[
+            (labels::MANAGED, "true"),
+            (labels::WORKLOAD_ID, "web"),
+            (labels::SCOPE, "t"),
+        ]);
+        assert_eq!(workload_of(&other_scope, "s"), None);
+        let go = event(&[(labels::MANAGED, "true"), (adopt::GO_WORKLOAD_ID, "web")]);
+        assert_eq!(workload_of(&go, "s").as_deref(), Some("web"));
     }
 }

@@ -73,7 +73,7 @@ async fn running_container(docker: &Docker, id: &str, reference: &str) -> Result
         Err(e) => return Err(unreachable(id, &e)),
     };
     let marks = labels::Marks::read(found.config.as_ref().and_then(|c| c.labels.as_ref()));
-    if marks.workload_id.as_deref() != Some(id) {
+    if marks.workload_id.as_deref() != Some(id) && !super::adopt::is_go_inspected_of(&found, id) {
         return Err(IoError::NotReady(format!(
             "workload {id} has no container of its own (not started yet, or being replaced)"
         )));

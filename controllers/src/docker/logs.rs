@@ -48,7 +48,10 @@ pub(crate) fn container_logs(
                 Err(error) => return Err(runtime_error(&id, &error)),
             };
             let labels = found.config.as_ref().and_then(|c| c.labels.as_ref());
-            if Marks::read(labels).workload_id.as_deref() != Some(id.as_str()) {
+            // The agent's, or the Go agent's (adopted by the workload).
+            if Marks::read(labels).workload_id.as_deref() != Some(id.as_str())
+                && !super::adopt::is_go_inspected_of(&found, &id)
+            {
                 continue;
             }
             let Some(container) = found.id else { continue };

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::adopt::Adoption;
 use super::errors::FailureReason;
 use crate::backoff::Backoff;
 use crate::crash_loop::{CrashLoop, CrashLoopPolicy, Gate, RetryGate};
@@ -25,6 +26,9 @@ pub(crate) struct Memory {
     pub(crate) last_failure: Option<(FailureReason, String)>,
     /// The spec failed in a way no retry fixes (the engine answered 400).
     pub(crate) terminal: Option<(FailureReason, String)>,
+    /// The Go agent's container adopted for this spec, until its record is
+    /// in the stored status.
+    pub(crate) adopted: Option<Adoption>,
 }
 
 impl Memory {

@@ -13,6 +13,7 @@
 //! - [`binds`]: bind sources resolved for a create, and checked without
 //!   following links before every create and start.
 //! - [`labels`]: the `persys.*` marks by which containers are adopted.
+//! - `adopt`: taking over the containers the Go agent left running.
 //! - [`errors`]: typed errors and the failure reasons reported in status.
 //! - `status`: what a reconcile found, as the workload's status.
 //! - [`validate`], [`image`]: checks the API server also runs at apply time.
@@ -33,6 +34,7 @@
 //! ```
 
 mod act;
+pub(crate) mod adopt;
 pub mod binds;
 pub mod config;
 pub(crate) mod container;

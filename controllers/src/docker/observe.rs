@@ -5,8 +5,10 @@ use bollard::models::{
     ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum,
 };
 
+use super::adopt::{Adoption, is_go_container_of};
 use super::errors::DockerError;
 use super::labels::Marks;
+use super::observed::Listed;
 use super::runtime::Runtime;
 
 /// One workload's containers as the engine shows them.
@@ -26,15 +28,44 @@ pub(crate) struct Observation {
     /// threshold: the probe's output. Read from the prober, not the
     /// engine.
     pub(crate) unhealthy: Option<String>,
+    /// The Go agent's container of the workload, not adopted yet: to adopt
+    /// or replace (`super::adopt`).
+    pub(crate) go: Option<ContainerSummary>,
+}
+
+/// This agent's containers of the workload with, marked as its own, the
+/// Go agent's container `adoption` records; and the Go agent's container
+/// not adopted yet, if there is one.
+fn with_adopted(
+    listed: Listed,
+    id: &str,
+    adoption: Option<&Adoption>,
+) -> (Vec<ContainerSummary>, Option<ContainerSummary>) {
+    let Listed { mut ours, go } = listed;
+    let mut candidate = None;
+    for mut summary in go.into_iter().filter(|c| is_go_container_of(c, id)) {
+        match adoption {
+            Some(adoption) if adoption.is(&summary) => {
+                adoption.mark(&mut summary);
+                ours.push(summary);
+            }
+            // Names are unique: there is one at most.
+            _ => candidate = Some(summary),
+        }
+    }
+    (ours, candidate)
 }
 
 /// Reads the workload's containers: the listing (cached while it holds),
-/// and the kept container's inspect.
+/// and the kept container's inspect. The container `adoption` records is
+/// read as one of this agent's.
 pub(crate) async fn observe(
     runtime: &Runtime<'_>,
     spec_hash: &str,
+    adoption: Option<&Adoption>,
 ) -> Result<Observation, DockerError> {
-    let (current, stale) = partition(runtime.listed().await?, spec_hash);
+    let (ours, go) = with_adopted(runtime.listed().await?, runtime.id(), adoption);
+    let (current, stale) = partition(ours, spec_hash);
     let mut current = current.into_iter();
     let keep = current.next();
     let duplicates = current.filter_map(|c| c.id).collect();
@@ -48,6 +79,7 @@ pub(crate) async fn observe(
         stale,
         image_present: None,
         unhealthy: None,
+        go,
     })
 }
 
@@ -56,9 +88,14 @@ pub(crate) async fn observe(
 pub(crate) async fn kept_afresh(
     runtime: &Runtime<'_>,
     spec_hash: &str,
+    adoption: Option<&Adoption>,
 ) -> Option<ContainerInspectResponse> {
-    let found = runtime.list().await.ok()?;
-    let cid = partition(found, spec_hash).0.into_iter().next()?.id?;
+    let mut ours = runtime.list().await.ok()?;
+    if adoption.is_some() {
+        let go = runtime.list_go().await.ok()?;
+        ours = with_adopted(Listed { ours, go }, runtime.id(), adoption).0;
+    }
+    let cid = partition(ours, spec_hash).0.into_iter().next()?.id?;
     runtime.inspect(&cid).await.ok().flatten()
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::models::{ContainerInspectResponse, ContainerSummary};
 
+use super::adopt;
 use super::container;
 use super::errors::{DockerError, Operation};
 use super::labels;
@@ -33,6 +34,19 @@ struct Listing {
     generation: u64,
     taken: Instant,
     by_workload: HashMap<String, Vec<ContainerSummary>>,
+    /// The Go agent's containers, by the workload they are labelled with
+    /// (see `super::adopt`): listed in the same call.
+    go_by_workload: HashMap<String, Vec<ContainerSummary>>,
+}
+
+/// One workload's containers in a listing.
+#[derive(Debug, Clone, Default)]
+pub struct Listed {
+    /// This agent's, of its scope.
+    pub ours: Vec<ContainerSummary>,
+    /// The Go agent's, labelled with the workload (its name is checked by
+    /// whoever takes them over).
+    pub go: Vec<ContainerSummary>,
 }
 
 struct Inspected {
@@ -74,6 +88,15 @@ fn inspect_state(response: &ContainerInspectResponse) -> Option<String> {
         .map(|s| s.to_string())
 }
 
+impl Listing {
+    fn of(&self, id: &str) -> Listed {
+        Listed {
+            ours: self.by_workload.get(id).cloned().unwrap_or_default(),
+            go: self.go_by_workload.get(id).cloned().unwrap_or_default(),
+        }
+    }
+}
+
 impl Observed {
     /// Something changed: nothing seen before can be trusted.
     pub fn invalidate(&self) {
@@ -85,7 +108,7 @@ impl Observed {
     }
 
     /// The workload's containers from a listing still valid, if there is one.
-    fn listed(&self, id: &str) -> Option<Vec<ContainerSummary>> {
+    fn listed(&self, id: &str) -> Option<Listed> {
         let generation = self.generation.load(Ordering::Acquire);
         let cached = self.cached();
         let listing = cached.listing.as_ref()?;
@@ -93,18 +116,19 @@ impl Observed {
             return None;
         }
         self.reused.fetch_add(1, Ordering::Relaxed);
-        Some(listing.by_workload.get(id).cloned().unwrap_or_default())
+        Some(listing.of(id))
     }
 
-    /// The managed containers of workload `id` in `scope`: from the cached
-    /// listing while it is valid, else from one listing of every managed
-    /// container, which then serves the other workloads too.
+    /// The managed containers of workload `id` in `scope`, and the Go
+    /// agent's labelled with it: from the cached listing while it is valid,
+    /// else from one listing of every managed container, which then serves
+    /// the other workloads too.
     pub async fn list_for(
         &self,
         docker: &Docker,
         scope: &str,
         id: &str,
-    ) -> Result<Vec<ContainerSummary>, DockerError> {
+    ) -> Result<Listed, DockerError> {
         if let Some(mine) = self.listed(id) {
             return Ok(mine);
         }
@@ -114,20 +138,31 @@ impl Observed {
             return Ok(mine);
         }
         let generation = self.generation.load(Ordering::Acquire);
-        let all = container::list(docker, scope, None)
+        let all = container::list_managed(docker)
             .await
             .map_err(|e| DockerError::engine(id, Operation::List, e))?;
         let mut by_workload: HashMap<String, Vec<ContainerSummary>> = HashMap::new();
+        let mut go_by_workload: HashMap<String, Vec<ContainerSummary>> = HashMap::new();
         for summary in all {
-            if let Some(owner) = labels::Marks::read(summary.labels.as_ref()).workload_id {
-                by_workload.entry(owner).or_default().push(summary);
+            let labels = summary.labels.as_ref();
+            if labels
+                .and_then(|l| l.get(labels::SCOPE))
+                .map(String::as_str)
+                == Some(scope)
+            {
+                if let Some(owner) = labels::Marks::read(labels).workload_id {
+                    by_workload.entry(owner).or_default().push(summary);
+                }
+            } else if let Some(owner) = adopt::go_owner(labels) {
+                let owner = owner.to_string();
+                go_by_workload.entry(owner).or_default().push(summary);
             }
         }
-        let mine = by_workload.get(id).cloned().unwrap_or_default();
         let mut cached = self.cached();
         // Keep inspects of containers whose state the new listing confirms.
         let live: HashMap<&str, Option<String>> = by_workload
             .values()
+            .chain(go_by_workload.values())
             .flatten()
             .filter_map(|c| Some((c.id.as_deref()?, summary_state(c))))
             .collect();
@@ -135,11 +170,14 @@ impl Observed {
             live.get(cid.as_str())
                 .is_some_and(|state| *state == entry.state)
         });
-        cached.listing = Some(Listing {
+        let listing = Listing {
             generation,
             taken: Instant::now(),
             by_workload,
-        });
+            go_by_workload,
+        };
+        let mine = listing.of(id);
+        cached.listing = Some(listing);
         Ok(mine)
     }
 

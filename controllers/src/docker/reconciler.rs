@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::act::{Act, Converged, Halt, StartKind};
+use super::act::{Act, Converged, Halt, StartKind, TakeOver};
+use super::adopt::Adoption;
 use super::config::DockerConfig;
 use super::engine::{Engine, EngineVersion};
 use super::errors::{DockerError, FailureReason};
@@ -197,14 +198,34 @@ impl DockerController {
         }
     }
 
+    /// The Go agent's container adopted for the workload: just now (in
+    /// memory) or as its status records.
+    fn adoption_of(&self, workload: &Workload) -> Option<Adoption> {
+        let hash = workload.spec_hash();
+        self.workloads
+            .get(workload.id(), |m| {
+                m.adopted.clone().filter(|_| m.spec_hash == hash)
+            })
+            .flatten()
+            .or_else(|| Adoption::recorded(workload.status.as_ref(), &self.config.scope))
+    }
+
     /// Writes `converged` as the status, if it differs from the stored one.
+    /// The record of an adopted container stays with it while it is the
+    /// one the status describes (or none is known).
     async fn publish(
         &self,
         workload: &Workload,
         converged: Converged,
     ) -> Result<Action, DockerError> {
         let previous = workload.status_or_default();
-        let (readiness, probe_facts) = self.probe(workload, &converged);
+        let (readiness, mut probe_facts) = self.probe(workload, &converged);
+        if let Some(adoption) = self.adoption_of(workload) {
+            let described = converged.container.as_ref().and_then(|c| c.id.as_deref());
+            if described.is_none_or(|cid| cid == adoption.container_id) {
+                probe_facts.extend(adoption.facts());
+            }
+        }
         let status = status::build(
             &previous,
             Report {
@@ -318,8 +339,6 @@ impl DockerController {
         let carried = workload.status.as_ref().map_or(0, |s| s.restart_count);
         let first_sight = self.workloads.with(id, |m| m.renew(&hash, carried));
         let desired = Desired::of(workload, spec, &self.config);
-        let mut observed = observe(runtime, &hash).await?;
-        observed.unhealthy = self.liveness_failure(id, observed.kept.as_ref());
         let act = Act {
             runtime,
             events: &self.events,
@@ -328,8 +347,25 @@ impl DockerController {
             workload,
             spec,
         };
+        let adoption = self.adoption_of(workload);
+        let mut observed = observe(runtime, &hash, adoption.as_ref()).await?;
+        let mut took_over = false;
+        if let Some(go) = observed.go.take() {
+            match act.take_over(&go).await? {
+                TakeOver::Adopted(adoption) => {
+                    observed = observe(runtime, &hash, Some(&adoption)).await?;
+                    took_over = true;
+                }
+                TakeOver::Replace => observed.stale.push(go),
+                TakeOver::Gone => {}
+            }
+        }
+        observed.unhealthy = self.liveness_failure(id, observed.kept.as_ref());
         act.remove_duplicates(&observed.duplicates).await?;
-        if first_sight && let Some(found) = &observed.kept {
+        if first_sight
+            && !took_over
+            && let Some(found) = &observed.kept
+        {
             act.adopted(found).await;
         }
         if plan::replaces_stale_first(&desired, &observed) {
@@ -350,7 +386,7 @@ impl DockerController {
                 Plan::ReportRunning => Ok(Converged::new(Outcome::Running, kept)),
                 Plan::RestartUnhealthy { output } => {
                     act.stop_unhealthy(&found(), &output).await?;
-                    observed = observe(runtime, &hash).await?;
+                    observed = observe(runtime, &hash, self.adoption_of(workload).as_ref()).await?;
                     continue;
                 }
                 Plan::Unpause => act.unpause(&found()).await,
@@ -536,7 +572,8 @@ impl Reconciler for DockerController {
         match self.converge(&runtime, &workload, spec).await {
             Ok(converged) => self.publish(&workload, converged).await,
             Err(Halt::Failed(failed)) => {
-                let found = kept_afresh(&runtime, &workload.spec_hash()).await;
+                let adoption = self.adoption_of(&workload);
+                let found = kept_afresh(&runtime, &workload.spec_hash(), adoption.as_ref()).await;
                 let requeue = failed.retry_in.map(|d| d.max(kit::MIN_REQUEUE));
                 let mut converged = Converged::new(Outcome::Failed(failed), found);
                 converged.requeue = requeue;
@@ -553,7 +590,11 @@ impl Reconciler for DockerController {
             Some(workload_spec::Spec::Container(spec)) => Some(stop_grace(spec)),
             _ => None,
         };
-        for found in runtime.list().await? {
+        // The Go agent's container of a workload in the store is the
+        // workload's, adopted or not yet.
+        let mut containers = runtime.list().await?;
+        containers.extend(runtime.list_go().await?);
+        for found in containers {
             if let Some(cid) = found.id.as_deref() {
                 tracing::info!(container = cid, "removing: the workload is deleted");
                 runtime.stop_and_remove(cid, grace).await?;

@@ -8,7 +8,8 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as EngineError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, VolumeCreateRequest,
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerUpdateBody,
+    RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{CreateContainerOptions, StartContainerOptions};
 use persys_api::v1::ContainerSpec;
@@ -18,7 +19,7 @@ use super::container;
 use super::engine::Engine;
 use super::errors::{DockerError, FailureReason, Operation};
 use super::image::ImageReference;
-use super::observed::Observed;
+use super::observed::{Listed, Observed};
 use super::validate::HostPathPolicy;
 
 /// The engine client of one reconcile, and the observation cache it keeps
@@ -56,6 +57,11 @@ impl<'a> Runtime<'a> {
         })
     }
 
+    /// The workload this reconcile is for.
+    pub(crate) fn id(&self) -> &str {
+        self.id
+    }
+
     /// Called before every change: what was observed no longer holds.
     fn changing(&self) {
         self.observed.invalidate();
@@ -73,8 +79,9 @@ impl<'a> Runtime<'a> {
             .map_err(|e| DockerError::engine(self.id, operation, e))
     }
 
-    /// The workload's containers, from the cached listing while it holds.
-    pub(crate) async fn listed(&self) -> Result<Vec<ContainerSummary>, DockerError> {
+    /// The workload's containers (and the Go agent's labelled with it), from
+    /// the cached listing while it holds.
+    pub(crate) async fn listed(&self) -> Result<Listed, DockerError> {
         self.observed
             .list_for(&self.docker, self.scope, self.id)
             .await
@@ -91,6 +98,37 @@ impl<'a> Runtime<'a> {
     /// The workload's containers, listed afresh.
     pub(crate) async fn list(&self) -> Result<Vec<ContainerSummary>, DockerError> {
         container::list_for(&self.docker, self.scope, self.id).await
+    }
+
+    /// The Go agent's containers of the workload, listed afresh.
+    pub(crate) async fn list_go(&self) -> Result<Vec<ContainerSummary>, DockerError> {
+        container::list_go(&self.docker, self.id).await
+    }
+
+    /// The environment `image` brings (merged by the engine into every
+    /// container's); empty when the image cannot be read.
+    pub(crate) async fn image_env(&self, image: &str) -> Vec<String> {
+        match self.docker.inspect_image(image).await {
+            Ok(found) => found.config.and_then(|c| c.env).unwrap_or_default(),
+            Err(error) => {
+                tracing::debug!(%error, image, "image not readable; its environment is unknown");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Sets the container's engine restart policy to `no` while it runs (no
+    /// restart): restarts are this agent's, with its crash-loop back-off.
+    pub(crate) async fn hand_over_restarts(&self, cid: &str) -> Result<(), DockerError> {
+        let body = ContainerUpdateBody {
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::NO),
+                maximum_retry_count: None,
+            }),
+            ..Default::default()
+        };
+        let call = self.docker.update_container(cid, body);
+        self.change(Operation::Update, call).await
     }
 
     /// The container, inspected afresh; none if it is gone.

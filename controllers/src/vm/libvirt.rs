@@ -773,6 +773,27 @@ impl Hypervisor {
         .await
     }
 
+    /// Adds `marks` to domain `uuid`'s persistent definition, and to the
+    /// running guest's when it runs: no restart, no redefinition.
+    pub async fn set_marks(&self, id: &str, uuid: &str, marks: &Marks) -> Result<(), VmError> {
+        let element = marks.to_bare_xml();
+        self.on_domain(id, uuid, Operation::WriteMetadata, move |domain| {
+            let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+            if domain.is_active()? {
+                flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+            }
+            domain.set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(&element),
+                Some(super::marks::PREFIX),
+                Some(NAMESPACE),
+                flags,
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Undefines a (stopped) domain with its NVRAM, managed save, snapshot
     /// and checkpoint metadata. One already gone is fine.
     pub async fn undefine(&self, id: &str, uuid: &str) -> Result<(), VmError> {

@@ -39,10 +39,25 @@ impl Marks {
 
     /// The `<persys:workload>` element, to put inside `<metadata>`.
     pub fn to_xml(&self, indent: &str) -> String {
-        let mut out = format!("{indent}<{PREFIX}:workload xmlns:{PREFIX}=\"{NAMESPACE}\">\n");
+        self.element(
+            indent,
+            &format!("{PREFIX}:"),
+            &format!(" xmlns:{PREFIX}=\"{NAMESPACE}\""),
+        )
+    }
+
+    /// The element without prefix or namespace, as `virDomainSetMetadata`
+    /// takes it (libvirt puts it in [`NAMESPACE`] under [`PREFIX`]): how the
+    /// marks are added to a domain the agent did not define.
+    pub fn to_bare_xml(&self) -> String {
+        self.element("", "", "")
+    }
+
+    fn element(&self, indent: &str, prefix: &str, namespace: &str) -> String {
+        let mut out = format!("{indent}<{prefix}workload{namespace}>\n");
         let mut field = |name: &str, value: &str| {
             out.push_str(&format!(
-                "{indent}  <{PREFIX}:{name}>{}</{PREFIX}:{name}>\n",
+                "{indent}  <{prefix}{name}>{}</{prefix}{name}>\n",
                 escape(value)
             ));
         };
@@ -58,7 +73,7 @@ impl Marks {
         if let Some(seed) = &self.seed {
             field("seed", seed);
         }
-        out.push_str(&format!("{indent}</{PREFIX}:workload>\n"));
+        out.push_str(&format!("{indent}</{prefix}workload>\n"));
         out
     }
 
@@ -119,6 +134,14 @@ mod tests {
     fn marks_survive_a_round_trip_through_their_element() {
         let marks = sample();
         assert_eq!(Marks::parse(&marks.to_xml("")), Some(marks));
+    }
+
+    #[test]
+    fn bare_marks_read_back_the_same() {
+        let marks = sample();
+        let bare = marks.to_bare_xml();
+        assert!(!bare.contains("persys:"), "{bare}");
+        assert_eq!(Marks::parse(&bare), Some(marks));
     }
 
     #[test]

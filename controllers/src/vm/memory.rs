@@ -20,6 +20,12 @@ pub(crate) struct Memory {
     pub(crate) shutdown_since: Option<Instant>,
     /// Why the last define or start failed, reported while backing off.
     pub(crate) last_failure: Option<(FailureReason, String)>,
+    /// The Go agent's domain was looked for since the agent started (or
+    /// since the spec changed).
+    pub(crate) go_checked: bool,
+    /// The name of the Go agent's domain adopted here, until the status
+    /// records it; kept across spec changes.
+    pub(crate) adopted_name: Option<String>,
 }
 
 impl Memory {
@@ -34,6 +40,7 @@ impl Memory {
             *self = Memory {
                 spec_hash: spec_hash.to_string(),
                 crash: CrashLoop::new(carried),
+                adopted_name: self.adopted_name.take(),
                 ..Default::default()
             };
         }

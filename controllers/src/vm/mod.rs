@@ -15,6 +15,7 @@
 //!   `spawn_blocking`; one shared connection, reconnected with back-off.
 //! - [`domain_xml`]: a `VMSpec` as domain XML; [`marks`]: the `<metadata>`
 //!   element domains are adopted by; [`xml`]: escaping and reading XML.
+//! - `adopt`: taking over the domains the Go agent left defined.
 //! - [`disks`]: disk plans, path rules, managed volumes, `qemu-img create`
 //!   for missing files, and the record of agent-created disks; [`image`]:
 //!   `qemu-img info` and the format and backing-file rules; [`ownership`]:
@@ -36,6 +37,7 @@
 //! ```
 
 mod act;
+mod adopt;
 pub mod config;
 mod console;
 pub mod disks;

@@ -15,10 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use persys_api::v1::{ActualState, DesiredState, VmSpec, Workload, WorkloadType, workload_spec};
+use persys_api::v1::{
+    ActualState, DesiredState, EventType, VmSpec, Workload, WorkloadType, workload_spec,
+};
 use tokio::time::Instant;
 
 use super::act::{Converged, Halt, StartKind, name_taken};
+use super::adopt;
 use super::config::{VmConfig, resolve_domain_type};
 use super::disks::{add_seed, add_volumes, plan_disks};
 use super::domain_xml::{DomainPlan, domain_name, graphics, plan_nics, resources};
@@ -191,6 +194,101 @@ impl VmController {
         })
     }
 
+    /// The name of the Go agent's domain the workload adopted, which it
+    /// keeps: as remembered here, or as its status records.
+    fn adopted_name(&self, workload: &Workload) -> Option<String> {
+        self.workloads
+            .get(workload.id(), |m| m.adopted_name.clone())
+            .flatten()
+            .or_else(|| adopt::recorded_name(workload.status.as_ref()).map(String::from))
+    }
+
+    /// Takes over the Go agent's domain of the workload — the one named by
+    /// the workload id, with no marks — once per spec since the agent
+    /// started: adopted as it runs when its definition is what the Go
+    /// agent made of the spec (marked, nothing recorded as created, named
+    /// as it is from then on), else replaced (its disks kept).
+    async fn take_over(&self, workload: &Workload, layout: &mut Layout) -> Result<(), VmError> {
+        let id = workload.id();
+        if self
+            .workloads
+            .with(id, |m| std::mem::replace(&mut m.go_checked, true))
+        {
+            return Ok(());
+        }
+        let looked = async {
+            let scope = &self.config.scope;
+            let Some(found) = self.hypervisor.lookup(id, scope, id, false).await?.by_name else {
+                return Ok(None);
+            };
+            if found.marks.is_some() {
+                // This agent's, or another scope's: never the Go agent's.
+                return Ok(None);
+            }
+            Ok(self
+                .hypervisor
+                .inspect(id, &found.uuid)
+                .await?
+                .map(|live| (found, live)))
+        };
+        let (found, live) = match looked.await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                self.workloads.with(id, |m| m.go_checked = false);
+                return Err(error);
+            }
+        };
+        let Ok(spec) = vm_spec(workload) else {
+            return Ok(());
+        };
+        match adopt::difference(spec, &live) {
+            None => {
+                let marks = Marks {
+                    created_disks: Vec::new(),
+                    seed: None,
+                    ..layout.domain.marks.clone()
+                };
+                if let Err(error) = self.hypervisor.set_marks(id, &found.uuid, &marks).await {
+                    self.workloads.with(id, |m| m.go_checked = false);
+                    return Err(error);
+                }
+                layout.domain.name = found.name.clone();
+                let stored_restarts = workload.status.as_ref().map_or(0, |s| s.restart_count);
+                self.workloads.with(id, |m| {
+                    m.adopted_name = Some(found.name.clone());
+                    // Adopted here: the first look's generic adoption is not
+                    // needed.
+                    m.track(&marks.spec_hash, stored_restarts);
+                });
+                tracing::info!(domain = %found.name, uuid = %found.uuid, "adopted the Go agent's domain");
+                let message = format!(
+                    "adopted domain {} ({}) of the Go agent as it is (no restart); its disks are not the agent's and stay when the workload is deleted",
+                    found.name, found.uuid
+                );
+                self.events
+                    .event(id, EventType::Normal, "Adopted", message)
+                    .await;
+            }
+            Some(difference) => {
+                tracing::info!(domain = %found.name, %difference, "replacing the Go agent's domain");
+                let message = format!(
+                    "domain {} of the Go agent differs from the spec ({difference}); replacing it (its disks are kept)",
+                    found.name
+                );
+                self.events
+                    .event(id, EventType::Normal, "Replacing", message)
+                    .await;
+                let why = "replaced: it differs from the spec";
+                if let Err(error) = self.tear_down(id, vec![found], false, why).await {
+                    self.workloads.with(id, |m| m.go_checked = false);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `converged` as the status, if it differs from the stored one.
     async fn publish(&self, workload: &Workload, converged: Converged) -> Result<Action, VmError> {
         let id = workload.id();
@@ -208,7 +306,7 @@ impl VmController {
         };
         let restarts = self.workloads.with(id, |m| m.crash.restarts());
         let previous = workload.status_or_default();
-        let status = status::build(
+        let mut status = status::build(
             &previous,
             Report {
                 outcome: converged.outcome,
@@ -217,6 +315,11 @@ impl VmController {
                 restarts,
             },
         );
+        if let Some(name) = self.adopted_name(workload) {
+            status
+                .facts
+                .insert(adopt::FACT_DOMAIN_NAME.to_string(), name);
+        }
         kit::publish_status(self.writer.as_ref(), workload, status, converged.requeue)
             .await
             .map_err(|source| VmError::Store {
@@ -385,7 +488,7 @@ impl Reconciler for VmController {
 
     async fn reconcile(&self, workload: Arc<Workload>) -> Result<Action, VmError> {
         let id = workload.id();
-        let layout = match self.layout(&workload) {
+        let mut layout = match self.layout(&workload) {
             Ok(layout) => layout,
             Err(error) => {
                 tracing::warn!(%error, "invalid spec; not acting on it");
@@ -393,6 +496,12 @@ impl Reconciler for VmController {
                 return self.publish(&workload, converged).await;
             }
         };
+        if let Some(name) = self.adopted_name(&workload) {
+            layout.domain.name = name;
+        }
+        if let Err(error) = self.take_over(&workload, &mut layout).await {
+            return self.publish_error(&workload, error).await;
+        }
         match self.converge(&workload, &layout).await {
             Ok(converged) => self.publish(&workload, converged).await,
             Err(Halt::Failed(failed)) => {
@@ -414,9 +523,11 @@ impl Reconciler for VmController {
 
     async fn cleanup(&self, workload: Arc<Workload>) -> Result<Cleanup, VmError> {
         let id = workload.id();
-        let name = vm_spec(&workload)
-            .and_then(|spec| domain_name(id, spec))
-            .unwrap_or_else(|_| id.to_string());
+        let name = self.adopted_name(&workload).unwrap_or_else(|| {
+            vm_spec(&workload)
+                .and_then(|spec| domain_name(id, spec))
+                .unwrap_or_else(|_| id.to_string())
+        });
         let lookup = self
             .hypervisor
             .lookup(id, &self.config.scope, &name, true)
