@@ -646,7 +646,7 @@ async fn write_one(
         if let Some(reservation) = reservation {
             admission.release_after(reservation, outcome.workload().resource_version());
         }
-        tracing::debug!(workload_id = %id, "imported");
+        tracing::debug!(workload_id = %id, "Go agent workload imported");
         record_imported(store, &id, kind, &message).await
     }
     .await;
