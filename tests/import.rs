@@ -31,7 +31,7 @@ fn fixture_program() -> Option<&'static Path> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goagent-state");
-        let out = std::env::temp_dir().join(format!("persys-goagent-state-{}", std::process::id()));
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("goagent-state");
         std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
         let program = out.join("goagent-state");
         let output = Command::new("go")
@@ -42,6 +42,10 @@ fn fixture_program() -> Option<&'static Path> {
             .env("GOPATH", "/usr/share/gocode")
             .env("GO111MODULE", "off")
             .env("GOFLAGS", "")
+            .env(
+                "GOCACHE",
+                std::env::var_os("GOCACHE").unwrap_or_else(|| out.join("gocache").into()),
+            )
             .output()
             .map_err(|e| {
                 format!("go: {e} (install golang-go golang-github-coreos-bbolt-dev: hack/deps.sh)")
@@ -429,6 +433,42 @@ async fn the_import_command_imports_into_the_state_directory_and_again_adds_noth
     assert!(applies(&store).values().all(|n| *n == 1));
     store.close().await;
     assert_eq!(fingerprint(&file), before);
+}
+
+/// The Go agent still running holds its file's lock: the import refuses,
+/// saying to stop it, instead of waiting forever or reading a file in flux.
+#[test]
+fn an_import_while_the_go_agent_holds_its_file_says_to_stop_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(program) = fixture_program() else {
+        return;
+    };
+    let file = dir.path().join("state.db");
+    let mut go_agent = Command::new(program)
+        .arg("-out")
+        .arg(&file)
+        .arg("-hold")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(go_agent.stdout.take().unwrap()).lines();
+    while let Some(line) = stdout.next() {
+        if line.unwrap().contains("holding") {
+            break;
+        }
+    }
+    let output = import_command(
+        &dir.path().join("state"),
+        &["--from", file.to_str().unwrap(), "--dry-run"],
+        &[],
+    );
+    drop(go_agent.stdin.take());
+    go_agent.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&file.display().to_string()), "{stderr}");
+    assert!(stderr.contains("stop the Go agent first"), "{stderr}");
 }
 
 #[test]
