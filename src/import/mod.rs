@@ -815,3 +815,65 @@ impl persys_controllers::WorkloadSource for NothingStored {
         futures::stream::pending().boxed()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_directory_is_beside_the_file_named_after_it() {
+        assert_eq!(
+            state_dir_beside(Path::new("/var/lib/persys/state.db")),
+            PathBuf::from("/var/lib/persys/state")
+        );
+        assert_eq!(
+            state_dir_beside(Path::new("/srv/bolt")),
+            PathBuf::from("/srv/bolt.state")
+        );
+    }
+
+    fn config_with(state: &Path) -> Config {
+        Config::try_parse_from_iter(["persys-agent", "--state-dir", state.to_str().unwrap()])
+            .unwrap()
+    }
+
+    #[test]
+    fn a_bbolt_file_as_the_state_path_is_found_by_its_header_not_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        // A bbolt meta page: page header (16 bytes), magic, version 2.
+        let mut header = vec![0u8; 4096];
+        header[16..20].copy_from_slice(&MAGIC_FOR_TESTS.to_le_bytes());
+        header[20..24].copy_from_slice(&2u32.to_le_bytes());
+        let file = dir.path().join("agent-data");
+        std::fs::write(&file, &header).unwrap();
+        let mut config = config_with(&file);
+        let found = resolve(&mut config).unwrap().unwrap();
+        assert_eq!(found.file, file);
+        assert!(found.named);
+        assert_eq!(config.state_path, dir.path().join("agent-data.state"));
+        assert_eq!(found.marker(), dir.path().join("agent-data.imported"));
+
+        let text = dir.path().join("state.db");
+        std::fs::write(&text, "not bbolt").unwrap();
+        let mut config = config_with(&text);
+        assert!(matches!(
+            resolve(&mut config),
+            Err(ImportError::NotAState(path)) if path == text
+        ));
+    }
+
+    #[test]
+    fn the_go_agents_state_db_beside_the_state_directory_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut config = config_with(&state);
+        assert_eq!(resolve(&mut config).unwrap(), None);
+        std::fs::write(dir.path().join("state.db"), "x").unwrap();
+        let found = resolve(&mut config).unwrap().unwrap();
+        assert_eq!(found.file, dir.path().join("state.db"));
+        assert!(!found.named);
+        assert_eq!(config.state_path, state);
+    }
+
+    const MAGIC_FOR_TESTS: u32 = 0xED0C_DAED;
+}
