@@ -452,8 +452,8 @@ fn an_import_while_the_go_agent_holds_its_file_says_to_stop_it() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(go_agent.stdout.take().unwrap()).lines();
-    while let Some(line) = stdout.next() {
+    let stdout = BufReader::new(go_agent.stdout.take().unwrap()).lines();
+    for line in stdout {
         if line.unwrap().contains("holding") {
             break;
         }
