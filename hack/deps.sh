@@ -10,6 +10,8 @@ packages=(
   iproute2 procps openssl
   # tests/registry.rs: a private registry (distribution 2.8) with htpasswd auth.
   docker-registry apache2-utils
+  # tests/import.rs: the Go agent's state.db, written by the real bbolt.
+  golang-go golang-github-coreos-bbolt-dev
 )
 
 missing=()

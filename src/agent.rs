@@ -43,6 +43,10 @@ pub enum AgentError {
     Policy(#[from] PolicyError),
     #[error("invalid workload policy: {0}")]
     WorkloadPolicy(#[from] crate::policy::PolicyFileError),
+    /// The Go agent's state could not be imported: the agent does not
+    /// start without it.
+    #[error("{0}")]
+    Import(#[from] crate::import::ImportError),
     /// A write or sync of the store failed while running: the agent stops
     /// so that its service manager restarts it and recovery replays the
     /// journal.
@@ -89,7 +93,32 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` is cancelled (a signal), then stops
 /// accepting, lets in-flight RPCs and reconciles finish, and syncs the store.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    // The Go agent's state.db, if this is where it left one: this agent's
+    // state goes in the directory beside it.
+    let go_state = crate::import::resolve(&mut config)?;
+    let import = match &go_state {
+        Some(found) => match crate::import::plan_start(found).await? {
+            crate::import::StartPlan::Import(state) => Some((found.clone(), state)),
+            crate::import::StartPlan::AlreadyImported => {
+                tracing::info!(
+                    file = %found.file.display(),
+                    marker = %found.marker().display(),
+                    "the Go agent's state was imported already; not again"
+                );
+                None
+            }
+            crate::import::StartPlan::Unrelated => {
+                tracing::warn!(
+                    file = %found.file.display(),
+                    state_dir = %found.state_dir.display(),
+                    "a Go agent state.db lies beside a state directory this agent already uses, and no import into it was started: NOT imported; `persys-agent import --from` imports it on purpose"
+                );
+                None
+            }
+        },
+        None => None,
+    };
     // Stopped after the gRPC server, so nothing it serves is gone early.
     let background = CancellationToken::new();
     // Every long-running task, watched: one that dies is reported.
@@ -122,6 +151,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         let stop = background.clone();
         async move { informer.run(stop).await }
     });
+
+    let gate = crate::import::gate(&config, &policy, &informer, &tasks);
+    if let Some((found, state)) = import {
+        // Before any controller or client sees the store.
+        crate::import::at_start(&found, state, &store, &gate).await?;
+    }
 
     let runtimes = RuntimeBoard::default();
     let registry = Registry::new(&config);
@@ -158,26 +193,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     let agent = Agent {
         store: store.clone(),
         informer: informer.clone(),
-        admission: crate::server::ceilings::Admission::start(
-            policy.ceilings.clone(),
-            &informer,
-            &tasks,
-        ),
+        admission: gate.admission.clone(),
         vm_disk_claims: Arc::default(),
         compose_parses: Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()),
         )),
-        limits: Arc::new(Limits {
-            host_paths: crate::policy::host_path_policy(&config, &policy),
-            vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
-            vm_root: persys_controllers::vm::vm_root(&config.state_path),
-            policy: policy.clone(),
-            compose_env: persys_controllers::compose::ComposeEnvironment::new(
-                std::env::vars(),
-                &config.docker_host,
-            ),
-            ..Limits::default()
-        }),
+        limits: gate.limits.clone(),
         registry,
         runtimes,
         node,
@@ -233,8 +254,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     Ok(())
 }
 
+/// What validation of an apply knows about this node.
+pub(crate) fn apply_limits(
+    config: &Config,
+    policy: &Arc<persys_controllers::policy::NodePolicy>,
+) -> Limits {
+    Limits {
+        host_paths: crate::policy::host_path_policy(config, policy),
+        vm_disk_roots: persys_controllers::vm::default_disk_roots(&config.state_path),
+        vm_root: persys_controllers::vm::vm_root(&config.state_path),
+        policy: policy.clone(),
+        compose_env: persys_controllers::compose::ComposeEnvironment::new(
+            std::env::vars(),
+            &config.docker_host,
+        ),
+        ..Limits::default()
+    }
+}
+
 /// Opens the store at the configured path, with its key and log limits.
-fn open_store(config: &Config) -> Result<Store, AgentError> {
+pub(crate) fn open_store(config: &Config) -> Result<Store, AgentError> {
     let mut store_config = StoreConfig::new(&config.state_path);
     store_config.key_file = config.state_key_file();
     store_config.max_log_entries = config.log_max_entries;

@@ -1,13 +1,23 @@
 //! One-shot commands of the `persys-agent` binary (`persys-agent authz
 //! check …`, `persys-agent store rotate-key`, `persys-agent store check`,
-//! `persys-agent policy show`): each returns the process's exit status.
+//! `persys-agent policy show`, `persys-agent import --from …`): each
+//! returns the process's exit status.
 
 use crate::config::{AuthzCommand, Command, Config, PolicyCommand, StoreCommand};
 use crate::server::authz::{Identity, Policy};
 
 /// Runs `command`; the exit status follows the command's own rules.
 pub fn run(config: &Config, command: &Command) -> i32 {
+    // PERSYS_STATE_PATH may name the Go agent's state.db: the state
+    // directory is then the one beside it.
+    let mut config = config.clone();
+    if let Err(error) = crate::import::resolve(&mut config) {
+        eprintln!("persys-agent: {error}");
+        return 1;
+    }
+    let config = &config;
     match command {
+        Command::Import { from, dry_run } => import(config, from, *dry_run),
         Command::Authz {
             action: AuthzCommand::Check { cert },
         } => authz_check(config, cert),
@@ -20,6 +30,48 @@ pub fn run(config: &Config, command: &Command) -> i32 {
         Command::Policy {
             action: PolicyCommand::Show,
         } => policy_show(config),
+    }
+}
+
+/// Imports (or, in a dry run, shows what would be imported from) the Go
+/// agent's state file into the configured state directory. 0 when every
+/// workload is imported, 3 when some are refused, 1 on an error, 2 on a bad
+/// policy.
+fn import(config: &Config, from: &std::path::Path, dry_run: bool) -> i32 {
+    let policy = match crate::policy::load(config) {
+        Ok(policy) => std::sync::Arc::new(policy),
+        Err(error) => {
+            eprintln!("persys-agent: invalid workload policy: {error}");
+            return 2;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("persys-agent: cannot start the runtime: {error}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(crate::import::command(config, &policy, from, dry_run));
+    match result {
+        Ok(report) => {
+            if dry_run {
+                println!(
+                    "persys-agent: dry run: nothing was changed. Importing {} into {} would do:",
+                    from.display(),
+                    config.state_path.display()
+                );
+            }
+            print!("{}", report.table());
+            if report.refused() > 0 { 3 } else { 0 }
+        }
+        Err(error) => {
+            eprintln!("persys-agent: {error}");
+            1
+        }
     }
 }
 

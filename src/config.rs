@@ -94,7 +94,9 @@ pub struct Config {
     #[arg(long, env = "PERSYS_AUTHZ_FILE")]
     pub authz_file: Option<PathBuf>,
 
-    /// State directory (the event log).
+    /// State directory (the event log). A bbolt file here (the Go agent's
+    /// state.db) is imported once, and the state goes in the directory
+    /// beside it: /var/lib/persys/state for /var/lib/persys/state.db.
     #[arg(
         long,
         visible_alias = "state-dir",
@@ -360,6 +362,22 @@ pub enum Command {
     Policy {
         #[command(subcommand)]
         action: PolicyCommand,
+    },
+    /// Import the Go agent's state (its bbolt state.db) into the state
+    /// directory, through the checks an apply passes. Offline: stop both
+    /// agents first. Workloads already there at the same revision are
+    /// skipped. Exit status 0 when every workload is (or would be)
+    /// imported, 3 when some are refused (listed with the rule), 1 when
+    /// the file or the state directory cannot be used.
+    Import {
+        /// The Go agent's state file (PERSYS_STATE_PATH of the Go agent,
+        /// by default /var/lib/persys/state.db). Opened read-only.
+        #[arg(long)]
+        from: PathBuf,
+        /// Print what would be imported (id, type, desired state, revision,
+        /// refusals) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 

@@ -9,6 +9,7 @@
 //!   [`commands`]: one-shot commands (`persys-agent authz check`).
 //! - [`runtimes`]: starts the runtime controllers and probes their health.
 //! - [`policy`]: the node's workload policy, loaded once at start.
+//! - [`import`]: the Go agent's bbolt `state.db`, imported once at start.
 //! - [`scheduler`]: registration and heartbeats to the Persys scheduler.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`; [`node`]: host
 //!   utilisation sampling.
@@ -20,6 +21,7 @@
 pub mod agent;
 pub mod commands;
 pub mod config;
+pub mod import;
 pub mod metrics;
 pub mod node;
 pub mod policy;
