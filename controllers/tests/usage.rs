@@ -1,0 +1,189 @@
+//! Usage sampling against the real engine: containers and compose services
+//! read from their cgroups (not the engine's stats endpoint), every
+//! container fresh within two intervals, a compose project reported as the
+//! sum of its services.
+//!
+//! Needs a Docker engine on this host, the offline test image and the
+//! compose CLI (hack/runtimes-up.sh). Outside CI a test without them is
+//! skipped with a loud message; in CI (`CI=true`) it fails.
+
+mod compose_support;
+mod docker_support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::Docker;
+use bollard::query_parameters::InspectContainerOptions;
+use persys_api::v1::{ActualState, DesiredState, Workload};
+use persys_controllers::cgroup::Hierarchy;
+use persys_controllers::compose::usage::UsageSampler as ComposeUsageSampler;
+use persys_controllers::docker::{DockerConfig, Engine};
+use tokio_util::sync::CancellationToken;
+
+/// The sampling interval of these tests: short, so two intervals are short.
+const INTERVAL: Duration = Duration::from_secs(1);
+const CONVERGE: Duration = Duration::from_secs(120);
+
+fn running(w: &Workload) -> bool {
+    w.status.as_ref().is_some_and(|s| {
+        s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
+    })
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Seconds two intervals span (collected_at is in whole seconds).
+fn two_intervals() -> i64 {
+    2 * INTERVAL.as_secs().max(1) as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_container_of_a_fifty_container_set_has_fresh_usage_from_its_cgroup() {
+    use docker_support::{Agent, TestBed, shell_spec};
+    let Some(bed) = TestBed::new("usage50").await else {
+        return;
+    };
+    let config = DockerConfig {
+        usage_interval: INTERVAL,
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let prefix = docker_support::unique("use");
+    let ids: Vec<String> = (0..50).map(|n| format!("{prefix}-{n:02}")).collect();
+    let busy = ids[0].clone();
+    agent
+        .apply(
+            &busy,
+            "r1",
+            DesiredState::Running,
+            shell_spec("while :; do :; done"),
+        )
+        .await;
+    for id in &ids[1..] {
+        agent.apply_sleeper(id).await;
+    }
+    for id in &ids {
+        agent.wait_for(id, CONVERGE, "running", running).await;
+    }
+
+    let shutdown = CancellationToken::new();
+    let sampler = tokio::spawn(agent.controller.usage_sampler().run(shutdown.clone()));
+    let usage = agent.controller.usage();
+    // Fresh: every container sampled within the last two intervals, each
+    // through its cgroup; the busy one shows CPU use once two rounds have
+    // passed.
+    docker_support::eventually(
+        Duration::from_secs(60),
+        "every container has a fresh cgroup sample and the busy one uses CPU",
+        || {
+            let usage = usage.clone();
+            let ids = ids.clone();
+            let busy = busy.clone();
+            async move {
+                let now = now();
+                ids.iter().all(|id| {
+                    usage.get(id).is_some_and(|u| {
+                        u.source == "cgroup"
+                            && now - u.collected_at <= two_intervals()
+                            && u.memory_bytes > 0
+                    })
+                }) && usage.get(&busy).is_some_and(|u| u.cpu_percent > 0.0)
+            }
+        },
+    )
+    .await;
+    // Still fresh a few rounds later: the sampler keeps up with the set.
+    tokio::time::sleep(INTERVAL * 3).await;
+    let now = now();
+    for id in &ids {
+        let u = usage.get(id).expect("a sample of every container");
+        assert_eq!(u.source, "cgroup", "{u:?}");
+        assert!(now - u.collected_at <= two_intervals(), "stale: {u:?}");
+    }
+    let busy_cpu = usage.get(&busy).map(|u| u.cpu_percent).unwrap_or(0.0);
+    assert!(busy_cpu > 10.0, "a spinning shell uses CPU: {busy_cpu}");
+    let source = usage.source().unwrap_or_default();
+    assert!(source.starts_with("cgroup v"), "{source}");
+    shutdown.cancel();
+    let _ = sampler.await;
+    agent.stop().await;
+}
+
+/// Memory of each container of `project` as its cgroup says, read by the
+/// test itself through the container's process.
+async fn memory_of_each(docker: &Docker, project: &str) -> Vec<u64> {
+    let hierarchy = Hierarchy::detect().expect("the host's cgroups");
+    let mut each = Vec::new();
+    for container in compose_support::containers_of(docker, project).await {
+        let id = container.id.expect("a container id");
+        let pid = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .expect("inspect")
+            .state
+            .and_then(|s| s.pid)
+            .expect("a running container's pid");
+        let path = hierarchy.cgroup_of(pid as u32).expect("its cgroup");
+        each.push(hierarchy.read(&path).expect("its counters").memory_bytes);
+    }
+    each
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compose_projects_usage_is_the_sum_of_its_services() {
+    use compose_support::{Agent, TestBed, compose_file, compose_spec};
+    let Some(bed) = TestBed::new("usage-compose").await else {
+        return;
+    };
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = compose_support::unique("usage-shop");
+    let project = bed.project("usage");
+    let compose = compose_file(&[("web", ""), ("db", "")]);
+    agent
+        .apply(
+            &id,
+            "r1",
+            DesiredState::Running,
+            compose_spec(&project, &compose, &[]),
+        )
+        .await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+
+    let sampler = ComposeUsageSampler::new(
+        Engine::new(Some(compose_support::engine_host())),
+        agent.informer.cache(),
+        INTERVAL,
+        4,
+    );
+    let usage = sampler.snapshots();
+    // Idle services' memory holds still; read both sides until one round
+    // and the test's own reading agree.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (snapshot, each) = loop {
+        assert_eq!(sampler.sample_once().await.expect("a round"), 1);
+        let snapshot = usage.get(&id).expect("the project's sample");
+        let each = memory_of_each(&bed.docker, &project).await;
+        if snapshot.memory_bytes as u64 == each.iter().sum::<u64>() {
+            break (snapshot, each);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the project's memory {} is never the sum of its services' {each:?}",
+            snapshot.memory_bytes
+        );
+    };
+    assert_eq!(each.len(), 2, "both services counted");
+    assert!(each.iter().all(|m| *m > 0), "{each:?}");
+    assert_eq!(snapshot.source, "cgroup");
+    assert_eq!(
+        snapshot.r#type,
+        persys_api::v1::WorkloadType::Compose as i32
+    );
+    assert!(now() - snapshot.collected_at <= two_intervals());
+    agent.stop().await;
+}
