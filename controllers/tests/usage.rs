@@ -114,6 +114,57 @@ async fn every_container_of_a_fifty_container_set_has_fresh_usage_from_its_cgrou
     agent.stop().await;
 }
 
+/// Forwards TCP connections on a loopback port to the engine's unix
+/// socket: an engine the agent reaches over TCP, as it would a remote one.
+async fn tcp_to_engine() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let address = listener.local_addr().expect("its address");
+    let socket = docker_support::engine_socket();
+    let forwarding = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                if let Ok(mut unix) = tokio::net::UnixStream::connect(&socket).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
+                }
+            });
+        }
+    });
+    (format!("tcp://{address}"), forwarding)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_reached_over_tcp_is_sampled_through_its_stats_and_health_says_why() {
+    use docker_support::{Agent, TestBed};
+    let Some(bed) = TestBed::new("usage-remote").await else {
+        return;
+    };
+    let (host, forwarding) = tcp_to_engine().await;
+    let config = DockerConfig {
+        host: Some(host.clone()),
+        ..bed.config()
+    };
+    let agent = Agent::start(&bed.state_dir(), config).await;
+    let id = docker_support::unique("usage-remote");
+    agent.apply_sleeper(&id).await;
+    agent.wait_for(&id, CONVERGE, "running", running).await;
+    let sampler = agent.controller.usage_sampler();
+    assert_eq!(sampler.sample_once().await.expect("a round"), 1);
+    let usage = agent.controller.usage();
+    let sample = usage.get(&id).expect("a sample");
+    assert_eq!(sample.source, "docker", "{sample:?}");
+    assert!(sample.memory_bytes > 0, "{sample:?}");
+    let source = usage.source().unwrap_or_default();
+    assert!(
+        source.starts_with("docker stats") && source.contains(&host),
+        "{source}"
+    );
+    agent.stop().await;
+    forwarding.abort();
+}
+
 /// Memory of each container of `project` as its cgroup says, read by the
 /// test itself through the container's process.
 async fn memory_of_each(docker: &Docker, project: &str) -> Vec<u64> {
