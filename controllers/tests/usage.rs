@@ -136,7 +136,7 @@ async fn tcp_to_engine() -> (String, tokio::task::JoinHandle<()>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_engine_reached_over_tcp_is_sampled_through_its_stats_and_health_says_why() {
+async fn an_engine_reached_over_tcp_is_sampled_through_its_stats_and_the_reason_is_published() {
     use docker_support::{Agent, TestBed};
     let Some(bed) = TestBed::new("usage-remote").await else {
         return;
