@@ -7,6 +7,9 @@
 //! compose CLI (hack/runtimes-up.sh). Outside CI a test without them is
 //! skipped with a loud message; in CI (`CI=true`) it fails.
 
+// Both runtimes' support modules include the one test harness.
+#![allow(clippy::duplicate_mod)]
+
 mod compose_support;
 mod docker_support;
 
