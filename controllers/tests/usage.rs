@@ -241,3 +241,87 @@ async fn a_compose_projects_usage_is_the_sum_of_its_services() {
     assert!(now() - snapshot.collected_at <= two_intervals());
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_under_another_cgroup_parent_are_still_read_from_their_cgroups() {
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptions};
+    use persys_controllers::docker::usage::{ContainerReader, Source};
+
+    let Some(bed) = docker_support::TestBed::new("usage-parent").await else {
+        return;
+    };
+    let docker = &bed.docker;
+    let systemd = docker
+        .info()
+        .await
+        .expect("engine info")
+        .cgroup_driver
+        .is_some_and(|d| d.to_string() == "systemd");
+    let run = docker_support::unique("persys-usage");
+    let parent = if systemd {
+        format!("{}.slice", run.replace('-', "_"))
+    } else {
+        format!("/{run}")
+    };
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let body = ContainerCreateBody {
+            image: Some(docker_support::test_image()),
+            cmd: Some(vec!["sleep".into(), "3600".into()]),
+            labels: Some(
+                [(
+                    persys_controllers::docker::labels::SCOPE.to_string(),
+                    bed.scope.clone(),
+                )]
+                .into(),
+            ),
+            host_config: Some(HostConfig {
+                cgroup_parent: Some(parent.clone()),
+                init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!("{run}-{n}");
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let id = docker
+            .create_container(Some(options), body)
+            .await
+            .expect("create")
+            .id;
+        docker.start_container(&id, None).await.expect("start");
+        ids.push(id);
+    }
+
+    let reader = ContainerReader::new(
+        Engine::new(Some(docker_support::engine_host())),
+        4,
+        Default::default(),
+    );
+    let read = reader.read(docker, ids.clone()).await.expect("a round");
+    assert!(reader.uses_cgroups(), "an engine on this host");
+    for id in &ids {
+        let sample = read.get(id).expect("every container sampled");
+        assert_eq!(sample.source, Source::Cgroup, "{id}: {sample:?}");
+        assert!(sample.memory_bytes > 0, "{sample:?}");
+    }
+
+    for id in &ids {
+        let _ = docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+    }
+    // The engine leaves the (now empty) parent cgroups behind.
+    if !systemd && let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") {
+        for mount in mounts.flatten() {
+            let _ = std::fs::remove_dir(mount.path().join(&run));
+        }
+    }
+}

@@ -234,6 +234,19 @@ impl ContainerReader {
         sampler: &Arc<Mutex<CgroupSampler>>,
         id: &str,
     ) -> Option<Sample> {
+        // A parent learned from an earlier container of this round may
+        // hold this one too: look again before asking the engine.
+        let (again, again_id) = (sampler.clone(), id.to_string());
+        let found = tokio::task::spawn_blocking(move || {
+            let mut sampler = again.lock().unwrap_or_else(|p| p.into_inner());
+            sampler.read_one(&again_id)?.ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(usage) = found {
+            return Some(Sample::from_cgroup(&usage));
+        }
         let pid = docker
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
