@@ -194,6 +194,12 @@ pub struct Config {
     #[arg(long, env = "PERSYS_RECONCILE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 
+    /// How often every running workload's usage (CPU, memory, disk and
+    /// network counters) is sampled: containers and compose services from
+    /// their cgroups, VMs from libvirt's bulk statistics.
+    #[arg(long, env = "PERSYS_USAGE_INTERVAL", default_value = "15s", value_parser = parse_deadline)]
+    pub usage_interval: Duration,
+
     /// Log level or filter (error, warn, info, debug, trace, or a tracing filter).
     #[arg(long, env = "PERSYS_LOG_LEVEL", default_value = "info")]
     pub log_level: String,

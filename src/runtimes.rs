@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use persys_api::v1::WorkloadType;
+use persys_controllers::compose::usage::UsageSampler as ComposeUsageSampler;
 use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::{DockerConfig, DockerController};
 use persys_controllers::io::WorkloadIo;
@@ -192,6 +193,11 @@ impl WorkloadIoSet {
     }
 }
 
+/// HealthCheck's `runtime_status` key saying how container and compose
+/// usage is read on this host (`cgroup v2 (systemd driver)`, or `docker
+/// stats: …` and why).
+pub const CONTAINER_USAGE_INFO: &str = "container_usage";
+
 /// How often each runtime's health is probed for HealthCheck and metrics.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -203,6 +209,7 @@ pub fn docker_config(config: &Config, policy: &NodePolicy) -> DockerConfig {
         host_paths: crate::policy::host_path_policy(config, policy),
         pull_timeout: config.pull_timeout,
         registry_auth: Some(config.registry_auth()),
+        usage_interval: config.usage_interval,
         ..DockerConfig::default()
     }
 }
@@ -227,6 +234,7 @@ pub fn vm_config(config: &Config) -> VmConfig {
     vm.disk_roots = default_disk_roots(&config.state_path);
     vm.stop_timeout = config.vm_stop_timeout;
     vm.domain_type = config.vm_domain_type.clone();
+    vm.usage_interval = config.usage_interval;
     vm
 }
 
@@ -343,13 +351,20 @@ impl Starter<'_> {
             docker.usage_sampler().run(self.shutdown.clone()),
         );
         let usage = docker.usage();
-        self.usage(move |id| usage.get(id));
+        self.usage({
+            let usage = usage.clone();
+            move |id| usage.get(id)
+        });
         self.probe("docker", move |board| {
             let docker = docker.clone();
+            let usage = usage.clone();
             async move {
                 match docker.ping().await {
                     Ok(_) => board.set("docker", HEALTHY),
                     Err(error) => board.set("docker", format!("unreachable: {error}")),
+                }
+                if let Some(source) = usage.source() {
+                    board.set_info(CONTAINER_USAGE_INFO, source);
                 }
             }
         });
@@ -385,11 +400,32 @@ impl Starter<'_> {
         self.controllers
             .io
             .set(WorkloadType::Compose, Arc::new(compose.io()));
+        let sampler = ComposeUsageSampler::new(
+            compose.engine().clone(),
+            self.informer.cache(),
+            self.config.usage_interval,
+            DockerConfig::default().usage_concurrency,
+        );
+        let usage = sampler.snapshots();
+        self.spawn(
+            "compose-usage-sampler".into(),
+            sampler.run(self.shutdown.clone()),
+        );
+        self.usage({
+            let usage = usage.clone();
+            move |id| usage.get(id)
+        });
         self.probe("compose", move |board| {
             let compose = compose.clone();
+            let usage = usage.clone();
             async move {
                 let health = compose.probe().await;
                 board.set("compose", health.status.clone());
+                // The same engine as containers: one line, whichever
+                // sampler chose first.
+                if let Some(source) = usage.source() {
+                    board.set_info(CONTAINER_USAGE_INFO, source);
+                }
                 if let Some(binary) = &health.binary {
                     board.set_info(
                         "compose_binary",

@@ -1054,3 +1054,118 @@ async fn a_scheduler_with_a_certificate_from_another_ca_is_not_registered_with()
         "registered with a scheduler it cannot trust"
     );
 }
+
+/// True when the engine, the test image and docker-compose are here; else
+/// the test is skipped (or fails, in CI).
+fn engine_and_compose(test: &str) -> bool {
+    let image =
+        std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into());
+    let ran = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let ready = ran("docker", &["image", "inspect", &image]) && ran("docker-compose", &["version"]);
+    if !ready {
+        persys_test_support::skip(
+            test,
+            "the Docker engine, the test image or docker-compose",
+            &"`docker image inspect` or `docker-compose version` failed",
+        );
+    }
+    ready
+}
+
+#[tokio::test]
+async fn a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler() {
+    if !engine_and_compose("a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler")
+    {
+        return;
+    }
+    let fake = FakeScheduler::with(Script::default());
+    let serving = fake.serve(loopback_listener().await, None).await;
+    let project = format!("persys-usage-hb-{:08x}", fastrand::u32(..));
+    let mut f = start_agent(
+        serving.addr,
+        &[
+            ("PERSYS_DOCKER_ENABLED", "true"),
+            ("PERSYS_COMPOSE_ENABLED", "true"),
+            ("PERSYS_USAGE_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    let image =
+        std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into());
+    let yaml = format!(
+        "services:\n  web:\n    image: {image}\n    init: true\n    command: [\"sleep\", \"3600\"]\n  db:\n    image: {image}\n    init: true\n    command: [\"sleep\", \"3600\"]\n"
+    );
+    f.client
+        .apply_workload(ApplyWorkloadRequest {
+            id: project.clone(),
+            r#type: WorkloadType::Compose as i32,
+            revision_id: String::new(),
+            desired_state: DesiredState::Running as i32,
+            spec: Some(WorkloadSpec {
+                spec: Some(workload_spec::Spec::Compose(ComposeSpec {
+                    project_name: project.clone(),
+                    compose_yaml: yaml,
+                    ..Default::default()
+                })),
+            }),
+        })
+        .await
+        .unwrap();
+
+    let usage = fake
+        .wait_for(
+            "a heartbeat with the compose workload's usage",
+            Duration::from_secs(90),
+            &f.agent,
+            |calls| {
+                calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
+                    h.workload_usage
+                        .iter()
+                        .find(|u| u.workload_id == project && u.memory_bytes > 0)
+                        .cloned()
+                })
+            },
+        )
+        .await;
+    assert_eq!(usage.r#type, "compose", "{usage:?}");
+    assert_eq!(usage.source, "cgroup", "{usage:?}");
+    wait_health(
+        &mut f,
+        "how container usage is read",
+        Duration::from_secs(20),
+        |status| {
+            status
+                .get("container_usage")
+                .is_some_and(|s| s.starts_with("cgroup v"))
+        },
+    )
+    .await;
+
+    f.client
+        .delete_workload(DeleteWorkloadRequest {
+            id: project.clone(),
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f
+        .client
+        .get_workload_status(GetWorkloadStatusRequest {
+            id: project.clone(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status.is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the compose workload was not deleted:\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -14,7 +14,9 @@
 //! - `crash_loop`: kubelet's crash-loop rule for restarts, and the same
 //!   spacing for any repeated attempt.
 //! - `usage`: the last usage sample of each running workload, as the
-//!   Docker and VM controllers' samplers leave it.
+//!   Docker, Compose and VM samplers leave it.
+//! - [`cgroup`]: container usage read from cgroup files and network
+//!   namespaces, without asking the engine.
 //! - `kit`: what every runtime reconciler shares: per-workload memory, the
 //!   event recorder, status building and publishing
 //!   (resource-version check, conflict requeue, requeue floor), the start
@@ -34,6 +36,7 @@
 //!   ceilings) — which the validators enforce.
 
 pub mod backoff;
+pub mod cgroup;
 pub mod compose;
 mod controller;
 mod crash_loop;

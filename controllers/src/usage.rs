@@ -1,5 +1,6 @@
 //! The last resource-usage sample of each running workload, shared by the
-//! runtimes that sample usage in the background (Docker, VMs).
+//! runtimes that sample usage in the background (Docker, Compose, VMs),
+//! and how the samples are taken on this host.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -17,6 +18,9 @@ use persys_api::v1::WorkloadUsageSnapshot;
 pub struct UsageSnapshots {
     /// A std lock: readers copy values out and never hold it across awaits.
     inner: Arc<RwLock<HashMap<String, WorkloadUsageSnapshot>>>,
+    /// How the sampler reads usage on this host (`cgroup v1 …`, `docker
+    /// stats: …`), once it has chosen; HealthCheck reports it.
+    source: Arc<RwLock<Option<String>>>,
 }
 
 impl UsageSnapshots {
@@ -39,6 +43,18 @@ impl UsageSnapshots {
             .collect();
         all.sort_by(|a, b| a.workload_id.cmp(&b.workload_id));
         all
+    }
+
+    /// How usage is read on this host; none before the sampler chose.
+    pub fn source(&self) -> Option<String> {
+        self.source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_source(&self, source: String) {
+        *self.source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
     }
 
     pub(crate) fn replace(&self, samples: HashMap<String, WorkloadUsageSnapshot>) {

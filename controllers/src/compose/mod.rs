@@ -34,6 +34,8 @@
 //! - `runtime`: the facade over the compose CLI and the engine.
 //! - `status`: what a reconcile found, as the workload's status.
 //! - `errors`: typed errors and the failure reasons status reports.
+//! - [`usage`]: each compose workload's usage, the sum of its services'
+//!   containers.
 //!
 //! Wiring, in the agent:
 //!
@@ -75,6 +77,7 @@ mod restarts;
 mod runtime;
 pub(crate) mod services;
 pub(crate) mod status;
+pub mod usage;
 mod validate;
 
 pub use binary::{ComposeBinary, ComposeKind, DetectError};

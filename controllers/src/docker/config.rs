@@ -49,8 +49,9 @@ pub struct DockerConfig {
     pub events_backoff: Backoff,
     /// How often running containers' usage is sampled.
     pub usage_interval: Duration,
-    /// Stats requests in flight at once (each takes about a second: the
-    /// engine samples twice to compute CPU use).
+    /// Stats requests in flight at once where usage comes from the
+    /// engine's stats (each takes about a second: the engine samples twice
+    /// to compute CPU use); unused on the cgroup path.
     pub usage_concurrency: usize,
 }
 

@@ -17,7 +17,8 @@
 //! - [`errors`]: typed errors and the failure reasons reported in status.
 //! - `status`: what a reconcile found, as the workload's status.
 //! - [`validate`], [`image`]: checks the API server also runs at apply time.
-//! - [`usage`]: the stats sampler behind `WorkloadStatus.usage`.
+//! - [`usage`]: the sampler behind `WorkloadStatus.usage`: cgroup files,
+//!   else the engine's stats.
 //! - `observed`: the engine's containers as last seen, kept until an event
 //!   says otherwise, so a resync costs one list rather than calls per workload.
 //! - [`engine`], `container`, [`credentials`]: the engine connection, the

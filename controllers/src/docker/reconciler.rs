@@ -159,13 +159,13 @@ impl DockerController {
 
     /// The sampler filling [`DockerController::usage`]; run it in a task.
     pub fn usage_sampler(&self) -> UsageSampler {
-        UsageSampler {
-            engine: self.engine.clone(),
-            scope: self.config.scope.clone(),
-            interval: self.config.usage_interval,
-            concurrency: self.config.usage_concurrency.max(1),
-            snapshots: self.usage.clone(),
-        }
+        UsageSampler::new(
+            self.engine.clone(),
+            self.config.scope.clone(),
+            self.config.usage_interval,
+            self.config.usage_concurrency,
+            self.usage.clone(),
+        )
     }
 
     /// The restart count of the workload's current spec, once this process

@@ -1,18 +1,28 @@
-//! Resource usage of running workloads, sampled from the engine's stats.
+//! Resource usage of running containers: read from each container's
+//! cgroup files and network namespace (`crate::cgroup`), with the engine's
+//! stats endpoint as the fallback where those cannot be read (a remote
+//! `DOCKER_HOST`, say). The path is chosen once per host, at the first round
+//! that reaches the engine, and reported in HealthCheck.
+//!
+//! A round costs one container list; on the cgroup path no engine call is
+//! made per container (one inspect, once, for a container whose cgroup is
+//! not where the engine's driver puts it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use bollard::Docker;
 use bollard::errors::Error as EngineError;
-use bollard::models::{ContainerStatsResponse, ContainerSummaryStateEnum};
-use bollard::query_parameters::StatsOptions;
+use bollard::models::{ContainerStatsResponse, SystemInfoCgroupVersionEnum};
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions, StatsOptions};
 use futures::StreamExt;
 use persys_api::v1::{WorkloadType, WorkloadUsageSnapshot};
 use tokio_util::sync::CancellationToken;
 
-use super::container;
 use super::engine::Engine;
-use super::labels::Marks;
+use super::labels::{self, Marks};
+use crate::cgroup::{CgroupSampler, ContainerUsage, Driver, Hierarchy};
 
 pub use crate::usage::UsageSnapshots;
 use crate::usage::{sample_every, unix_now};
@@ -21,18 +31,376 @@ use crate::usage::{sample_every, unix_now};
 /// a second apart, to compute CPU use).
 const STATS_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Samples every running managed container of one scope, a bounded number
-/// at a time, and replaces the snapshots with the result.
+/// Where a sample came from: a snapshot's `source`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Source {
+    /// The container's cgroup files and network namespace.
+    #[default]
+    Cgroup,
+    /// The engine's stats endpoint.
+    Stats,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cgroup => "cgroup",
+            Source::Stats => "docker",
+        }
+    }
+}
+
+/// One container's usage (or several containers' summed), from either
+/// source.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Percent of one core.
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    pub disk_read_bytes: u64,
+    pub disk_write_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub source: Source,
+}
+
+impl Sample {
+    fn from_cgroup(usage: &ContainerUsage) -> Sample {
+        let c = &usage.counters;
+        Sample {
+            cpu_percent: usage.cpu_percent,
+            memory_bytes: c.memory_bytes,
+            disk_read_bytes: c.disk_read_bytes,
+            disk_write_bytes: c.disk_write_bytes,
+            net_rx_bytes: c.net_rx_bytes,
+            net_tx_bytes: c.net_tx_bytes,
+            source: Source::Cgroup,
+        }
+    }
+
+    /// Adds another container's usage (a compose project's services); the
+    /// sum is from the cgroups only when every part is.
+    pub fn add(&mut self, other: &Sample) {
+        self.cpu_percent += other.cpu_percent;
+        self.memory_bytes = self.memory_bytes.saturating_add(other.memory_bytes);
+        self.disk_read_bytes = self.disk_read_bytes.saturating_add(other.disk_read_bytes);
+        self.disk_write_bytes = self.disk_write_bytes.saturating_add(other.disk_write_bytes);
+        self.net_rx_bytes = self.net_rx_bytes.saturating_add(other.net_rx_bytes);
+        self.net_tx_bytes = self.net_tx_bytes.saturating_add(other.net_tx_bytes);
+        if other.source == Source::Stats {
+            self.source = Source::Stats;
+        }
+    }
+
+    /// The workload's usage report.
+    pub fn snapshot(
+        &self,
+        workload_id: &str,
+        kind: WorkloadType,
+        collected_at: i64,
+    ) -> WorkloadUsageSnapshot {
+        let signed = |v: u64| v.min(i64::MAX as u64) as i64;
+        WorkloadUsageSnapshot {
+            workload_id: workload_id.to_string(),
+            r#type: kind as i32,
+            cpu_percent: self.cpu_percent,
+            memory_bytes: signed(self.memory_bytes),
+            disk_read_bytes: signed(self.disk_read_bytes),
+            disk_write_bytes: signed(self.disk_write_bytes),
+            net_rx_bytes: signed(self.net_rx_bytes),
+            net_tx_bytes: signed(self.net_tx_bytes),
+            collected_at,
+            source: self.source.as_str().to_string(),
+        }
+    }
+}
+
+/// How this host's containers are read, chosen once.
+enum Path {
+    /// From the cgroup files. A std mutex: held by one blocking read at a
+    /// time, never across an await.
+    Cgroup(Arc<Mutex<CgroupSampler>>),
+    /// From the engine's stats endpoint.
+    Stats,
+}
+
+/// Reads running containers' usage, through their cgroups where this host
+/// allows it, else through the engine's stats. Shared by the Docker and
+/// Compose samplers' code; each sampler has its own (its own previous CPU
+/// times).
+pub struct ContainerReader {
+    engine: Engine,
+    /// Stats requests in flight at once, on the stats path.
+    concurrency: usize,
+    /// Chosen at the first round that reaches the engine; fixed after.
+    path: OnceLock<Path>,
+    /// Containers whose process is not visible from here (another pid
+    /// namespace): read through stats even on the cgroup path. Pruned to
+    /// the running ones every round.
+    stats_only: Mutex<HashSet<String>>,
+    /// Where the choice is published for HealthCheck.
+    snapshots: UsageSnapshots,
+}
+
+impl ContainerReader {
+    pub fn new(engine: Engine, concurrency: usize, snapshots: UsageSnapshots) -> Self {
+        ContainerReader {
+            engine,
+            concurrency: concurrency.max(1),
+            path: OnceLock::new(),
+            stats_only: Mutex::default(),
+            snapshots,
+        }
+    }
+
+    /// A reader that always uses the stats endpoint (the benchmark's
+    /// baseline).
+    pub fn stats_only(engine: Engine, concurrency: usize) -> Self {
+        let reader = ContainerReader::new(engine, concurrency, UsageSnapshots::default());
+        let _ = reader.path.set(Path::Stats);
+        reader
+    }
+
+    /// True once the cgroup path was chosen for this host.
+    pub fn uses_cgroups(&self) -> bool {
+        matches!(self.path.get(), Some(Path::Cgroup(_)))
+    }
+
+    /// The usage of each container of `ids` that could be read, by
+    /// container id.
+    pub async fn read(
+        &self,
+        docker: &Docker,
+        ids: Vec<String>,
+    ) -> Result<HashMap<String, Sample>, EngineError> {
+        let path = match self.path.get() {
+            Some(path) => path,
+            None => {
+                let (path, description) = choose(self.engine.host(), docker).await?;
+                tracing::info!(how = %description, "container usage is sampled");
+                self.snapshots.set_source(description);
+                self.path.get_or_init(|| path)
+            }
+        };
+        let sampler = match path {
+            Path::Stats => return Ok(stats_many(docker, ids, self.concurrency).await),
+            Path::Cgroup(sampler) => sampler.clone(),
+        };
+        let (through_stats, through_cgroups): (Vec<String>, Vec<String>) = {
+            let mut stats_only = self.stats_only.lock().unwrap_or_else(|p| p.into_inner());
+            let listed: HashSet<&String> = ids.iter().collect();
+            stats_only.retain(|id| listed.contains(id));
+            ids.into_iter().partition(|id| stats_only.contains(id))
+        };
+        let reading = sampler.clone();
+        let round = tokio::task::spawn_blocking(move || {
+            reading
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .sample(&through_cgroups)
+        })
+        .await
+        .unwrap_or_default();
+        let mut samples: HashMap<String, Sample> = round
+            .usage
+            .iter()
+            .map(|(id, usage)| (id.clone(), Sample::from_cgroup(usage)))
+            .collect();
+        let mut through_stats = through_stats;
+        for id in round.unresolved {
+            match self.learn(docker, &sampler, &id).await {
+                Some(sample) => {
+                    samples.insert(id, sample);
+                }
+                None => {
+                    tracing::info!(container = %id, "the container's cgroup is not readable here; its usage comes from the engine's stats");
+                    self.stats_only
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone());
+                    through_stats.push(id);
+                }
+            }
+        }
+        samples.extend(stats_many(docker, through_stats, self.concurrency).await);
+        Ok(samples)
+    }
+
+    /// Finds container `id`'s cgroup through its process (one inspect) and
+    /// reads it.
+    async fn learn(
+        &self,
+        docker: &Docker,
+        sampler: &Arc<Mutex<CgroupSampler>>,
+        id: &str,
+    ) -> Option<Sample> {
+        // A parent learned from an earlier container of this round may
+        // hold this one too: look again before asking the engine.
+        let (again, again_id) = (sampler.clone(), id.to_string());
+        let found = tokio::task::spawn_blocking(move || {
+            let mut sampler = again.lock().unwrap_or_else(|p| p.into_inner());
+            sampler.read_one(&again_id)?.ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(usage) = found {
+            return Some(Sample::from_cgroup(&usage));
+        }
+        let pid = docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .ok()?
+            .state?
+            .pid
+            .filter(|pid| *pid > 0)?;
+        let pid = u32::try_from(pid).ok()?;
+        let (sampler, id) = (sampler.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut sampler = sampler.lock().unwrap_or_else(|p| p.into_inner());
+            if !sampler.learn(&id, pid) {
+                return None;
+            }
+            sampler.read_one(&id)?.ok().map(|u| Sample::from_cgroup(&u))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+/// The cgroup path when the engine runs on this host and this host's
+/// cgroups are mounted here, in the version the engine uses; else stats,
+/// with why. An engine error means: not chosen yet, try next round.
+async fn choose(host: &str, docker: &Docker) -> Result<(Path, String), EngineError> {
+    if !is_local(host) {
+        return Ok((
+            Path::Stats,
+            format!("docker stats: the engine at {host} is not on this host"),
+        ));
+    }
+    let hierarchy = match Hierarchy::detect() {
+        Ok(hierarchy) => hierarchy,
+        Err(why) => return Ok((Path::Stats, format!("docker stats: {why}"))),
+    };
+    let info = docker.info().await?;
+    let driver = Driver::from_engine(
+        &info
+            .cgroup_driver
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+    );
+    let engine_version = match info.cgroup_version {
+        Some(SystemInfoCgroupVersionEnum::_1) => Some("1"),
+        Some(SystemInfoCgroupVersionEnum::_2) => Some("2"),
+        _ => None,
+    };
+    if let Some(version) = engine_version
+        && version != hierarchy.version()
+    {
+        return Ok((
+            Path::Stats,
+            format!(
+                "docker stats: the engine uses cgroup v{version}, this process sees v{}",
+                hierarchy.version()
+            ),
+        ));
+    }
+    let described = format!("cgroup v{} ({driver} driver)", hierarchy.version());
+    let sampler = CgroupSampler::new(hierarchy, driver);
+    Ok((Path::Cgroup(Arc::new(Mutex::new(sampler))), described))
+}
+
+/// A unix socket is on this host; a TCP or SSH address may be anywhere.
+fn is_local(host: &str) -> bool {
+    host.starts_with("unix://") || host.starts_with('/')
+}
+
+/// Stats of each container, `concurrency` requests at a time.
+async fn stats_many(
+    docker: &Docker,
+    ids: Vec<String>,
+    concurrency: usize,
+) -> HashMap<String, Sample> {
+    futures::stream::iter(ids)
+        .map(|id| async move {
+            let sample = stats_of(docker, &id).await;
+            sample.map(|s| (id, s))
+        })
+        .buffer_unordered(concurrency.max(1))
+        .filter_map(|sample| async move { sample })
+        .collect()
+        .await
+}
+
+/// One container's usage through the engine's stats endpoint.
+pub async fn stats_of(docker: &Docker, container_id: &str) -> Option<Sample> {
+    let mut stats = docker.stats(
+        container_id,
+        Some(StatsOptions {
+            stream: false,
+            one_shot: false,
+        }),
+    );
+    match tokio::time::timeout(STATS_TIMEOUT, stats.next()).await {
+        Ok(Some(Ok(stats))) => Some(from_stats(&stats)),
+        Ok(Some(Err(error))) => {
+            tracing::debug!(%error, container = container_id, "stats failed");
+            None
+        }
+        Ok(None) | Err(_) => None,
+    }
+}
+
+/// Running containers matching the label `filters`, one engine call.
+pub(crate) async fn list_running(
+    docker: &Docker,
+    label_filters: Vec<String>,
+) -> Result<Vec<bollard::models::ContainerSummary>, EngineError> {
+    docker
+        .list_containers(Some(ListContainersOptions {
+            all: false,
+            filters: Some(HashMap::from([
+                ("label".to_string(), label_filters),
+                ("status".to_string(), vec!["running".to_string()]),
+            ])),
+            ..Default::default()
+        }))
+        .await
+}
+
+/// Samples every running managed container of one scope and replaces the
+/// snapshots with the result.
 pub struct UsageSampler {
     pub(crate) engine: Engine,
     pub(crate) scope: String,
     pub(crate) interval: Duration,
-    /// Stats requests in flight at once.
-    pub(crate) concurrency: usize,
     pub(crate) snapshots: UsageSnapshots,
+    pub(crate) reader: Arc<ContainerReader>,
 }
 
 impl UsageSampler {
+    pub(crate) fn new(
+        engine: Engine,
+        scope: String,
+        interval: Duration,
+        concurrency: usize,
+        snapshots: UsageSnapshots,
+    ) -> Self {
+        let reader = Arc::new(ContainerReader::new(
+            engine.clone(),
+            concurrency,
+            snapshots.clone(),
+        ));
+        UsageSampler {
+            engine,
+            scope,
+            interval,
+            snapshots,
+            reader,
+        }
+    }
+
     /// Samples every `interval` until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         sample_every(self.interval, &shutdown, "container", || self.sample_once()).await;
@@ -41,55 +409,41 @@ impl UsageSampler {
     /// One round; returns how many workloads were sampled.
     pub async fn sample_once(&self) -> Result<usize, EngineError> {
         let docker = self.engine.client().await?;
-        let running: Vec<(String, String)> = container::list(&docker, &self.scope, None)
-            .await?
-            .into_iter()
-            .filter(|c| c.state == Some(ContainerSummaryStateEnum::RUNNING))
-            .filter_map(|c| {
-                let id = Marks::read(c.labels.as_ref()).workload_id?;
-                Some((id, c.id?))
+        let filters = labels::filter(&self.scope, None)
+            .remove("label")
+            .unwrap_or_default();
+        let mut owners: HashMap<String, String> = HashMap::new();
+        for summary in list_running(&docker, filters).await? {
+            if let (Some(workload), Some(container)) =
+                (Marks::read(summary.labels.as_ref()).workload_id, summary.id)
+            {
+                owners.insert(container, workload);
+            }
+        }
+        let read = self
+            .reader
+            .read(&docker, owners.keys().cloned().collect())
+            .await?;
+        let collected_at = unix_now();
+        let samples: HashMap<String, WorkloadUsageSnapshot> = read
+            .iter()
+            .filter_map(|(container, sample)| {
+                let workload = owners.get(container)?;
+                Some((
+                    workload.clone(),
+                    sample.snapshot(workload, WorkloadType::Container, collected_at),
+                ))
             })
             .collect();
-        let samples: HashMap<String, WorkloadUsageSnapshot> = futures::stream::iter(running)
-            .map(|(workload_id, container_id)| {
-                let docker = docker.clone();
-                async move {
-                    let mut stats = docker.stats(
-                        &container_id,
-                        Some(StatsOptions {
-                            stream: false,
-                            one_shot: false,
-                        }),
-                    );
-                    match tokio::time::timeout(STATS_TIMEOUT, stats.next()).await {
-                        Ok(Some(Ok(stats))) => Some((
-                            workload_id.clone(),
-                            snapshot(&workload_id, &stats, unix_now()),
-                        )),
-                        Ok(Some(Err(error))) => {
-                            tracing::debug!(%error, workload_id, "stats failed");
-                            None
-                        }
-                        Ok(None) | Err(_) => None,
-                    }
-                }
-            })
-            .buffer_unordered(self.concurrency)
-            .filter_map(|sample| async move { sample })
-            .collect()
-            .await;
         let count = samples.len();
         self.snapshots.replace(samples);
         Ok(count)
     }
 }
 
-/// A usage snapshot from one stats answer, computed as `docker stats` does.
-fn snapshot(
-    workload_id: &str,
-    stats: &ContainerStatsResponse,
-    collected_at: i64,
-) -> WorkloadUsageSnapshot {
+/// A container's usage from one stats answer, computed as `docker stats`
+/// does.
+fn from_stats(stats: &ContainerStatsResponse) -> Sample {
     let cpu_percent = (|| {
         let cpu = stats.cpu_stats.as_ref()?;
         let pre = stats.precpu_stats.as_ref()?;
@@ -157,18 +511,14 @@ fn snapshot(
         rx = rx.saturating_add(network.rx_bytes.unwrap_or(0));
         tx = tx.saturating_add(network.tx_bytes.unwrap_or(0));
     }
-    let signed = |v: u64| v.min(i64::MAX as u64) as i64;
-    WorkloadUsageSnapshot {
-        workload_id: workload_id.to_string(),
-        r#type: WorkloadType::Container as i32,
+    Sample {
         cpu_percent,
-        memory_bytes: signed(memory_bytes),
-        disk_read_bytes: signed(read),
-        disk_write_bytes: signed(write),
-        net_rx_bytes: signed(rx),
-        net_tx_bytes: signed(tx),
-        collected_at,
-        source: "docker".to_string(),
+        memory_bytes,
+        disk_read_bytes: read,
+        disk_write_bytes: write,
+        net_rx_bytes: rx,
+        net_tx_bytes: tx,
+        source: Source::Stats,
     }
 }
 
@@ -224,18 +574,49 @@ mod tests {
             )])),
             ..Default::default()
         };
-        let s = snapshot("web", &stats, 42);
+        let s = from_stats(&stats).snapshot("web", WorkloadType::Container, 42);
         assert!((s.cpu_percent - 10.0).abs() < 1e-9, "{}", s.cpu_percent);
         assert_eq!(s.memory_bytes, 6_000);
         assert_eq!((s.disk_read_bytes, s.disk_write_bytes), (7, 9));
         assert_eq!((s.net_rx_bytes, s.net_tx_bytes), (100, 50));
         assert_eq!(s.collected_at, 42);
         assert_eq!(s.r#type, WorkloadType::Container as i32);
+        assert_eq!(s.source, "docker");
+    }
+
+    #[test]
+    fn a_compose_sum_adds_every_counter_and_is_from_cgroups_only_when_every_part_is() {
+        let part = |source| Sample {
+            cpu_percent: 1.5,
+            memory_bytes: 10,
+            disk_read_bytes: 1,
+            disk_write_bytes: 2,
+            net_rx_bytes: 3,
+            net_tx_bytes: u64::MAX,
+            source,
+        };
+        let mut sum = part(Source::Cgroup);
+        sum.add(&part(Source::Cgroup));
+        assert_eq!(sum.cpu_percent, 3.0);
+        assert_eq!(sum.memory_bytes, 20);
+        assert_eq!(sum.source, Source::Cgroup);
+        sum.add(&part(Source::Stats));
+        assert_eq!(sum.source, Source::Stats);
+        let snapshot = sum.snapshot("shop", WorkloadType::Compose, 7);
+        assert_eq!(snapshot.net_tx_bytes, i64::MAX);
+        assert_eq!(snapshot.r#type, WorkloadType::Compose as i32);
+    }
+
+    #[test]
+    fn only_a_unix_socket_is_taken_for_an_engine_on_this_host() {
+        assert!(is_local("unix:///var/run/docker.sock"));
+        assert!(!is_local("tcp://10.0.0.5:2375"));
+        assert!(!is_local("ssh://node"));
     }
 
     #[test]
     fn a_first_sample_without_a_previous_one_reports_no_cpu() {
         let stats = ContainerStatsResponse::default();
-        assert_eq!(snapshot("w", &stats, 0).cpu_percent, 0.0);
+        assert_eq!(from_stats(&stats).cpu_percent, 0.0);
     }
 }
