@@ -6,12 +6,13 @@
 //! workloads are stored and nothing runs anywhere.
 
 mod common;
+#[path = "common/goagent.rs"]
+mod goagent;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use common::{AgentProcess, UNREACHABLE_RUNTIMES, free_port};
@@ -24,53 +25,10 @@ use persys_api::v1::{
 
 const IMAGE: &str = "persys-test/busybox:latest";
 
-/// The fixture program, built once per test binary with Debian's Go and
-/// bbolt (GOPATH mode, no module download). Without `go`: a failure in CI,
-/// a skip elsewhere (None).
-fn fixture_program() -> Option<&'static Path> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/goagent-state");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("goagent-state");
-        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-        let program = out.join("goagent-state");
-        let output = Command::new("go")
-            .args(["build", "-o"])
-            .arg(&program)
-            .arg("main.go")
-            .current_dir(&source)
-            .env("GOPATH", "/usr/share/gocode")
-            .env("GO111MODULE", "off")
-            .env("GOFLAGS", "")
-            .env(
-                "GOCACHE",
-                std::env::var_os("GOCACHE").unwrap_or_else(|| out.join("gocache").into()),
-            )
-            .output()
-            .map_err(|e| {
-                format!("go: {e} (install golang-go golang-github-coreos-bbolt-dev: hack/deps.sh)")
-            })?;
-        if !output.status.success() {
-            return Err(format!(
-                "go build of the fixture failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            ));
-        }
-        Ok(program)
-    });
-    match built {
-        Ok(program) => Some(program),
-        Err(why) => {
-            persys_test_support::skip("import", "the Go toolchain with bbolt", why);
-            None
-        }
-    }
-}
-
 /// Writes `<dir>/state.db` as the Go agent leaves it, with `args` for the
 /// fixture (`-n`, `-refused`, `-unknown-field`).
 fn go_state(dir: &Path, args: &[&str]) -> Option<PathBuf> {
-    let program = fixture_program()?;
+    let program = goagent::fixture_program("import")?;
     let file = dir.join("state.db");
     let vm_disk = dir.join("state/vm/gvm-1/root.qcow2");
     let output = Command::new(program)
@@ -440,7 +398,7 @@ async fn the_import_command_imports_into_the_state_directory_and_again_adds_noth
 #[test]
 fn an_import_while_the_go_agent_holds_its_file_says_to_stop_it() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(program) = fixture_program() else {
+    let Some(program) = goagent::fixture_program("import") else {
         return;
     };
     let file = dir.path().join("state.db");
