@@ -160,6 +160,13 @@ pub struct NoObserver;
 
 impl ControllerObserver for NoObserver {}
 
+/// Reconciles of one controller running at once unless
+/// `PERSYS_MAX_CONCURRENT_RECONCILES` says. Chosen from the scale benchmark
+/// (BENCHMARKS.md, `benches/scale.rs`): on a 2-core node the engine, not
+/// the agent, is the bottleneck, and past this many concurrent creates it
+/// goes no faster; pulls run outside these slots.
+pub const DEFAULT_CONCURRENCY: usize = 4;
+
 /// How a controller runs.
 #[derive(Clone)]
 pub struct ControllerConfig {
@@ -189,7 +196,7 @@ impl std::fmt::Debug for ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
-            concurrency: 4,
+            concurrency: DEFAULT_CONCURRENCY,
             resync_interval: Some(Duration::from_secs(30)),
             error_backoff: Backoff::ERRORS,
             outage_backoff: Backoff::OUTAGE_PROBE,
