@@ -152,6 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         node.clone(),
         runtimes.clone(),
         controllers.usage.clone(),
+        metrics.heartbeats_trimmed.clone(),
         &tasks,
         background.clone(),
     );

@@ -59,6 +59,7 @@ pub fn start(
     node: NodeSampler,
     runtimes: RuntimeBoard,
     usage: Option<UsageLookup>,
+    heartbeats_trimmed: prometheus_client::metrics::counter::Counter,
     tasks: &crate::tasks::Tasks,
     shutdown: CancellationToken,
 ) -> SchedulerLink {
@@ -77,7 +78,8 @@ pub fn start(
             "PERSYS_SCHEDULER_INSECURE=true: dialling the scheduler in PLAINTEXT, without authentication"
         );
     }
-    let reporter = NodeReporter::new(config, informer.cache(), node, runtimes, usage);
+    let reporter = NodeReporter::new(config, informer.cache(), node, runtimes, usage)
+        .with_trim_counter(heartbeats_trimmed);
     let scheduler = client::GrpcScheduler::new(config, addr.clone());
     let (link, status) = Link::new(
         scheduler,
