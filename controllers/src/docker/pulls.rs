@@ -69,13 +69,20 @@ pub(crate) enum Asked {
     Finished(PullOutcome),
 }
 
+/// How long an ended pull's outcome waits for the workloads that asked for
+/// it. Each is woken at the end and normally reads it within moments; one
+/// that never comes (its spec changed to another image) does not keep the
+/// outcome past this.
+const OUTCOME_KEPT: Duration = Duration::from_secs(300);
+
 enum Entry {
     /// Running or waiting for a slot; `waiters` are woken when it ends.
     Running { waiters: BTreeSet<String> },
-    /// Ended: kept until every waiter has read it.
+    /// Ended: kept for the waiters that have not read it yet.
     Done {
         outcome: PullOutcome,
         waiters: BTreeSet<String>,
+        at: Instant,
     },
 }
 
@@ -119,29 +126,36 @@ impl Pulls {
         deadline: Duration,
     ) -> Asked {
         let mut entries = self.entries();
+        entries.retain(|_, entry| match entry {
+            Entry::Done { at, .. } => at.elapsed() < OUTCOME_KEPT,
+            Entry::Running { .. } => true,
+        });
+        let mut waiters = BTreeSet::from([id.to_string()]);
         match entries.get_mut(image) {
             Some(Entry::Running { waiters }) => {
                 waiters.insert(id.to_string());
                 return Asked::Waiting;
             }
-            Some(Entry::Done { outcome, waiters }) => {
-                // A workload that came after the pull ended takes its
-                // outcome too: it is as fresh as a pull of its own.
-                let outcome = outcome.clone();
-                waiters.remove(id);
-                if waiters.is_empty() {
-                    entries.remove(image);
+            Some(Entry::Done {
+                outcome,
+                waiters: left,
+                ..
+            }) => {
+                if left.remove(id) {
+                    let outcome = outcome.clone();
+                    if left.is_empty() {
+                        entries.remove(image);
+                    }
+                    return Asked::Finished(outcome);
                 }
-                return Asked::Finished(outcome);
+                // A workload that did not wait for that pull gets one of its
+                // own (an `Always` pull is due, or the image went since);
+                // those yet to read the old outcome wait for the new one.
+                waiters.append(left);
             }
             None => {}
         }
-        entries.insert(
-            image.to_string(),
-            Entry::Running {
-                waiters: BTreeSet::from([id.to_string()]),
-            },
-        );
+        entries.insert(image.to_string(), Entry::Running { waiters });
         drop(entries);
         let pulls = self.clone();
         let (id, image, reference) = (id.to_string(), image.to_string(), reference.clone());
@@ -197,7 +211,14 @@ impl Pulls {
             // A full channel drops the wake; the resync still comes.
             let _ = self.wake.try_send(id.clone());
         }
-        entries.insert(image.to_string(), Entry::Done { outcome, waiters });
+        entries.insert(
+            image.to_string(),
+            Entry::Done {
+                outcome,
+                waiters,
+                at: Instant::now(),
+            },
+        );
     }
 
     /// Workload `id` is gone: it waits for nothing any more.
@@ -289,5 +310,35 @@ mod tests {
         );
         pulls.forget("b");
         assert!(pulls.entries().is_empty(), "read by all, then dropped");
+    }
+
+    #[tokio::test]
+    async fn a_workload_that_did_not_wait_for_an_ended_pull_gets_a_pull_of_its_own() {
+        let (wake, _woken) = tokio::sync::mpsc::channel(8);
+        let pulls = Pulls::new(Engine::new(Some("unix:///nonexistent".into())), 1, wake);
+        let failed = PullOutcome::Failed {
+            reason: FailureReason::ImagePullFailed,
+            detail: "refused".into(),
+        };
+        pulls.entries().insert(
+            "app:1".into(),
+            Entry::Done {
+                outcome: failed,
+                waiters: BTreeSet::from(["a".to_string()]),
+                at: Instant::now(),
+            },
+        );
+        let reference = ImageReference::parse("app:1").unwrap();
+        let deadline = Duration::from_secs(1);
+        assert_eq!(
+            pulls.ask("late", "app:1", &reference, None, deadline),
+            Asked::Started,
+            "an old failure is not handed to a workload that did not ask for that pull"
+        );
+        assert_eq!(
+            pulls.ask("a", "app:1", &reference, None, deadline),
+            Asked::Waiting,
+            "the one that had yet to read the old outcome waits for the new pull"
+        );
     }
 }
