@@ -151,8 +151,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         &informer,
         node.clone(),
         runtimes.clone(),
-        controllers.usage.clone(),
-        metrics.heartbeats_trimmed.clone(),
+        crate::scheduler::Reporting {
+            usage: controllers.usage.clone(),
+            heartbeats_trimmed: metrics.heartbeats_trimmed.clone(),
+        },
         &tasks,
         background.clone(),
     );
