@@ -435,33 +435,44 @@ impl Act<'_> {
             Ok(reference) => reference,
             Err(message) => return Ok(Pulling::Done(Err((FailureReason::InvalidSpec, message)))),
         };
-        let found = match &self.config.registry_auth {
-            Some(file) => match credentials_for(file, reference.registry()).await {
-                Ok(found) => found,
-                Err(message) => {
-                    let detail = format!("pulling image {image}: registry credentials: {message}");
-                    self.event(EventType::Warning, "Failed", detail.clone())
-                        .await;
-                    return Ok(Pulling::Done(Err((FailureReason::ImagePullFailed, detail))));
-                }
-            },
-            None => Found {
-                credentials: None,
-                source: "no credentials (no registry auth file)".to_string(),
-            },
+        let id = self.id();
+        let asked = match self.pulls.look(id, image) {
+            Some(asked) => asked,
+            None => {
+                // Credentials are looked up (a helper run) only for a pull
+                // about to start, not at every look while one runs.
+                let found = match &self.config.registry_auth {
+                    Some(file) => match credentials_for(file, reference.registry()).await {
+                        Ok(found) => found,
+                        Err(message) => {
+                            let detail =
+                                format!("pulling image {image}: registry credentials: {message}");
+                            self.event(EventType::Warning, "Failed", detail.clone())
+                                .await;
+                            return Ok(Pulling::Done(Err((
+                                FailureReason::ImagePullFailed,
+                                detail,
+                            ))));
+                        }
+                    },
+                    None => Found {
+                        credentials: None,
+                        source: "no credentials (no registry auth file)".to_string(),
+                    },
+                };
+                let deadline = self.config.pull_timeout;
+                let credentials = (found.credentials, found.source);
+                self.pulls.ask(id, image, &reference, credentials, deadline)
+            }
         };
-        let deadline = self.config.pull_timeout;
-        let asked = self
-            .pulls
-            .ask(self.id(), image, &reference, found.credentials, deadline);
-        let outcome = match asked {
+        let (outcome, source) = match asked {
             Asked::Started => {
                 let message = format!("pulling image {image}");
                 self.event(EventType::Normal, "Pulling", message).await;
                 return Ok(Pulling::UnderWay);
             }
             Asked::Waiting => return Ok(Pulling::UnderWay),
-            Asked::Finished(outcome) => outcome,
+            Asked::Finished { outcome, source } => (outcome, source),
         };
         match outcome {
             PullOutcome::Pulled { took } => {
@@ -486,7 +497,7 @@ impl Act<'_> {
                     format!(
                         "pulling image {image}: unauthorized: registry {} refused the pull with {}; not retried until the spec changes: {detail}",
                         reference.registry(),
-                        found.source,
+                        source,
                     )
                 } else {
                     format!("pulling image {image}: {detail}")

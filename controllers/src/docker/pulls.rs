@@ -65,8 +65,12 @@ pub(crate) enum Asked {
     Started,
     /// A pull of the image is under way or waits for a slot.
     Waiting,
-    /// The pull this workload waited for has ended.
-    Finished(PullOutcome),
+    /// The pull this workload waited for has ended; `source` says where
+    /// its credentials came from.
+    Finished {
+        outcome: PullOutcome,
+        source: String,
+    },
 }
 
 /// How long an ended pull's outcome waits for the workloads that asked for
@@ -77,11 +81,15 @@ const OUTCOME_KEPT: Duration = Duration::from_secs(300);
 
 enum Entry {
     /// Running or waiting for a slot; `waiters` are woken when it ends.
-    Running { waiters: BTreeSet<String> },
+    Running {
+        waiters: BTreeSet<String>,
+        source: String,
+    },
     /// Ended: kept for the waiters that have not read it yet.
     Done {
         outcome: PullOutcome,
         waiters: BTreeSet<String>,
+        source: String,
         at: Instant,
     },
 }
@@ -114,48 +122,68 @@ impl Pulls {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Workload `id` needs `image`: starts its pull (with `credentials`,
-    /// abandoned after `deadline`) unless one is under way, or hands over
-    /// the outcome of the pull it waited for.
+    /// Where workload `id`'s pull of `image` stands: under way (`Waiting`),
+    /// or ended (`Finished`, handed over once); none when a pull must be
+    /// started ([`Pulls::ask`], after the credentials are looked up).
+    pub(crate) fn look(&self, id: &str, image: &str) -> Option<Asked> {
+        let mut entries = self.entries();
+        Self::take(&mut entries, id, image)
+    }
+
+    fn take(entries: &mut HashMap<String, Entry>, id: &str, image: &str) -> Option<Asked> {
+        entries.retain(|_, entry| match entry {
+            Entry::Done { at, .. } => at.elapsed() < OUTCOME_KEPT,
+            Entry::Running { .. } => true,
+        });
+        match entries.get_mut(image)? {
+            Entry::Running { waiters, .. } => {
+                waiters.insert(id.to_string());
+                Some(Asked::Waiting)
+            }
+            Entry::Done {
+                outcome,
+                waiters,
+                source,
+                ..
+            } => {
+                // A workload that did not wait for that pull gets one of its
+                // own (an `Always` pull is due, or the image went since).
+                if !waiters.remove(id) {
+                    return None;
+                }
+                let asked = Asked::Finished {
+                    outcome: outcome.clone(),
+                    source: source.clone(),
+                };
+                if waiters.is_empty() {
+                    entries.remove(image);
+                }
+                Some(asked)
+            }
+        }
+    }
+
+    /// Workload `id` needs `image`: starts its pull (with `credentials`
+    /// from `source`, abandoned after `deadline`) unless one is under way,
+    /// or hands over the outcome of the pull it waited for.
     pub(crate) fn ask(
         &self,
         id: &str,
         image: &str,
         reference: &ImageReference,
-        credentials: Option<DockerCredentials>,
+        (credentials, source): (Option<DockerCredentials>, String),
         deadline: Duration,
     ) -> Asked {
         let mut entries = self.entries();
-        entries.retain(|_, entry| match entry {
-            Entry::Done { at, .. } => at.elapsed() < OUTCOME_KEPT,
-            Entry::Running { .. } => true,
-        });
-        let mut waiters = BTreeSet::from([id.to_string()]);
-        match entries.get_mut(image) {
-            Some(Entry::Running { waiters }) => {
-                waiters.insert(id.to_string());
-                return Asked::Waiting;
-            }
-            Some(Entry::Done {
-                outcome,
-                waiters: left,
-                ..
-            }) => {
-                if left.remove(id) {
-                    let outcome = outcome.clone();
-                    if left.is_empty() {
-                        entries.remove(image);
-                    }
-                    return Asked::Finished(outcome);
-                }
-                // A workload that did not wait for that pull gets one of its
-                // own (an `Always` pull is due, or the image went since);
-                // those yet to read the old outcome wait for the new one.
-                waiters.append(left);
-            }
-            None => {}
+        if let Some(asked) = Self::take(&mut entries, id, image) {
+            return asked;
         }
-        entries.insert(image.to_string(), Entry::Running { waiters });
+        // Those yet to read an older outcome wait for the new one.
+        let mut waiters = BTreeSet::from([id.to_string()]);
+        if let Some(Entry::Done { waiters: left, .. }) = entries.get_mut(image) {
+            waiters.append(left);
+        }
+        entries.insert(image.to_string(), Entry::Running { waiters, source });
         drop(entries);
         let pulls = self.clone();
         let (id, image, reference) = (id.to_string(), image.to_string(), reference.clone());
@@ -200,9 +228,12 @@ impl Pulls {
     /// Records how the pull of `image` ended and wakes its waiters.
     fn finish(&self, image: &str, outcome: PullOutcome) {
         let mut entries = self.entries();
-        let waiters = match entries.remove(image) {
-            Some(Entry::Running { waiters }) | Some(Entry::Done { waiters, .. }) => waiters,
-            None => BTreeSet::new(),
+        let (waiters, source) = match entries.remove(image) {
+            Some(Entry::Running { waiters, source })
+            | Some(Entry::Done {
+                waiters, source, ..
+            }) => (waiters, source),
+            None => (BTreeSet::new(), String::new()),
         };
         if waiters.is_empty() {
             return;
@@ -216,6 +247,7 @@ impl Pulls {
             Entry::Done {
                 outcome,
                 waiters,
+                source,
                 at: Instant::now(),
             },
         );
@@ -224,7 +256,7 @@ impl Pulls {
     /// Workload `id` is gone: it waits for nothing any more.
     pub(crate) fn forget(&self, id: &str) {
         self.entries().retain(|_, entry| match entry {
-            Entry::Running { waiters } => {
+            Entry::Running { waiters, .. } => {
                 waiters.remove(id);
                 true
             }
@@ -287,14 +319,10 @@ mod tests {
             "app:1".into(),
             Entry::Running {
                 waiters: BTreeSet::from(["a".to_string()]),
+                source: "no credentials".into(),
             },
         );
-        let reference = ImageReference::parse("app:1").unwrap();
-        let deadline = Duration::from_secs(1);
-        assert_eq!(
-            pulls.ask("b", "app:1", &reference, None, deadline),
-            Asked::Waiting
-        );
+        assert_eq!(pulls.look("b", "app:1"), Some(Asked::Waiting));
         assert_eq!(pulls.in_flight(), 1);
         let pulled = PullOutcome::Pulled {
             took: Duration::from_secs(1),
@@ -305,9 +333,13 @@ mod tests {
         assert_eq!(wakes, ["a", "b"]);
         assert_eq!(pulls.in_flight(), 0);
         assert_eq!(
-            pulls.ask("a", "app:1", &reference, None, deadline),
-            Asked::Finished(pulled.clone())
+            pulls.look("a", "app:1"),
+            Some(Asked::Finished {
+                outcome: pulled.clone(),
+                source: "no credentials".into()
+            })
         );
+        assert_eq!(pulls.look("a", "app:1"), None, "handed over once");
         pulls.forget("b");
         assert!(pulls.entries().is_empty(), "read by all, then dropped");
     }
@@ -325,19 +357,22 @@ mod tests {
             Entry::Done {
                 outcome: failed,
                 waiters: BTreeSet::from(["a".to_string()]),
+                source: "no credentials".into(),
                 at: Instant::now(),
             },
         );
         let reference = ImageReference::parse("app:1").unwrap();
         let deadline = Duration::from_secs(1);
+        assert_eq!(pulls.look("late", "app:1"), None);
+        let anonymous = (None, "no credentials".to_string());
         assert_eq!(
-            pulls.ask("late", "app:1", &reference, None, deadline),
+            pulls.ask("late", "app:1", &reference, anonymous, deadline),
             Asked::Started,
             "an old failure is not handed to a workload that did not ask for that pull"
         );
         assert_eq!(
-            pulls.ask("a", "app:1", &reference, None, deadline),
-            Asked::Waiting,
+            pulls.look("a", "app:1"),
+            Some(Asked::Waiting),
             "the one that had yet to read the old outcome waits for the new pull"
         );
     }
