@@ -610,6 +610,7 @@ async fn run(options: &Options, image: &str, scope: &str, prefix: &str) {
 
     // Row 4: mass drift, the agent's.
     let drifted: Vec<String> = ids.iter().take(options.drift).cloned().collect();
+    calls.lock().unwrap().clear();
     let started = Instant::now();
     sh(&format!("docker kill {} ", drifted.join(" ")));
     let limit = Duration::from_secs(600);
@@ -627,6 +628,7 @@ async fn run(options: &Options, image: &str, scope: &str, prefix: &str) {
     })
     .await;
     let agent_drift_status = started.elapsed();
+    let drift_calls = calls.lock().unwrap().clone();
 
     // Row 4 baseline: the same number of containers, killed together, then
     // `docker start` at the agent's concurrency.
@@ -771,6 +773,14 @@ async fn run(options: &Options, image: &str, scope: &str, prefix: &str) {
     println!("|---|---:|---:|");
     for (call, n) in &idle_calls {
         println!("| `{call}` | {n} | {:.1} |", *n as f64 / resyncs);
+    }
+    println!(
+        "\n| Docker API call from the kill of {} to all reported Running | count |",
+        options.drift
+    );
+    println!("|---|---:|");
+    for (call, n) in &drift_calls {
+        println!("| `{call}` | {n} |");
     }
     println!("\n| Docker API call from restart to every workload reconciled | count |");
     println!("|---|---:|");
