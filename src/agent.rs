@@ -186,7 +186,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         &informer,
         node.clone(),
         runtimes.clone(),
-        controllers.usage.clone(),
+        crate::scheduler::Reporting {
+            usage: controllers.usage.clone(),
+            heartbeats_trimmed: metrics.heartbeats_trimmed.clone(),
+        },
         &tasks,
         background.clone(),
     );

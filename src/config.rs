@@ -149,6 +149,22 @@ pub struct Config {
     #[arg(long, env = "PERSYS_PULL_TIMEOUT", default_value = "10m", value_parser = parse_deadline)]
     pub pull_timeout: Duration,
 
+    /// The `persys.scope` label of this agent's containers: it adopts,
+    /// watches and removes only containers of its own scope, so two agents
+    /// (or a benchmark beside a node's agent) can share one engine.
+    #[arg(long, env = "PERSYS_DOCKER_SCOPE", default_value = persys_controllers::docker::config::DEFAULT_SCOPE)]
+    pub docker_scope: String,
+
+    /// Image pulls running at once. Pulls run outside the reconcile slots,
+    /// so a slow registry holds only these.
+    #[arg(long, env = "PERSYS_MAX_CONCURRENT_PULLS", default_value_t = persys_controllers::docker::config::DEFAULT_PULL_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_concurrent_pulls: u16,
+
+    /// Reconciles running at once in each runtime's controller (Docker,
+    /// Compose, VM each have this many slots).
+    #[arg(long, env = "PERSYS_MAX_CONCURRENT_RECONCILES", default_value_t = persys_controllers::DEFAULT_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub max_concurrent_reconciles: u16,
+
     /// Registry credentials for image pulls: a Docker `config.json`
     /// (`auths`, `credsStore`, `credHelpers`), read at each pull. Default:
     /// `$DOCKER_CONFIG/config.json`, else /root/.docker/config.json, when
@@ -604,6 +620,11 @@ mod tests {
         assert_eq!(config.libvirt_uri, "qemu:///system");
         assert_eq!(config.metrics_port, 8089);
         assert_eq!(config.pull_timeout, Duration::from_secs(600));
+        assert_eq!(config.max_concurrent_pulls, 2);
+        assert_eq!(
+            usize::from(config.max_concurrent_reconciles),
+            persys_controllers::DEFAULT_CONCURRENCY
+        );
         assert_eq!(
             config.watch_bounds(),
             crate::server::outbox::WatchBounds::default()

@@ -97,6 +97,8 @@ pub struct Metrics {
     pub grpc_seconds: Family<MethodLabels, Histogram>,
     pub authz: crate::server::authz::AuthzMetrics,
     pub tls_handshake_failures: Family<ReasonLabels, Counter>,
+    /// Heartbeats trimmed to fit the scheduler's message limit.
+    pub heartbeats_trimmed: Counter,
     registry: Arc<Registry>,
 }
 
@@ -223,7 +225,14 @@ impl Metrics {
             "TLS handshakes that failed, by reason (timeout, refused)",
             tls_handshake_failures.clone(),
         );
+        let heartbeats_trimmed = Counter::default();
+        registry.register(
+            "heartbeats_trimmed",
+            "Heartbeats whose status texts (or, past those, statuses) were cut to fit the scheduler's 4 MiB message limit",
+            heartbeats_trimmed.clone(),
+        );
         Metrics {
+            heartbeats_trimmed,
             authz,
             workloads,
             applies,

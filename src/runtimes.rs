@@ -206,8 +206,10 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub fn docker_config(config: &Config, policy: &NodePolicy) -> DockerConfig {
     DockerConfig {
         host: Some(config.docker_host.clone()),
+        scope: config.docker_scope.clone(),
         host_paths: crate::policy::host_path_policy(config, policy),
         pull_timeout: config.pull_timeout,
+        pull_concurrency: usize::from(config.max_concurrent_pulls),
         registry_auth: Some(config.registry_auth()),
         usage_interval: config.usage_interval,
         ..DockerConfig::default()
@@ -244,6 +246,7 @@ fn controller_config(config: &Config, observer: Arc<dyn ControllerObserver>) -> 
             .reconcile_enabled
             .then_some(config.reconcile_interval),
         observer,
+        concurrency: usize::from(config.max_concurrent_reconciles),
         ..ControllerConfig::default()
     }
 }
@@ -563,10 +566,18 @@ mod tests {
             "90s",
             "--docker-host",
             "unix:///srv/engine/docker.sock",
+            "--max-concurrent-pulls",
+            "3",
+            "--max-concurrent-reconciles",
+            "16",
         ])
         .unwrap();
         let docker = docker_config(&config, &NodePolicy::default());
         assert_eq!(docker.pull_timeout, Duration::from_secs(90));
+        assert_eq!(docker.pull_concurrency, 3);
+        assert_eq!(docker.scope, "default");
+        let controller = controller_config(&config, Arc::new(persys_controllers::NoObserver));
+        assert_eq!(controller.concurrency, 16);
         let auth = docker.registry_auth.unwrap();
         assert!(!auth.required, "the default auth file may be absent");
         let socket = docker

@@ -160,6 +160,16 @@ pub struct NoObserver;
 
 impl ControllerObserver for NoObserver {}
 
+/// Reconciles of one controller running at once unless
+/// `PERSYS_MAX_CONCURRENT_RECONCILES` says. Chosen from the scale benchmark
+/// (`benches/scale.rs`, BENCHMARKS.md): on 2 cores the engine still takes
+/// more creates and starts at once than 4. 200 containers converged in
+/// 85 s at 4 slots and 45 s at 16 (the CLI's best, `xargs -P 16 docker
+/// run`, took 47 s; `-P 4` 76 s and `-P 8` 71 s), and 100 killed
+/// containers were back in 54 s at 4 and 30 s at 16. A reconcile waiting
+/// on the engine costs the agent little, and pulls run outside these slots.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
 /// How a controller runs.
 #[derive(Clone)]
 pub struct ControllerConfig {
@@ -189,7 +199,7 @@ impl std::fmt::Debug for ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
-            concurrency: 4,
+            concurrency: DEFAULT_CONCURRENCY,
             resync_interval: Some(Duration::from_secs(30)),
             error_backoff: Backoff::ERRORS,
             outage_backoff: Backoff::OUTAGE_PROBE,

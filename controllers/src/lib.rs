@@ -51,8 +51,8 @@ mod usage;
 pub mod vm;
 
 pub use controller::{
-    Action, Cleanup, Controller, ControllerConfig, ControllerObserver, NoObserver, Reconciler,
-    controller_name, orphan_grace_left,
+    Action, Cleanup, Controller, ControllerConfig, ControllerObserver, DEFAULT_CONCURRENCY,
+    NoObserver, Reconciler, controller_name, orphan_grace_left,
 };
 pub use informer::{Cache, Informer, Notification};
 pub use kit::io;

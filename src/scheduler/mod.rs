@@ -50,6 +50,14 @@ pub struct SchedulerLink {
     pub task: Option<JoinHandle<()>>,
 }
 
+/// What heartbeats read and count besides the cache and the board.
+pub struct Reporting {
+    /// The runtimes' last usage samples.
+    pub usage: Option<UsageLookup>,
+    /// Counts heartbeats trimmed to fit the scheduler's message limit.
+    pub heartbeats_trimmed: prometheus_client::metrics::counter::Counter,
+}
+
 /// Starts the link when a scheduler is configured. The first registration
 /// waits for the informer's first list, so no heartbeat ever reports an
 /// empty node by mistake.
@@ -58,7 +66,7 @@ pub fn start(
     informer: &Informer,
     node: NodeSampler,
     runtimes: RuntimeBoard,
-    usage: Option<UsageLookup>,
+    reporting: Reporting,
     tasks: &crate::tasks::Tasks,
     shutdown: CancellationToken,
 ) -> SchedulerLink {
@@ -77,7 +85,8 @@ pub fn start(
             "PERSYS_SCHEDULER_INSECURE=true: dialling the scheduler in PLAINTEXT, without authentication"
         );
     }
-    let reporter = NodeReporter::new(config, informer.cache(), node, runtimes, usage);
+    let reporter = NodeReporter::new(config, informer.cache(), node, runtimes, reporting.usage)
+        .with_trim_counter(reporting.heartbeats_trimmed);
     let scheduler = client::GrpcScheduler::new(config, addr.clone());
     let (link, status) = Link::new(
         scheduler,

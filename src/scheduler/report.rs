@@ -16,6 +16,8 @@ use persys_api::control::v1::{
 };
 use persys_api::v1::{self as agent, ActualState, Workload, WorkloadType};
 use persys_controllers::Cache;
+use prometheus_client::metrics::counter::Counter;
+use prost::Message;
 
 use crate::config::Config;
 use crate::node::NodeSampler;
@@ -49,6 +51,9 @@ pub struct NodeReporter {
     node: NodeSampler,
     runtimes: RuntimeBoard,
     usage: Option<UsageLookup>,
+    /// Heartbeats trimmed to fit the scheduler's message limit
+    /// (`persys_agent_heartbeats_trimmed_total` once registered).
+    trimmed: Counter,
 }
 
 impl NodeReporter {
@@ -77,7 +82,14 @@ impl NodeReporter {
             node,
             runtimes,
             usage,
+            trimmed: Counter::default(),
         }
+    }
+
+    /// Counts trimmed heartbeats on `counter` (a registered metric).
+    pub fn with_trim_counter(mut self, counter: Counter) -> Self {
+        self.trimmed = counter;
+        self
     }
 
     pub fn node_id(&self) -> &str {
@@ -116,12 +128,20 @@ impl NodeReporter {
         }
     }
 
-    /// A heartbeat: node usage and every cached workload's status.
+    /// A heartbeat: node usage and every cached workload's status, fitted
+    /// to [`HEARTBEAT_BUDGET`].
     pub fn heartbeat(&self) -> HeartbeatRequest {
-        let workloads = self.cache.list();
+        self.heartbeat_of(&self.cache.list())
+    }
+
+    /// The heartbeat of `workloads` (the cache's list). O(workloads): one
+    /// usage lookup and one status each, all from memory; when it would not
+    /// fit the scheduler's message limit it is trimmed ([`fit_heartbeat`]),
+    /// counted and logged.
+    pub fn heartbeat_of(&self, workloads: &[Arc<Workload>]) -> HeartbeatRequest {
         let mut statuses = Vec::with_capacity(workloads.len());
         let mut workload_usage = Vec::new();
-        for workload in &workloads {
+        for workload in workloads {
             let usage = self.usage.as_ref().and_then(|lookup| lookup(workload.id()));
             let usage = usage.as_ref().map(usage_snapshot);
             if let Some(snapshot) = &usage {
@@ -129,13 +149,27 @@ impl NodeReporter {
             }
             statuses.push(status_report(workload, usage));
         }
-        HeartbeatRequest {
+        let mut heartbeat = HeartbeatRequest {
             node_id: self.node_id.clone(),
-            usage: Some(self.usage(&workloads)),
+            usage: Some(self.usage(workloads)),
             workload_statuses: statuses,
             timestamp: Some(SystemTime::now().into()),
             workload_usage,
+        };
+        if let Some(trimmed) = fit_heartbeat(&mut heartbeat, HEARTBEAT_BUDGET) {
+            self.trimmed.inc();
+            tracing::warn!(
+                workloads = workloads.len(),
+                bytes_before = trimmed.bytes_before,
+                bytes_after = trimmed.bytes_after,
+                limit = SCHEDULER_MESSAGE_LIMIT,
+                texts_cut_to = ?trimmed.texts_cut_to,
+                usage_list_dropped = trimmed.usage_list_dropped,
+                statuses_dropped = trimmed.statuses_dropped,
+                "the heartbeat would near the scheduler's message limit: trimmed (persys_agent_heartbeats_trimmed_total)"
+            );
         }
+        heartbeat
     }
 
     fn usage(&self, workloads: &[Arc<Workload>]) -> NodeUsage {
@@ -150,6 +184,88 @@ impl NodeReporter {
             memory_used_mb: memory_used.round() as i64,
             disk_allocated_gb: allocated.disk_gb,
             disk_used_gb: disk_used_gb(&self.disk_path).unwrap_or(0),
+        }
+    }
+}
+
+/// The scheduler's gRPC message limit: grpc-go's default, which the Persys
+/// scheduler keeps.
+pub const SCHEDULER_MESSAGE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The most a heartbeat is made to take: the limit less room for the
+/// gRPC frame and metadata, so a heartbeat never nears the limit itself.
+pub const HEARTBEAT_BUDGET: usize = SCHEDULER_MESSAGE_LIMIT - 256 * 1024;
+
+/// Lengths (in characters) the free texts of statuses (`message`,
+/// `reason.message`) are cut to, one after the other, while a heartbeat is
+/// over its budget.
+const TEXT_CUTS: [usize; 4] = [1024, 256, 64, 0];
+
+/// What [`fit_heartbeat`] cut.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    pub bytes_before: usize,
+    pub bytes_after: usize,
+    /// The length the statuses' texts were cut to, if they were.
+    pub texts_cut_to: Option<usize>,
+    /// The top-level `workload_usage` list was left out (each status still
+    /// carries its workload's usage).
+    pub usage_list_dropped: bool,
+    /// Statuses left out, from the end of the list.
+    pub statuses_dropped: usize,
+}
+
+/// Makes `heartbeat` encode to at most `budget` bytes, cutting the least
+/// first: the statuses' free texts (ever shorter), then the duplicate
+/// `workload_usage` list, and only then whole statuses from the end (which
+/// takes tens of thousands of workloads). None when it fitted already.
+pub fn fit_heartbeat(heartbeat: &mut HeartbeatRequest, budget: usize) -> Option<Trimmed> {
+    let bytes_before = heartbeat.encoded_len();
+    if bytes_before <= budget {
+        return None;
+    }
+    let mut trimmed = Trimmed {
+        bytes_before,
+        ..Trimmed::default()
+    };
+    let mut size = bytes_before;
+    for cut in TEXT_CUTS {
+        if size <= budget {
+            break;
+        }
+        for status in &mut heartbeat.workload_statuses {
+            cut_text(&mut status.message, cut);
+            if let Some(reason) = status.reason.as_mut() {
+                cut_text(&mut reason.message, cut);
+            }
+        }
+        trimmed.texts_cut_to = Some(cut);
+        size = heartbeat.encoded_len();
+    }
+    if size > budget && !heartbeat.workload_usage.is_empty() {
+        heartbeat.workload_usage = Vec::new();
+        trimmed.usage_list_dropped = true;
+        size = heartbeat.encoded_len();
+    }
+    while size > budget {
+        let Some(status) = heartbeat.workload_statuses.pop() else {
+            break;
+        };
+        // A repeated field's element: its tag (one byte), its length, itself.
+        let len = status.encoded_len();
+        size = size.saturating_sub(1 + prost::length_delimiter_len(len) + len);
+        trimmed.statuses_dropped += 1;
+    }
+    trimmed.bytes_after = heartbeat.encoded_len();
+    Some(trimmed)
+}
+
+/// Cuts `text` to at most `chars` characters, marking the cut with `…`.
+fn cut_text(text: &mut String, chars: usize) {
+    if let Some((at, _)) = text.char_indices().nth(chars) {
+        text.truncate(at);
+        if chars > 0 {
+            text.push('…');
         }
     }
 }
@@ -582,6 +698,128 @@ mod tests {
         assert_eq!(default_node_id("web-1", None), "web-1");
         assert_eq!(default_node_id("web-1", Some("\n")), "web-1");
         assert_eq!(node_id(&config(&["--node-id", "n7"])), "n7");
+    }
+
+    /// `count` running container workloads whose status carries a
+    /// `error_len`-character last error, as a cache of that size lists them.
+    fn failing_workloads(count: usize, error_len: usize) -> Vec<Arc<Workload>> {
+        (0..count)
+            .map(|i| {
+                let mut w = (*workload(
+                    &format!("w{i:05}"),
+                    container(1024, 64 * MIB as i64),
+                    DesiredState::Running,
+                ))
+                .clone();
+                w.status = Some(ObjectStatus {
+                    actual_state: ActualState::Failed as i32,
+                    failure_reason: "RUNTIME_ERROR".into(),
+                    last_error: "é".repeat(error_len),
+                    message: "x".repeat(error_len),
+                    ..Default::default()
+                });
+                Arc::new(w)
+            })
+            .collect()
+    }
+
+    fn usage_of_every_workload() -> UsageLookup {
+        Arc::new(|id: &str| {
+            Some(agent::WorkloadUsageSnapshot {
+                workload_id: id.to_string(),
+                r#type: WorkloadType::Container as i32,
+                cpu_percent: 1.5,
+                memory_bytes: 1 << 20,
+                collected_at: 1_700_000_000,
+                source: "cgroup".into(),
+                ..Default::default()
+            })
+        })
+    }
+
+    #[test]
+    fn a_heartbeat_of_a_thousand_workloads_with_long_errors_is_trimmed_under_the_limit_and_counted()
+    {
+        let trimmed = Counter::default();
+        let reporter = NodeReporter::new(
+            &config(&[]),
+            Cache::default(),
+            NodeSampler::default(),
+            RuntimeBoard::default(),
+            Some(usage_of_every_workload()),
+        )
+        .with_trim_counter(trimmed.clone());
+        // 1,200 workloads whose two texts take 3 KiB and 1.5 KiB: ~5 MiB.
+        let workloads = failing_workloads(1200, 1536);
+        let started = std::time::Instant::now();
+        let heartbeat = reporter.heartbeat_of(&workloads);
+        let took = started.elapsed();
+        let size = heartbeat.encoded_len();
+        eprintln!("1,200 workloads with 3 KiB errors: {size} bytes, built in {took:?}");
+        assert!(size <= HEARTBEAT_BUDGET, "{size} bytes");
+        assert!(size < SCHEDULER_MESSAGE_LIMIT);
+        assert_eq!(trimmed.get(), 1, "the trim is counted");
+        assert_eq!(
+            heartbeat.workload_statuses.len(),
+            1200,
+            "texts go before any status does"
+        );
+        assert_eq!(heartbeat.workload_usage.len(), 1200);
+        let first = &heartbeat.workload_statuses[0];
+        assert_eq!(first.state, "Failed");
+        assert_eq!(first.usage.as_ref().map(|u| u.memory_bytes), Some(1 << 20));
+        let reason = first.reason.as_ref().unwrap();
+        assert!(reason.message.ends_with('…'), "{}", reason.message);
+        assert!(reason.message.chars().count() <= 1025);
+        assert!(
+            reason.message.starts_with("éé"),
+            "cut on a character boundary"
+        );
+
+        // A thousand workloads with short texts fit as they are.
+        let heartbeat = reporter.heartbeat_of(&failing_workloads(1000, 40));
+        assert_eq!(trimmed.get(), 1, "nothing to trim");
+        assert_eq!(heartbeat.workload_statuses.len(), 1000);
+        let reason = heartbeat.workload_statuses[999].reason.as_ref().unwrap();
+        assert_eq!(reason.message, "é".repeat(40));
+        eprintln!(
+            "1,000 workloads with usage: {} bytes",
+            heartbeat.encoded_len()
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_over_its_budget_drops_texts_then_the_usage_list_then_whole_statuses() {
+        let reporter = NodeReporter::new(
+            &config(&[]),
+            Cache::default(),
+            NodeSampler::default(),
+            RuntimeBoard::default(),
+            Some(usage_of_every_workload()),
+        );
+        let mut heartbeat = reporter.heartbeat_of(&failing_workloads(1000, 300));
+        let full = heartbeat.encoded_len();
+        let budget = full / 20;
+        let trimmed = fit_heartbeat(&mut heartbeat, budget).unwrap();
+        assert_eq!(trimmed.bytes_before, full);
+        assert!(trimmed.bytes_after <= budget, "{trimmed:?}");
+        assert_eq!(trimmed.bytes_after, heartbeat.encoded_len());
+        assert_eq!(trimmed.texts_cut_to, Some(0));
+        assert!(trimmed.usage_list_dropped);
+        assert!(trimmed.statuses_dropped > 0, "{trimmed:?}");
+        assert_eq!(
+            heartbeat.workload_statuses.len() + trimmed.statuses_dropped,
+            1000
+        );
+        // What is left is the head of the list, whole but for its texts.
+        assert_eq!(heartbeat.workload_statuses[0].workload_id, "w00000");
+        assert_eq!(heartbeat.workload_statuses[0].message, "");
+        assert!(heartbeat.workload_statuses[0].usage.is_some());
+        // Nothing is cut from a heartbeat within its budget.
+        let mut small = reporter.heartbeat_of(&failing_workloads(3, 300));
+        let before = small.clone();
+        assert_eq!(fit_heartbeat(&mut small, HEARTBEAT_BUDGET), None);
+        assert_eq!(small, before);
     }
 
     #[test]

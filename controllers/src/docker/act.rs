@@ -13,16 +13,17 @@ use super::adopt::{self, Adoption};
 use super::binds::recorded_sources;
 use super::config::DockerConfig;
 use super::credentials::{Found, credentials_for};
-use super::errors::{DockerError, FailureReason};
+use super::errors::{DockerError, FailureReason, Operation};
 use super::image::ImageReference;
 use super::labels::{self, Marks};
 use super::memory::Memory;
 use super::observe::{display_name, state_of};
+use super::pulls::{Asked, PullOutcome, Pulls};
 use super::runtime::Runtime;
 use super::spec::{create_body, stop_grace, volume_requests};
 use super::status::Outcome;
 use crate::crash_loop::CrashLoop;
-use crate::kit::{self, Classify, Failed, Recorder, Workloads};
+use crate::kit::{self, Failed, Recorder, Workloads};
 
 /// How a convergence stopped short of the desired state.
 pub(crate) type Halt = kit::Halt<DockerError>;
@@ -71,6 +72,14 @@ pub(crate) enum TakeOver {
     Gone,
 }
 
+/// Where a create's pull stands.
+pub(crate) enum Pulling {
+    /// Running (or waiting for a pull slot) outside the reconcile.
+    UnderWay,
+    /// Ended: pulled, or a failure to report.
+    Done(Result<(), (FailureReason, String)>),
+}
+
 /// Which start a container is getting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StartKind {
@@ -88,6 +97,8 @@ pub(crate) struct Act<'a> {
     pub(crate) config: &'a DockerConfig,
     pub(crate) workload: &'a Workload,
     pub(crate) spec: &'a ContainerSpec,
+    /// Where pulls run, outside this reconcile's slot.
+    pub(crate) pulls: &'a Pulls,
 }
 
 fn cid_of(found: &ContainerInspectResponse) -> String {
@@ -435,8 +446,15 @@ impl Act<'_> {
         if pull_first {
             let image = &self.spec.image;
             match self.pull(image).await? {
-                Ok(()) => self.memory(|m| m.pulled(image)),
-                Err((reason, detail)) => return Err(self.failed_pull(reason, detail)),
+                Pulling::Done(Ok(())) => self.memory(|m| m.pulled(image)),
+                Pulling::Done(Err((reason, detail))) => {
+                    return Err(self.failed_pull(reason, detail));
+                }
+                // Woken when the pull ends; the stale containers run on.
+                Pulling::UnderWay => {
+                    let message = format!("pulling image {image}");
+                    return Ok(Converged::new(Outcome::Pending { message }, None));
+                }
             }
         }
         // After the pull: a bad new image leaves the old container running.
@@ -469,64 +487,85 @@ impl Act<'_> {
         self.start(&found, StartKind::First).await
     }
 
-    /// One pull: `Ok(Err(..))` is a failed pull to report, `Err` an engine
-    /// that could not be reached.
-    async fn pull(&self, image: &str) -> Result<Result<(), (FailureReason, String)>, DockerError> {
+    /// Asks for the image's pull, which runs outside this reconcile:
+    /// `UnderWay` until it ends, then its outcome (`Done(Err(..))` a failed
+    /// pull to report); `Err` an engine that could not be reached.
+    async fn pull(&self, image: &str) -> Result<Pulling, DockerError> {
         let reference = match ImageReference::parse(image) {
             Ok(reference) => reference,
-            Err(message) => return Ok(Err((FailureReason::InvalidSpec, message))),
+            Err(message) => return Ok(Pulling::Done(Err((FailureReason::InvalidSpec, message)))),
         };
-        let found = match &self.config.registry_auth {
-            Some(file) => match credentials_for(file, reference.registry()).await {
-                Ok(found) => found,
-                Err(message) => {
-                    let detail = format!("pulling image {image}: registry credentials: {message}");
-                    self.event(EventType::Warning, "Failed", detail.clone())
-                        .await;
-                    return Ok(Err((FailureReason::ImagePullFailed, detail)));
-                }
-            },
-            None => Found {
-                credentials: None,
-                source: "no credentials (no registry auth file)".to_string(),
-            },
+        let id = self.id();
+        let asked = match self.pulls.look(id, image) {
+            Some(asked) => asked,
+            None => {
+                // Credentials are looked up (a helper run) only for a pull
+                // about to start, not at every look while one runs.
+                let found = match &self.config.registry_auth {
+                    Some(file) => match credentials_for(file, reference.registry()).await {
+                        Ok(found) => found,
+                        Err(message) => {
+                            let detail =
+                                format!("pulling image {image}: registry credentials: {message}");
+                            self.event(EventType::Warning, "Failed", detail.clone())
+                                .await;
+                            return Ok(Pulling::Done(Err((
+                                FailureReason::ImagePullFailed,
+                                detail,
+                            ))));
+                        }
+                    },
+                    None => Found {
+                        credentials: None,
+                        source: "no credentials (no registry auth file)".to_string(),
+                    },
+                };
+                let deadline = self.config.pull_timeout;
+                let credentials = (found.credentials, found.source);
+                self.pulls.ask(id, image, &reference, credentials, deadline)
+            }
         };
-        let message = format!("pulling image {image}");
-        self.event(EventType::Normal, "Pulling", message).await;
-        let started = Instant::now();
-        let deadline = self.config.pull_timeout;
-        match self
-            .runtime
-            .pull(&reference, found.credentials, deadline)
-            .await
-        {
-            Ok(()) => {
-                let took = started.elapsed().as_secs_f64();
+        let (outcome, source) = match asked {
+            Asked::Started => {
+                let message = format!("pulling image {image}");
+                self.event(EventType::Normal, "Pulling", message).await;
+                return Ok(Pulling::UnderWay);
+            }
+            Asked::Waiting => return Ok(Pulling::UnderWay),
+            Asked::Finished { outcome, source } => (outcome, source),
+        };
+        match outcome {
+            PullOutcome::Pulled { took } => {
+                let took = took.as_secs_f64();
                 let message = format!("pulled image {image} in {took:.1}s");
                 self.event(EventType::Normal, "Pulled", message).await;
-                Ok(Ok(()))
+                Ok(Pulling::Done(Ok(())))
             }
-            Err(error @ DockerError::Unreachable { .. }) => Err(error),
-            Err(error) => {
-                let reason = error.reason();
+            PullOutcome::Unreachable { detail } => Err(DockerError::Unreachable {
+                id: self.id().to_string(),
+                operation: Operation::Pull,
+                source: bollard::errors::Error::IOError {
+                    err: std::io::Error::other(detail),
+                },
+            }),
+            PullOutcome::Failed { reason, detail } => {
                 let detail = if reason == FailureReason::ImagePullUnauthorized {
                     // Said in so many words whatever the registry's own
                     // are ("no basic auth credentials"), with where the
                     // credentials came from: not retried until the spec
                     // changes.
                     format!(
-                        "pulling image {image}: unauthorized: registry {} refused the pull with {}; not retried until the spec changes: {}",
+                        "pulling image {image}: unauthorized: registry {} refused the pull with {}; not retried until the spec changes: {detail}",
                         reference.registry(),
-                        found.source,
-                        error.detail()
+                        source,
                     )
                 } else {
-                    format!("pulling image {image}: {}", error.detail())
+                    format!("pulling image {image}: {detail}")
                 };
-                tracing::warn!(%error, "pull failed");
+                tracing::warn!(%detail, "pull failed");
                 self.event(EventType::Warning, "Failed", detail.clone())
                     .await;
-                Ok(Err((reason, detail)))
+                Ok(Pulling::Done(Err((reason, detail))))
             }
         }
     }

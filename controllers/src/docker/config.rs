@@ -13,6 +13,11 @@ pub const DEFAULT_SCOPE: &str = "default";
 /// How long an image pull may run unless `PERSYS_PULL_TIMEOUT` says.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// Image pulls running at once unless `PERSYS_MAX_CONCURRENT_PULLS` says:
+/// the engine pulls layers in parallel itself (3 per pull by default), so a
+/// few pulls fill a node's link.
+pub const DEFAULT_PULL_CONCURRENCY: usize = 2;
+
 /// Settings of a [`super::DockerController`].
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
@@ -38,6 +43,10 @@ pub struct DockerConfig {
     /// workload fails with IMAGE_PULL_FAILED, so a registry that never
     /// answers cannot hold a controller slot (`PERSYS_PULL_TIMEOUT`).
     pub pull_timeout: Duration,
+    /// Image pulls running at once (`PERSYS_MAX_CONCURRENT_PULLS`). Pulls
+    /// run outside the reconcile slots, so slow pulls wait for these and
+    /// never for, or in, a slot a quick reconcile needs.
+    pub pull_concurrency: usize,
     /// A Docker `config.json` pulls take registry credentials from
     /// (`credHelpers`, `credsStore`, `auths`); none: anonymous pulls.
     pub registry_auth: Option<RegistryAuthFile>,
@@ -68,6 +77,7 @@ impl Default for DockerConfig {
                 jitter: 0.0,
             },
             pull_timeout: DEFAULT_PULL_TIMEOUT,
+            pull_concurrency: DEFAULT_PULL_CONCURRENCY,
             registry_auth: None,
             host_paths: HostPathPolicy::default(),
             log_tail_lines: 20,

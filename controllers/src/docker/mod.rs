@@ -53,6 +53,7 @@ mod memory;
 mod observe;
 pub(crate) mod observed;
 mod plan;
+mod pulls;
 pub mod reconciler;
 mod runtime;
 pub mod spec;

@@ -25,6 +25,7 @@ use super::memory::Memory;
 use super::observe::{kept_afresh, observe};
 use super::observed::Observed;
 use super::plan::{self, Desired, Plan};
+use super::pulls::Pulls;
 use super::runtime::Runtime;
 use super::spec::stop_grace;
 use super::status::{self, Outcome, Report};
@@ -60,6 +61,9 @@ pub struct DockerController {
     probe_wake: Notifier,
     /// The other end, until [`DockerController::trigger`] takes it.
     probe_woken: Mutex<Option<mpsc::Receiver<String>>>,
+    /// Image pulls, run outside the reconcile slots; they wake their
+    /// workloads through `probe_wake`'s channel when they end.
+    pulls: Pulls,
 }
 
 /// Probe verdict changes waiting for the controller; more are dropped (a
@@ -72,7 +76,9 @@ impl DockerController {
     pub fn new(config: DockerConfig, writer: Arc<dyn WorkloadWriter>) -> Self {
         let engine = Engine::new(config.host.clone());
         let (probe_wake, probe_woken) = mpsc::channel(PROBE_WAKES);
+        let pulls = Pulls::new(engine.clone(), config.pull_concurrency, probe_wake.clone());
         DockerController {
+            pulls,
             prober: Prober::default(),
             probe_wake,
             probe_woken: Mutex::new(Some(probe_woken)),
@@ -138,6 +144,11 @@ impl DockerController {
                 observed: self.observed.clone(),
             },
         )
+    }
+
+    /// Image pulls running or waiting for a pull slot.
+    pub fn pulls_in_flight(&self) -> usize {
+        self.pulls.in_flight()
     }
 
     /// Engine calls the observation cache saved so far.
@@ -346,6 +357,7 @@ impl DockerController {
             config: &self.config,
             workload,
             spec,
+            pulls: &self.pulls,
         };
         let adoption = self.adoption_of(workload);
         let mut observed = observe(runtime, &hash, adoption.as_ref()).await?;
@@ -604,6 +616,7 @@ impl Reconciler for DockerController {
         self.workloads.forget(id);
         self.usage.remove(id);
         self.prober.forget(id);
+        self.pulls.forget(id);
         Ok(Cleanup::Done)
     }
 
@@ -618,6 +631,7 @@ impl Reconciler for DockerController {
             self.workloads.forget(id);
             self.usage.remove(id);
             self.prober.forget(id);
+            self.pulls.forget(id);
             return Ok(Action::await_change());
         }
         if let Some(left) = orphan_grace_left(self.config.orphan_grace, orphaned_for) {
@@ -638,6 +652,7 @@ impl Reconciler for DockerController {
         self.workloads.forget(id);
         self.usage.remove(id);
         self.prober.forget(id);
+        self.pulls.forget(id);
         Ok(Action::await_change())
     }
 }

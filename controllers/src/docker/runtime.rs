@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::auth::DockerCredentials;
 use bollard::errors::Error as EngineError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerUpdateBody,
@@ -18,7 +17,6 @@ use super::binds::{self, Bind, BindViolation};
 use super::container;
 use super::engine::Engine;
 use super::errors::{DockerError, FailureReason, Operation};
-use super::image::ImageReference;
 use super::observed::{Listed, Observed};
 use super::validate::HostPathPolicy;
 
@@ -147,26 +145,6 @@ impl<'a> Runtime<'a> {
     /// The last `lines` lines of the container's output, if they can be read.
     pub(crate) async fn tail_log(&self, cid: &str, lines: usize) -> Option<String> {
         container::tail_log(&self.docker, cid, lines).await
-    }
-
-    /// Pulls `reference` to its end, or abandons it after `deadline`
-    /// (dropping the request, which the engine takes as a cancellation).
-    pub(crate) async fn pull(
-        &self,
-        reference: &ImageReference,
-        credentials: Option<DockerCredentials>,
-        deadline: Duration,
-    ) -> Result<(), DockerError> {
-        self.changing();
-        let pull = container::pull(&self.docker, self.id, reference, credentials);
-        match tokio::time::timeout(deadline, pull).await {
-            Ok(pulled) => pulled,
-            Err(_) => Err(DockerError::PullTimedOut {
-                id: self.id.to_string(),
-                image: reference.to_string(),
-                after: deadline,
-            }),
-        }
     }
 
     /// The spec's bind mounts with their sources resolved and checked
