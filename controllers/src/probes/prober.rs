@@ -15,6 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use futures::StreamExt;
@@ -289,6 +290,9 @@ struct Running {
     failures: u32,
     /// The verdict by the thresholds; None before the first check.
     passing: Option<bool>,
+    /// The output of the last check, as published with the verdict: a
+    /// check that changes neither touches the shared verdicts.
+    output: String,
     /// Its entry on the timer wheel while it waits for its next check.
     timer: Option<delay_queue::Key>,
 }
@@ -313,26 +317,49 @@ struct Runner {
 
 impl Runner {
     async fn run(mut self) {
+        std::future::poll_fn(|cx| self.poll_run(cx)).await
+    }
+
+    /// Does everything that is ready, in one pass per wake-up: the
+    /// commands, the checks that finished (then those waiting for a
+    /// slot), the probes that are due, and the first poll of each check
+    /// it started; then waits for the next of them. Ready when the last
+    /// handle is dropped.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            tokio::select! {
-                command = self.commands.recv() => match command {
-                    Some(command) => self.apply(command),
-                    None => return,
-                },
-                Some(expired) = self.queue.next(), if !self.queue.is_empty() => {
-                    let id = expired.into_inner();
-                    if let Some(probe) = self.probes.get_mut(&id) {
-                        probe.timer = None;
-                        self.start(id);
+            let mut busy = false;
+            loop {
+                match self.commands.poll_recv(cx) {
+                    Poll::Ready(Some(command)) => {
+                        self.apply(command);
+                        busy = true;
                     }
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Pending => break,
                 }
-                Some((id, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.finished(id, outcome);
-                    while self.in_flight.len() < self.limit {
-                        let Some(next) = self.backlog.pop_front() else { break };
-                        self.start(next);
-                    }
+            }
+            while let Poll::Ready(Some((id, outcome))) = self.in_flight.poll_next_unpin(cx) {
+                self.finished(id, outcome);
+                busy = true;
+            }
+            while self.in_flight.len() < self.limit {
+                let Some(next) = self.backlog.pop_front() else {
+                    break;
+                };
+                self.start(next);
+                busy = true;
+            }
+            while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
+                let id = expired.into_inner();
+                if let Some(probe) = self.probes.get_mut(&id) {
+                    probe.timer = None;
+                    self.start(id);
+                    busy = true;
                 }
+            }
+            // Nothing new: every source has this task's waker.
+            if !busy {
+                return Poll::Pending;
             }
         }
     }
@@ -372,6 +399,7 @@ impl Runner {
                     successes: 0,
                     failures: 0,
                     passing: None,
+                    output: String::new(),
                     timer: Some(timer),
                 },
             );
@@ -449,27 +477,19 @@ impl Runner {
         };
         let changed = probe.passing != Some(passing);
         probe.passing = Some(passing);
-        // Written only when it differs: a probe that keeps passing costs a
-        // read lock, no allocation.
-        let key = (probe.registration.container_id.clone(), kind);
-        let same = read(&self.verdicts)
-            .get(&probe.workload)
-            .and_then(|v| v.get(&key))
-            .is_some_and(|v| {
-                v.passing == Some(passing)
-                    && v.output == outcome.output
-                    && v.started_at == probe.registration.started_at
-            });
-        if !same {
+        // Published only when the verdict or the output differs: a probe
+        // that keeps passing takes no lock and allocates nothing.
+        if changed || probe.output != outcome.output {
+            probe.output = outcome.output;
             let verdict = Verdict {
                 started_at: probe.registration.started_at.clone(),
                 passing: Some(passing),
-                output: outcome.output,
+                output: probe.output.clone(),
             };
             write(&self.verdicts)
                 .entry(probe.workload.clone())
                 .or_default()
-                .insert(key, verdict);
+                .insert((probe.registration.container_id.clone(), kind), verdict);
         }
         if changed {
             tracing::debug!(
