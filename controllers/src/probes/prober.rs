@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -33,6 +33,12 @@ use crate::docker::Engine;
 /// kubelet's default period and timeout, few enough that a node of hung
 /// workloads cannot flood the engine with execs.
 pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// Due times fall on this grid: probes due within the same tick run in one
+/// wake-up of the runner (and their connections complete together), rather
+/// than one wake-up each. A check runs at most one tick after its time;
+/// periods are whole seconds, so a probe keeps its place on the grid.
+const TICK: Duration = Duration::from_millis(100);
 
 /// Wakes a controller: the workload whose verdict changed. Bounded, sent
 /// with `try_send`: a full channel means a wake is pending anyway, and the
@@ -158,6 +164,7 @@ impl Prober {
             backlog: VecDeque::new(),
             limit: concurrency.max(1),
             next_id: 0,
+            origin: Instant::now(),
             verdicts: verdicts.clone(),
         };
         Prober {
@@ -293,6 +300,8 @@ struct Running {
     /// The output of the last check, as published with the verdict: a
     /// check that changes neither touches the shared verdicts.
     output: String,
+    /// When its current (or next) check is due, on the grid.
+    due: Instant,
     /// Its entry on the timer wheel while it waits for its next check.
     timer: Option<delay_queue::Key>,
 }
@@ -312,6 +321,8 @@ struct Runner {
     /// Ids are never reused, so a check that ends after its probe was
     /// dropped finds nothing to update.
     next_id: u64,
+    /// Where the grid of due times starts.
+    origin: Instant,
     verdicts: Arc<RwLock<Verdicts>>,
 }
 
@@ -387,7 +398,8 @@ impl Runner {
                 .checked_add(new.registration.spec.initial_delay)
                 .and_then(|due| due.duration_since(SystemTime::now()).ok())
                 .unwrap_or_default();
-            let timer = self.queue.insert_at(id, Instant::now() + due);
+            let due = self.on_grid(Instant::now() + due);
+            let timer = self.queue.insert_at(id, due);
             self.probes.insert(
                 id,
                 Running {
@@ -400,6 +412,7 @@ impl Runner {
                     failures: 0,
                     passing: None,
                     output: String::new(),
+                    due,
                     timer: Some(timer),
                 },
             );
@@ -430,6 +443,11 @@ impl Runner {
         } else {
             self.by_workload.insert(workload, ids);
         }
+    }
+
+    /// `at`, or the first tick of the grid after it.
+    fn on_grid(&self, at: Instant) -> Instant {
+        on_grid(self.origin, at)
     }
 
     /// Runs probe `id`'s check now, or as soon as a slot frees.
@@ -504,9 +522,28 @@ impl Runner {
         if kind == ProbeKind::Liveness && !passing {
             return;
         }
-        let period = spec.period;
-        probe.timer = Some(self.queue.insert(id, period));
+        // Every period from the last due time, as a ticker (kubelet's):
+        // a check's own duration does not stretch the period. One that
+        // overran its period runs at the next tick.
+        let next = probe.due + spec.period;
+        let now = Instant::now();
+        let due = if next > now {
+            next
+        } else {
+            on_grid(self.origin, now)
+        };
+        probe.due = due;
+        probe.timer = Some(self.queue.insert_at(id, due));
     }
+}
+
+/// `at`, or the first tick after it of the grid starting at `origin`.
+fn on_grid(origin: Instant, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(origin).as_nanos();
+    let tick = TICK.as_nanos();
+    let ticks = since.div_ceil(tick);
+    let offset = u64::try_from(ticks.saturating_mul(tick)).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(offset)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -519,4 +556,21 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_times_are_rounded_up_to_the_next_tick() {
+        let origin = Instant::now();
+        let at = |ms: u64| origin + Duration::from_millis(ms);
+        assert_eq!(on_grid(origin, at(0)), at(0));
+        assert_eq!(on_grid(origin, at(1)), at(100));
+        assert_eq!(on_grid(origin, at(100)), at(100));
+        assert_eq!(on_grid(origin, at(10_050)), at(10_100));
+        // Before the origin (a start already past): the origin.
+        assert_eq!(on_grid(at(500), at(20)), at(500));
+    }
 }
