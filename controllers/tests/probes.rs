@@ -9,6 +9,8 @@
 
 mod docker_support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bollard::exec::{CreateExecOptions, StartExecResults};
@@ -21,9 +23,12 @@ use docker_support::*;
 use futures::StreamExt;
 use persys_api::CONDITION_READY;
 use persys_api::v1::{
-    ActualState, ContainerSpec, DesiredState, ExecAction, HttpGetAction, ObjectStatus, Probe,
-    TcpSocketAction, Workload,
+    ActualState, ContainerSpec, DesiredState, ExecAction, GrpcAction, HttpGetAction, ObjectStatus,
+    Probe, TcpSocketAction, Workload,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+use tonic_health::ServingStatus;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -354,5 +359,186 @@ async fn without_a_readiness_probe_the_images_healthcheck_decides_readiness() {
         0,
         "HEALTHCHECK never restarts"
     );
+    agent.stop().await;
+}
+
+/// The Ready condition's message.
+fn ready_message(w: &Workload) -> String {
+    status(w)
+        .condition(CONDITION_READY)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
+}
+
+/// A container of the test image that forwards each connection to `port`
+/// inside it to `host_port` on this host (through its network's gateway),
+/// with busybox `nc`: a probe of the container's `port` reaches a server
+/// the test runs, by the container's own address as every probe does.
+fn forwarding_spec(port: u16, host_port: u16) -> ContainerSpec {
+    shell_spec(&format!(
+        "gw=$(ip route | awk '/^default/ {{print $3}}'); \
+         exec nc -ll -p {port} -e nc \"$gw\" {host_port}"
+    ))
+}
+
+/// An HTTPS server on every address of this host, with a self-signed
+/// certificate for a name that is not the address probed (so a client
+/// that verified it would refuse it). It answers `GET /healthz` with 200
+/// while `healthy`, everything else with 503. Returns its port.
+async fn https_server(healthy: Arc<AtomicBool>) -> u16 {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["elsewhere.invalid".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key.into())
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (acceptor, healthy) = (acceptor.clone(), healthy.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16384 {
+                    match tls.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let status =
+                    if healthy.load(Ordering::SeqCst) && request.starts_with(b"GET /healthz ") {
+                        "200 OK"
+                    } else {
+                        "503 Service Unavailable"
+                    };
+                let response =
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_probe_skips_certificate_verification_and_fails_on_an_error_status() {
+    let Some(bed) = TestBed::new("httpsprobe").await else {
+        return;
+    };
+    let healthy = Arc::new(AtomicBool::new(true));
+    let host_port = https_server(healthy.clone()).await;
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("https");
+    let spec = ContainerSpec {
+        readiness_probe: Some(Probe {
+            http_get: Some(HttpGetAction {
+                path: "/healthz".into(),
+                port: 8443,
+                scheme: "HTTPS".into(),
+                ..Default::default()
+            }),
+            period_seconds: 1,
+            failure_threshold: 1,
+            ..Default::default()
+        }),
+        ..forwarding_spec(8443, host_port)
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let ready = agent
+        .wait_for(&id, CONVERGE, "ready by its https probe", |w| {
+            running_with_ready(w, true, None)
+                && status(w).facts.get("probe.readiness").map(String::as_str) == Some("passing")
+        })
+        .await;
+    let started = status(&ready).facts["container.started_at"].clone();
+
+    // The server starts answering 503: the same container turns unready,
+    // saying why.
+    healthy.store(false, Ordering::SeqCst);
+    let unready = agent
+        .wait_for(&id, CONVERGE, "unready on HTTP 503", |w| {
+            running_with_ready(w, false, Some("ReadinessProbeFailed"))
+                && ready_message(w).contains("statuscode: 503")
+        })
+        .await;
+    let s = status(&unready);
+    assert_eq!(s.facts["ready"], "false");
+    assert_eq!(s.facts["container.started_at"], started);
+    assert_eq!(s.restart_count, 0, "readiness never restarts");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_probe_passes_while_its_service_is_serving_and_fails_when_it_is_not() {
+    let Some(bed) = TestBed::new("grpcprobe").await else {
+        return;
+    };
+    let service = "persys.probe.Test";
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(service, ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let host_port = listener.local_addr().unwrap().port();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let agent = Agent::start(&bed.state_dir(), bed.config()).await;
+    let id = unique("grpc");
+    let spec = ContainerSpec {
+        readiness_probe: Some(Probe {
+            grpc: Some(GrpcAction {
+                port: 9090,
+                service: service.into(),
+            }),
+            period_seconds: 1,
+            failure_threshold: 1,
+            ..Default::default()
+        }),
+        ..forwarding_spec(9090, host_port)
+    };
+    agent.apply(&id, "r1", DesiredState::Running, spec).await;
+    let ready = |w: &Workload| {
+        running_with_ready(w, true, None)
+            && status(w).facts.get("probe.readiness").map(String::as_str) == Some("passing")
+    };
+    let first = agent
+        .wait_for(&id, CONVERGE, "ready by grpc health", ready)
+        .await;
+    let started = status(&first).facts["container.started_at"].clone();
+
+    // The service reports NOT_SERVING: unready, saying so.
+    reporter
+        .set_service_status(service, ServingStatus::NotServing)
+        .await;
+    let unready = agent
+        .wait_for(&id, CONVERGE, "unready on NOT_SERVING", |w| {
+            running_with_ready(w, false, Some("ReadinessProbeFailed"))
+                && ready_message(w).contains("NOT_SERVING")
+        })
+        .await;
+    assert_eq!(status(&unready).facts["ready"], "false");
+
+    // Serving again: ready again, the same container start.
+    reporter
+        .set_service_status(service, ServingStatus::Serving)
+        .await;
+    let again = agent.wait_for(&id, CONVERGE, "ready again", ready).await;
+    let s = status(&again);
+    assert_eq!(s.facts["container.started_at"], started);
+    assert_eq!(s.restart_count, 0, "readiness never restarts");
     agent.stop().await;
 }

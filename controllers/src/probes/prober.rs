@@ -15,7 +15,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -32,6 +33,12 @@ use crate::docker::Engine;
 /// kubelet's default period and timeout, few enough that a node of hung
 /// workloads cannot flood the engine with execs.
 pub const DEFAULT_CONCURRENCY: usize = 64;
+
+/// Due times fall on this grid: probes due within the same tick run in one
+/// wake-up of the runner (and their connections complete together), rather
+/// than one wake-up each. A check runs at most one tick after its time;
+/// periods are whole seconds, so a probe keeps its place on the grid.
+const TICK: Duration = Duration::from_millis(100);
 
 /// Wakes a controller: the workload whose verdict changed. Bounded, sent
 /// with `try_send`: a full channel means a wake is pending anyway, and the
@@ -157,6 +164,7 @@ impl Prober {
             backlog: VecDeque::new(),
             limit: concurrency.max(1),
             next_id: 0,
+            origin: Instant::now(),
             verdicts: verdicts.clone(),
         };
         Prober {
@@ -289,6 +297,11 @@ struct Running {
     failures: u32,
     /// The verdict by the thresholds; None before the first check.
     passing: Option<bool>,
+    /// The output of the last check, as published with the verdict: a
+    /// check that changes neither touches the shared verdicts.
+    output: String,
+    /// When its current (or next) check is due, on the grid.
+    due: Instant,
     /// Its entry on the timer wheel while it waits for its next check.
     timer: Option<delay_queue::Key>,
 }
@@ -308,31 +321,56 @@ struct Runner {
     /// Ids are never reused, so a check that ends after its probe was
     /// dropped finds nothing to update.
     next_id: u64,
+    /// Where the grid of due times starts.
+    origin: Instant,
     verdicts: Arc<RwLock<Verdicts>>,
 }
 
 impl Runner {
     async fn run(mut self) {
+        std::future::poll_fn(|cx| self.poll_run(cx)).await
+    }
+
+    /// Does everything that is ready, in one pass per wake-up: the
+    /// commands, the checks that finished (then those waiting for a
+    /// slot), the probes that are due, and the first poll of each check
+    /// it started; then waits for the next of them. Ready when the last
+    /// handle is dropped.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            tokio::select! {
-                command = self.commands.recv() => match command {
-                    Some(command) => self.apply(command),
-                    None => return,
-                },
-                Some(expired) = self.queue.next(), if !self.queue.is_empty() => {
-                    let id = expired.into_inner();
-                    if let Some(probe) = self.probes.get_mut(&id) {
-                        probe.timer = None;
-                        self.start(id);
+            let mut busy = false;
+            loop {
+                match self.commands.poll_recv(cx) {
+                    Poll::Ready(Some(command)) => {
+                        self.apply(command);
+                        busy = true;
                     }
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    Poll::Pending => break,
                 }
-                Some((id, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
-                    self.finished(id, outcome);
-                    while self.in_flight.len() < self.limit {
-                        let Some(next) = self.backlog.pop_front() else { break };
-                        self.start(next);
-                    }
+            }
+            while let Poll::Ready(Some((id, outcome))) = self.in_flight.poll_next_unpin(cx) {
+                self.finished(id, outcome);
+                busy = true;
+            }
+            while self.in_flight.len() < self.limit {
+                let Some(next) = self.backlog.pop_front() else {
+                    break;
+                };
+                self.start(next);
+                busy = true;
+            }
+            while let Poll::Ready(Some(expired)) = self.queue.poll_expired(cx) {
+                let id = expired.into_inner();
+                if let Some(probe) = self.probes.get_mut(&id) {
+                    probe.timer = None;
+                    self.start(id);
+                    busy = true;
                 }
+            }
+            // Nothing new: every source has this task's waker.
+            if !busy {
+                return Poll::Pending;
             }
         }
     }
@@ -360,7 +398,8 @@ impl Runner {
                 .checked_add(new.registration.spec.initial_delay)
                 .and_then(|due| due.duration_since(SystemTime::now()).ok())
                 .unwrap_or_default();
-            let timer = self.queue.insert_at(id, Instant::now() + due);
+            let due = self.on_grid(Instant::now() + due);
+            let timer = self.queue.insert_at(id, due);
             self.probes.insert(
                 id,
                 Running {
@@ -372,6 +411,8 @@ impl Runner {
                     successes: 0,
                     failures: 0,
                     passing: None,
+                    output: String::new(),
+                    due,
                     timer: Some(timer),
                 },
             );
@@ -402,6 +443,11 @@ impl Runner {
         } else {
             self.by_workload.insert(workload, ids);
         }
+    }
+
+    /// `at`, or the first tick of the grid after it.
+    fn on_grid(&self, at: Instant) -> Instant {
+        on_grid(self.origin, at)
     }
 
     /// Runs probe `id`'s check now, or as soon as a slot frees.
@@ -449,27 +495,19 @@ impl Runner {
         };
         let changed = probe.passing != Some(passing);
         probe.passing = Some(passing);
-        // Written only when it differs: a probe that keeps passing costs a
-        // read lock, no allocation.
-        let key = (probe.registration.container_id.clone(), kind);
-        let same = read(&self.verdicts)
-            .get(&probe.workload)
-            .and_then(|v| v.get(&key))
-            .is_some_and(|v| {
-                v.passing == Some(passing)
-                    && v.output == outcome.output
-                    && v.started_at == probe.registration.started_at
-            });
-        if !same {
+        // Published only when the verdict or the output differs: a probe
+        // that keeps passing takes no lock and allocates nothing.
+        if changed || probe.output != outcome.output {
+            probe.output = outcome.output;
             let verdict = Verdict {
                 started_at: probe.registration.started_at.clone(),
                 passing: Some(passing),
-                output: outcome.output,
+                output: probe.output.clone(),
             };
             write(&self.verdicts)
                 .entry(probe.workload.clone())
                 .or_default()
-                .insert(key, verdict);
+                .insert((probe.registration.container_id.clone(), kind), verdict);
         }
         if changed {
             tracing::debug!(
@@ -484,9 +522,28 @@ impl Runner {
         if kind == ProbeKind::Liveness && !passing {
             return;
         }
-        let period = spec.period;
-        probe.timer = Some(self.queue.insert(id, period));
+        // Every period from the last due time, as a ticker (kubelet's):
+        // a check's own duration does not stretch the period. One that
+        // overran its period runs at the next tick.
+        let next = probe.due + spec.period;
+        let now = Instant::now();
+        let due = if next > now {
+            next
+        } else {
+            on_grid(self.origin, now)
+        };
+        probe.due = due;
+        probe.timer = Some(self.queue.insert_at(id, due));
     }
+}
+
+/// `at`, or the first tick after it of the grid starting at `origin`.
+fn on_grid(origin: Instant, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(origin).as_nanos();
+    let tick = TICK.as_nanos();
+    let ticks = since.div_ceil(tick);
+    let offset = u64::try_from(ticks.saturating_mul(tick)).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(offset)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -499,4 +556,21 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_times_are_rounded_up_to_the_next_tick() {
+        let origin = Instant::now();
+        let at = |ms: u64| origin + Duration::from_millis(ms);
+        assert_eq!(on_grid(origin, at(0)), at(0));
+        assert_eq!(on_grid(origin, at(1)), at(100));
+        assert_eq!(on_grid(origin, at(100)), at(100));
+        assert_eq!(on_grid(origin, at(10_050)), at(10_100));
+        // Before the origin (a start already past): the origin.
+        assert_eq!(on_grid(at(500), at(20)), at(500));
+    }
 }
