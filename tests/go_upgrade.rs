@@ -325,11 +325,9 @@ async fn the_agent_takes_over_a_go_agents_node_in_place_with_no_restart_and_no_d
 
     // Deleting through this agent removes what it adopted.
     for id in [&web, &shop, &vm] {
-        api.delete_workload(DeleteWorkloadRequest {
-            id: id.to_string(),
-        })
-        .await
-        .unwrap();
+        api.delete_workload(DeleteWorkloadRequest { id: id.to_string() })
+            .await
+            .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

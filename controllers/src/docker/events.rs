@@ -75,7 +75,7 @@ impl Follower for ContainerEvents {
             return (Vec::new(), None);
         };
         // Before the id is queued, so its reconcile looks afresh.
-        self.observed.invalidate();
+        self.observed.invalidate_workload(&id);
         (vec![id], None)
     }
 }

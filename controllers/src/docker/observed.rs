@@ -6,9 +6,13 @@
 //! calls per workload per cycle. With it, one list serves the whole cycle
 //! and an inspect is reused until the container's state changes.
 //!
-//! Validity: every container event the trigger receives, every reconnect of
-//! the event stream, and every change the controller makes itself bump a
-//! generation, which discards what was seen before. A listing also expires
+//! Validity: a container event the trigger receives, and a change the
+//! controller makes itself, make what was seen of that one workload stale:
+//! its next reconcile lists its own containers afresh (one filtered list)
+//! while the listing keeps serving every other workload, so a burst of
+//! drift costs a list per drifted workload, not a full listing each. A
+//! reconnect of the event stream (events may have been lost) bumps a
+//! generation, which discards everything seen before. A listing also expires
 //! after [`LISTING_MAX_AGE`], so each resync lists afresh — the safety net
 //! for a change whose event was lost. A cached inspect is used only while
 //! the fresh-enough listing still shows the container in the same state.
@@ -32,6 +36,9 @@ pub const LISTING_MAX_AGE: Duration = Duration::from_secs(5);
 
 struct Listing {
     generation: u64,
+    /// [`Observed::changes`] when the list call started: a workload changed
+    /// later than that is stale in it.
+    change: u64,
     taken: Instant,
     by_workload: HashMap<String, Vec<ContainerSummary>>,
     /// The Go agent's containers, by the workload they are labelled with
@@ -51,6 +58,9 @@ pub struct Listed {
 
 struct Inspected {
     generation: u64,
+    /// The workload, and [`Observed::changes`] when the inspect started.
+    workload: String,
+    change: u64,
     /// The container's state when inspected, as a listing shows it.
     state: Option<String>,
     response: ContainerInspectResponse,
@@ -60,13 +70,32 @@ struct Inspected {
 struct Cached {
     listing: Option<Listing>,
     inspected: HashMap<String, Inspected>,
+    /// The last change of each workload that changed since the listing was
+    /// taken (a value of [`Observed::changes`]).
+    changed: HashMap<String, u64>,
+    /// Workloads listed on their own since they changed, with the change
+    /// count their list call started at.
+    relisted: HashMap<String, (u64, Listed)>,
+}
+
+impl Cached {
+    /// True when what was taken at `change` still holds for `workload`.
+    fn fresh(&self, workload: &str, change: u64) -> bool {
+        self.changed
+            .get(workload)
+            .is_none_or(|last| *last <= change)
+    }
 }
 
 /// The observation cache of one Docker controller.
 #[derive(Default)]
 pub struct Observed {
-    /// Bumped on every change the engine reports or the controller makes.
+    /// Bumped when anything may have changed unseen (an event stream
+    /// reconnect): everything seen before is discarded.
     generation: AtomicU64,
+    /// Counts the changes of single workloads (events, the controller's
+    /// own changes).
+    changes: AtomicU64,
     /// A std mutex: held to read or store an entry, never across an await.
     cached: Mutex<Cached>,
     /// One listing at a time: reconciles that find the cache stale together
@@ -103,20 +132,57 @@ impl Observed {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Workload `id`'s containers changed: what was seen of them is stale;
+    /// what was seen of the others still holds.
+    pub fn invalidate_workload(&self, id: &str) {
+        let mut cached = self.cached();
+        let change = self.changes.fetch_add(1, Ordering::AcqRel) + 1;
+        cached.changed.insert(id.to_string(), change);
+        cached.relisted.remove(id);
+        cached.inspected.retain(|_, entry| entry.workload != id);
+    }
+
     fn cached(&self) -> std::sync::MutexGuard<'_, Cached> {
         self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The workload's containers from a listing still valid, if there is one.
-    fn listed(&self, id: &str) -> Option<Listed> {
+    /// The workload's containers from a listing still valid: `Err(true)`
+    /// when there is none, `Err(false)` when only this workload is stale.
+    fn listed(&self, id: &str) -> Result<Listed, bool> {
         let generation = self.generation.load(Ordering::Acquire);
         let cached = self.cached();
-        let listing = cached.listing.as_ref()?;
+        let Some(listing) = cached.listing.as_ref() else {
+            return Err(true);
+        };
         if listing.generation != generation || listing.taken.elapsed() >= LISTING_MAX_AGE {
-            return None;
+            return Err(true);
         }
-        self.reused.fetch_add(1, Ordering::Relaxed);
-        Some(listing.of(id))
+        if cached.fresh(id, listing.change) {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(listing.of(id));
+        }
+        match cached.relisted.get(id) {
+            Some((change, listed)) if cached.fresh(id, *change) => {
+                self.reused.fetch_add(1, Ordering::Relaxed);
+                Ok(listed.clone())
+            }
+            _ => Err(false),
+        }
+    }
+
+    /// Lists workload `id`'s containers on their own (its own and the Go
+    /// agent's, one filtered call each), and keeps them beside the listing.
+    async fn relist(&self, docker: &Docker, scope: &str, id: &str) -> Result<Listed, DockerError> {
+        let change = self.changes.load(Ordering::Acquire);
+        let ours = container::list(docker, scope, Some(id))
+            .await
+            .map_err(|e| DockerError::engine(id, Operation::List, e))?;
+        let go = container::list_go(docker, id).await?;
+        let listed = Listed { ours, go };
+        self.cached()
+            .relisted
+            .insert(id.to_string(), (change, listed.clone()));
+        Ok(listed)
     }
 
     /// The managed containers of workload `id` in `scope`, and the Go
@@ -129,15 +195,20 @@ impl Observed {
         scope: &str,
         id: &str,
     ) -> Result<Listed, DockerError> {
-        if let Some(mine) = self.listed(id) {
-            return Ok(mine);
+        match self.listed(id) {
+            Ok(mine) => return Ok(mine),
+            Err(false) => return self.relist(docker, scope, id).await,
+            Err(true) => {}
         }
         let _refreshing = self.refreshing.lock().await;
         // Another reconcile may have listed while this one waited.
-        if let Some(mine) = self.listed(id) {
-            return Ok(mine);
+        match self.listed(id) {
+            Ok(mine) => return Ok(mine),
+            Err(false) => return self.relist(docker, scope, id).await,
+            Err(true) => {}
         }
         let generation = self.generation.load(Ordering::Acquire);
+        let change = self.changes.load(Ordering::Acquire);
         let all = container::list_managed(docker)
             .await
             .map_err(|e| DockerError::engine(id, Operation::List, e))?;
@@ -170,8 +241,12 @@ impl Observed {
             live.get(cid.as_str())
                 .is_some_and(|state| *state == entry.state)
         });
+        // Changes up to the list call are in it.
+        cached.changed.retain(|_, last| *last > change);
+        cached.relisted.clear();
         let listing = Listing {
             generation,
+            change,
             taken: Instant::now(),
             by_workload,
             go_by_workload,
@@ -193,12 +268,14 @@ impl Observed {
             return Ok(None);
         };
         let generation = self.generation.load(Ordering::Acquire);
+        let change = self.changes.load(Ordering::Acquire);
         let listed_state = summary_state(summary);
         {
             let cached = self.cached();
             if let Some(entry) = cached.inspected.get(cid)
                 && entry.generation == generation
                 && entry.state == listed_state
+                && cached.fresh(id, entry.change)
             {
                 self.reused.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(entry.response.clone()));
@@ -208,11 +285,14 @@ impl Observed {
         if let Some(response) = &found {
             let state = inspect_state(response);
             // Only an inspect that agrees with the listing is worth keeping.
-            if state == listed_state {
-                self.cached().inspected.insert(
+            let mut cached = self.cached();
+            if state == listed_state && cached.fresh(id, change) {
+                cached.inspected.insert(
                     cid.to_string(),
                     Inspected {
                         generation,
+                        workload: id.to_string(),
+                        change,
                         state,
                         response: response.clone(),
                     },

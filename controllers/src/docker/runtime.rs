@@ -26,8 +26,8 @@ use super::validate::HostPathPolicy;
 pub(crate) struct Runtime<'a> {
     /// The connected, version-negotiated client.
     docker: Docker,
-    /// Shared with the event trigger, which invalidates it on every event;
-    /// this facade invalidates it on every change of its own.
+    /// Shared with the event trigger, which marks a workload's part stale
+    /// on each of its events; this facade does on every change of its own.
     observed: &'a Observed,
     /// The agent's `persys.scope`: only its containers are looked at.
     scope: &'a str,
@@ -62,7 +62,7 @@ impl<'a> Runtime<'a> {
 
     /// Called before every change: what was observed no longer holds.
     fn changing(&self) {
-        self.observed.invalidate();
+        self.observed.invalidate_workload(self.id);
     }
 
     /// Makes the engine `call` (sent when awaited, so after the cache is
