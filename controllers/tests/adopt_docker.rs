@@ -225,6 +225,12 @@ async fn a_go_agent_container_that_matches_its_spec_is_adopted_without_a_restart
     );
     assert_eq!(go_adoptions(&agent, &id), 1);
     assert_eq!(agent.event_count(&id, "Created"), 0, "nothing was created");
+    // Its usage is sampled as a container of this agent's is.
+    let sampler = agent.controller.usage_sampler();
+    sampler.sample_once().await.expect("a usage round");
+    let usage = agent.controller.usage().get(&id);
+    let usage = usage.expect("the adopted container's usage is sampled");
+    assert!(usage.memory_bytes > 0, "{usage:?}");
     let policy = after
         .host_config
         .and_then(|h| h.restart_policy)

@@ -19,7 +19,7 @@ use super::adopt;
 use super::container;
 use super::follow::{CONTAINER_ACTIONS, Events, Follower, Lost};
 use super::labels;
-use super::observed::Observed;
+use super::observed::{Observed, Whose};
 use crate::informer::Cache;
 
 /// The Docker controller's view of the engine's events; see
@@ -70,12 +70,18 @@ impl Follower for ContainerEvents {
     }
 
     async fn ids(&self, event: EventMessage, _: &mut Events) -> (Vec<String>, Option<Lost>) {
-        let Some(id) = workload_of(&event, &self.scope) else {
+        let Some((id, whose)) = workload_of(&event, &self.scope) else {
             // Another scope's container: nothing of ours changed.
             return (Vec::new(), None);
         };
+        let action = event.action.as_deref().unwrap_or_default();
+        if self.observed.take_expected(&id, action) {
+            // The controller's own create or start, which the reconcile
+            // that made it has seen already.
+            return (Vec::new(), None);
+        }
         // Before the id is queued, so its reconcile looks afresh.
-        self.observed.invalidate_workload(&id);
+        self.observed.invalidate_workload(&id, whose);
         (vec![id], None)
     }
 }
@@ -83,12 +89,13 @@ impl Follower for ContainerEvents {
 /// The workload a container event concerns, from the container's labels
 /// (the engine copies them into the event's attributes): a container of
 /// `scope`, or the Go agent's (whose workload, if stored, adopts it).
-fn workload_of(event: &EventMessage, scope: &str) -> Option<String> {
+fn workload_of(event: &EventMessage, scope: &str) -> Option<(String, Whose)> {
     let attributes = event.actor.as_ref()?.attributes.as_ref()?;
     if attributes.get(labels::SCOPE).map(String::as_str) == Some(scope) {
-        return labels::Marks::read(Some(attributes)).workload_id;
+        let id = labels::Marks::read(Some(attributes)).workload_id?;
+        return Some((id, Whose::Ours));
     }
-    adopt::go_owner(Some(attributes)).map(str::to_string)
+    adopt::go_owner(Some(attributes)).map(|id| (id.to_string(), Whose::Any))
 }
 
 #[cfg(test)]
@@ -120,9 +127,8 @@ mod tests {
                     ("exitCode", "137"),
                 ]),
                 "s"
-            )
-            .as_deref(),
-            Some("web")
+            ),
+            Some(("web".to_string(), Whose::Ours))
         );
         assert_eq!(
             workload_of(
@@ -138,6 +144,6 @@ mod tests {
         ]);
         assert_eq!(workload_of(&other_scope, "s"), None);
         let go = event(&[(labels::MANAGED, "true"), (adopt::GO_WORKLOAD_ID, "web")]);
-        assert_eq!(workload_of(&go, "s").as_deref(), Some("web"));
+        assert_eq!(workload_of(&go, "s"), Some(("web".to_string(), Whose::Any)));
     }
 }

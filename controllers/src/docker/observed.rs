@@ -10,7 +10,14 @@
 //! controller makes itself, make what was seen of that one workload stale:
 //! its next reconcile lists its own containers afresh (one filtered list)
 //! while the listing keeps serving every other workload, so a burst of
-//! drift costs a list per drifted workload, not a full listing each. A
+//! drift costs a list per drifted workload, not a full listing each. An
+//! event of one of this agent's containers makes only this agent's part
+//! stale; the Go agent's containers of the workload are listed again only
+//! after an event of theirs or a change of the controller's own. An
+//! event the controller announced before making the change itself
+//! ([`Observed::expect`]: the `create` and `start` of its own container)
+//! changes nothing it has not seen, so it neither marks anything stale nor
+//! wakes the workload again. A
 //! reconnect of the event stream (events may have been lost) bumps a
 //! generation, which discards everything seen before. A listing also expires
 //! after [`LISTING_MAX_AGE`], so each resync lists afresh — the safety net
@@ -73,18 +80,56 @@ struct Cached {
     /// The last change of each workload that changed since the listing was
     /// taken (a value of [`Observed::changes`]).
     changed: HashMap<String, u64>,
+    /// The last change of the Go agent's containers of each workload
+    /// whose Go containers changed since the listing was taken.
+    go_changed: HashMap<String, u64>,
     /// Workloads listed on their own since they changed, with the change
     /// count their list call started at.
     relisted: HashMap<String, (u64, Listed)>,
+    /// Events the controller's own changes will cause, by workload and
+    /// action, with when each was announced.
+    expected: HashMap<(String, String), Vec<Instant>>,
 }
 
 impl Cached {
     /// True when what was taken at `change` still holds for `workload`.
     fn fresh(&self, workload: &str, change: u64) -> bool {
+        self.ours_fresh(workload, change) && self.go_fresh(workload, change)
+    }
+
+    fn ours_fresh(&self, workload: &str, change: u64) -> bool {
         self.changed
             .get(workload)
             .is_none_or(|last| *last <= change)
     }
+
+    fn go_fresh(&self, workload: &str, change: u64) -> bool {
+        self.go_changed
+            .get(workload)
+            .is_none_or(|last| *last <= change)
+    }
+}
+
+/// How long an announced event is waited for: one that has not come by
+/// then (a refused change, a lost event) no longer stands for anything.
+pub const EXPECTED_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// Which of a workload's containers an event or change concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    /// This agent's containers only.
+    Ours,
+    /// This agent's and the Go agent's.
+    Any,
+}
+
+/// What is missing to serve a workload's containers from the cache.
+enum Missing {
+    /// No listing that holds: list everything.
+    Listing,
+    /// The listing holds for the others; this workload is stale (its Go
+    /// agent's containers too when `go`).
+    Workload { go: bool },
 }
 
 /// The observation cache of one Docker controller.
@@ -127,35 +172,87 @@ impl Listing {
 }
 
 impl Observed {
-    /// Something changed: nothing seen before can be trusted.
+    /// Something changed: nothing seen before can be trusted, and no
+    /// announced event is waited for any more (it may have been lost).
     pub fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        self.cached().expected.clear();
     }
 
-    /// Workload `id`'s containers changed: what was seen of them is stale;
-    /// what was seen of the others still holds.
-    pub fn invalidate_workload(&self, id: &str) {
+    /// Workload `id`'s containers changed (`whose`): what was seen of them
+    /// is stale; what was seen of the others still holds.
+    pub fn invalidate_workload(&self, id: &str, whose: Whose) {
         let mut cached = self.cached();
         let change = self.changes.fetch_add(1, Ordering::AcqRel) + 1;
         cached.changed.insert(id.to_string(), change);
+        if whose == Whose::Any {
+            cached.go_changed.insert(id.to_string(), change);
+        }
         cached.relisted.remove(id);
         cached.inspected.retain(|_, entry| entry.workload != id);
+    }
+
+    /// The controller is about to make a change to workload `id`'s
+    /// container that the engine reports as an `action` event.
+    pub fn expect(&self, id: &str, action: &'static str) {
+        let mut cached = self.cached();
+        let now = Instant::now();
+        cached.expected.retain(|_, at| {
+            at.retain(|t| now.duration_since(*t) < EXPECTED_MAX_AGE);
+            !at.is_empty()
+        });
+        cached
+            .expected
+            .entry((id.to_string(), action.to_string()))
+            .or_default()
+            .push(now);
+    }
+
+    /// The announced change was not made (the engine refused it).
+    pub fn unexpect(&self, id: &str, action: &'static str) {
+        let mut cached = self.cached();
+        let key = (id.to_string(), action.to_string());
+        if let Some(at) = cached.expected.get_mut(&key) {
+            at.pop();
+            if at.is_empty() {
+                cached.expected.remove(&key);
+            }
+        }
+    }
+
+    /// True, once, for an event of workload `id` the controller announced
+    /// (and not too long ago): the controller has seen its effect already.
+    pub fn take_expected(&self, id: &str, action: &str) -> bool {
+        let mut cached = self.cached();
+        let key = (id.to_string(), action.to_string());
+        let Some(at) = cached.expected.get_mut(&key) else {
+            return false;
+        };
+        at.retain(|t| t.elapsed() < EXPECTED_MAX_AGE);
+        let taken = !at.is_empty();
+        if taken {
+            at.remove(0);
+        }
+        if at.is_empty() {
+            cached.expected.remove(&key);
+        }
+        taken
     }
 
     fn cached(&self) -> std::sync::MutexGuard<'_, Cached> {
         self.cached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The workload's containers from a listing still valid: `Err(true)`
-    /// when there is none, `Err(false)` when only this workload is stale.
-    fn listed(&self, id: &str) -> Result<Listed, bool> {
+    /// The workload's containers from a listing still valid, or what is
+    /// missing to serve them.
+    fn listed(&self, id: &str) -> Result<Listed, Missing> {
         let generation = self.generation.load(Ordering::Acquire);
         let cached = self.cached();
         let Some(listing) = cached.listing.as_ref() else {
-            return Err(true);
+            return Err(Missing::Listing);
         };
         if listing.generation != generation || listing.taken.elapsed() >= LISTING_MAX_AGE {
-            return Err(true);
+            return Err(Missing::Listing);
         }
         if cached.fresh(id, listing.change) {
             self.reused.fetch_add(1, Ordering::Relaxed);
@@ -166,18 +263,33 @@ impl Observed {
                 self.reused.fetch_add(1, Ordering::Relaxed);
                 Ok(listed.clone())
             }
-            _ => Err(false),
+            _ => Err(Missing::Workload {
+                go: !cached.go_fresh(id, listing.change),
+            }),
         }
     }
 
-    /// Lists workload `id`'s containers on their own (its own and the Go
-    /// agent's, one filtered call each), and keeps them beside the listing.
-    async fn relist(&self, docker: &Docker, scope: &str, id: &str) -> Result<Listed, DockerError> {
+    /// Lists workload `id`'s containers on their own (one filtered call;
+    /// a second for the Go agent's when `go`, else those of the listing),
+    /// and keeps them beside the listing.
+    async fn relist(
+        &self,
+        docker: &Docker,
+        scope: &str,
+        id: &str,
+        go: bool,
+    ) -> Result<Listed, DockerError> {
         let change = self.changes.load(Ordering::Acquire);
         let ours = container::list(docker, scope, Some(id))
             .await
             .map_err(|e| DockerError::engine(id, Operation::List, e))?;
-        let go = container::list_go(docker, id).await?;
+        let go = if go {
+            container::list_go(docker, id).await?
+        } else {
+            let cached = self.cached();
+            let listing = cached.listing.as_ref();
+            listing.map(|l| l.of(id).go).unwrap_or_default()
+        };
         let listed = Listed { ours, go };
         self.cached()
             .relisted
@@ -197,15 +309,15 @@ impl Observed {
     ) -> Result<Listed, DockerError> {
         match self.listed(id) {
             Ok(mine) => return Ok(mine),
-            Err(false) => return self.relist(docker, scope, id).await,
-            Err(true) => {}
+            Err(Missing::Workload { go }) => return self.relist(docker, scope, id, go).await,
+            Err(Missing::Listing) => {}
         }
         let _refreshing = self.refreshing.lock().await;
         // Another reconcile may have listed while this one waited.
         match self.listed(id) {
             Ok(mine) => return Ok(mine),
-            Err(false) => return self.relist(docker, scope, id).await,
-            Err(true) => {}
+            Err(Missing::Workload { go }) => return self.relist(docker, scope, id, go).await,
+            Err(Missing::Listing) => {}
         }
         let generation = self.generation.load(Ordering::Acquire);
         let change = self.changes.load(Ordering::Acquire);
@@ -243,6 +355,7 @@ impl Observed {
         });
         // Changes up to the list call are in it.
         cached.changed.retain(|_, last| *last > change);
+        cached.go_changed.retain(|_, last| *last > change);
         cached.relisted.clear();
         let listing = Listing {
             generation,
@@ -300,5 +413,62 @@ impl Observed {
             }
         }
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announced_event_is_taken_once_and_a_refused_change_is_not_waited_for() {
+        let observed = Observed::default();
+        observed.expect("web", "start");
+        assert!(
+            !observed.take_expected("web", "die"),
+            "only the action announced"
+        );
+        assert!(
+            !observed.take_expected("api", "start"),
+            "only the workload's"
+        );
+        assert!(observed.take_expected("web", "start"));
+        assert!(!observed.take_expected("web", "start"), "once");
+
+        observed.expect("web", "create");
+        observed.unexpect("web", "create");
+        assert!(!observed.take_expected("web", "create"));
+
+        // A reconnect: announced events may have been lost.
+        observed.expect("web", "start");
+        observed.invalidate();
+        assert!(!observed.take_expected("web", "start"));
+    }
+
+    #[test]
+    fn an_event_of_this_agents_container_leaves_the_go_agents_part_of_the_listing() {
+        let observed = Observed::default();
+        {
+            let mut cached = observed.cached();
+            cached.listing = Some(Listing {
+                generation: 0,
+                change: 0,
+                taken: Instant::now(),
+                by_workload: HashMap::new(),
+                go_by_workload: HashMap::new(),
+            });
+        }
+        assert!(observed.listed("web").is_ok());
+        observed.invalidate_workload("web", Whose::Ours);
+        assert!(matches!(
+            observed.listed("web"),
+            Err(Missing::Workload { go: false })
+        ));
+        assert!(observed.listed("api").is_ok(), "the others still hold");
+        observed.invalidate_workload("web", Whose::Any);
+        assert!(matches!(
+            observed.listed("web"),
+            Err(Missing::Workload { go: true })
+        ));
     }
 }

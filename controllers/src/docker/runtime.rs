@@ -17,7 +17,7 @@ use super::binds::{self, Bind, BindViolation};
 use super::container;
 use super::engine::Engine;
 use super::errors::{DockerError, FailureReason, Operation};
-use super::observed::{Listed, Observed};
+use super::observed::{Listed, Observed, Whose};
 use super::validate::HostPathPolicy;
 
 /// The engine client of one reconcile, and the observation cache it keeps
@@ -62,7 +62,7 @@ impl<'a> Runtime<'a> {
 
     /// Called before every change: what was observed no longer holds.
     fn changing(&self) {
-        self.observed.invalidate_workload(self.id);
+        self.observed.invalidate_workload(self.id, Whose::Any);
     }
 
     /// Makes the engine `call` (sent when awaited, so after the cache is
@@ -209,7 +209,14 @@ impl<'a> Runtime<'a> {
             name: Some(name.to_string()),
             ..Default::default()
         };
-        match self.docker.create_container(Some(options), body).await {
+        // The reconcile inspects what it created: the engine's `create`
+        // event tells nothing new.
+        self.observed.expect(self.id, "create");
+        let created = self.docker.create_container(Some(options), body).await;
+        if created.is_err() {
+            self.observed.unexpect(self.id, "create");
+        }
+        match created {
             Ok(created) => Ok(created.id),
             // The name is held by a container the agent does not manage
             // (its own would have been listed).
@@ -231,11 +238,18 @@ impl<'a> Runtime<'a> {
     }
 
     /// Starts the container (the engine answers once its process runs).
+    /// The reconcile inspects it right after: the engine's `start` event
+    /// tells nothing new (an exit that follows is a `die` event).
     pub(crate) async fn start(&self, cid: &str) -> Result<(), DockerError> {
         let call = self
             .docker
             .start_container(cid, None::<StartContainerOptions>);
-        self.change(Operation::Start, call).await
+        self.observed.expect(self.id, "start");
+        let started = self.change(Operation::Start, call).await;
+        if started.is_err() {
+            self.observed.unexpect(self.id, "start");
+        }
+        started
     }
 
     /// Resumes a paused container.

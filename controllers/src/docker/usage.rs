@@ -20,6 +20,7 @@ use futures::StreamExt;
 use persys_api::v1::{WorkloadType, WorkloadUsageSnapshot};
 use tokio_util::sync::CancellationToken;
 
+use super::adopt;
 use super::engine::Engine;
 use super::labels::{self, Marks};
 use crate::cgroup::{CgroupSampler, ContainerUsage, Driver, Hierarchy};
@@ -409,13 +410,11 @@ impl UsageSampler {
     /// One round; returns how many workloads were sampled.
     pub async fn sample_once(&self) -> Result<usize, EngineError> {
         let docker = self.engine.client().await?;
-        let filters = labels::filter(&self.scope, None)
-            .remove("label")
-            .unwrap_or_default();
+        let managed = vec![format!("{}=true", labels::MANAGED)];
         let mut owners: HashMap<String, String> = HashMap::new();
-        for summary in list_running(&docker, filters).await? {
-            if let (Some(workload), Some(container)) =
-                (Marks::read(summary.labels.as_ref()).workload_id, summary.id)
+        for summary in list_running(&docker, managed).await? {
+            if let Some(workload) = owner_of(&summary, &self.scope)
+                && let Some(container) = summary.id
             {
                 owners.insert(container, workload);
             }
@@ -439,6 +438,23 @@ impl UsageSampler {
         self.snapshots.replace(samples);
         Ok(count)
     }
+}
+
+/// The container workload a running container counts for: this agent's
+/// of `scope`, or the Go agent's named and labelled with the workload (an
+/// adopted one: the observer, events, logs and exec read it as the
+/// workload's too).
+fn owner_of(summary: &bollard::models::ContainerSummary, scope: &str) -> Option<String> {
+    let labels = summary.labels.as_ref();
+    if labels
+        .and_then(|l| l.get(labels::SCOPE))
+        .map(String::as_str)
+        == Some(scope)
+    {
+        return Marks::read(labels).workload_id;
+    }
+    let id = adopt::go_owner(labels)?;
+    adopt::is_go_container_of(summary, id).then(|| id.to_string())
 }
 
 /// A container's usage from one stats answer, computed as `docker stats`
@@ -525,10 +541,46 @@ fn from_stats(stats: &ContainerStatsResponse) -> Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bollard::models::ContainerSummary;
     use bollard::models::{
         ContainerBlkioStatEntry, ContainerBlkioStats, ContainerCpuStats, ContainerCpuUsage,
         ContainerMemoryStats, ContainerNetworkStats,
     };
+
+    #[test]
+    fn a_container_counts_for_this_scopes_workload_or_the_go_agents_it_is_named_for() {
+        let container = |name: &str, labels: &[(&str, &str)]| ContainerSummary {
+            id: Some(format!("id-{name}")),
+            names: Some(vec![format!("/{name}")]),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let ours = container(
+            "web",
+            &[
+                (labels::MANAGED, "true"),
+                (labels::SCOPE, "s"),
+                (labels::WORKLOAD_ID, "web"),
+            ],
+        );
+        assert_eq!(owner_of(&ours, "s").as_deref(), Some("web"));
+        assert_eq!(owner_of(&ours, "other"), None);
+        let go = container(
+            "api",
+            &[(labels::MANAGED, "true"), (adopt::GO_WORKLOAD_ID, "api")],
+        );
+        assert_eq!(owner_of(&go, "s").as_deref(), Some("api"));
+        let misnamed = container(
+            "api-copy",
+            &[(labels::MANAGED, "true"), (adopt::GO_WORKLOAD_ID, "api")],
+        );
+        assert_eq!(owner_of(&misnamed, "s"), None);
+    }
 
     #[test]
     fn snapshots_compute_usage_as_docker_stats_does() {
