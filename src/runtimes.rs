@@ -12,6 +12,7 @@ use futures::stream::BoxStream;
 use persys_api::v1::WorkloadType;
 use persys_controllers::compose::usage::UsageSampler as ComposeUsageSampler;
 use persys_controllers::compose::{ComposeConfig, ComposeController};
+use persys_controllers::docker::usage::RunningContainers;
 use persys_controllers::docker::{DockerConfig, DockerController};
 use persys_controllers::io::WorkloadIo;
 use persys_controllers::policy::NodePolicy;
@@ -268,6 +269,9 @@ struct Starter<'a> {
     /// starts with the first probe registered, and ends with the
     /// controllers.
     prober: Prober,
+    /// One list of the engine's running containers per usage round, for
+    /// the Docker and Compose samplers both.
+    running: Arc<RunningContainers>,
 }
 
 impl Starter<'_> {
@@ -351,7 +355,10 @@ impl Starter<'_> {
             .set(WorkloadType::Container, Arc::new(docker.io()));
         self.spawn(
             "docker-usage-sampler".into(),
-            docker.usage_sampler().run(self.shutdown.clone()),
+            docker
+                .usage_sampler()
+                .sharing(self.running.clone())
+                .run(self.shutdown.clone()),
         );
         let usage = docker.usage();
         self.usage({
@@ -408,7 +415,8 @@ impl Starter<'_> {
             self.informer.cache(),
             self.config.usage_interval,
             DockerConfig::default().usage_concurrency,
-        );
+        )
+        .sharing(self.running.clone());
         let usage = sampler.snapshots();
         self.spawn(
             "compose-usage-sampler".into(),
@@ -489,6 +497,7 @@ pub fn start_controllers(
         shutdown: tasks.stop().clone(),
         controllers: Controllers::default(),
         prober: Prober::default(),
+        running: RunningContainers::for_interval(config.usage_interval),
     };
     for runtime in Registry::new(config).enabled() {
         match runtime.kind {

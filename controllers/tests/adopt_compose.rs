@@ -98,6 +98,18 @@ fn two_services() -> String {
     ])
 }
 
+/// One round of the compose usage sampler over the agent's workloads.
+async fn usage_round(agent: &Agent) -> persys_controllers::docker::UsageSnapshots {
+    let sampler = persys_controllers::compose::usage::UsageSampler::new(
+        persys_controllers::docker::Engine::new(Some(engine_host())),
+        agent.informer.cache(),
+        Duration::from_secs(15),
+        4,
+    );
+    sampler.sample_once().await.expect("a usage round");
+    sampler.snapshots()
+}
+
 fn greeting(value: &str) -> BTreeMap<String, String> {
     BTreeMap::from([("GREETING".to_string(), value.to_string())])
 }
@@ -136,6 +148,11 @@ async fn a_go_agent_project_that_matches_its_spec_is_adopted_without_a_recreate_
         id,
         "the project it runs as"
     );
+    // Its services' usage is sampled, though they carry no labels of this
+    // agent's.
+    let usage = usage_round(&agent).await;
+    let sampled = usage.get(&id).expect("the adopted project's usage");
+    assert!(sampled.memory_bytes > 0, "{sampled:?}");
     agent.stop().await;
 
     // A restarted agent keeps the project as it runs.
@@ -272,5 +289,12 @@ async fn projects_that_are_not_the_go_agents_by_its_folder_are_never_touched() {
     }
     assert!(ghost_dir.join("docker-compose.yml").exists());
     assert!(go_events(&agent, &lookalike, "Adopted").is_empty());
+    // The refused workload is not reported with the look-alike's usage.
+    let usage = usage_round(&agent).await;
+    assert!(
+        usage.get(&lookalike).is_none(),
+        "{:?}",
+        usage.get(&lookalike)
+    );
     agent.stop().await;
 }

@@ -325,3 +325,56 @@ async fn containers_under_another_cgroup_parent_are_still_read_from_their_cgroup
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_and_compose_samplers_share_one_list_of_the_engine_per_round() {
+    use persys_controllers::docker::usage::RunningContainers;
+    let Some(docker_bed) = docker_support::TestBed::new("usage-shared").await else {
+        return;
+    };
+    let Some(compose_bed) = compose_support::TestBed::new("usage-shared-compose").await else {
+        return;
+    };
+    let containers =
+        docker_support::Agent::start(&docker_bed.state_dir(), docker_bed.config()).await;
+    let projects =
+        compose_support::Agent::start(&compose_bed.state_dir(), compose_bed.config()).await;
+    let sleeper = docker_support::unique("shared-sleeper");
+    containers.apply_sleeper(&sleeper).await;
+    let shop = compose_support::unique("shared-shop");
+    let project = compose_bed.project("shared");
+    let compose = compose_support::compose_file(&[("web", "")]);
+    projects
+        .apply(
+            &shop,
+            "r1",
+            DesiredState::Running,
+            compose_support::compose_spec(&project, &compose, &[]),
+        )
+        .await;
+    containers
+        .wait_for(&sleeper, CONVERGE, "running", running)
+        .await;
+    projects.wait_for(&shop, CONVERGE, "running", running).await;
+
+    // As the agent wires them: one listing, young for half an interval.
+    let running_containers = RunningContainers::for_interval(Duration::from_secs(60));
+    let container_sampler = containers
+        .controller
+        .usage_sampler()
+        .sharing(running_containers.clone());
+    let compose_sampler = ComposeUsageSampler::new(
+        Engine::new(Some(compose_support::engine_host())),
+        projects.informer.cache(),
+        Duration::from_secs(60),
+        4,
+    )
+    .sharing(running_containers.clone());
+    assert_eq!(container_sampler.sample_once().await.expect("a round"), 1);
+    assert_eq!(compose_sampler.sample_once().await.expect("a round"), 1);
+    assert_eq!(running_containers.lists(), 1, "one list for both samplers");
+    assert!(containers.controller.usage().get(&sleeper).is_some());
+    assert!(compose_sampler.snapshots().get(&shop).is_some());
+    containers.stop().await;
+    projects.stop().await;
+}

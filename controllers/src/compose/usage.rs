@@ -1,19 +1,21 @@
 //! Resource usage of compose workloads: the sum of their running service
 //! containers, each read as a container workload's is (cgroup files, else
-//! the engine's stats). One container list per round.
+//! the engine's stats). One container list per round, shared with the
+//! container sampler ([`RunningContainers`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::errors::Error as EngineError;
-use persys_api::v1::{WorkloadType, WorkloadUsageSnapshot};
+use persys_api::v1::{ActualState, Workload, WorkloadType, WorkloadUsageSnapshot};
 use tokio_util::sync::CancellationToken;
 
 use super::naming::project_name_of;
 use super::observe::{ONEOFF_LABEL, PROJECT_LABEL};
 use crate::docker::Engine;
-use crate::docker::labels::{MANAGED, WORKLOAD_ID};
-use crate::docker::usage::{ContainerReader, Sample, list_running};
+use crate::docker::labels::WORKLOAD_ID;
+use crate::docker::usage::{ContainerReader, RunningContainers, Sample};
 use crate::informer::Cache;
 use crate::usage::{UsageSnapshots, sample_every, unix_now};
 
@@ -27,6 +29,8 @@ pub struct UsageSampler {
     interval: Duration,
     snapshots: UsageSnapshots,
     reader: ContainerReader,
+    /// Its own unless shared ([`UsageSampler::sharing`]).
+    running: Arc<RunningContainers>,
 }
 
 impl UsageSampler {
@@ -40,7 +44,15 @@ impl UsageSampler {
             cache,
             interval,
             snapshots,
+            running: RunningContainers::for_interval(interval),
         }
+    }
+
+    /// Reads the running containers from `running`, which other samplers
+    /// of the same engine read too.
+    pub fn sharing(mut self, running: Arc<RunningContainers>) -> Self {
+        self.running = running;
+        self
     }
 
     /// The last samples, for the API server and heartbeats.
@@ -56,32 +68,31 @@ impl UsageSampler {
     /// One round; returns how many workloads were sampled.
     pub async fn sample_once(&self) -> Result<usize, EngineError> {
         let docker = self.engine.client().await?;
-        let listed = list_running(
-            &docker,
-            vec![format!("{MANAGED}=true"), PROJECT_LABEL.to_string()],
-        )
-        .await?;
+        let listed = self.running.get(&docker).await?;
+        let projects = self.projects();
         // Container id → the workload it counts for.
         let mut owners: HashMap<String, String> = HashMap::new();
-        for summary in listed {
-            let labels = summary.labels.unwrap_or_default();
+        for summary in listed.iter() {
+            let Some(labels) = summary.labels.as_ref() else {
+                continue;
+            };
             if labels.get(ONEOFF_LABEL).is_some_and(|v| v == "True") {
                 continue;
             }
-            let (Some(container), Some(workload), Some(project)) = (
-                summary.id,
-                labels.get(WORKLOAD_ID),
-                labels.get(PROJECT_LABEL),
-            ) else {
+            let (Some(container), Some(project)) = (&summary.id, labels.get(PROJECT_LABEL)) else {
                 continue;
             };
-            let owned = self
-                .cache
-                .get(workload)
-                .and_then(|w| project_name_of(&w))
-                .is_some_and(|name| name == *project);
-            if owned {
-                owners.insert(container, workload.clone());
+            let Some(owner) = projects.get(project.as_str()) else {
+                continue;
+            };
+            let counts = match labels.get(WORKLOAD_ID) {
+                Some(workload) => *workload == owner.id,
+                // The Go agent's services carry no labels of this agent's:
+                // theirs once the workload runs the project (adopted).
+                None => owner.runs_unlabelled,
+            };
+            if counts {
+                owners.insert(container.clone(), owner.id.clone());
             }
         }
         let read = self
@@ -93,6 +104,52 @@ impl UsageSampler {
         let count = samples.len();
         self.snapshots.replace(samples);
         Ok(count)
+    }
+}
+
+/// The compose workload a project's containers count for.
+struct ProjectOwner {
+    id: String,
+    /// The workload runs the project with containers that carry none of
+    /// this agent's labels: the Go agent's, adopted.
+    runs_unlabelled: bool,
+}
+
+impl UsageSampler {
+    /// Every compose workload by the project it runs: the one its status
+    /// records (an adopted project keeps the Go agent's name), else the
+    /// one its spec names.
+    fn projects(&self) -> HashMap<String, ProjectOwner> {
+        self.cache
+            .ids_of_type(WorkloadType::Compose)
+            .into_iter()
+            .filter_map(|id| self.cache.get(&id))
+            .filter_map(|workload| {
+                let (project, runs_unlabelled) = project_of(&workload)?;
+                let id = workload.id().to_string();
+                Some((
+                    project,
+                    ProjectOwner {
+                        id,
+                        runs_unlabelled,
+                    },
+                ))
+            })
+            .collect()
+    }
+}
+
+/// The project workload `w` runs and whether it runs it (so its
+/// unlabelled containers, adopted, are its).
+fn project_of(w: &Workload) -> Option<(String, bool)> {
+    let status = w.status.as_ref();
+    let recorded = status
+        .map(|s| s.runtime_ref.clone())
+        .filter(|r| !r.is_empty());
+    let running = status.is_some_and(|s| s.actual_state() == ActualState::Running);
+    match recorded {
+        Some(project) => Some((project, running)),
+        None => project_name_of(w).map(|project| (project, false)),
     }
 }
 

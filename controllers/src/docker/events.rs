@@ -103,6 +103,37 @@ mod tests {
     use super::*;
     use bollard::models::EventActor;
 
+    #[tokio::test]
+    async fn the_controllers_own_start_wakes_nothing_and_a_die_that_follows_does() {
+        let observed = Arc::new(Observed::default());
+        let trigger = ContainerEvents {
+            scope: "s".into(),
+            cache: Cache::default(),
+            observed: observed.clone(),
+        };
+        let event = |action: &str| EventMessage {
+            action: Some(action.into()),
+            actor: Some(EventActor {
+                id: Some("c0ffee".into()),
+                attributes: Some(HashMap::from([
+                    (labels::MANAGED.to_string(), "true".to_string()),
+                    (labels::WORKLOAD_ID.to_string(), "web".to_string()),
+                    (labels::SCOPE.to_string(), "s".to_string()),
+                ])),
+            }),
+            ..Default::default()
+        };
+        let mut events: Events = Box::pin(futures::stream::empty());
+        observed.expect("web", "start");
+        let (ids, _) = trigger.ids(event("start"), &mut events).await;
+        assert!(ids.is_empty(), "its own start: {ids:?}");
+        let (ids, _) = trigger.ids(event("die"), &mut events).await;
+        assert_eq!(ids, ["web"]);
+        // A start nobody announced (a hand-made `docker start`) is seen.
+        let (ids, _) = trigger.ids(event("start"), &mut events).await;
+        assert_eq!(ids, ["web"]);
+    }
+
     #[test]
     fn events_name_their_workload_by_label() {
         let event = |attributes: &[(&str, &str)]| EventMessage {

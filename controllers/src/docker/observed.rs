@@ -369,6 +369,57 @@ impl Observed {
         Ok(mine)
     }
 
+    /// The container `cid` of workload `id`, inspected afresh (after a
+    /// change of the controller's own, say); kept as [`Observed::inspect`]
+    /// keeps what it inspects, for the reconciles that follow.
+    pub async fn inspect_afresh(
+        &self,
+        docker: &Docker,
+        id: &str,
+        cid: &str,
+    ) -> Result<Option<ContainerInspectResponse>, DockerError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let change = self.changes.load(Ordering::Acquire);
+        let found = container::inspect(docker, id, cid).await?;
+        if let Some(response) = &found {
+            self.keep(
+                cid,
+                id,
+                generation,
+                change,
+                inspect_state(response),
+                response,
+            );
+        }
+        Ok(found)
+    }
+
+    /// Keeps an inspect started at `generation` and `change`, unless the
+    /// workload changed since.
+    fn keep(
+        &self,
+        cid: &str,
+        id: &str,
+        generation: u64,
+        change: u64,
+        state: Option<String>,
+        response: &ContainerInspectResponse,
+    ) {
+        let mut cached = self.cached();
+        if cached.fresh(id, change) {
+            cached.inspected.insert(
+                cid.to_string(),
+                Inspected {
+                    generation,
+                    workload: id.to_string(),
+                    change,
+                    state,
+                    response: response.clone(),
+                },
+            );
+        }
+    }
+
     /// The container `cid` of workload `id`: reused while nothing changed
     /// and the listing shows it in the state it was inspected in.
     pub async fn inspect(
@@ -398,18 +449,8 @@ impl Observed {
         if let Some(response) = &found {
             let state = inspect_state(response);
             // Only an inspect that agrees with the listing is worth keeping.
-            let mut cached = self.cached();
-            if state == listed_state && cached.fresh(id, change) {
-                cached.inspected.insert(
-                    cid.to_string(),
-                    Inspected {
-                        generation,
-                        workload: id.to_string(),
-                        change,
-                        state,
-                        response: response.clone(),
-                    },
-                );
+            if state == listed_state {
+                self.keep(cid, id, generation, change, state, response);
             }
         }
         Ok(found)

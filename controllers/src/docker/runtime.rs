@@ -129,12 +129,15 @@ impl<'a> Runtime<'a> {
         self.change(Operation::Update, call).await
     }
 
-    /// The container, inspected afresh; none if it is gone.
+    /// The container, inspected afresh; none if it is gone. Kept for the
+    /// next reconcile while nothing changes.
     pub(crate) async fn inspect(
         &self,
         cid: &str,
     ) -> Result<Option<ContainerInspectResponse>, DockerError> {
-        container::inspect(&self.docker, self.id, cid).await
+        self.observed
+            .inspect_afresh(&self.docker, self.id, cid)
+            .await
     }
 
     /// True if the engine has `image`.

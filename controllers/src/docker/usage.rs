@@ -4,17 +4,19 @@
 //! `DOCKER_HOST`, say). The path is chosen once per host, at the first round
 //! that reaches the engine, and reported in HealthCheck.
 //!
-//! A round costs one container list; on the cgroup path no engine call is
+//! A round costs one container list, shared with the compose sampler
+//! ([`RunningContainers`]); on the cgroup path no engine call is
 //! made per container (one inspect, once, for a container whose cgroup is
 //! not where the engine's driver puts it).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
-use bollard::models::{ContainerStatsResponse, SystemInfoCgroupVersionEnum};
+use bollard::models::{ContainerStatsResponse, ContainerSummary, SystemInfoCgroupVersionEnum};
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions, StatsOptions};
 use futures::StreamExt;
 use persys_api::v1::{WorkloadType, WorkloadUsageSnapshot};
@@ -353,21 +355,61 @@ pub async fn stats_of(docker: &Docker, container_id: &str) -> Option<Sample> {
     }
 }
 
-/// Running containers matching the label `filters`, one engine call.
-pub(crate) async fn list_running(
-    docker: &Docker,
-    label_filters: Vec<String>,
-) -> Result<Vec<bollard::models::ContainerSummary>, EngineError> {
-    docker
-        .list_containers(Some(ListContainersOptions {
-            all: false,
-            filters: Some(HashMap::from([
-                ("label".to_string(), label_filters),
-                ("status".to_string(), vec!["running".to_string()]),
-            ])),
-            ..Default::default()
-        }))
-        .await
+/// The engine's running containers, listed once for every sampler that
+/// reads within `max_age` of the listing: the container and compose
+/// samplers of one agent share one list per round. Every running container
+/// is listed (no label filter): this agent's carry its labels, but the Go
+/// agent's compose services, adopted, carry none of them.
+pub struct RunningContainers {
+    max_age: Duration,
+    /// One listing at a time; the latest, with when its call started.
+    slot: tokio::sync::Mutex<Option<(Instant, Arc<Vec<ContainerSummary>>)>>,
+    /// List calls made, for tests and benchmarks.
+    lists: AtomicU64,
+}
+
+impl RunningContainers {
+    /// Shared by samplers that sample every `interval`: a listing serves
+    /// for half of it, so each round lists once and never reads a listing
+    /// of the round before.
+    pub fn for_interval(interval: Duration) -> Arc<Self> {
+        Arc::new(RunningContainers {
+            max_age: interval / 2,
+            slot: tokio::sync::Mutex::default(),
+            lists: AtomicU64::new(0),
+        })
+    }
+
+    /// The running containers, from the listing while it is young enough,
+    /// else from a new one.
+    pub async fn get(&self, docker: &Docker) -> Result<Arc<Vec<ContainerSummary>>, EngineError> {
+        let mut slot = self.slot.lock().await;
+        if let Some((taken, listed)) = slot.as_ref()
+            && taken.elapsed() < self.max_age
+        {
+            return Ok(listed.clone());
+        }
+        let taken = Instant::now();
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        let listed = docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                filters: Some(HashMap::from([(
+                    "status".to_string(),
+                    vec!["running".to_string()],
+                )])),
+                ..Default::default()
+            }))
+            .await?;
+        let listed = Arc::new(listed);
+        *slot = Some((taken, listed.clone()));
+        Ok(listed)
+    }
+
+    /// List calls made so far.
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::Relaxed)
+    }
 }
 
 /// Samples every running managed container of one scope and replaces the
@@ -378,6 +420,8 @@ pub struct UsageSampler {
     pub(crate) interval: Duration,
     pub(crate) snapshots: UsageSnapshots,
     pub(crate) reader: Arc<ContainerReader>,
+    /// Its own unless shared ([`UsageSampler::sharing`]).
+    running: Arc<RunningContainers>,
 }
 
 impl UsageSampler {
@@ -399,7 +443,15 @@ impl UsageSampler {
             interval,
             snapshots,
             reader,
+            running: RunningContainers::for_interval(interval),
         }
+    }
+
+    /// Reads the running containers from `running`, which other samplers
+    /// of the same engine read too.
+    pub fn sharing(mut self, running: Arc<RunningContainers>) -> Self {
+        self.running = running;
+        self
     }
 
     /// Samples every `interval` until `shutdown`.
@@ -410,11 +462,10 @@ impl UsageSampler {
     /// One round; returns how many workloads were sampled.
     pub async fn sample_once(&self) -> Result<usize, EngineError> {
         let docker = self.engine.client().await?;
-        let managed = vec![format!("{}=true", labels::MANAGED)];
         let mut owners: HashMap<String, String> = HashMap::new();
-        for summary in list_running(&docker, managed).await? {
-            if let Some(workload) = owner_of(&summary, &self.scope)
-                && let Some(container) = summary.id
+        for summary in self.running.get(&docker).await?.iter() {
+            if let Some(workload) = owner_of(summary, &self.scope)
+                && let Some(container) = summary.id.clone()
             {
                 owners.insert(container, workload);
             }
@@ -444,7 +495,7 @@ impl UsageSampler {
 /// of `scope`, or the Go agent's named and labelled with the workload (an
 /// adopted one: the observer, events, logs and exec read it as the
 /// workload's too).
-fn owner_of(summary: &bollard::models::ContainerSummary, scope: &str) -> Option<String> {
+fn owner_of(summary: &ContainerSummary, scope: &str) -> Option<String> {
     let labels = summary.labels.as_ref();
     if labels
         .and_then(|l| l.get(labels::SCOPE))
@@ -541,7 +592,6 @@ fn from_stats(stats: &ContainerStatsResponse) -> Sample {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bollard::models::ContainerSummary;
     use bollard::models::{
         ContainerBlkioStatEntry, ContainerBlkioStats, ContainerCpuStats, ContainerCpuUsage,
         ContainerMemoryStats, ContainerNetworkStats,
