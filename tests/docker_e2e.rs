@@ -2,6 +2,8 @@
 //! repair drift, survive its own SIGKILL by adopting, delete.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,25 +13,10 @@ use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
 use tonic::transport::Channel;
 
-fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
-}
-
 /// True when a Docker engine answers with the test image. Otherwise the
 /// test `test` is skipped (and recorded as skipped), or fails in CI.
 fn docker_available(test: &str) -> bool {
-    let ok = Command::new("docker")
-        .args(["image", "inspect", &test_image()])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        persys_test_support::skip(
-            test,
-            "the Docker engine or the test image",
-            &format!("`docker image inspect {}` failed", test_image()),
-        );
-    }
-    ok
+    docker::engine_ready(test, "the Docker engine or the test image", &[])
 }
 
 fn containers_of(id: &str) -> Vec<String> {
@@ -50,21 +37,7 @@ fn containers_of(id: &str) -> Vec<String> {
 }
 
 fn sleeper(id: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: id.into(),
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: test_image(),
-                command: vec!["sleep".into()],
-                args: vec!["3600".into()],
-                stop_grace_period_seconds: 1,
-                ..Default::default()
-            })),
-        }),
-    }
+    docker::sleeper(id, &docker::test_image())
 }
 
 async fn wait_for(
@@ -73,19 +46,7 @@ async fn wait_for(
     what: &str,
     condition: impl Fn(&WorkloadStatus) -> bool,
 ) -> WorkloadStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(status) = client
-            .get_workload_status(GetWorkloadStatusRequest { id: id.into() })
-            .await
-            && let Some(status) = status.into_inner().status
-            && condition(&status)
-        {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{id}: not {what} within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    docker::wait_for_status(client, id, what, Duration::from_secs(30), condition).await
 }
 
 #[tokio::test]

@@ -222,6 +222,15 @@ fn marker(file: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Starts the agent on the Go agent's `file` (it serves once the import is
+/// done), stops it with SIGTERM, and answers its log.
+async fn start_and_stop(file: &Path) -> String {
+    let mut agent = AgentProcess::start_plaintext(file, &env_with(&[])).await;
+    let log = agent.log_text();
+    assert!(agent.signal("TERM").await.success(), "{log}");
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_imports_the_go_agents_state_once_and_leaves_the_file_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,9 +240,7 @@ async fn the_agent_imports_the_go_agents_state_once_and_leaves_the_file_untouche
     let before = fingerprint(&file);
     let state_dir = dir.path().join("state");
 
-    let mut agent = AgentProcess::start_plaintext(&file, &env_with(&[])).await;
-    let log = agent.log_text();
-    assert!(agent.signal("TERM").await.success());
+    let log = start_and_stop(&file).await;
     assert!(log.contains("Go agent import done"), "{log}");
     // The refusal names the workload, the field and the policy switch.
     assert!(
@@ -268,9 +275,7 @@ async fn the_agent_imports_the_go_agents_state_once_and_leaves_the_file_untouche
     };
 
     // A second start imports nothing: the marker says it is done.
-    let mut agent = AgentProcess::start_plaintext(&file, &env_with(&[])).await;
-    let log = agent.log_text();
-    assert!(agent.signal("TERM").await.success());
+    let log = start_and_stop(&file).await;
     assert!(log.contains("was imported already"), "{log}");
     let store = open_store(&state_dir);
     assert_eq!(applies(&store), first_applies);

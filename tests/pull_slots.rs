@@ -4,8 +4,9 @@
 //! engine's `/v2/` ping and then never answers a manifest request.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,26 +18,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
-fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
-}
+use docker::{ScopeCleanup, test_image};
 
 /// True when the engine and the test image are there; otherwise skipped
 /// (a failure in CI).
 fn prerequisites(test: &str) -> bool {
-    let image = test_image();
-    let ok = Command::new("docker")
-        .args(["image", "inspect", &image])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        persys_test_support::skip(
-            test,
-            "the Docker engine with the test image (bash hack/deps.sh)",
-            &format!("`docker image inspect {image}` failed"),
-        );
-    }
-    ok
+    docker::engine_ready(
+        test,
+        "the Docker engine with the test image (bash hack/deps.sh)",
+        &[],
+    )
 }
 
 /// A registry on 127.0.0.1 that refuses TLS (so the engine, which treats
@@ -83,21 +74,7 @@ async fn silent_registry() -> (u16, Arc<AtomicUsize>) {
 }
 
 fn workload(id: &str, image: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: id.into(),
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: image.into(),
-                command: vec!["sleep".into()],
-                args: vec!["3600".into()],
-                stop_grace_period_seconds: 1,
-                ..Default::default()
-            })),
-        }),
-    }
+    docker::sleeper(id, image)
 }
 
 async fn status(api: &mut AgentServiceClient<Channel>, id: &str) -> WorkloadStatus {
@@ -115,47 +92,11 @@ async fn wait_for(
     what: &str,
     condition: impl Fn(&WorkloadStatus) -> bool,
 ) -> WorkloadStatus {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = status(api, id).await;
-        if condition(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id}: not {what} within 120 s; last status: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    docker::wait_for_status(api, id, what, Duration::from_secs(120), condition).await
 }
 
 fn pulling(status: &WorkloadStatus) -> bool {
     status.actual_state() == ActualState::Pending && status.message.contains("pulling image")
-}
-
-/// Removes the containers of the test's scope, however the test ends.
-struct Cleanup {
-    scope: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let listed = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=persys.scope={}", self.scope),
-            ])
-            .output();
-        if let Ok(listed) = listed {
-            for container in String::from_utf8_lossy(&listed.stdout).lines() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f", container])
-                    .output();
-            }
-        }
-    }
 }
 
 #[tokio::test]
@@ -167,7 +108,7 @@ async fn quick_containers_start_while_every_pull_slot_is_stuck_on_a_silent_regis
     let (port, held) = silent_registry().await;
     let suffix = format!("{}-{port}", std::process::id());
     let scope = format!("pull-slots-{suffix}");
-    let _cleanup = Cleanup {
+    let _cleanup = ScopeCleanup {
         scope: scope.clone(),
     };
     let dir = tempfile::tempdir().unwrap();

@@ -5,6 +5,8 @@
 //! helper) and without (a wrong password, none at all).
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,34 +21,19 @@ const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
 const USER: &str = "persys";
 const PASSWORD: &str = "registry-s3cret";
 
-fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
-}
+use docker::test_image;
 
 /// True when the engine, the test image, the registry and htpasswd are
 /// all there. Otherwise the test is skipped, or fails in CI.
 fn prerequisites(test: &str) -> bool {
-    let image = test_image();
-    let checks: [(&str, Vec<&str>); 3] = [
-        ("docker", vec!["image", "inspect", &image]),
-        (REGISTRY_BINARY, vec!["--version"]),
-        ("htpasswd", vec!["-nbB", "probe", "probe"]),
-    ];
-    for (program, args) in checks {
-        let ok = Command::new(program)
-            .args(&args)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !ok {
-            persys_test_support::skip(
-                test,
-                "the Docker engine with the test image, docker-registry and apache2-utils (bash hack/deps.sh)",
-                &format!("`{program} {}` failed", args.join(" ")),
-            );
-            return false;
-        }
-    }
-    true
+    docker::engine_ready(
+        test,
+        "the Docker engine with the test image, docker-registry and apache2-utils (bash hack/deps.sh)",
+        &[
+            (REGISTRY_BINARY, &["--version"]),
+            ("htpasswd", &["-nbB", "probe", "probe"]),
+        ],
+    )
 }
 
 fn run(program: &str, args: &[&str]) -> String {
@@ -241,21 +228,7 @@ fn path_with(dir: &Path) -> String {
 }
 
 fn workload(id: &str, image: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: id.into(),
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: image.into(),
-                command: vec!["sleep".into()],
-                args: vec!["3600".into()],
-                stop_grace_period_seconds: 1,
-                ..Default::default()
-            })),
-        }),
-    }
+    docker::sleeper(id, image)
 }
 
 async fn wait_for(
@@ -264,25 +237,7 @@ async fn wait_for(
     what: &str,
     condition: impl Fn(&WorkloadStatus) -> bool,
 ) -> WorkloadStatus {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut last = None;
-    loop {
-        if let Ok(status) = api
-            .get_workload_status(GetWorkloadStatusRequest { id: id.into() })
-            .await
-            && let Some(status) = status.into_inner().status
-        {
-            if condition(&status) {
-                return status;
-            }
-            last = Some(status);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id}: not {what} within 120 s; last status: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    docker::wait_for_status(api, id, what, Duration::from_secs(120), condition).await
 }
 
 /// How many times the agent told of pulling the workload's image.

@@ -15,15 +15,9 @@ use std::time::Duration;
 
 use bollard::query_parameters::InspectContainerOptions;
 use compose_support::*;
-use persys_api::v1::{ActualState, DesiredState, Workload};
+use persys_api::v1::DesiredState;
 
 const CONVERGE: Duration = Duration::from_secs(60);
-
-fn running(w: &Workload) -> bool {
-    w.status.as_ref().is_some_and(|s| {
-        s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
-    })
-}
 
 /// The compose CLI the tests use.
 fn compose_binary() -> String {

@@ -20,7 +20,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, RemoveContainerOptions, StartContainerOptions,
 };
 use docker_support::*;
-use persys_api::v1::{ActualState, ContainerSpec, DesiredState, PortMapping, Workload};
+use persys_api::v1::{ContainerSpec, DesiredState, PortMapping};
 use persys_controllers::docker::labels;
 
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -28,12 +28,6 @@ const CONVERGE: Duration = Duration::from_secs(30);
 /// The Go agent's labels.
 const GO_WORKLOAD_ID: &str = "persys.workload_id";
 const GO_REVISION: &str = "persys.revision_id";
-
-fn running(w: &Workload) -> bool {
-    w.status.as_ref().is_some_and(|s| {
-        s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
-    })
-}
 
 /// Removes the named containers when dropped: the Go agent's carry no
 /// scope, so the test bed's sweep does not see them.

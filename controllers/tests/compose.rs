@@ -15,7 +15,7 @@ use base64::Engine as _;
 use bollard::query_parameters::{RemoveContainerOptions, RemoveVolumeOptions};
 use compose_support::*;
 use persys_api::CONDITION_READY;
-use persys_api::v1::{ActualState, DesiredState, ObjectStatus, Workload};
+use persys_api::v1::{ActualState, DesiredState};
 use persys_controllers::compose::{ComposeConfig, ComposeController};
 use persys_controllers::docker::HostPathPolicy;
 use tokio::time::Instant;
@@ -23,20 +23,6 @@ use tokio::time::Instant;
 /// Bringing a project up takes v1 about a second and a half here; the
 /// margin is for a machine busy with parallel tests.
 const CONVERGE: Duration = Duration::from_secs(45);
-
-fn status(w: &Workload) -> ObjectStatus {
-    w.status.clone().unwrap_or_default()
-}
-
-fn running(w: &Workload) -> bool {
-    let s = status(w);
-    s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
-}
-
-fn stopped(w: &Workload) -> bool {
-    let s = status(w);
-    s.actual_state() == ActualState::Stopped && s.observed_generation == w.generation()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_services_converge_under_the_requested_project_name() {

@@ -12,19 +12,11 @@ mod compose_support;
 
 use std::time::Duration;
 
-use bollard::exec::{CreateExecOptions, StartExecResults};
 use compose_support::*;
-use futures::StreamExt;
 use persys_api::CONDITION_READY;
-use persys_api::v1::{
-    ActualState, DesiredState, EventType, ExecAction, ObjectStatus, Probe, ServiceProbes, Workload,
-};
+use persys_api::v1::{ActualState, DesiredState, EventType, ServiceProbes, Workload};
 
 const CONVERGE: Duration = Duration::from_secs(45);
-
-fn status(w: &Workload) -> ObjectStatus {
-    w.status.clone().unwrap_or_default()
-}
 
 fn running_with_ready(w: &Workload, ready: &str) -> bool {
     let s = status(w);
@@ -32,41 +24,6 @@ fn running_with_ready(w: &Workload, ready: &str) -> bool {
         && s.observed_generation == w.generation()
         && s.condition(CONDITION_READY)
             .is_some_and(|c| c.status == ready)
-}
-
-fn exec_probe(script: &str, failure_threshold: i32) -> Probe {
-    Probe {
-        exec: Some(ExecAction {
-            command: vec!["sh".into(), "-c".into(), script.into()],
-        }),
-        period_seconds: 1,
-        failure_threshold,
-        ..Default::default()
-    }
-}
-
-async fn exec_in(docker: &bollard::Docker, container: &str, script: &str) {
-    let created = docker
-        .create_exec(
-            container,
-            CreateExecOptions {
-                cmd: Some(vec!["sh", "-c", script]),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("create exec");
-    if let StartExecResults::Attached { mut output, .. } = docker
-        .start_exec(&created.id, None)
-        .await
-        .expect("start exec")
-    {
-        while output.next().await.is_some() {}
-    }
-    let inspect = docker.inspect_exec(&created.id).await.expect("inspect");
-    assert_eq!(inspect.exit_code, Some(0), "{script} failed in {container}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

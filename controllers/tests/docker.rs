@@ -28,21 +28,11 @@ use tokio::time::Instant;
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
-fn running(w: &persys_api::v1::Workload) -> bool {
-    w.status.as_ref().is_some_and(|s| {
-        s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
-    })
-}
-
 /// Applies `id` as a container that sleeps for an hour, and waits until it
 /// runs.
 async fn run_sleeper(agent: &Agent, id: &str) -> persys_api::v1::Workload {
     agent.apply_sleeper(id).await;
     agent.wait_for(id, CONVERGE, "running", running).await
-}
-
-fn status(w: &persys_api::v1::Workload) -> persys_api::v1::ObjectStatus {
-    w.status.clone().unwrap_or_default()
 }
 
 async fn inspect(bed: &TestBed, container: &str) -> bollard::models::ContainerInspectResponse {

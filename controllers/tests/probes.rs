@@ -13,28 +13,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerConfig, ContainerCreateBody, HealthConfig};
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, RemoveContainerOptions,
     RemoveImageOptions,
 };
 use docker_support::*;
-use futures::StreamExt;
 use persys_api::CONDITION_READY;
 use persys_api::v1::{
-    ActualState, ContainerSpec, DesiredState, ExecAction, GrpcAction, HttpGetAction, ObjectStatus,
-    Probe, TcpSocketAction, Workload,
+    ActualState, ContainerSpec, DesiredState, GrpcAction, HttpGetAction, Probe, TcpSocketAction,
+    Workload,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls;
 use tonic_health::ServingStatus;
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn status(w: &Workload) -> ObjectStatus {
-    w.status.clone().unwrap_or_default()
-}
 
 /// Running, and the Ready condition is `ready` with `reason` (any reason
 /// when None).
@@ -47,45 +41,6 @@ fn running_with_ready(w: &Workload, ready: bool, reason: Option<&str>) -> bool {
             .is_some_and(|c| c.status == want && reason.is_none_or(|r| c.reason == r))
 }
 
-fn exec_probe(script: &str) -> Probe {
-    Probe {
-        exec: Some(ExecAction {
-            command: vec!["sh".into(), "-c".into(), script.into()],
-        }),
-        period_seconds: 1,
-        failure_threshold: 1,
-        ..Default::default()
-    }
-}
-
-/// Runs `script` in the container, as an operator's `exec` would, and
-/// waits for it to end.
-async fn exec_in(bed: &TestBed, container: &str, script: &str) {
-    let created = bed
-        .docker
-        .create_exec(
-            container,
-            CreateExecOptions {
-                cmd: Some(vec!["sh", "-c", script]),
-                attach_stdout: Some(true),
-                attach_stderr: Some(true),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("create exec");
-    if let StartExecResults::Attached { mut output, .. } = bed
-        .docker
-        .start_exec(&created.id, None)
-        .await
-        .expect("start exec")
-    {
-        while output.next().await.is_some() {}
-    }
-    let inspect = bed.docker.inspect_exec(&created.id).await.expect("inspect");
-    assert_eq!(inspect.exit_code, Some(0), "{script} failed in {container}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_readiness_probe_on_a_file_keeps_ready_false_until_the_file_is_created() {
     let Some(bed) = TestBed::new("readiness").await else {
@@ -94,7 +49,7 @@ async fn a_readiness_probe_on_a_file_keeps_ready_false_until_the_file_is_created
     let agent = Agent::start(&bed.state_dir(), bed.config()).await;
     let id = unique("ready");
     let spec = ContainerSpec {
-        readiness_probe: Some(exec_probe("test -f /tmp/ready")),
+        readiness_probe: Some(exec_probe("test -f /tmp/ready", 1)),
         ..shell_spec("exec sleep 3600")
     };
     agent.apply(&id, "r1", DesiredState::Running, spec).await;
@@ -115,7 +70,7 @@ async fn a_readiness_probe_on_a_file_keeps_ready_false_until_the_file_is_created
             .is_some_and(|v| v == "false")
     );
 
-    exec_in(&bed, &s.runtime_ref, ": > /tmp/ready").await;
+    exec_in(&bed.docker, &s.runtime_ref, ": > /tmp/ready").await;
     let ready = agent
         .wait_for(&id, CONVERGE, "ready", |w| {
             running_with_ready(w, true, None)
@@ -138,7 +93,7 @@ async fn a_liveness_probe_that_starts_failing_restarts_the_container_with_an_unh
     let spec = ContainerSpec {
         liveness_probe: Some(Probe {
             failure_threshold: 2,
-            ..exec_probe("test \"$(cat /tmp/state)\" != dead")
+            ..exec_probe("test \"$(cat /tmp/state)\" != dead", 1)
         }),
         ..shell_spec("echo alive > /tmp/state; exec sleep 3600")
     };
@@ -153,7 +108,7 @@ async fn a_liveness_probe_that_starts_failing_restarts_the_container_with_an_unh
     let started = s.facts["container.started_at"].clone();
     assert_eq!(s.restart_count, 0);
 
-    exec_in(&bed, &s.runtime_ref, "echo dead > /tmp/state").await;
+    exec_in(&bed.docker, &s.runtime_ref, "echo dead > /tmp/state").await;
     let restarted = agent
         .wait_for(&id, CONVERGE, "restarted", |w| {
             let s = status(w);
@@ -347,7 +302,7 @@ async fn without_a_readiness_probe_the_images_healthcheck_decides_readiness() {
     assert_eq!(s.facts["ready"], "false");
     assert_eq!(s.facts["probe.healthcheck"], "unhealthy");
 
-    exec_in(&bed, &s.runtime_ref, ": > /tmp/healthy").await;
+    exec_in(&bed.docker, &s.runtime_ref, ": > /tmp/healthy").await;
     let healthy = agent
         .wait_for(&id, CONVERGE, "healthy, so ready", |w| {
             running_with_ready(w, true, None)

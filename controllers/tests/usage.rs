@@ -17,7 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
 use bollard::query_parameters::InspectContainerOptions;
-use persys_api::v1::{ActualState, DesiredState, Workload};
+use docker_support::running;
+use persys_api::v1::DesiredState;
 use persys_controllers::cgroup::Hierarchy;
 use persys_controllers::compose::usage::UsageSampler as ComposeUsageSampler;
 use persys_controllers::docker::{DockerConfig, Engine};
@@ -26,12 +27,6 @@ use tokio_util::sync::CancellationToken;
 /// The sampling interval of these tests: short, so two intervals are short.
 const INTERVAL: Duration = Duration::from_secs(1);
 const CONVERGE: Duration = Duration::from_secs(120);
-
-fn running(w: &Workload) -> bool {
-    w.status.as_ref().is_some_and(|s| {
-        s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
-    })
-}
 
 fn now() -> i64 {
     SystemTime::now()

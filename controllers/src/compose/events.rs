@@ -19,15 +19,17 @@ use futures::StreamExt;
 use persys_api::v1::WorkloadType;
 
 use super::naming;
-use super::observe::PROJECT_LABEL;
+use super::observe::{Exits, PROJECT_LABEL};
 use super::project::{ProjectIndex, scan};
 use crate::docker::follow::{CONTAINER_ACTIONS, Events, Follower, Lost};
 use crate::informer::Cache;
 
-/// How long after an event the workloads it names are queued. The engine
-/// publishes a container's `die` before its list shows it exited (seen
-/// here: a list 100 ms after the event still said running), and a reconcile
-/// that looks too early finds nothing to do.
+/// How long after an event the workloads it names are queued, so a burst
+/// of events wakes each workload once. The engine also publishes a
+/// container's `die` before its list shows it exited (seen here: a list
+/// 100 ms after the event still said running): the wait lets the list
+/// catch up most of the time, and [`Exits`] makes the observation inspect
+/// a died container the list still shows running, however long the lag.
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// The longest a burst of events holds back the first of them.
@@ -41,6 +43,8 @@ pub struct ProjectEvents {
     /// Project folders on disk, refreshed on every (re)connect.
     pub index: ProjectIndex,
     pub project_root: PathBuf,
+    /// Where each `die` and `start` is recorded for the observations.
+    pub(crate) exits: Exits,
 }
 
 impl Follower for ProjectEvents {
@@ -81,6 +85,7 @@ impl Follower for ProjectEvents {
     /// burst that usually follows along.
     async fn ids(&self, event: EventMessage, events: &mut Events) -> (Vec<String>, Option<Lost>) {
         let mut ids = BTreeSet::new();
+        self.record(&event);
         ids.extend(self.id_of(&event));
         let first = tokio::time::Instant::now();
         let mut settled = first + SETTLE;
@@ -89,6 +94,7 @@ impl Follower for ProjectEvents {
                 _ = tokio::time::sleep_until(settled) => break None,
                 next = events.next() => match next {
                     Some(Ok(event)) => {
+                        self.record(&event);
                         ids.extend(self.id_of(&event));
                         // Settle after the last event of a burst, but
                         // never hold one back long.
@@ -104,6 +110,16 @@ impl Follower for ProjectEvents {
 }
 
 impl ProjectEvents {
+    /// A container's `die` or `start`, for the observations that follow.
+    fn record(&self, event: &EventMessage) {
+        if let (Some(action), Some(cid)) = (
+            event.action.as_deref(),
+            event.actor.as_ref().and_then(|a| a.id.as_deref()),
+        ) {
+            self.exits.record(action, cid);
+        }
+    }
+
     fn id_of(&self, event: &EventMessage) -> Option<String> {
         project_of(event).and_then(|p| self.workload_of(p))
     }

@@ -37,7 +37,7 @@ pub(crate) fn project_logs(
                 "workload {id}: the docker engine could not be reached: {e}"
             ))
         })?;
-        let observed = observe::observe(&docker, &id, &project)
+        let observed = observe::observe(&docker, &id, &project, &observe::Exits::default())
             .await
             .map_err(|e| IoError::Runtime(e.to_string()))?;
         if observed.is_empty() {

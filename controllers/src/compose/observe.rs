@@ -3,10 +3,11 @@
 //! (v1 has no machine-readable output).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bollard::Docker;
-use bollard::models::ContainerSummaryStateEnum;
+use bollard::models::{ContainerStateStatusEnum, ContainerSummaryStateEnum};
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 
 use persys_api::v1::Workload;
@@ -26,6 +27,47 @@ pub(crate) const SERVICE_LABEL: &str = "com.docker.compose.service";
 /// `True` on `compose run` containers, which are not the project's services.
 pub(crate) const ONEOFF_LABEL: &str = "com.docker.compose.oneoff";
 
+/// Containers the engine reported dead (a `die` event) and not started
+/// since: the engine publishes `die` before its list shows the container
+/// exited, so a list that still says running is checked with an inspect,
+/// which reads the container itself. Filled by the event trigger, read by
+/// every observation; shared (a clone is the same set).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Exits {
+    died: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+/// How long a `die` is remembered: long past any lag of the list.
+const EXIT_MEMORY: Duration = Duration::from_secs(120);
+
+impl Exits {
+    fn died_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.died.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The engine reported `action` of container `cid`.
+    pub(crate) fn record(&self, action: &str, cid: &str) {
+        let mut died = self.died_map();
+        match action {
+            "die" => {
+                died.retain(|_, at| at.elapsed() < EXIT_MEMORY);
+                died.insert(cid.to_string(), Instant::now());
+            }
+            "start" => {
+                died.remove(cid);
+            }
+            _ => {}
+        }
+    }
+
+    /// True when container `cid` died and has not started since.
+    pub(crate) fn died(&self, cid: &str) -> bool {
+        self.died_map()
+            .get(cid)
+            .is_some_and(|at| at.elapsed() < EXIT_MEMORY)
+    }
+}
+
 /// What a container is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ContainerState {
@@ -40,6 +82,19 @@ pub(crate) enum ContainerState {
 }
 
 impl ContainerState {
+    /// The state an inspect reports.
+    fn from_inspect(state: Option<ContainerStateStatusEnum>) -> ContainerState {
+        match state {
+            Some(ContainerStateStatusEnum::RUNNING) => ContainerState::Running,
+            Some(ContainerStateStatusEnum::RESTARTING) => ContainerState::Restarting,
+            Some(ContainerStateStatusEnum::PAUSED) => ContainerState::Paused,
+            Some(ContainerStateStatusEnum::CREATED) => ContainerState::Created,
+            Some(ContainerStateStatusEnum::EXITED) => ContainerState::Exited,
+            Some(ContainerStateStatusEnum::REMOVING) => ContainerState::Removing,
+            _ => ContainerState::Dead,
+        }
+    }
+
     fn from_summary(state: Option<ContainerSummaryStateEnum>) -> ContainerState {
         match state {
             Some(ContainerSummaryStateEnum::RUNNING) => ContainerState::Running,
@@ -158,11 +213,13 @@ pub(crate) fn project_filter(project: &str) -> HashMap<String, Vec<String>> {
 }
 
 /// The containers of `project` now. Stopped ones are inspected for their
-/// exit code (the list does not carry it).
+/// exit code (the list does not carry it), and so are the ones the list
+/// shows up though the engine reported them dead (`exits`).
 pub(crate) async fn observe(
     docker: &Docker,
     id: &str,
     project: &str,
+    exits: &Exits,
 ) -> Result<Observed, ComposeError> {
     let listed = docker
         .list_containers(Some(ListContainersOptions {
@@ -194,13 +251,18 @@ pub(crate) async fn observe(
             .and(labels.get(WORKLOAD_ID))
             .cloned();
         let asked_restart = labels.get(RESTART_LABEL).cloned();
-        let state = ContainerState::from_summary(summary.state);
-        let exit_code = if matches!(state, ContainerState::Exited | ContainerState::Dead) {
+        let mut state = ContainerState::from_summary(summary.state);
+        let stopped = matches!(state, ContainerState::Exited | ContainerState::Dead);
+        let exit_code = if stopped || (state.is_up() && exits.died(&container_id)) {
             match docker
                 .inspect_container(&container_id, None::<InspectContainerOptions>)
                 .await
             {
-                Ok(found) => found.state.and_then(|s| s.exit_code),
+                Ok(found) => {
+                    let found = found.state.unwrap_or_default();
+                    state = ContainerState::from_inspect(found.status);
+                    found.exit_code.filter(|_| !state.is_up())
+                }
                 // Removed in between: it is gone, as the next list will say.
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
@@ -398,6 +460,20 @@ impl Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_died_container_is_checked_until_it_starts_again() {
+        let exits = Exits::default();
+        let shared = exits.clone();
+        assert!(!exits.died("c1"));
+        shared.record("die", "c1");
+        assert!(exits.died("c1"), "a clone records for all");
+        assert!(!exits.died("c2"));
+        shared.record("kill", "c1");
+        assert!(exits.died("c1"), "only a start ends it");
+        shared.record("start", "c1");
+        assert!(!exits.died("c1"));
+    }
 
     fn container(name: &str, state: ContainerState, exit_code: Option<i64>) -> ServiceContainer {
         ServiceContainer {

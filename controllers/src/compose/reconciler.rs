@@ -145,6 +145,7 @@ impl ComposeController {
                 cache: self.cache.clone(),
                 index: self.index.clone(),
                 project_root: self.config.project_root.clone(),
+                exits: self.runtime.exits.clone(),
             },
         );
         let cache = self.cache.clone();

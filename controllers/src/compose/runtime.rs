@@ -15,7 +15,7 @@ use super::cli::{self, ComposeEnvironment, Verb};
 use super::command::{CommandRunner, Output, RunError};
 use super::config::ComposeConfig;
 use super::errors::{ComposeError, FailureReason, Operation, classify_stderr};
-use super::observe::{self, Observed, project_filter};
+use super::observe::{self, Exits, Observed, project_filter};
 use super::project::ProjectDir;
 use crate::docker::{Engine, EngineVersion};
 
@@ -41,6 +41,9 @@ pub(crate) struct ComposeRuntime {
     /// The environment of every compose process: the allow-list of the
     /// agent's own, read once here, and `DOCKER_HOST`. Never a spec's.
     environment: ComposeEnvironment,
+    /// Containers reported dead by the engine's events, for every
+    /// observation (shared with the event trigger).
+    pub(crate) exits: Exits,
 }
 
 impl ComposeRuntime {
@@ -59,6 +62,7 @@ impl ComposeRuntime {
             binary: tokio::sync::Mutex::new(None),
             missing: AtomicBool::new(false),
             found_again: tokio::sync::watch::Sender::new(0),
+            exits: Exits::default(),
         }
     }
 
@@ -135,7 +139,7 @@ impl ComposeRuntime {
         id: &str,
         project: &str,
     ) -> Result<Observed, ComposeError> {
-        observe::observe(&self.docker(id).await?, id, project).await
+        observe::observe(&self.docker(id).await?, id, project, &self.exits).await
     }
 
     /// Runs `verb` on a project (limited to `services`, if any); a
@@ -202,7 +206,7 @@ impl ComposeRuntime {
     /// in the file.
     pub(crate) async fn stop_leftovers(&self, id: &str, project: &str) -> Result<(), ComposeError> {
         let docker = self.docker(id).await?;
-        let observed = observe::observe(&docker, id, project).await?;
+        let observed = observe::observe(&docker, id, project, &self.exits).await?;
         for container in observed.containers().filter(|c| c.state.is_up()) {
             tracing::info!(container = %container.name, "stopping a container compose left running");
             docker
@@ -237,7 +241,7 @@ impl ComposeRuntime {
                 }
             }
         }
-        let observed = observe::observe(&docker, id, project).await?;
+        let observed = observe::observe(&docker, id, project, &self.exits).await?;
         for container in observed.containers() {
             tracing::info!(container = %container.name, "removing a container compose left behind");
             let options = RemoveContainerOptions {

@@ -12,8 +12,8 @@
 mod harness;
 #[allow(unused_imports)] // each test binary uses part of it
 pub use harness::{
-    DEFAULT_TEST_IMAGE, RESYNC, SocketProxy, engine_host, engine_socket, eventually, skip,
-    test_image, unique,
+    DEFAULT_TEST_IMAGE, RESYNC, SocketProxy, engine_host, engine_socket, eventually, exec_in,
+    exec_probe, running, skip, status, stopped, test_image, unique,
 };
 
 use std::path::{Path, PathBuf};

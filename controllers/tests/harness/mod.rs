@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use persys_api::v1::{DesiredState, Event, Workload, WorkloadSpec, workload_spec};
+use persys_api::v1::{
+    ActualState, DesiredState, Event, ExecAction, ObjectStatus, Probe, Workload, WorkloadSpec,
+    workload_spec,
+};
 use persys_controllers::{Controller, ControllerConfig, Informer, Reconciler};
 use persys_store::{ApplyOutcome, ApplyRequest, Store, StoreConfig};
 use tokio::task::JoinHandle;
@@ -37,6 +40,63 @@ pub const DEFAULT_TEST_IMAGE: &str = "persys-test/busybox:latest";
 /// The offline test image (`PERSYS_TEST_IMAGE`).
 pub fn test_image() -> String {
     std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| DEFAULT_TEST_IMAGE.to_string())
+}
+
+/// The workload's status (empty before its first).
+pub fn status(w: &Workload) -> ObjectStatus {
+    w.status.clone().unwrap_or_default()
+}
+
+/// Running, as reported for the workload's current generation.
+pub fn running(w: &Workload) -> bool {
+    let s = status(w);
+    s.actual_state() == ActualState::Running && s.observed_generation == w.generation()
+}
+
+/// Stopped, as reported for the workload's current generation.
+pub fn stopped(w: &Workload) -> bool {
+    let s = status(w);
+    s.actual_state() == ActualState::Stopped && s.observed_generation == w.generation()
+}
+
+/// A probe running `script` in a shell every second, failing after
+/// `failure_threshold` failures.
+pub fn exec_probe(script: &str, failure_threshold: i32) -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+        }),
+        period_seconds: 1,
+        failure_threshold,
+        ..Default::default()
+    }
+}
+
+/// Runs `script` in the container, as an operator's `exec` would, waits
+/// for it to end, and fails the test unless it exits 0.
+pub async fn exec_in(docker: &bollard::Docker, container: &str, script: &str) {
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    let created = docker
+        .create_exec(
+            container,
+            CreateExecOptions {
+                cmd: Some(vec!["sh", "-c", script]),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create exec");
+    if let StartExecResults::Attached { mut output, .. } = docker
+        .start_exec(&created.id, None)
+        .await
+        .expect("start exec")
+    {
+        while output.next().await.is_some() {}
+    }
+    let inspect = docker.inspect_exec(&created.id).await.expect("inspect");
+    assert_eq!(inspect.exit_code, Some(0), "{script} failed in {container}");
 }
 
 /// The engine the tests run against: `DOCKER_HOST` or the default socket.
