@@ -143,6 +143,18 @@ fn remove_everything(scope: &str, prefix: &str, parallel: usize) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+    let _ = Command::new("docker")
+        .args(["network", "rm", &drift_network(prefix)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The bridge network of the drift baseline's containers. A Linux bridge
+/// holds at most 1,024 ports: with the agent's containers on `docker0`,
+/// the baseline's get a bridge of their own.
+fn drift_network(prefix: &str) -> String {
+    format!("{prefix}drift")
 }
 
 struct Cleanup {
@@ -157,11 +169,19 @@ impl Drop for Cleanup {
     }
 }
 
-/// The baseline's `docker run -d` of containers `range` at concurrency `n`.
-fn cli_run(prefix: &str, image: &str, range: std::ops::Range<usize>, n: usize) -> Duration {
+/// The baseline's `docker run -d` of containers `range` at concurrency `n`
+/// (on the default bridge unless `network` names another).
+fn cli_run(
+    prefix: &str,
+    image: &str,
+    range: std::ops::Range<usize>,
+    n: usize,
+    network: Option<&str>,
+) -> Duration {
+    let network = network.map_or(String::new(), |n| format!("--network {n} "));
     let started = Instant::now();
     sh(&format!(
-        "seq {} {} | xargs -P {n} -I@ docker run -d --name {prefix}@ {image} sh -c \"{PROGRAM}\"",
+        "seq {} {} | xargs -P {n} -I@ docker run -d {network}--name {prefix}@ {image} sh -c \"{PROGRAM}\"",
         range.start,
         range.end - 1
     ));
@@ -381,7 +401,7 @@ async fn run(options: &Options, image: &str, scope: &str, prefix: &str) {
     let mut cli_converge = BTreeMap::new();
     let mut cli_delete = Duration::ZERO;
     for &n in &ns {
-        let took = cli_run(prefix, image, 0..count, n);
+        let took = cli_run(prefix, image, 0..count, n, None);
         eprintln!(
             "cli: docker run -d × {count} at -P {n}: {:.1} s (load {})",
             took.as_secs_f64(),
@@ -550,7 +570,9 @@ async fn run(options: &Options, image: &str, scope: &str, prefix: &str) {
     // `docker start` at the agent's concurrency; timed, as the agent's
     // repair is, from the start of the kill.
     let drift_names: Vec<String> = baseline_names.iter().take(options.drift).cloned().collect();
-    cli_run(prefix, image, 0..options.drift, agent_n);
+    let network = drift_network(prefix);
+    sh(&format!("docker network create {network} >/dev/null"));
+    cli_run(prefix, image, 0..options.drift, agent_n, Some(&network));
     let cli_started = Instant::now();
     sh(&format!("docker kill {}", drift_names.join(" ")));
     let cli_kill = cli_started.elapsed();

@@ -1169,3 +1169,85 @@ async fn a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_vms_usage_read_with_libvirts_bulk_statistics_reaches_the_scheduler() {
+    let test = "a_vms_usage_read_with_libvirts_bulk_statistics_reaches_the_scheduler";
+    let libvirt = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !libvirt {
+        persys_test_support::skip(
+            test,
+            "libvirtd on qemu:///system",
+            &"`virsh -c qemu:///system version` failed",
+        );
+        return;
+    }
+    let fake = FakeScheduler::with(Script::default());
+    let serving = fake.serve(loopback_listener().await, None).await;
+    let id = format!("persys-usage-vm-{:08x}", fastrand::u32(..));
+    let mut f = start_agent(
+        serving.addr,
+        &[
+            ("PERSYS_VM_ENABLED", "true"),
+            ("PERSYS_VM_STOP_TIMEOUT", "2s"),
+            ("PERSYS_USAGE_INTERVAL", "1s"),
+        ],
+    )
+    .await;
+    f.client
+        .apply_workload(ApplyWorkloadRequest {
+            id: id.clone(),
+            r#type: WorkloadType::Vm as i32,
+            revision_id: String::new(),
+            desired_state: DesiredState::Running as i32,
+            spec: Some(WorkloadSpec {
+                spec: Some(workload_spec::Spec::Vm(VmSpec {
+                    vcpus: 1,
+                    memory_mb: 64,
+                    ..Default::default()
+                })),
+            }),
+        })
+        .await
+        .unwrap();
+
+    let usage = fake
+        .wait_for(
+            "a heartbeat with the VM's usage",
+            Duration::from_secs(90),
+            &f.agent,
+            |calls| {
+                calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
+                    h.workload_usage
+                        .iter()
+                        .find(|u| u.workload_id == id && u.memory_bytes > 0)
+                        .cloned()
+                })
+            },
+        )
+        .await;
+    assert_eq!(usage.r#type, "vm", "{usage:?}");
+    assert_eq!(usage.source, "libvirt", "{usage:?}");
+
+    f.client
+        .delete_workload(DeleteWorkloadRequest { id: id.clone() })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f
+        .client
+        .get_workload_status(GetWorkloadStatusRequest { id: id.clone() })
+        .await
+        .is_ok_and(|r| r.into_inner().status.is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the VM workload was not deleted:\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

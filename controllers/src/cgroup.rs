@@ -152,7 +152,7 @@ impl Hierarchy {
             }
         };
         if let Some(pid) = counters.pid
-            && let Ok(dev) = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+            && let Ok(dev) = read_file(Path::new(&format!("/proc/{pid}/net/dev")))
         {
             (counters.net_rx_bytes, counters.net_tx_bytes) = net_dev(&dev);
         }
@@ -397,7 +397,25 @@ fn join(root: &Path, relative: &str) -> PathBuf {
 }
 
 fn read(dir: &Path, file: &str) -> io::Result<String> {
-    std::fs::read_to_string(dir.join(file))
+    read_file(&dir.join(file))
+}
+
+/// A small kernel file, whole: open, read to the end, close. Without the
+/// size query and seek `fs::read_to_string` makes first (these files
+/// report a size of 0): a round reads several files per container.
+fn read_file(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn missing(what: &str) -> io::Error {
@@ -441,17 +459,23 @@ fn io_stat(text: &str) -> (u64, u64) {
 }
 
 /// Bytes read and written from a v1 blkio cgroup: the CFQ counters when
-/// the kernel keeps them, else the throttle layer's (which every block
-/// device goes through), as runc reads them.
+/// the kernel keeps them and they list a device, else the throttle
+/// layer's (which every block device goes through), as runc reads them.
+/// The throttle file that exists is read once, even when it lists no
+/// device (a container that has done no block I/O).
 fn blkio_bytes(dir: &Path) -> (u64, u64) {
+    if let Ok(text) = read(dir, "blkio.io_service_bytes_recursive")
+        && let Some(bytes) = blkio_service_bytes(&text)
+    {
+        return bytes;
+    }
     [
-        "blkio.io_service_bytes_recursive",
         "blkio.throttle.io_service_bytes_recursive",
         "blkio.throttle.io_service_bytes",
     ]
     .iter()
-    .filter_map(|file| read(dir, file).ok())
-    .find_map(|text| blkio_service_bytes(&text))
+    .find_map(|file| read(dir, file).ok())
+    .and_then(|text| blkio_service_bytes(&text))
     .unwrap_or((0, 0))
 }
 

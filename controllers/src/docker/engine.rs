@@ -25,6 +25,10 @@ struct EngineInner {
     host: String,
     /// A std lock: held only to copy the client out, never across an await.
     client: RwLock<Option<Docker>>,
+    /// One connection attempt at a time: reconciles that find no client
+    /// together (at start, after an outage) wait for one negotiation
+    /// instead of each making their own.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 /// What the engine says it is.
@@ -59,6 +63,7 @@ impl Engine {
             inner: Arc::new(EngineInner {
                 host,
                 client: RwLock::new(None),
+                connecting: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -67,15 +72,22 @@ impl Engine {
         &self.inner.host
     }
 
-    /// The client, connecting and negotiating the API version on first use.
-    pub async fn client(&self) -> Result<Docker, EngineError> {
-        if let Some(client) = self
-            .inner
+    fn connected(&self) -> Option<Docker> {
+        self.inner
             .client
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-        {
+    }
+
+    /// The client, connecting and negotiating the API version on first use.
+    pub async fn client(&self) -> Result<Docker, EngineError> {
+        if let Some(client) = self.connected() {
+            return Ok(client);
+        }
+        let _connecting = self.inner.connecting.lock().await;
+        // Another caller may have connected while this one waited.
+        if let Some(client) = self.connected() {
             return Ok(client);
         }
         let client = Docker::connect_with_host(&self.inner.host)?
