@@ -6,6 +6,8 @@
 //! in order, with no gaps.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,19 +32,14 @@ fn image(client: usize, round: usize) -> String {
 }
 
 fn apply(image: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: ID.into(),
-        r#type: WorkloadType::Container as i32,
-        // Derived from the spec: every spec is a new revision.
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: image.into(),
-                ..Default::default()
-            })),
-        }),
-    }
+    // Its revision is derived from the spec: every spec is a new revision.
+    docker::container_request(
+        ID,
+        ContainerSpec {
+            image: image.into(),
+            ..Default::default()
+        },
+    )
 }
 
 fn image_of(workload: &Workload) -> String {

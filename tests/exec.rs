@@ -4,6 +4,8 @@
 mod common;
 #[path = "common/ctl.rs"]
 mod ctl;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -18,35 +20,18 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
-}
+use docker::test_image;
 
 fn docker_available(test: &str) -> bool {
-    let ok = Command::new("docker")
-        .args(["image", "inspect", &test_image()])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        persys_test_support::skip(
-            test,
-            "the Docker engine or the test image",
-            &format!("`docker image inspect {}` failed", test_image()),
-        );
-    }
-    ok
+    docker::engine_ready(test, "the Docker engine or the test image", &[])
 }
 
 fn compose_available(test: &str) -> bool {
-    let ok = docker_available(test)
-        && Command::new("docker-compose")
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if !ok {
-        persys_test_support::skip(test, "docker-compose", &"`docker-compose version` failed");
-    }
-    ok
+    docker::engine_ready(
+        test,
+        "the Docker engine, the test image and docker-compose",
+        &[("docker-compose", &["version"])],
+    )
 }
 
 fn libvirt_available(test: &str) -> bool {
@@ -127,21 +112,7 @@ async fn delete(api: &mut AgentServiceClient<Channel>, id: &str) {
 }
 
 fn sleeper(id: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: id.into(),
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: test_image(),
-                command: vec!["sleep".into()],
-                args: vec!["3600".into()],
-                stop_grace_period_seconds: 1,
-                ..Default::default()
-            })),
-        }),
-    }
+    docker::sleeper(id, &test_image())
 }
 
 /// An Exec session driven over the RPC: the requests after `start` are

@@ -5,6 +5,8 @@
 mod common;
 #[path = "common/ctl.rs"]
 mod ctl;
+#[path = "common/docker.rs"]
+mod docker;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,9 +17,7 @@ use persys_api::v1::agent_service_client::AgentServiceClient;
 use persys_api::v1::*;
 use tonic::transport::Channel;
 
-fn test_image() -> String {
-    std::env::var("PERSYS_TEST_IMAGE").unwrap_or_else(|_| "persys-test/busybox:latest".into())
-}
+use docker::test_image;
 
 fn succeeds(program: &str, args: &[&str]) -> bool {
     Command::new(program)
@@ -182,21 +182,7 @@ impl Fixture {
 }
 
 fn container(id: &str, script: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: id.into(),
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: test_image(),
-                command: vec!["sh".into()],
-                args: vec!["-c".into(), script.into()],
-                stop_grace_period_seconds: 1,
-                ..Default::default()
-            })),
-        }),
-    }
+    docker::shell(id, &test_image(), &["sh", "-c", script])
 }
 
 fn numbered(from: u32, to: u32) -> String {

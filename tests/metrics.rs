@@ -2,23 +2,20 @@
 //! where things happen.
 
 mod common;
+#[path = "common/docker.rs"]
+mod docker;
 
 use common::{AgentProcess, Certs, client, http_get, sample};
 use persys_api::v1::*;
 
 fn container(id: &str, image: &str) -> ApplyWorkloadRequest {
-    ApplyWorkloadRequest {
-        id: id.into(),
-        r#type: WorkloadType::Container as i32,
-        revision_id: String::new(),
-        desired_state: DesiredState::Running as i32,
-        spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: image.into(),
-                ..Default::default()
-            })),
-        }),
-    }
+    docker::container_request(
+        id,
+        ContainerSpec {
+            image: image.into(),
+            ..Default::default()
+        },
+    )
 }
 
 #[tokio::test]

@@ -1077,6 +1077,47 @@ fn engine_and_compose(test: &str) -> bool {
     ready
 }
 
+/// The first usage of workload `id` with memory in it that a heartbeat to
+/// `fake` carried.
+async fn heartbeat_usage(
+    fake: &FakeScheduler,
+    agent: &AgentProcess,
+    id: &str,
+) -> persys_api::control::v1::WorkloadUsageSnapshot {
+    let what = format!("a heartbeat with {id}'s usage");
+    fake.wait_for(&what, Duration::from_secs(90), agent, |calls| {
+        calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
+            h.workload_usage
+                .iter()
+                .find(|u| u.workload_id == id && u.memory_bytes > 0)
+                .cloned()
+        })
+    })
+    .await
+}
+
+/// Deletes workload `id` and waits until the agent no longer has it.
+async fn delete_and_wait(f: &mut Fixture, id: &str) {
+    f.client
+        .delete_workload(DeleteWorkloadRequest { id: id.into() })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f
+        .client
+        .get_workload_status(GetWorkloadStatusRequest { id: id.into() })
+        .await
+        .is_ok_and(|r| r.into_inner().status.is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{id} was not deleted:\n{}",
+            f.agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler() {
     if !engine_and_compose("a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler")
@@ -1117,21 +1158,7 @@ async fn a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler()
         .await
         .unwrap();
 
-    let usage = fake
-        .wait_for(
-            "a heartbeat with the compose workload's usage",
-            Duration::from_secs(90),
-            &f.agent,
-            |calls| {
-                calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
-                    h.workload_usage
-                        .iter()
-                        .find(|u| u.workload_id == project && u.memory_bytes > 0)
-                        .cloned()
-                })
-            },
-        )
-        .await;
+    let usage = heartbeat_usage(&fake, &f.agent, &project).await;
     assert_eq!(usage.r#type, "compose", "{usage:?}");
     assert_eq!(usage.source, "cgroup", "{usage:?}");
     wait_health(
@@ -1146,28 +1173,7 @@ async fn a_compose_workloads_usage_read_from_its_cgroups_reaches_the_scheduler()
     )
     .await;
 
-    f.client
-        .delete_workload(DeleteWorkloadRequest {
-            id: project.clone(),
-        })
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while f
-        .client
-        .get_workload_status(GetWorkloadStatusRequest {
-            id: project.clone(),
-        })
-        .await
-        .is_ok_and(|r| r.into_inner().status.is_some())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the compose workload was not deleted:\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    delete_and_wait(&mut f, &project).await;
 }
 
 #[tokio::test]
@@ -1214,40 +1220,9 @@ async fn a_vms_usage_read_with_libvirts_bulk_statistics_reaches_the_scheduler() 
         .await
         .unwrap();
 
-    let usage = fake
-        .wait_for(
-            "a heartbeat with the VM's usage",
-            Duration::from_secs(90),
-            &f.agent,
-            |calls| {
-                calls.iter().filter_map(Call::heartbeat).find_map(|(_, h)| {
-                    h.workload_usage
-                        .iter()
-                        .find(|u| u.workload_id == id && u.memory_bytes > 0)
-                        .cloned()
-                })
-            },
-        )
-        .await;
+    let usage = heartbeat_usage(&fake, &f.agent, &id).await;
     assert_eq!(usage.r#type, "vm", "{usage:?}");
     assert_eq!(usage.source, "libvirt", "{usage:?}");
 
-    f.client
-        .delete_workload(DeleteWorkloadRequest { id: id.clone() })
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while f
-        .client
-        .get_workload_status(GetWorkloadStatusRequest { id: id.clone() })
-        .await
-        .is_ok_and(|r| r.into_inner().status.is_some())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the VM workload was not deleted:\n{}",
-            f.agent.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    delete_and_wait(&mut f, &id).await;
 }

@@ -40,24 +40,40 @@ pub fn engine_ready(test: &str, needs: &str, also: &[(&str, &[&str])]) -> bool {
     true
 }
 
-/// A container workload `id` that runs `image` sleeping for an hour, and
-/// stops within a second.
-pub fn sleeper(id: &str, image: &str) -> ApplyWorkloadRequest {
+/// An apply of container workload `id`, desired running, its revision
+/// derived from `spec`.
+pub fn container_request(id: &str, spec: ContainerSpec) -> ApplyWorkloadRequest {
     ApplyWorkloadRequest {
         id: id.into(),
         r#type: WorkloadType::Container as i32,
         revision_id: String::new(),
         desired_state: DesiredState::Running as i32,
         spec: Some(WorkloadSpec {
-            spec: Some(workload_spec::Spec::Container(ContainerSpec {
-                image: image.into(),
-                command: vec!["sleep".into()],
-                args: vec!["3600".into()],
-                stop_grace_period_seconds: 1,
-                ..Default::default()
-            })),
+            spec: Some(workload_spec::Spec::Container(spec)),
         }),
     }
+}
+
+/// A container workload `id` that runs `image` sleeping for an hour, and
+/// stops within a second.
+pub fn sleeper(id: &str, image: &str) -> ApplyWorkloadRequest {
+    shell(id, image, &["sleep", "3600"])
+}
+
+/// A container workload `id` that runs `command` (program and arguments)
+/// in `image`, and stops within a second.
+pub fn shell(id: &str, image: &str, command: &[&str]) -> ApplyWorkloadRequest {
+    let (program, args) = command.split_first().expect("a program");
+    container_request(
+        id,
+        ContainerSpec {
+            image: image.into(),
+            command: vec![program.to_string()],
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stop_grace_period_seconds: 1,
+            ..Default::default()
+        },
+    )
 }
 
 /// Workload `id`'s status once `condition` holds, asked every 50 ms; fails
