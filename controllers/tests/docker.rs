@@ -1065,10 +1065,17 @@ async fn every_reconnect_of_the_engine_events_queues_every_container_workload() 
         assert!(found.is_ok(), "the trigger did not queue {wanted} on {on}");
     };
     until_queued(&id, "connect").await;
-    // Another workload's container events show the stream is following.
+    // Another workload's container event shows the stream is following.
+    // Not its create or start: the controller announces those, and whichever
+    // of the two triggers sees one first takes the announcement. A kill
+    // nobody announced wakes every trigger.
     let marker = unique("reconnect-marker");
-    agent.apply_sleeper(&marker).await;
-    until_queued(&marker, "its container's events").await;
+    run_sleeper(&agent, &marker).await;
+    bed.docker
+        .kill_container(&marker, None::<KillContainerOptions>)
+        .await
+        .expect("kill the marker");
+    until_queued(&marker, "its container's die").await;
 
     tokio::time::sleep_until(unseen).await;
     proxy.stop().await;
