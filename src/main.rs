@@ -50,12 +50,33 @@ fn on_signal(token: CancellationToken) {
     });
 }
 
+/// Raises this process's soft limit of open files to its hard limit, as
+/// the Go runtime and dockerd do: the usage samplers keep each container's
+/// counter files open between rounds (five per container, within half of
+/// the limit), besides connections, the store's files and log streams.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, soft = ?limit.current, "cannot raise the open-file limit");
+            return;
+        }
+    }
+    tracing::debug!(limit = ?limit.maximum, "open-file limit");
+}
+
 fn main() {
     let config = Config::load();
     init_logging(&config);
     if let Some(command) = &config.command {
         std::process::exit(persys_agent::commands::run(&config, command));
     }
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

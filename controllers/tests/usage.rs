@@ -321,6 +321,109 @@ async fn containers_under_another_cgroup_parent_are_still_read_from_their_cgroup
     }
 }
 
+async fn pid_of(docker: &Docker, id: &str) -> i64 {
+    docker
+        .inspect_container(id, None::<InspectContainerOptions>)
+        .await
+        .expect("inspect")
+        .state
+        .and_then(|s| s.pid)
+        .unwrap_or_default()
+}
+
+/// The reader keeps each container's counter files open between rounds.
+/// A restart removes the container's cgroup and makes a new one: the kept
+/// files go stale and are opened again, so the container is still read
+/// from its cgroup; once it is gone, its files are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_containers_new_cgroup_is_read_and_a_removed_ones_files_are_closed() {
+    use bollard::models::ContainerCreateBody;
+    use bollard::query_parameters::{
+        CreateContainerOptionsBuilder, RemoveContainerOptions, RestartContainerOptions,
+    };
+    use persys_controllers::docker::usage::{ContainerReader, Source};
+
+    let Some(bed) = docker_support::TestBed::new("usage-restart").await else {
+        return;
+    };
+    let docker = &bed.docker;
+    let name = docker_support::unique("persys-usage-restart");
+    let body = ContainerCreateBody {
+        image: Some(docker_support::test_image()),
+        cmd: Some(vec!["sleep".into(), "3600".into()]),
+        labels: Some(
+            [(
+                persys_controllers::docker::labels::SCOPE.to_string(),
+                bed.scope.clone(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let options = CreateContainerOptionsBuilder::default().name(&name).build();
+    let id = docker
+        .create_container(Some(options), body)
+        .await
+        .expect("create")
+        .id;
+    docker.start_container(&id, None).await.expect("start");
+
+    let reader = ContainerReader::new(
+        Engine::new(Some(docker_support::engine_host())),
+        4,
+        Default::default(),
+    );
+    let read = reader
+        .read(docker, vec![id.clone()])
+        .await
+        .expect("a round");
+    let sample = read.get(&id).expect("sampled");
+    assert_eq!(sample.source, Source::Cgroup, "{sample:?}");
+    let held = reader.files_held();
+    assert!(
+        held >= 4,
+        "cpu, memory, memory.stat and cgroup.procs kept: {held}"
+    );
+    let before = pid_of(docker, &id).await;
+
+    docker
+        .restart_container(
+            &id,
+            Some(RestartContainerOptions {
+                t: Some(0),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("restart");
+    assert_ne!(pid_of(docker, &id).await, before, "a new process");
+    let read = reader
+        .read(docker, vec![id.clone()])
+        .await
+        .expect("a round");
+    let sample = read.get(&id).expect("still sampled after the restart");
+    assert_eq!(sample.source, Source::Cgroup, "{sample:?}");
+    assert!(sample.memory_bytes > 0, "{sample:?}");
+    assert_eq!(reader.files_held(), held, "opened again, none twice");
+
+    docker
+        .remove_container(
+            &id,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("remove");
+    reader.read(docker, Vec::new()).await.expect("a round");
+    assert_eq!(
+        reader.files_held(),
+        0,
+        "a removed container's files are closed"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_container_and_compose_samplers_share_one_list_of_the_engine_per_round() {
     use persys_controllers::docker::usage::RunningContainers;

@@ -169,6 +169,17 @@ impl ContainerReader {
         matches!(self.path.get(), Some(Path::Cgroup(_)))
     }
 
+    /// Counter files the cgroup path keeps open between rounds.
+    pub fn files_held(&self) -> usize {
+        match self.path.get() {
+            Some(Path::Cgroup(sampler)) => sampler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .files_held(),
+            _ => 0,
+        }
+    }
+
     /// The usage of each container of `ids` that could be read, by
     /// container id.
     pub async fn read(
