@@ -239,8 +239,8 @@ async fn a_compose_projects_usage_is_the_sum_of_its_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_under_another_cgroup_parent_are_still_read_from_their_cgroups() {
-    use bollard::models::{ContainerCreateBody, HostConfig};
-    use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptions};
+    use bollard::models::HostConfig;
+    use bollard::query_parameters::RemoveContainerOptions;
     use persys_controllers::docker::usage::{ContainerReader, Source};
 
     let Some(bed) = docker_support::TestBed::new("usage-parent").await else {
@@ -261,31 +261,12 @@ async fn containers_under_another_cgroup_parent_are_still_read_from_their_cgroup
     };
     let mut ids = Vec::new();
     for n in 0..3 {
-        let body = ContainerCreateBody {
-            image: Some(docker_support::test_image()),
-            cmd: Some(vec!["sleep".into(), "3600".into()]),
-            labels: Some(
-                [(
-                    persys_controllers::docker::labels::SCOPE.to_string(),
-                    bed.scope.clone(),
-                )]
-                .into(),
-            ),
-            host_config: Some(HostConfig {
-                cgroup_parent: Some(parent.clone()),
-                init: Some(true),
-                ..Default::default()
-            }),
+        let host_config = HostConfig {
+            cgroup_parent: Some(parent.clone()),
+            init: Some(true),
             ..Default::default()
         };
-        let name = format!("{run}-{n}");
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let id = docker
-            .create_container(Some(options), body)
-            .await
-            .expect("create")
-            .id;
-        docker.start_container(&id, None).await.expect("start");
+        let id = start_sleeper(&bed, &format!("{run}-{n}"), Some(host_config)).await;
         ids.push(id);
     }
 
@@ -321,6 +302,39 @@ async fn containers_under_another_cgroup_parent_are_still_read_from_their_cgroup
     }
 }
 
+/// Starts a container of the test's scope sleeping an hour, made by hand
+/// (not by a controller); returns its id.
+async fn start_sleeper(
+    bed: &docker_support::TestBed,
+    name: &str,
+    host_config: Option<bollard::models::HostConfig>,
+) -> String {
+    use bollard::models::ContainerCreateBody;
+    use bollard::query_parameters::CreateContainerOptionsBuilder;
+    let body = ContainerCreateBody {
+        image: Some(docker_support::test_image()),
+        cmd: Some(vec!["sleep".into(), "3600".into()]),
+        labels: Some(
+            [(
+                persys_controllers::docker::labels::SCOPE.to_string(),
+                bed.scope.clone(),
+            )]
+            .into(),
+        ),
+        host_config,
+        ..Default::default()
+    };
+    let options = CreateContainerOptionsBuilder::default().name(name).build();
+    let id = bed
+        .docker
+        .create_container(Some(options), body)
+        .await
+        .expect("create")
+        .id;
+    bed.docker.start_container(&id, None).await.expect("start");
+    id
+}
+
 async fn pid_of(docker: &Docker, id: &str) -> i64 {
     docker
         .inspect_container(id, None::<InspectContainerOptions>)
@@ -337,10 +351,7 @@ async fn pid_of(docker: &Docker, id: &str) -> i64 {
 /// from its cgroup; once it is gone, its files are closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_containers_new_cgroup_is_read_and_a_removed_ones_files_are_closed() {
-    use bollard::models::ContainerCreateBody;
-    use bollard::query_parameters::{
-        CreateContainerOptionsBuilder, RemoveContainerOptions, RestartContainerOptions,
-    };
+    use bollard::query_parameters::{RemoveContainerOptions, RestartContainerOptions};
     use persys_controllers::docker::usage::{ContainerReader, Source};
 
     let Some(bed) = docker_support::TestBed::new("usage-restart").await else {
@@ -348,25 +359,7 @@ async fn a_restarted_containers_new_cgroup_is_read_and_a_removed_ones_files_are_
     };
     let docker = &bed.docker;
     let name = docker_support::unique("persys-usage-restart");
-    let body = ContainerCreateBody {
-        image: Some(docker_support::test_image()),
-        cmd: Some(vec!["sleep".into(), "3600".into()]),
-        labels: Some(
-            [(
-                persys_controllers::docker::labels::SCOPE.to_string(),
-                bed.scope.clone(),
-            )]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    let options = CreateContainerOptionsBuilder::default().name(&name).build();
-    let id = docker
-        .create_container(Some(options), body)
-        .await
-        .expect("create")
-        .id;
-    docker.start_container(&id, None).await.expect("start");
+    let id = start_sleeper(&bed, &name, None).await;
 
     let reader = ContainerReader::new(
         Engine::new(Some(docker_support::engine_host())),
