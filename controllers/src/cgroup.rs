@@ -107,11 +107,11 @@ impl Hierarchy {
     }
 
     /// The counters of the cgroup at `relative`, each file opened for this
-    /// one read. Fails when its CPU or memory file cannot be read (the
+    /// one read (and closed when it returns). Fails when its CPU or memory file cannot be read (the
     /// container is gone, or the files are not visible from here); block
     /// I/O and network are best effort.
     pub fn read(&self, relative: &str) -> io::Result<Counters> {
-        self.read_kept(relative, &mut Files::unkept())
+        self.read_kept(relative, &mut Files::default())
     }
 
     /// As [`Hierarchy::read`], through `files`: the container's files kept
@@ -425,22 +425,9 @@ fn join(root: &Path, relative: &str) -> PathBuf {
     root.join(relative.trim_start_matches('/'))
 }
 
-/// A small kernel file, whole: open, read to the end, close. Without the
-/// size query and seek `fs::read_to_string` makes first (these files
-/// report a size of 0): a round reads several files per container.
+/// A small kernel file, whole: opened for this one read.
 fn read_file(path: &Path) -> io::Result<String> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut bytes = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = file.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        bytes.extend_from_slice(&chunk[..n]);
-    }
-    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    read_from_start(&std::fs::File::open(path)?)
 }
 
 /// A container's counter files, kept open from one round to the next and
@@ -461,8 +448,6 @@ pub(crate) struct Files {
     /// By file name (unique within a hierarchy's files): the open file, or
     /// none for one the cgroup does not have.
     by_name: Vec<(&'static str, Option<std::fs::File>)>,
-    /// Opens a file for each read, keeping none.
-    unkept: bool,
 }
 
 /// Descriptors every sampler of this process may still keep open, shared:
@@ -480,13 +465,6 @@ fn spare() -> &'static AtomicUsize {
 }
 
 impl Files {
-    fn unkept() -> Files {
-        Files {
-            by_name: Vec::new(),
-            unkept: true,
-        }
-    }
-
     /// The text of `dir/name`.
     fn read(&mut self, dir: &Path, name: &'static str) -> io::Result<String> {
         if let Some(at) = self.by_name.iter().position(|(n, _)| *n == name) {
@@ -503,18 +481,16 @@ impl Files {
         let file = match std::fs::File::open(dir.join(name)) {
             Ok(file) => file,
             Err(error) => {
-                if error.kind() == io::ErrorKind::NotFound && !self.unkept && dir.is_dir() {
+                if error.kind() == io::ErrorKind::NotFound && dir.is_dir() {
                     self.by_name.push((name, None));
                 }
                 return Err(error);
             }
         };
         let text = read_from_start(&file)?;
-        let taken = !self.unkept
-            && spare()
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok();
-        if taken {
+        let taken =
+            spare().fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if taken.is_ok() {
             self.by_name.push((name, Some(file)));
         }
         Ok(text)
@@ -763,9 +739,6 @@ mod tests {
         let second = files.read(Path::new("/proc/self"), "io").unwrap();
         assert_eq!(files.held(), 1, "the same file, not a second one");
         assert!(rchar(&second) > rchar(&first), "{first}\n{second}");
-        let mut unkept = Files::unkept();
-        unkept.read(Path::new("/proc/self"), "io").unwrap();
-        assert_eq!(unkept.held(), 0);
     }
 
     #[test]

@@ -366,12 +366,19 @@ async fn a_restarted_containers_new_cgroup_is_read_and_a_removed_ones_files_are_
         4,
         Default::default(),
     );
-    let read = reader
-        .read(docker, vec![id.clone()])
-        .await
-        .expect("a round");
-    let sample = read.get(&id).expect("sampled");
-    assert_eq!(sample.source, Source::Cgroup, "{sample:?}");
+    // One round of the container alone; its sample, read from its cgroup.
+    let sampled = async |when: &str| {
+        let read = reader
+            .read(docker, vec![id.clone()])
+            .await
+            .expect("a round");
+        let sample = *read
+            .get(&id)
+            .unwrap_or_else(|| panic!("not sampled {when}"));
+        assert_eq!(sample.source, Source::Cgroup, "{when}: {sample:?}");
+        assert!(sample.memory_bytes > 0, "{when}: {sample:?}");
+    };
+    sampled("at first").await;
     let held = reader.files_held();
     assert!(
         held >= 4,
@@ -390,13 +397,7 @@ async fn a_restarted_containers_new_cgroup_is_read_and_a_removed_ones_files_are_
         .await
         .expect("restart");
     assert_ne!(pid_of(docker, &id).await, before, "a new process");
-    let read = reader
-        .read(docker, vec![id.clone()])
-        .await
-        .expect("a round");
-    let sample = read.get(&id).expect("still sampled after the restart");
-    assert_eq!(sample.source, Source::Cgroup, "{sample:?}");
-    assert!(sample.memory_bytes > 0, "{sample:?}");
+    sampled("after the restart").await;
     assert_eq!(reader.files_held(), held, "opened again, none twice");
 
     docker
